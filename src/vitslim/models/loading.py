@@ -102,3 +102,12 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
             f"unexpected {result.unexpected_keys[:5]}"
             f"{'...' if len(result.unexpected_keys) > 5 else ''}. Is it the right model name?"
         )
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model was built for: its patch embedding's image size when it has one
+    (``img_size=`` at creation may differ from the pretrained config), else the config's."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        return (3, *img_size)
+    return tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))

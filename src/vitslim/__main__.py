@@ -1,0 +1,3 @@
+from vitslim.cli import main
+
+main()

@@ -1,0 +1,121 @@
+"""The functions behind the CLI commands, usable from Python as they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vitslim.bench import BenchResult, OnnxModel, compare, machine_info
+from vitslim.data import load_image_folder, make_loader
+from vitslim.errors import ConfigError
+from vitslim.evaluate import EvalResult, evaluate, predict
+from vitslim.models import REFERENCE_NAME, load_model
+from vitslim.models.reference import build_reference, load_reference_model, reference_onnx_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EXAMPLE_IMAGES = Path(__file__).parent / "assets" / "example_images"
+
+__all__ = ["load_any", "evaluate_cli", "bench_cli", "demo", "verify_reference", "build_reference",
+           "machine_info"]
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_any(spec: str, checkpoint: str | Path | None = None, dtype: str = "float32") -> nn.Module | OnnxModel:
+    """A model from a CLI spec: timm name, the reference name, or an ``.onnx`` file."""
+    if spec.endswith(".onnx"):
+        if dtype != "float32":
+            raise ConfigError("--dtype applies to PyTorch models; an ONNX file runs as exported")
+        return OnnxModel(spec)
+    return load_model(spec, checkpoint=checkpoint).to(_dtype(dtype))
+
+
+def _transform_source(model: nn.Module | OnnxModel, reference: nn.Module | OnnxModel | None) -> nn.Module:
+    """ONNX files carry no preprocessing config: borrow it from the PyTorch side."""
+    for m in (model, reference):
+        if isinstance(m, nn.Module):
+            return m
+    return load_reference_model()
+
+
+def evaluate_cli(
+    model: str,
+    data: str | Path,
+    checkpoint: str | Path | None = None,
+    reference: str | None = None,
+    reference_checkpoint: str | Path | None = None,
+    dtype: str = "float32",
+    limit: int | None = None,
+    batch_size: int = 32,
+    skip_bad: bool = False,
+) -> EvalResult:
+    """``vitslim eval``: evaluate a model (by spec) on a folder, optionally against a reference."""
+    test = load_any(model, checkpoint, dtype)
+    ref = load_any(reference, reference_checkpoint) if reference else None
+    dataset = load_image_folder(data, _transform_source(test, ref), skip_bad=skip_bad, limit=limit)
+    return evaluate(test, make_loader(dataset, batch_size), reference=ref)
+
+
+def bench_cli(
+    model: str,
+    checkpoint: str | Path | None = None,
+    others: list[str] = (),
+    dtype: str = "float32",
+    batch_size: int = 8,
+    threads: int | None = None,
+    warmup: int = 3,
+    iters: int = 10,
+) -> list[BenchResult]:
+    """``vitslim bench``: time a model and any others side by side (first = baseline)."""
+    models = {f"{model} ({dtype})" if not model.endswith(".onnx") else model: load_any(model, checkpoint, dtype)}
+    for other in others:
+        models[other] = load_any(other)
+    return compare(models, batch_size=batch_size, warmup=warmup, iters=iters, threads=threads)
+
+
+def demo(data: str | Path | None = None, batch_size: int = 8) -> dict:
+    """The main job on the bundled example images: the real DINOv2 ViT-S reference model in
+    FP32 and bfloat16, fidelity of each against FP32, and speed side by side."""
+    data = Path(data) if data else EXAMPLE_IMAGES
+    fp32 = load_reference_model()
+    bf16 = load_reference_model().to(torch.bfloat16)
+    loader = make_loader(load_image_folder(data, fp32), batch_size)
+    ref_out = predict(fp32, loader, "FP32")
+    evals = [
+        {"name": "FP32 (itself)", **evaluate(fp32, loader, reference=ref_out).to_dict()},
+        {"name": "bfloat16", **evaluate(bf16, loader, reference=ref_out).to_dict()},
+    ]
+    bench = compare({"FP32 eager": fp32, "bfloat16 eager": bf16}, batch_size=batch_size, iters=8)
+    return {"model": REFERENCE_NAME, "data": str(data), "images": evals[0]["images"],
+            "eval": evals, "bench": [b.to_dict() for b in bench], "machine": machine_info()}
+
+
+def verify_reference(data: str | Path, limit: int = 16) -> dict:
+    """Compare the converted PyTorch reference with the original ONNX model on real images:
+    the backbone's final tokens and the full saliency map."""
+    import onnx
+    import onnxruntime as ort
+
+    model = load_reference_model(with_decoder=True)
+    images = torch.stack([x for x, _ in load_image_folder(data, model.backbone, limit=limit)])
+    graph = onnx.load(str(reference_onnx_path()))
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(
+        "/backbone/layernorm/Add_1_output_0", onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    saliency, tokens = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.inference_mode():
+        ours_tokens = model.backbone.forward_features(images)
+        ours_saliency = model(images)
+    return {
+        "images": len(images),
+        "features_max_abs_diff": (ours_tokens - torch.from_numpy(tokens)).abs().max().item(),
+        "features_max_abs": float(abs(tokens).max()),
+        "saliency_max_abs_diff": (ours_saliency - torch.from_numpy(saliency)).abs().max().item(),
+    }

@@ -1,0 +1,216 @@
+"""Benchmark: latency, throughput, size and FLOPs, on this machine, for PyTorch or ONNX Runtime.
+
+Speed on a shared CPU is noisy, so comparisons are measured in one run with the candidates
+interleaved (one timed batch of each in turn) and reported as ratios to a baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitslim.models.loading import input_size
+
+
+@dataclass
+class BenchResult:
+    """Speed and size of one model at one batch size."""
+
+    name: str
+    runtime: str  # "pytorch" or "onnxruntime"
+    batch_size: int
+    threads: int
+    latency_ms_median: float
+    latency_ms_p90: float
+    throughput: float  # images per second, from the median batch latency
+    params_m: float | None
+    size_mb: float
+    gmacs_per_image: float | None
+    speedup: float | None = None  # throughput ratio to the baseline measured in the same run
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class OnnxModel:
+    """An ONNX Runtime session used like a model: takes a float tensor, returns a tensor."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model {str(self.path)!r} does not exist")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        self.threads = opts.intra_op_num_threads
+        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.num_classes = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: images.float().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_on_disk_mb(model: nn.Module | OnnxModel) -> float:
+    """Size of the model file: the ONNX file, or the state dict saved as safetensors."""
+    if isinstance(model, OnnxModel):
+        return model.path.stat().st_size / 1e6
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(_dedupe_shared(state), str(path))
+        return path.stat().st_size / 1e6
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights): keep one copy of each."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else (k,)
+        if key not in seen:
+            seen.add(key)
+            out[k] = v
+    return out
+
+
+def count_gmacs(model: nn.Module, input_size: tuple[int, ...]) -> float:
+    """Multiply-accumulates per image (in G), counted by ``torch.utils.flop_counter``
+    (which counts 2 FLOPs per MAC; papers' "GFLOPs" for ViTs are these GMACs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype = next(model.parameters()).dtype
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.randn(1, *input_size, dtype=dtype))
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def _input_size(model: nn.Module | OnnxModel) -> tuple[int, ...]:
+    if isinstance(model, OnnxModel):
+        shape = model.session.get_inputs()[0].shape
+        return tuple(shape[1:]) if all(isinstance(d, int) for d in shape[1:]) else (3, 224, 224)
+    return input_size(model)
+
+
+def as_runnable(model: nn.Module | OnnxModel | str | Path, threads: int | None = None):
+    """A model, or the path of an ONNX file opened in ONNX Runtime."""
+    if isinstance(model, (str, Path)):
+        return OnnxModel(model, threads)
+    return model
+
+
+def _timed_call(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def compare(
+    models: dict[str, nn.Module | OnnxModel | str | Path],
+    batch_size: int = 8,
+    warmup: int = 3,
+    iters: int = 10,
+    threads: int | None = None,
+    input_size: tuple[int, ...] | None = None,
+    flops: bool = True,
+) -> list[BenchResult]:
+    """Benchmark several models side by side; the first is the baseline for ``speedup``.
+
+    Timed batches are interleaved across models (round robin), so a slow period of the
+    machine hits every candidate alike.
+    """
+    if batch_size < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    runnables = {name: as_runnable(m, threads) for name, m in models.items()}
+    size = input_size or _input_size(next(iter(runnables.values())))
+    x = torch.randn(batch_size, *size)
+    calls = {name: _batch_call(m, x) for name, m in runnables.items()}
+    with torch.inference_mode():
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        times = {name: [] for name in calls}
+        for _ in range(iters):
+            for name, call in calls.items():
+                times[name].append(_timed_call(call))
+    results = [_result(name, runnables[name], times[name], batch_size, threads, size, flops)
+               for name in calls]
+    base = results[0].throughput
+    for r in results:
+        r.speedup = r.throughput / base
+    return results
+
+
+def _batch_call(model: nn.Module | OnnxModel, x: torch.Tensor) -> Callable[[], object]:
+    if isinstance(model, OnnxModel):
+        feed = {model.input_name: x.numpy().astype(np.float32)}
+        return lambda: model.session.run(None, feed)
+    xd = x.to(next(model.parameters()).dtype)
+    return lambda: model(xd)
+
+
+def _result(name, model, times, batch_size, threads, size, flops) -> BenchResult:
+    median = statistics.median(times)
+    is_onnx = isinstance(model, OnnxModel)
+    return BenchResult(
+        name=name,
+        runtime="onnxruntime" if is_onnx else "pytorch",
+        batch_size=batch_size,
+        threads=model.threads if is_onnx else threads,
+        latency_ms_median=median,
+        latency_ms_p90=float(np.percentile(times, 90)),
+        throughput=batch_size / (median / 1e3),
+        params_m=None if is_onnx else count_params(model) / 1e6,
+        size_mb=size_on_disk_mb(model),
+        gmacs_per_image=None if is_onnx or not flops else count_gmacs(model, size),
+    )
+
+
+def benchmark(model: nn.Module | OnnxModel | str | Path, batch_size: int = 8, **kwargs) -> BenchResult:
+    """Benchmark one model (or ONNX file): latency, throughput, params, size, GMACs."""
+    return compare({"model": model}, batch_size=batch_size, **kwargs)[0]
+
+
+def machine_info() -> dict:
+    """What the figures were measured on."""
+    import onnxruntime
+    import timm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }

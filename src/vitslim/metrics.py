@@ -1,0 +1,48 @@
+"""Fidelity and accuracy metrics. Inputs are (N, D) tensors: one row per image."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10·log10(Σ ref² / Σ (ref − test)²).
+
+    Summed over all elements; ``math.inf`` when the two are identical.
+    """
+    reference, test = reference.double(), test.double()
+    noise = (reference - test).pow(2).sum().item()
+    signal = reference.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise)
+
+
+def cosine_similarity(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Mean over rows of the cosine similarity between reference and test rows."""
+    ref, tst = reference.double().flatten(1), test.double().flatten(1)
+    return F.cosine_similarity(ref, tst, dim=1).mean().item()
+
+
+def top1_agreement(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
+    """Fraction of rows whose arg-max class is the same in both."""
+    return (reference_logits.argmax(1) == test_logits.argmax(1)).double().mean().item()
+
+
+def mean_kl(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(reference) ‖ softmax(test)), in nats."""
+    log_p = F.log_softmax(reference_logits.double(), dim=1)
+    log_q = F.log_softmax(test_logits.double(), dim=1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean").item()
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Fraction of labelled rows (label ≥ 0) whose label is among the top-k classes."""
+    keep = labels >= 0
+    if not keep.any():
+        return math.nan
+    topk = logits[keep].topk(k, dim=1).indices
+    return (topk == labels[keep, None]).any(1).double().mean().item()

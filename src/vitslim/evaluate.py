@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vitslim import metrics
+from vitslim.data import skipped_files
 from vitslim.progress import progress_bar
 
 
@@ -115,7 +116,5 @@ def evaluate(model: Callable, loader: Iterable, reference: Callable | Outputs | 
     if reference is not None and not isinstance(reference, Outputs):
         reference = predict(reference, loader, "reference")
     result = compare_outputs(test, reference)
-    from vitslim.data import skipped_files
-
     result.skipped_images = len({*skipped_files(getattr(loader, "dataset", None))})
     return result

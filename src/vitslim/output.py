@@ -17,7 +17,7 @@ from rich.table import Table
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def fmt(value: Any, digits: int = 4) -> str:
+def fmt(value: Any, digits: int = 5) -> str:
     """Human formatting: ∞ for infinite SQNR, — for figures that do not apply."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"

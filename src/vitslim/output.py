@@ -34,7 +34,8 @@ def print_table(title: str, rows: Sequence[dict], columns: dict[str, str], capti
     shown = [k for k in columns if any(row.get(k) is not None for row in rows)]
     table = Table(title=title, caption=caption)
     for key in shown:
-        table.add_column(columns[key], justify="left" if key == "name" else "right")
+        numeric = all(isinstance(row.get(key), (int, float, type(None))) for row in rows)
+        table.add_column(columns[key], justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*(fmt(row.get(key)) for key in shown))
     console.print(table)
@@ -53,10 +54,14 @@ def _json_safe(obj: Any) -> Any:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename: never a half-written file."""
+    write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(_json_safe(data), f, indent=2)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)

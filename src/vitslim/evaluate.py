@@ -96,8 +96,14 @@ def compare_outputs(test: Outputs, reference: Outputs | None) -> EvalResult:
         result.top1 = metrics.topk_accuracy(test.logits, test.labels, 1)
         result.top5 = metrics.topk_accuracy(test.logits, test.labels, min(5, test.logits.shape[1]))
     if reference is not None:
-        result.cosine = metrics.cosine_similarity(reference.features, test.features)
-        result.sqnr_db = metrics.sqnr_db(reference.features, test.features)
+        ref_f, test_f = reference.features, test.features
+        if ref_f.shape != test_f.shape and test.logits is not None and reference.logits is not None:
+            ref_f, test_f = reference.logits, test.logits  # an exported classifier gives only logits
+        if ref_f.shape != test_f.shape:
+            raise ValueError(f"outputs of shape {tuple(test_f.shape)} cannot be compared with the "
+                             f"reference's {tuple(ref_f.shape)}: is it the same model?")
+        result.cosine = metrics.cosine_similarity(ref_f, test_f)
+        result.sqnr_db = metrics.sqnr_db(ref_f, test_f)
         if test.logits is not None and reference.logits is not None:
             result.top1_agreement = metrics.top1_agreement(reference.logits, test.logits)
             result.mean_kl = metrics.mean_kl(reference.logits, test.logits)

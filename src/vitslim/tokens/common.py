@@ -1,0 +1,137 @@
+"""Patching mechanics shared by the token-reduction methods.
+
+A method patches a timm ViT in place: each block gets an instance ``forward`` that shadows
+its class's, and a forward pre-hook on the block sequence resets the per-pass state (token
+sizes, padding mask). ``remove`` deletes the instance attributes and the hook, so the model is
+the original again: same module objects, same weights, same code path.
+
+The blocks keep their own ``qkv``/``proj``/``fc1``/``fc2`` Linear modules and call them, so a
+quantizer can still wrap them before or after token reduction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitslim.models import vit_parts
+
+STATE_ATTR = "_vitslim_tokens"
+
+
+@dataclass
+class TokenState:
+    """Per-pass state shared by the patched blocks of one model."""
+
+    method: str
+    params: dict
+    num_prefix: int  # class (+ distillation) tokens: never merged or dropped
+    size: torch.Tensor | None = None  # (B, N, 1) patches represented by each token
+    pad_mask: torch.Tensor | None = None  # (B, N) True where a token is real (ATS padding)
+    image_counts: torch.Tensor | None = None  # (B,) real tokens per image after the last block
+    counts: list[int] = field(default_factory=list)  # tokens after each block, last pass
+    hook: object = None
+
+    def reset(self) -> None:
+        self.size, self.pad_mask, self.image_counts, self.counts = None, None, None, []
+
+
+def attention(attn: nn.Module, x: torch.Tensor, state: TokenState, prop_attn: bool) -> tuple[torch.Tensor, ...]:
+    """timm ``Attention`` on (B, N, C), with proportional attention (log token size added to
+    the keys' logits, ToMe) and the padding mask; returns (output, q, k, v) for the methods'
+    scores. Runs through fused SDPA: the full attention map is never materialised here."""
+    b, n, c = x.shape
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = None
+    if prop_attn and state.size is not None:
+        bias = state.size.log()[:, None, None, :, 0]
+    if state.pad_mask is not None:
+        pad = torch.zeros_like(state.pad_mask, dtype=x.dtype).masked_fill(~state.pad_mask, float("-inf"))
+        bias = pad[:, None, None, :] if bias is None else bias + pad[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n, -1)))
+    return attn.proj_drop(out), q, k, v
+
+
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, pad_mask: torch.Tensor | None) -> torch.Tensor:
+    """How much the class token attends to every token, per head: (B, H, N)."""
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, N): one row, cheap
+    if pad_mask is not None:
+        logits = logits.masked_fill(~pad_mask[:, None, None, :], float("-inf"))
+    return logits.softmax(-1)[:, :, 0]
+
+
+BlockForward = Callable[[nn.Module, torch.Tensor, TokenState, int], torch.Tensor]
+
+
+def patch(model: nn.Module, method: str, params: dict, block_forward: BlockForward) -> nn.Module:
+    """Give every block ``block_forward`` (bound to its index and the shared state)."""
+    if hasattr(model, STATE_ATTR):
+        raise RuntimeError(
+            f"model already has token reduction {getattr(model, STATE_ATTR).method!r} applied; "
+            "call vitslim.tokens.remove(model) first (methods do not stack)")
+    parts = vit_parts(model)
+    state = TokenState(method, params, parts.num_prefix_tokens)
+    for bp in parts.blocks:
+        bp.block.forward = _bound(block_forward, bp.block, state, bp.index)
+    state.hook = model.blocks.register_forward_pre_hook(lambda module, args: state.reset())
+    setattr(model, STATE_ATTR, state)
+    return model
+
+
+def _bound(fn: BlockForward, block: nn.Module, state: TokenState, index: int) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = fn(block, x, state, index)
+        state.counts.append(out.shape[1])
+        state.image_counts = (state.pad_mask.sum(1) if state.pad_mask is not None
+                              else torch.full((out.shape[0],), out.shape[1]))
+        return out
+
+    return forward
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo ``apply``: the model computes exactly what it did before."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return model
+    for block in model.blocks:
+        block.__dict__.pop("forward", None)
+    state.hook.remove()
+    delattr(model, STATE_ATTR)
+    return model
+
+
+def token_state(model: nn.Module) -> TokenState | None:
+    """The applied method's state (token counts of the last pass), or None."""
+    return getattr(model, STATE_ATTR, None)
+
+
+def mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def attn_residual(block: nn.Module, x: torch.Tensor, state: TokenState, prop_attn: bool) -> tuple[torch.Tensor, ...]:
+    """The block's attention half: (x + attention, q, k, v)."""
+    out, q, k, v = attention(block.attn, block.norm1(x), state, prop_attn)
+    return x + block.drop_path1(block.ls1(out)), q, k, v
+
+
+def num_tokens(model: nn.Module) -> int:
+    """Tokens entering the first block (patches + prefix tokens)."""
+    return model.patch_embed.num_patches + vit_parts(model).num_prefix_tokens
+
+
+def check_blocks(method: str, model: nn.Module, blocks: list[int]) -> list[int]:
+    """Validate the block indices a method acts in."""
+    depth = len(model.blocks)
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad:
+        raise ValueError(f"{method}: blocks {bad} out of range for a {depth}-block model (0..{depth - 1})")
+    return sorted(blocks)

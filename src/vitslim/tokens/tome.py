@@ -1,0 +1,97 @@
+"""ToMe: token merging by bipartite soft matching.
+
+Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023. In every block, after
+attention, tokens are split alternately into sets A and B; each A token is linked to its most
+similar B token (cosine of the attention keys averaged over heads); the ``r`` most similar
+links are merged by a size-weighted average. Token sizes are tracked and added as log(size)
+to the attention logits (proportional attention), so a merged token weighs as the patches it
+stands for.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitslim.tokens.common import TokenState, attn_residual, mlp_residual, num_tokens, patch
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int):
+    """Return ``merge(x, mode)`` that merges ``r`` tokens of (B, N, C) tensors like ``metric``.
+
+    Prefix tokens (class, distillation) are never merged. Follows the paper's algorithm:
+    alternate A/B split, best B match per A token, merge the ``r`` best-matched A tokens.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    # Prefix tokens 0, 2, .. fall in A and 1, 3, .. in B: A's may not merge, B's take no merge.
+    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
+    if prefix_a:
+        scores[..., :prefix_a, :] = float("-inf")
+    if prefix_b:
+        scores[..., :, :prefix_b] = float("-inf")
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unmerged_idx = edge_idx[..., r:, :].sort(dim=1).values  # keep token order (prefix first)
+    src_idx = edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t, c = src.shape
+        unm = src.gather(dim=-2, index=unmerged_idx.expand(n, t - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        if not prefix_b:
+            return torch.cat([unm, dst], dim=1)
+        # Prefix tokens first again (timm pools x[:, 0] or x[:, num_prefix:]).
+        return torch.cat([unm[:, :prefix_a], dst[:, :prefix_b], unm[:, prefix_a:], dst[:, prefix_b:]], dim=1)
+
+    return merge
+
+
+def merge_wavg(merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge by size-weighted average; return the merged tokens and their new sizes."""
+    x = merge(x * size, "sum")
+    size = merge(size, "sum")
+    return x / size, size
+
+
+def _block_forward(block: nn.Module, x: torch.Tensor, state: TokenState, index: int) -> torch.Tensor:
+    prop_attn = state.params["prop_attn"]
+    x, _, k, _ = attn_residual(block, x, state, prop_attn)
+    r = state.params["schedule"][index]
+    if r > 0:
+        if state.size is None:
+            state.size = torch.ones_like(x[..., :1])
+        merge = bipartite_soft_matching(k.mean(1), r, state.num_prefix)
+        x, state.size = merge_wavg(merge, x, state.size)
+    return mlp_residual(block, x)
+
+
+def tome_schedule(model: nn.Module, r: int | list[int]) -> list[int]:
+    """Per-block merge counts: a constant ``r`` or an explicit list, checked against the tokens
+    each block has (ToMe can merge at most half of the non-prefix tokens per block)."""
+    depth = len(model.blocks)
+    schedule = [r] * depth if isinstance(r, int) else list(r)
+    if len(schedule) != depth:
+        raise ValueError(f"tome: schedule has {len(schedule)} entries but the model has {depth} blocks")
+    tokens = num_tokens(model)
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    for i, ri in enumerate(schedule):
+        if ri < 0:
+            raise ValueError(f"tome: r must be >= 0, got {ri} at block {i}")
+        limit = (tokens - prefix) // 2
+        if ri > limit:
+            raise ValueError(f"tome: r={ri} at block {i} exceeds the {limit} tokens that can merge there "
+                             f"({tokens} tokens enter it); lower r")
+        tokens -= ri
+    return schedule
+
+
+def apply_tome(model: nn.Module, r: int | list[int] = 8, prop_attn: bool = True) -> nn.Module:
+    """Patch ``model`` with ToMe (Bolya et al., "Token Merging: Your ViT But Faster", 2023):
+    merge ``r`` tokens per block (or ``r[i]`` in block ``i``)."""
+    schedule = tome_schedule(model, r)
+    return patch(model, "tome", {"schedule": schedule, "prop_attn": prop_attn}, _block_forward)

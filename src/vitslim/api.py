@@ -125,3 +125,18 @@ def verify_reference(data: str | Path, limit: int = 16) -> dict:
         "features_max_abs": float(abs(tokens).max()),
         "saliency_max_abs_diff": (ours_saliency - torch.from_numpy(saliency)).abs().max().item(),
     }
+
+
+def fidelity_and_speed(
+    original: nn.Module,
+    variant: nn.Module | OnnxModel,
+    data: str | Path,
+    limit: int | None = None,
+    batch_size: int = 8,
+    iters: int = 8,
+) -> tuple[EvalResult, list[BenchResult]]:
+    """A compressed ``variant`` against its ``original``: fidelity on the images in ``data``
+    and speed timed side by side (the original is the baseline)."""
+    loader = make_loader(load_image_folder(data, original, limit=limit), batch_size=32)
+    result = evaluate(variant, loader, reference=original)
+    return result, compare({"original": original, "compressed": variant}, batch_size=batch_size, iters=iters)

@@ -18,8 +18,8 @@ from vitslim.models.reference import build_reference, load_reference_model, refe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EXAMPLE_IMAGES = Path(__file__).parent / "assets" / "example_images"
 
-__all__ = ["load_any", "evaluate_cli", "bench_cli", "demo", "verify_reference", "build_reference",
-           "machine_info"]
+__all__ = ["load_any", "evaluate_cli", "bench_cli", "fidelity_and_speed", "verify_reference",
+           "build_reference", "machine_info", "EXAMPLE_IMAGES"]
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -84,23 +84,6 @@ def bench_cli(
     for other in others:
         models[other] = load_any(other)
     return compare(models, batch_size=batch_size, warmup=warmup, iters=iters, threads=threads)
-
-
-def demo(data: str | Path | None = None, batch_size: int = 8) -> dict:
-    """The main job on the bundled example images: the real DINOv2 ViT-S reference model in
-    FP32 and bfloat16, fidelity of each against FP32, and speed side by side."""
-    data = Path(data) if data else EXAMPLE_IMAGES
-    fp32 = load_reference_model()
-    bf16 = load_reference_model().to(torch.bfloat16)
-    loader = make_loader(load_image_folder(data, fp32), batch_size)
-    ref_out = predict(fp32, loader, "FP32")
-    evals = [
-        {"name": "FP32 (itself)", **evaluate(fp32, loader, reference=ref_out).to_dict()},
-        {"name": "bfloat16", **evaluate(bf16, loader, reference=ref_out).to_dict()},
-    ]
-    bench = compare({"FP32 eager": fp32, "bfloat16 eager": bf16}, batch_size=batch_size, iters=8)
-    return {"model": REFERENCE_NAME, "data": str(data), "images": evals[0]["images"],
-            "eval": evals, "bench": [b.to_dict() for b in bench], "machine": machine_info()}
 
 
 def verify_reference(data: str | Path, limit: int = 16) -> dict:

@@ -31,7 +31,6 @@ DataOpt = typer.Option(..., "--data", "-d", help="Folder of images: flat (<wnid>
 CheckpointOpt = typer.Option(None, "--checkpoint", "-c", help="Local weights: .safetensors, or .pth/.pt (timm or DeiT {'model': ...} layout; loaded with weights_only=True).")
 JsonOpt = typer.Option(None, "--json", help="Also write the results to this JSON file.")
 DtypeOpt = typer.Option("float32", "--dtype", help="Run the model in float32 or bfloat16.")
-BatchOpt = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch.")
 
 EVAL_COLUMNS = {
     "name": "model", "images": "images", "top1": "top-1", "top5": "top-5",
@@ -80,7 +79,7 @@ def bench_cmd(
     checkpoint: Optional[Path] = CheckpointOpt,
     compare: list[str] = typer.Option([], "--compare", help="More models to time in the same run (repeatable): a name, name@bfloat16, or an .onnx file."),
     dtype: str = DtypeOpt,
-    batch_size: int = BatchOpt,
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores torch sees)."),
     warmup: int = typer.Option(3, "--warmup", min=0),
     iters: int = typer.Option(10, "--iters", min=1, help="Timed batches per model."),
@@ -126,18 +125,19 @@ def reference_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Images (default: the bundled examples)."),
-    batch_size: int = BatchOpt,
-    json_out: Optional[Path] = JsonOpt,
+    target: str = typer.Option("speedup=2", "--target", "-t", help="As for `vitslim compress`."),
+    out: Path = typer.Option(Path("vitslim-report"), "--out", "-o", help="Folder for the report."),
 ) -> None:
-    """The main job on a bundled example: load the real DINOv2 ViT-S reference model, check
-    bfloat16 against FP32 on real images, and benchmark both on this CPU."""
-    summary = api.demo(data=data, batch_size=batch_size)
-    print_table("fidelity vs FP32", summary["eval"], EVAL_COLUMNS,
-                caption=f"{summary['images']} images from {summary['data']}")
-    print_table("speed", summary["bench"], BENCH_COLUMNS, caption=f"{summary['machine']['cpu']}")
-    if json_out:
-        write_json(json_out, summary)
+    """The main job on the bundled example: `vitslim compress` on the real DINOv2 ViT-S/14
+    reference model with the 16 bundled ImageNet photos (8 calibrate, 8 measure fidelity),
+    every candidate timed on this CPU; leaves report.html and report.md in --out."""
+    from vitslim.api import EXAMPLE_IMAGES
+    from vitslim.compress.cli import compress_cmd
+    from vitslim.models import REFERENCE_NAME
+
+    compress_cmd(model=REFERENCE_NAME, data=EXAMPLE_IMAGES, target=target, checkpoint=None, recipe=[],
+                 calib_images=8, eval_images=8, batch_size=8, seed=0, out=out, cache=None,
+                 quiet=False, json_stdout=False)
 
 
 def _register_families() -> None:

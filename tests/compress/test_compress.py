@@ -30,8 +30,12 @@ def _run(images, cache, target="fidelity=0.9", **kw):
 def test_recipe_validation_names_what_is_wrong(tmp_path):
     with pytest.raises(ConfigError, match="unknown step 'prune_all'.*valid steps are"):
         recipe_from_dict({"name": "x", "steps": [{"prune_all": {}}]})
-    with pytest.raises(ConfigError, match=r"unknown knob\(s\) \['bits'\].*valid knobs are"):
+    with pytest.raises(ConfigError, match=r"unknown knob\(s\) \['bits'\].*valid knobs are \['dtype'\]"):
         recipe_from_dict({"name": "x", "steps": [{"dtype": {"bits": 8}}]})
+    with pytest.raises(ConfigError, match=r"unknown knob\(s\) \['keep_rate'\].*\['method', 'prop_attn', 'r'\]"):
+        recipe_from_dict({"name": "x", "steps": [{"tokens": {"method": "tome", "keep_rate": 0.5}}]})
+    with pytest.raises(ConfigError, match="method 'magic' is not one of"):
+        recipe_from_dict({"name": "x", "steps": [{"tokens": {"method": "magic"}}]})
     with pytest.raises(ConfigError, match="cannot be quantized after it has been exported"):
         recipe_from_dict({"name": "x", "steps": [{"export": {"format": "onnx"}}, {"quantize": {"preset": "w8a8"}}]})
     with pytest.raises(ConfigError, match="repeats"):

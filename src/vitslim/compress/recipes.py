@@ -24,15 +24,47 @@ import yaml
 
 from vitslim.errors import ConfigError
 
-# step kind -> (stage, valid knobs). The method families validate their own knob values.
-STEP_KINDS: dict[str, tuple[int, frozenset[str]]] = {
-    "tokens": (0, frozenset({"method", "r", "keep_rate", "start_layer", "schedule", "budget",
-                             "prop_attn", "blocks", "criteria_weights", "tau"})),
-    "dtype": (1, frozenset({"dtype"})),
-    "quantize": (1, frozenset({"preset", "config", "calib_images"})),
-    "export": (2, frozenset({"format"})),
-}
 STAGE_NAMES = ("token reduction", "numeric format (dtype or quantize)", "export")
+DTYPES = ("float32", "bfloat16")
+
+
+def _allow(kind: str, knobs: dict, allowed: list[str]) -> None:
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        raise ConfigError(f"step {kind!r}: unknown knob(s) {unknown}; valid knobs are {sorted(allowed)}")
+
+
+def _check_tokens(knobs: dict) -> None:
+    import inspect
+
+    from vitslim.tokens import METHODS
+
+    method = knobs.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"step 'tokens': method {method!r} is not one of {sorted(METHODS)}")
+    params = [p for p in inspect.signature(METHODS[method]).parameters if p != "model"]
+    _allow("tokens", knobs, ["method", *params])
+
+
+def _check_dtype(knobs: dict) -> None:
+    _allow("dtype", knobs, ["dtype"])
+    if knobs.get("dtype", "bfloat16") not in DTYPES:
+        raise ConfigError(f"step 'dtype': dtype {knobs['dtype']!r} is not one of {list(DTYPES)}")
+
+
+def _check_quantize(knobs: dict) -> None:
+    _allow("quantize", knobs, ["preset", "config", "calib_images"])
+
+
+def _check_export(knobs: dict) -> None:
+    _allow("export", knobs, ["format"])
+    if knobs.get("format", "onnx") != "onnx":
+        raise ConfigError(f"step 'export': format {knobs['format']!r} is not supported; use 'onnx'")
+
+
+# step kind -> (stage, knob check). The method families check their knobs' values again.
+STEP_KINDS = {"tokens": (0, _check_tokens), "dtype": (1, _check_dtype),
+              "quantize": (1, _check_quantize), "export": (2, _check_export)}
 
 
 @dataclass(frozen=True)
@@ -76,11 +108,11 @@ def validate_steps(name: str, steps: tuple[Step, ...]) -> None:
     for i, step in enumerate(steps):
         if step.kind not in STEP_KINDS:
             raise ConfigError(f"recipe {name!r}: unknown step {step.kind!r}; valid steps are {sorted(STEP_KINDS)}")
-        stage, knobs = STEP_KINDS[step.kind]
-        unknown = sorted(set(step.knobs) - knobs)
-        if unknown:
-            raise ConfigError(f"recipe {name!r}, step {step.kind!r}: unknown knob(s) {unknown}; "
-                              f"valid knobs are {sorted(knobs)}")
+        stage, check = STEP_KINDS[step.kind]
+        try:
+            check(step.knobs)
+        except ConfigError as err:
+            raise ConfigError(f"recipe {name!r}: {err}") from None
         if stage == last_stage:
             raise ConfigError(f"recipe {name!r}: step {i + 1} ({step.kind}) repeats the "
                               f"{STAGE_NAMES[stage]} stage; use one step per stage")
@@ -139,8 +171,12 @@ BUILTIN_RECIPES: dict[str, Recipe] = {r.name: r for r in (
             ("tokens", {"method": "tome", "r": 8})),
     _recipe("tome-13", "Token merging, 13 tokens merged per block (ToMe).",
             ("tokens", {"method": "tome", "r": 13})),
+    _recipe("evit-0.7", "EViT: keep 70% of tokens at 1/4, 1/2, 3/4 depth, fuse the rest.",
+            ("tokens", {"method": "evit", "keep_rate": 0.7})),
     _recipe("bf16-tome", "Token merging (r=8) in bfloat16.",
             ("tokens", {"method": "tome", "r": 8}), ("dtype", {"dtype": "bfloat16"})),
+    _recipe("bf16-tome-13", "Token merging (r=13) in bfloat16.",
+            ("tokens", {"method": "tome", "r": 13}), ("dtype", {"dtype": "bfloat16"})),
     _recipe("int8-fast", "W8A8 post-training quantization, exported to ONNX Runtime integer kernels.",
             ("quantize", {"preset": "w8a8"}), ("export", {"format": "onnx"})),
     _recipe("int8-tome", "Token merging (r=8), then W8A8 on ONNX Runtime integer kernels.",

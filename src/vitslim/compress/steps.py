@@ -10,10 +10,6 @@ from torch import nn
 
 from vitslim.bench import OnnxModel
 from vitslim.compress.recipes import Recipe
-from vitslim.errors import ConfigError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def _tokens(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
     from vitslim import tokens
@@ -23,10 +19,7 @@ def _tokens(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
 
 
 def _dtype(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
-    name = knobs.get("dtype", "bfloat16")
-    if name not in DTYPES:
-        raise ConfigError(f"dtype step: unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
-    return model.to(DTYPES[name])
+    return model.to(getattr(torch, knobs.get("dtype", "bfloat16")))
 
 
 def _quantize(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
@@ -54,8 +47,5 @@ def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor, workdir:
 def _export(model: nn.Module, knobs: dict, calib: torch.Tensor, path: Path) -> OnnxModel:
     from vitslim import export
 
-    fmt = knobs.get("format", "onnx")
-    if fmt != "onnx":
-        raise ConfigError(f"export step: unknown format {fmt!r}; vitslim exports 'onnx'")
     export.export_onnx(model, path)
     return OnnxModel(path)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitslim.models import vit_parts
+from vitslim.models.attention import attention_forward
 
 STATE_ATTR = "_vitslim_tokens"
 
@@ -41,22 +41,15 @@ class TokenState:
 
 
 def attention(attn: nn.Module, x: torch.Tensor, state: TokenState, prop_attn: bool) -> tuple[torch.Tensor, ...]:
-    """timm ``Attention`` on (B, N, C), with proportional attention (log token size added to
-    the keys' logits, ToMe) and the padding mask; returns (output, q, k, v) for the methods'
-    scores. Runs through fused SDPA: the full attention map is never materialised here."""
-    b, n, c = x.shape
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    """The block's attention with proportional attention (log token size added to the keys'
+    logits, ToMe) and the padding mask as biases; returns (output, q, k, v)."""
     bias = None
     if prop_attn and state.size is not None:
         bias = state.size.log()[:, None, None, :, 0]
     if state.pad_mask is not None:
         pad = torch.zeros_like(state.pad_mask, dtype=x.dtype).masked_fill(~state.pad_mask, float("-inf"))
         bias = pad[:, None, None, :] if bias is None else bias + pad[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    out = attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n, -1)))
-    return attn.proj_drop(out), q, k, v
+    return attention_forward(attn, x, bias)
 
 
 def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, pad_mask: torch.Tensor | None) -> torch.Tensor:

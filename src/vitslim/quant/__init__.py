@@ -1,0 +1,14 @@
+"""Post-training quantization built for vision transformers.
+
+    from vitslim import quant
+    qmodel = quant.quantize(model, calib_images, "w4a4")       # or a QuantConfig
+
+Quantizers for each ViT activation site (uniform; log2, SULQ and AdaLog for post-Softmax and
+post-GELU), LayerNorm reparameterization (RepQ-ViT), GPTQ weights and block reconstruction
+(I&S-ViT). Simulated (fake-quant) in PyTorch; scales and zero points are kept for export.
+"""
+
+from vitslim.quant.api import quantize
+from vitslim.quant.config import PRESETS, QuantConfig, SiteConfig, preset
+
+__all__ = ["quantize", "QuantConfig", "SiteConfig", "PRESETS", "preset"]

@@ -1,0 +1,163 @@
+"""Quantization configs: plain data (dataclasses) with YAML/JSON round-trip, and presets.
+
+A config names, for each activation site of a ViT block, the bit width and quantizer:
+
+* ``post_ln``   — inputs of qkv and fc1 (after LayerNorm: a few channels with huge ranges);
+* ``linear``    — input of the attention output projection;
+* ``qk``        — q and k, the inputs of q·kᵀ;
+* ``softmax``   — the attention probabilities (power-law: log quantizers fit them);
+* ``v``         — v, the other input of attn·v;
+* ``post_gelu`` — input of fc2 (asymmetric, long positive tail);
+
+and the weights (``weight``). Patch embedding and head stay in FP32 by default, the
+convention of RepQ-ViT/I&S-ViT/AdaLog (``quantize_patch_embed``/``quantize_head`` turn them on).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from vitslim.errors import ConfigError
+
+VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
+ACT_QUANTIZERS = ("uniform", "log2", "sulq", "adalog")
+CALIBRATION = ("minmax", "percentile", "mse")
+WEIGHT_METHODS = ("rtn", "gptq")
+SITES = ("post_ln", "linear", "qk", "softmax", "v", "post_gelu")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """How one activation site is quantized."""
+
+    bits: int = 8
+    quantizer: str = "uniform"  # uniform | log2 | sulq | adalog
+    calibration: str = "minmax"  # uniform only: minmax | percentile | mse
+    symmetric: bool = False
+    per_channel: bool = False
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A whole-model post-training quantization config."""
+
+    weight_bits: int = 8
+    weight_calibration: str = "mse"  # minmax | mse (per-output-channel, symmetric)
+    weight_method: str = "rtn"  # rtn (round to nearest) | gptq
+    gptq_group_size: int | None = None
+    post_ln: SiteConfig = field(default_factory=SiteConfig)
+    linear: SiteConfig = field(default_factory=SiteConfig)
+    qk: SiteConfig = field(default_factory=SiteConfig)
+    softmax: SiteConfig = field(default_factory=SiteConfig)
+    v: SiteConfig = field(default_factory=SiteConfig)
+    post_gelu: SiteConfig = field(default_factory=SiteConfig)
+    ln_reparam: bool = False  # RepQ-ViT / I&S-ViT channel-wise → layer-wise for post_ln
+    reconstruction_iters: int = 0  # block reconstruction steps per block (0: off)
+    quantize_patch_embed: bool = False
+    quantize_head: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown quantization option(s) {unknown}; valid options are {sorted(names)}")
+        site_names = {f.name for f in fields(SiteConfig)}
+        kwargs = {}
+        for key, value in data.items():
+            if key in SITES:
+                bad = sorted(set(value) - site_names)
+                if bad:
+                    raise ConfigError(f"site {key!r}: unknown option(s) {bad}; valid are {sorted(site_names)}")
+                value = SiteConfig(**value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> None:
+        from vitslim.output import write_text_atomic
+
+        data = self.to_dict()
+        write_text_atomic(path, json.dumps(data, indent=2) if str(path).endswith(".json")
+                          else yaml.safe_dump(data, sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantConfig":
+        text = Path(path).read_text()
+        return cls.from_dict(json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text))
+
+
+def validate(config: QuantConfig) -> None:
+    """Unsupported bit widths, quantizer or method names: an error listing the valid ones."""
+    if config.weight_bits not in VALID_BITS:
+        raise ConfigError(f"weight_bits={config.weight_bits} is not supported; valid bit widths are {VALID_BITS}")
+    if config.weight_method not in WEIGHT_METHODS:
+        raise ConfigError(f"weight_method={config.weight_method!r} is not one of {WEIGHT_METHODS}")
+    if config.weight_calibration not in ("minmax", "mse"):
+        raise ConfigError(f"weight_calibration={config.weight_calibration!r} is not one of ('minmax', 'mse')")
+    if config.reconstruction_iters < 0:
+        raise ConfigError(f"reconstruction_iters must be >= 0, got {config.reconstruction_iters}")
+    for site in SITES:
+        s = getattr(config, site)
+        if s.bits not in VALID_BITS:
+            raise ConfigError(f"{site}.bits={s.bits} is not supported; valid bit widths are {VALID_BITS}")
+        if s.quantizer not in ACT_QUANTIZERS:
+            raise ConfigError(f"{site}.quantizer={s.quantizer!r} is not one of {ACT_QUANTIZERS}")
+        if s.calibration not in CALIBRATION:
+            raise ConfigError(f"{site}.calibration={s.calibration!r} is not one of {CALIBRATION}")
+        if s.quantizer != "uniform" and site not in ("softmax", "post_gelu"):
+            raise ConfigError(f"{site}: log-domain quantizers ({s.quantizer}) need non-negative inputs; "
+                              "use them for 'softmax' or 'post_gelu' only")
+
+
+def uniform_config(w_bits: int, a_bits: int, **overrides) -> QuantConfig:
+    """Plain min–max uniform quantization everywhere (the baseline generic tools use)."""
+    site = SiteConfig(bits=a_bits)
+    return QuantConfig(weight_bits=w_bits, weight_calibration="minmax", post_ln=site, linear=site, qk=site,
+                       softmax=site, v=site, post_gelu=site, **overrides)
+
+
+def vit_config(w_bits: int, a_bits: int, softmax: str = "adalog", gelu: str = "adalog",
+               ln_reparam: bool = True, weight_method: str = "rtn", reconstruction_iters: int = 0) -> QuantConfig:
+    """The ViT-aware recipe: MSE-searched ranges, LayerNorm reparameterization, a log-domain
+    softmax quantizer, optional GPTQ weights and block reconstruction."""
+    site = SiteConfig(bits=a_bits, calibration="mse")
+    return QuantConfig(
+        weight_bits=w_bits, weight_calibration="mse", weight_method=weight_method,
+        post_ln=replace(site, per_channel=ln_reparam), linear=site, qk=site, v=site,
+        softmax=SiteConfig(bits=a_bits, quantizer=softmax),
+        post_gelu=SiteConfig(bits=a_bits, quantizer=gelu, calibration="mse"),
+        ln_reparam=ln_reparam, reconstruction_iters=reconstruction_iters)
+
+
+PRESETS: dict[str, QuantConfig] = {
+    # Bit-width presets: the ViT-aware recipe (LayerNorm reparameterization, AdaLog for
+    # post-Softmax and post-GELU, GPTQ weights below 8 bits).
+    "w8a8": vit_config(8, 8),
+    "w6a6": vit_config(6, 6),
+    "w4a8": vit_config(4, 8, weight_method="gptq"),
+    "w4a4": vit_config(4, 4, weight_method="gptq"),
+    "w3a3": vit_config(3, 3, weight_method="gptq"),
+    # Method recipes.
+    "minmax-w8a8": uniform_config(8, 8),
+    "minmax-w4a4": uniform_config(4, 4),
+    "repq-w4a4": vit_config(4, 4, softmax="log2", gelu="uniform"),
+    "isvit-w4a4": vit_config(4, 4, softmax="sulq", gelu="sulq", weight_method="gptq", reconstruction_iters=100),
+    "adalog-w4a4": vit_config(4, 4, weight_method="gptq"),
+}
+
+
+def preset(name: str) -> QuantConfig:
+    """A named preset (see ``PRESETS``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown quantization preset {name!r}; presets are {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,93 @@
+"""Fake-quant modules and how they are wired into a timm ViT.
+
+``QuantLinear`` wraps an ``nn.Linear`` (kept as ``.linear``) with an ``input_quantizer`` and a
+``weight_quantizer``; its ``qweight`` buffer holds the fake-quantized weight once calibrated
+(on the integer grid ``weight_quantizer.scale`` × int). The attention's q, k, softmax and v
+quantizers live in ``attn.quant_sites`` and are applied by ``vitslim.models.attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitslim.models import BlockParts
+from vitslim.models.attention import attention_forward
+from vitslim.quant.config import QuantConfig, SiteConfig
+from vitslim.quant.quantizers import LogQuantizer, Quantizer, UniformQuantizer, WeightQuantizer
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with fake-quantized input and weight."""
+
+    def __init__(self, linear: nn.Linear, input_quantizer: Quantizer, weight_quantizer: WeightQuantizer) -> None:
+        super().__init__()
+        self.linear, self.input_quantizer, self.weight_quantizer = linear, input_quantizer, weight_quantizer
+        self.register_buffer("qweight", None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    def quantize_weight(self) -> None:
+        """Round the weight to its grid (round to nearest)."""
+        self.weight_quantizer.calibrate_weight(self.linear.weight)
+        self.qweight = self.weight_quantizer.fake_quant(self.linear.weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.qweight if self.qweight is not None and self.weight_quantizer.mode == "quant" else self.linear.weight
+        return F.linear(self.input_quantizer(x), weight, self.linear.bias)
+
+
+def make_quantizer(site: SiteConfig, name: str, positive_shift: bool = False) -> Quantizer:
+    """The activation quantizer a site config asks for."""
+    if site.quantizer == "uniform":
+        return UniformQuantizer(site.bits, site.symmetric, site.per_channel, site.calibration, name=name)
+    return LogQuantizer(site.bits, site.quantizer, shift=positive_shift, name=name)
+
+
+def _quant_attention_forward(attn: nn.Module):
+    def forward(x: torch.Tensor, attn_mask=None, is_causal: bool = False, **_) -> torch.Tensor:
+        return attention_forward(attn, x, attn_mask)[0]
+
+    return forward
+
+
+def install_block(bp: BlockParts, config: QuantConfig, weight_bits: int, prefix: str) -> None:
+    """Replace the block's linears by ``QuantLinear`` and give its attention quantizers."""
+    def wq(name: str) -> WeightQuantizer:
+        return WeightQuantizer(weight_bits, config.weight_calibration, name=f"{prefix}.{name}.weight")
+
+    post_ln = SiteConfig(**{**config.post_ln.__dict__, "per_channel": False}) if config.ln_reparam else config.post_ln
+    attn, mlp = bp.attn, bp.mlp
+    attn.qkv = QuantLinear(bp.qkv, make_quantizer(post_ln, f"{prefix}.attn.qkv.input"), wq("attn.qkv"))
+    attn.proj = QuantLinear(bp.proj, make_quantizer(config.linear, f"{prefix}.attn.proj.input"), wq("attn.proj"))
+    mlp.fc1 = QuantLinear(bp.fc1, make_quantizer(post_ln, f"{prefix}.mlp.fc1.input"), wq("mlp.fc1"))
+    # Post-GELU values are ≥ −0.17: log quantizers shift them positive (AdaLog's bias trick).
+    mlp.fc2 = QuantLinear(bp.fc2, make_quantizer(config.post_gelu, f"{prefix}.mlp.fc2.input", positive_shift=True), wq("mlp.fc2"))
+    attn.quant_sites = nn.ModuleDict({
+        "q": make_quantizer(config.qk, f"{prefix}.attn.q"),
+        "k": make_quantizer(config.qk, f"{prefix}.attn.k"),
+        "softmax": make_quantizer(config.softmax, f"{prefix}.attn.softmax"),
+        "v": make_quantizer(config.v, f"{prefix}.attn.v"),
+    })
+    attn.forward = _quant_attention_forward(attn)
+
+
+def quantizers(model: nn.Module) -> list[Quantizer]:
+    return [m for m in model.modules() if isinstance(m, Quantizer)]
+
+
+def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """``observe``, ``quant`` or ``off`` for every quantizer of the model."""
+    for q in quantizers(model):
+        q.mode = mode

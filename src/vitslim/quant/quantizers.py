@@ -1,0 +1,242 @@
+"""Fake-quantizers: uniform, log2, shift-uniform-log2 (SULQ) and adaptive-log-base (AdaLog).
+
+Every quantizer is an ``nn.Module`` with three modes: ``observe`` (pass-through while it
+collects calibration statistics: running min/max, per channel when asked, and a random sample
+of values for the error searches), ``quant`` (quantize–dequantize) and ``off``. ``calibrate()``
+turns the statistics into parameters. Uniform quantizers expose what an integer runtime needs:
+``scale``, ``zero_point``, ``bits``, ``signed`` and ``axis``.
+
+The log-domain quantizers share one grid, x̂ = scale · base^(−q) − shift with integer
+q ∈ [0, 2^bits − 1] (the last code stands for 0), and differ in which parameters they fit:
+
+* ``log2``: base 2, shift 0, scale = the observed maximum (FQ-ViT/RepQ-ViT style);
+* ``sulq``: shift-uniform-log2 (Zhong et al., "I&S-ViT: An Inclusive & Stable Method for
+  Pushing the Limit of Post-Training ViTs Quantization", 2023): the input is shifted by η,
+  mapped to the log2 domain and quantized uniformly there (step s, i.e. base 2^s); η and s
+  are searched for the lowest error;
+* ``adalog``: adaptive log base (Wu et al., "AdaLog: Post-Training Quantization for Vision
+  Transformers with Adaptive Logarithm Quantizer", ECCV 2024): base and scale searched with a
+  coarse-to-fine progressive search (its Fast Progressive Combining Search); for post-GELU
+  inputs a bias (shift) makes the values positive first (its bias reparameterization).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+SAMPLE_SIZE = 1 << 16  # values kept per quantizer for the error searches
+
+
+class CalibrationError(ValueError):
+    """Calibration data cannot be used (NaN/Inf, or nothing observed)."""
+
+
+class Quantizer(nn.Module):
+    """Base: observation of calibration statistics and the mode switch."""
+
+    def __init__(self, bits: int, name: str = "") -> None:
+        super().__init__()
+        self.bits, self.name = bits, name
+        self.mode = "off"
+        self.sample: torch.Tensor | None = None
+        self.min_val: torch.Tensor | None = None
+        self.max_val: torch.Tensor | None = None
+        self.channel_axis: int | None = None  # per-channel statistics along the last dim
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        if not torch.isfinite(x).all():
+            raise CalibrationError(f"calibration activations at {self.name or 'a quantizer'} contain NaN or Inf; "
+                                   "check the calibration images and the model in FP32")
+        dims = tuple(range(x.dim() - 1)) if self.channel_axis is not None else tuple(range(x.dim()))
+        lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+        self.min_val = lo if self.min_val is None else torch.minimum(self.min_val, lo)
+        self.max_val = hi if self.max_val is None else torch.maximum(self.max_val, hi)
+        flat = x.flatten()
+        pick = flat[torch.randint(0, flat.numel(), (min(flat.numel(), SAMPLE_SIZE),), generator=_rng(flat.numel()))]
+        self.sample = pick if self.sample is None else torch.cat([self.sample, pick])[-4 * SAMPLE_SIZE:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.observe(x)
+            return x
+        if self.mode == "quant":
+            return self.fake_quant(x)
+        return x
+
+    def check_observed(self) -> None:
+        if self.sample is None:
+            raise CalibrationError(f"quantizer {self.name!r} saw no calibration data")
+
+    def calibrate(self) -> None:
+        raise NotImplementedError
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{type(self).__name__.removesuffix('Quantizer').lower()} {self.bits}-bit, {self.name}"
+
+
+def _rng(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed % (2**31))
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).pow(2).mean().item()
+
+
+# ---------------------------------------------------------------------------- uniform
+
+
+def uniform_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+class UniformQuantizer(Quantizer):
+    """Uniform affine quantizer: per-tensor or per-channel (last dim), symmetric or not, with
+    the clipping range from min–max, a percentile, or an MSE search (OMSE-style)."""
+
+    def __init__(self, bits: int, symmetric: bool = False, per_channel: bool = False,
+                 method: str = "minmax", name: str = "") -> None:
+        super().__init__(bits, name)
+        self.symmetric, self.method = symmetric, method
+        self.channel_axis = -1 if per_channel else None
+        self.signed = symmetric
+        self.qmin, self.qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+
+    @property
+    def axis(self) -> int | None:
+        return self.channel_axis
+
+    def params_for_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.symmetric:
+            scale = torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8) / self.qmax
+            return scale, torch.zeros_like(scale)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = (hi - lo).clamp_min(1e-8) / (self.qmax - self.qmin)
+        return scale, torch.round(-lo / scale).clamp(self.qmin, self.qmax)
+
+    def calibrate(self) -> None:
+        self.check_observed()
+        lo, hi = self.min_val, self.max_val
+        if self.method == "percentile" and self.channel_axis is None:
+            lo, hi = torch.quantile(self.sample, 0.0001), torch.quantile(self.sample, 0.9999)
+        elif self.method == "mse":
+            lo, hi = self._search_clipping(lo, hi)
+        self.scale, self.zero_point = self.params_for_range(lo, hi)
+
+    def _search_clipping(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shrink the range by the factor with the lowest quantization MSE on the sample
+        (per-channel ranges shrink together; the sample is per tensor)."""
+        best, best_err = 1.0, math.inf
+        for alpha in torch.linspace(0.3, 1.0, 36).tolist():
+            scale, zero = self.params_for_range(lo * alpha, hi * alpha)
+            if self.channel_axis is not None:  # judge per-channel ranges on the observed extremes' scale
+                scale, zero = scale.mean(), zero.float().mean().round()
+            err = mse(uniform_fake_quant(self.sample, scale, zero, self.qmin, self.qmax), self.sample)
+            if err < best_err:
+                best, best_err = alpha, err
+        return lo * best, hi * best
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return uniform_fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+
+class WeightQuantizer(UniformQuantizer):
+    """Symmetric per-output-channel weight quantizer; the range is searched on the weight itself."""
+
+    def __init__(self, bits: int, method: str = "mse", name: str = "") -> None:
+        super().__init__(bits, symmetric=True, per_channel=True, method=method, name=name)
+        self.channel_axis = 0
+
+    def calibrate_weight(self, w: torch.Tensor) -> None:
+        w = w.detach().float()
+        absmax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+        if self.method != "mse":
+            self.scale, self.zero_point = absmax / self.qmax, torch.zeros_like(absmax)
+            return
+        best_scale, best_err = absmax / self.qmax, None
+        for alpha in torch.linspace(0.5, 1.0, 21).tolist():
+            scale = absmax * alpha / self.qmax
+            err = (uniform_fake_quant(w, scale, 0, self.qmin, self.qmax) - w).pow(2).sum(1, keepdim=True)
+            best_scale = scale if best_err is None else torch.where(err < best_err, scale, best_scale)
+            best_err = err if best_err is None else torch.minimum(err, best_err)
+        self.scale, self.zero_point = best_scale, torch.zeros_like(best_scale)
+
+
+# ---------------------------------------------------------------------------- log domain
+
+
+def log_fake_quant(x: torch.Tensor, bits: int, base: float, scale: float, shift: float = 0.0) -> torch.Tensor:
+    """x̂ = scale · base^(−q) − shift, q = round(−log_base((x + shift) / scale)) in [0, 2^bits − 2];
+    values whose code would be 2^bits − 1 or more (and x + shift ≤ 0) dequantize to −shift."""
+    levels = 2**bits - 1
+    y = (x + shift).clamp_min(1e-30) / scale
+    q = torch.round(-torch.log(y) / math.log(base)).clamp_min(0)
+    out = scale * torch.pow(base, -q)
+    return torch.where((q >= levels) | (x + shift <= 0), torch.zeros_like(out), out) - shift
+
+
+class LogQuantizer(Quantizer):
+    """Log-domain quantizer for non-negative, power-law activations (post-Softmax, or
+    post-GELU with a shift). ``variant`` picks which parameters are fitted: log2, sulq, adalog."""
+
+    VARIANTS = ("log2", "sulq", "adalog")
+
+    def __init__(self, bits: int, variant: str = "log2", shift: bool = False, name: str = "") -> None:
+        super().__init__(bits, name)
+        if variant not in self.VARIANTS:
+            raise ValueError(f"unknown log quantizer {variant!r}; choose one of {self.VARIANTS}")
+        self.variant, self.fit_shift = variant, shift
+        self.base, self.scale, self.shift = 2.0, 1.0, 0.0
+        self.signed, self.axis = False, None
+
+    def _error(self, base: float, scale: float, shift: float) -> float:
+        return mse(log_fake_quant(self.sample, self.bits, base, scale, shift), self.sample)
+
+    def calibrate(self) -> None:
+        self.check_observed()
+        # Post-GELU: shift by −min so every value is ≥ 0 (AdaLog's bias reparameterization).
+        shift = max(0.0, -float(self.min_val.min())) if self.fit_shift else 0.0
+        top = float(self.max_val.max()) + shift
+        if self.variant == "log2":
+            self.base, self.scale, self.shift = 2.0, top, shift
+        elif self.variant == "sulq":
+            self.base, self.scale, self.shift = self._search_sulq(top, shift)
+        else:
+            self.base, self.scale, self.shift = self._search_adalog(top, shift)
+
+    def _search_sulq(self, top: float, shift: float) -> tuple[float, float, float]:
+        """Grid over the shift η and the log-domain step s (base 2^s); scale = top + η."""
+        best = (math.inf, 2.0, top, shift)
+        for eta in (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
+            for step in torch.logspace(math.log10(0.02), math.log10(2.0), 40).tolist():
+                base, scale = 2.0**step, top + eta
+                err = self._error(base, scale, shift + eta)
+                if err < best[0]:
+                    best = (err, base, scale, shift + eta)
+        return best[1:]
+
+    def _search_adalog(self, top: float, shift: float) -> tuple[float, float, float]:
+        """Fast Progressive Combining Search: a coarse grid over the base, then the scale
+        around the best base, then a fine grid over the base around it."""
+        def best_of(candidates):
+            return min(candidates, key=lambda bs: self._error(bs[0], bs[1], shift))
+
+        base, scale = best_of([(b, top) for b in (1 + torch.logspace(-2, 0.18, 20)).tolist()])
+        base, scale = best_of([(base, top * f) for f in torch.linspace(0.5, 1.2, 15).tolist()])
+        base, scale = best_of([(1 + (base - 1) * f, scale) for f in torch.linspace(0.8, 1.25, 11).tolist()])
+        return base, scale, shift
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return log_fake_quant(x, self.bits, self.base, self.scale, self.shift)
+
+    def extra_repr(self) -> str:
+        return f"{self.variant} {self.bits}-bit base={self.base:.3f} scale={self.scale:.3g} shift={self.shift:.3g}, {self.name}"

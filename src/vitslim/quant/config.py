@@ -151,7 +151,7 @@ PRESETS: dict[str, QuantConfig] = {
     "minmax-w8a8": uniform_config(8, 8),
     "minmax-w4a4": uniform_config(4, 4),
     "repq-w4a4": vit_config(4, 4, softmax="log2", gelu="uniform"),
-    "isvit-w4a4": vit_config(4, 4, softmax="sulq", gelu="sulq", weight_method="gptq", reconstruction_iters=100),
+    "isvit-w4a4": vit_config(4, 4, softmax="sulq", gelu="sulq", reconstruction_iters=100),
     "adalog-w4a4": vit_config(4, 4, weight_method="gptq"),
 }
 

@@ -217,7 +217,8 @@ class LogQuantizer(Quantizer):
         """Grid over the shift η and the log-domain step s (base 2^s); scale = top + η."""
         best = (math.inf, 2.0, top, shift)
         for eta in (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
-            for step in torch.logspace(math.log10(0.02), math.log10(2.0), 40).tolist():
+            # Step 1 (base 2, no shift) is in the grid: SULQ can always fall back to log2.
+            for step in [1.0, *torch.logspace(math.log10(0.02), math.log10(2.0), 40).tolist()]:
                 base, scale = 2.0**step, top + eta
                 err = self._error(base, scale, shift + eta)
                 if err < best[0]:
@@ -230,7 +231,7 @@ class LogQuantizer(Quantizer):
         def best_of(candidates):
             return min(candidates, key=lambda bs: self._error(bs[0], bs[1], shift))
 
-        base, scale = best_of([(b, top) for b in (1 + torch.logspace(-2, 0.18, 20)).tolist()])
+        base, scale = best_of([(b, top) for b in [2.0, *(1 + torch.logspace(-2, 0.18, 20)).tolist()]])
         base, scale = best_of([(base, top * f) for f in torch.linspace(0.5, 1.2, 15).tolist()])
         base, scale = best_of([(1 + (base - 1) * f, scale) for f in torch.linspace(0.8, 1.25, 11).tolist()])
         return base, scale, shift

@@ -11,6 +11,7 @@ quantizer can still wrap them before or after token reduction.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,8 +37,14 @@ class TokenState:
     counts: list[int] = field(default_factory=list)  # tokens after each block, last pass
     hook: object = None
 
+    block_forward: Callable | None = None
+
     def reset(self) -> None:
         self.size, self.pad_mask, self.image_counts, self.counts = None, None, None, []
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the block sequence: a new pass starts with fresh state."""
+        self.reset()
 
 
 def attention(attn: nn.Module, x: torch.Tensor, state: TokenState, prop_attn: bool) -> tuple[torch.Tensor, ...]:
@@ -64,29 +71,32 @@ BlockForward = Callable[[nn.Module, torch.Tensor, TokenState, int], torch.Tensor
 
 
 def patch(model: nn.Module, method: str, params: dict, block_forward: BlockForward) -> nn.Module:
-    """Give every block ``block_forward`` (bound to its index and the shared state)."""
+    """Give every block ``block_forward`` (with its index and the shared state).
+
+    The patch is plain attributes and bound methods, so ``copy.deepcopy`` of a patched model
+    gives an independent patched copy (quantization deep-copies models)."""
     if hasattr(model, STATE_ATTR):
         raise RuntimeError(
             f"model already has token reduction {getattr(model, STATE_ATTR).method!r} applied; "
             "call vitslim.tokens.remove(model) first (methods do not stack)")
     parts = vit_parts(model)
-    state = TokenState(method, params, parts.num_prefix_tokens)
+    state = TokenState(method, params, parts.num_prefix_tokens, block_forward=block_forward)
     for bp in parts.blocks:
-        bp.block.forward = _bound(block_forward, bp.block, state, bp.index)
-    state.hook = model.blocks.register_forward_pre_hook(lambda module, args: state.reset())
+        bp.block.vitslim_token_index = bp.index
+        bp.block.vitslim_token_state = state
+        bp.block.forward = types.MethodType(_patched_block_forward, bp.block)
+    state.hook = model.blocks.register_forward_pre_hook(state)
     setattr(model, STATE_ATTR, state)
     return model
 
 
-def _bound(fn: BlockForward, block: nn.Module, state: TokenState, index: int) -> Callable:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        out = fn(block, x, state, index)
-        state.counts.append(out.shape[1])
-        state.image_counts = (state.pad_mask.sum(1) if state.pad_mask is not None
-                              else torch.full((out.shape[0],), out.shape[1]))
-        return out
-
-    return forward
+def _patched_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    state = block.vitslim_token_state
+    out = state.block_forward(block, x, state, block.vitslim_token_index)
+    state.counts.append(out.shape[1])
+    state.image_counts = (state.pad_mask.sum(1) if state.pad_mask is not None
+                          else torch.full((out.shape[0],), out.shape[1]))
+    return out
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -95,7 +105,8 @@ def remove(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     for block in model.blocks:
-        block.__dict__.pop("forward", None)
+        for attr in ("forward", "vitslim_token_index", "vitslim_token_state"):
+            block.__dict__.pop(attr, None)
     state.hook.remove()
     delattr(model, STATE_ATTR)
     return model

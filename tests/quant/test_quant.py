@@ -1,0 +1,200 @@
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import make_tiny_vit
+from vitslim import quant, tokens
+from vitslim.errors import ConfigError
+from vitslim.models import UnsupportedModelError
+from vitslim.quant.config import QuantConfig, SiteConfig, vit_config
+from vitslim.quant.gptq import gptq_quantize_weight
+from vitslim.quant.layernorm_reparam import reparameterize
+from vitslim.quant.quantizers import CalibrationError, LogQuantizer, UniformQuantizer, WeightQuantizer, mse
+
+
+def _calibrated(q, x):
+    q.mode = "observe"
+    q(x)
+    q.calibrate()
+    q.mode = "quant"
+    return q
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_log_quantizers_beat_uniform_on_softmax(bits):
+    # ViT-S-like attention: 197 tokens, logits of std 2 -> heavy-tailed (power-law-like) rows.
+    torch.manual_seed(0)
+    attn = (2.0 * torch.randn(4, 6, 197, 197)).softmax(-1)
+    v = torch.randn(4, 6, 197, 64)
+    out = attn @ v
+
+    def errors(q):
+        qa = _calibrated(q, attn)(attn)
+        return mse(qa, attn), mse(qa @ v, out)  # the probabilities, and what they weight
+
+    uniform = errors(UniformQuantizer(bits, method="mse"))
+    logs = {v: errors(LogQuantizer(bits, v)) for v in LogQuantizer.VARIANTS}
+    for name, (err_p, err_out) in logs.items():
+        assert err_p < uniform[0] and err_out < uniform[1], (name, logs, uniform)
+    # SULQ and AdaLog fit more than log2's fixed base: at least as good.
+    assert logs["sulq"][0] <= logs["log2"][0] * 1.001 and logs["adalog"][0] <= logs["log2"][0] * 1.001
+
+
+def test_adalog_shift_wins_on_real_post_gelu_activations(reference_model, example_images):
+    """DINOv2's post-GELU activations: most values near 0, a few channels in the tens."""
+    from vitslim import load_image_folder
+
+    dataset = load_image_folder(example_images, reference_model, limit=4)
+    images = torch.stack([dataset[i][0] for i in range(4)])
+    fc2 = reference_model.blocks[6].mlp.fc2
+    seen = []
+    handle = fc2.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        reference_model.forward_features(images)
+    handle.remove()
+    x = seen[0]
+    with torch.no_grad():
+        out = fc2(x)
+        uniform = mse(fc2(_calibrated(UniformQuantizer(4, method="mse"), x)(x)), out)
+        adalog_q = _calibrated(LogQuantizer(4, "adalog", shift=True), x)
+        adalog = mse(fc2(adalog_q(x)), out)
+    assert adalog_q.shift > 0.1  # GELU's negative lobe was shifted above zero
+    assert adalog < 0.5 * uniform, (uniform, adalog)
+
+
+def test_layernorm_reparameterization_is_exact_and_helps():
+    torch.manual_seed(0)
+    norm, linear = torch.nn.LayerNorm(64), torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64) + 0.5)
+        norm.weight[:3] *= 30  # a few outlier channels, as after a ViT's LayerNorm
+        norm.bias.copy_(torch.randn(64) * 0.2)
+    x = torch.randn(8, 50, 64)
+    with torch.no_grad():
+        out = norm(x)
+        before = linear(out)
+        lo, hi = out.reshape(-1, 64).amin(0), out.reshape(-1, 64).amax(0)
+        err_before = mse(linear(_calibrated(UniformQuantizer(4), out)(out)), before)
+        n2, l2 = copy.deepcopy(norm), copy.deepcopy(linear)
+        reparameterize(n2, l2, lo, hi, bits=4)
+        out2 = n2(x)
+        # Exact in floating point (float32 rounding only).
+        torch.testing.assert_close(l2(out2), before, atol=2e-4, rtol=1e-4)
+        err_after = mse(l2(_calibrated(UniformQuantizer(4), out2)(out2)), before)
+    assert err_after < 0.5 * err_before, (err_before, err_after)
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    torch.manual_seed(0)
+    base = torch.randn(2048, 16)
+    x = base @ torch.randn(16, 128) + 0.05 * torch.randn(2048, 128)  # strongly correlated features
+    w = torch.randn(64, 128)
+    for bits in (3, 4):
+        wq = WeightQuantizer(bits, method="minmax")
+        wq.calibrate_weight(w)
+        rtn = wq.fake_quant(w)
+        gptq = gptq_quantize_weight(w, 2 * x.T @ x / len(x), wq.scale, bits)
+        assert torch.allclose(gptq / wq.scale, (gptq / wq.scale).round(), atol=1e-4)  # on the grid
+        err = lambda wh: (x @ (w - wh).T).pow(2).mean().item()  # noqa: E731
+        assert err(gptq) < 0.5 * err(rtn), (bits, err(gptq), err(rtn))
+
+
+def test_reconstruction_lowers_block_error():
+    from vitslim.quant.reconstruct import reconstruct_blocks
+
+    model = make_tiny_vit(depth=1, img_size=64)
+    calib = torch.randn(32, 3, 64, 64)
+    plain = quant.quantize(model, calib, vit_config(3, 3))
+    tuned = copy.deepcopy(plain)
+    seconds = reconstruct_blocks(model, tuned, calib, iters=300)
+    assert seconds > 0
+    x = torch.randn(32, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.forward_features(x)
+        err = lambda m: mse(m.forward_features(x), ref)  # noqa: E731
+        assert err(tuned) < 0.9 * err(plain), (err(plain), err(tuned))
+
+
+@pytest.mark.parametrize("name", sorted(quant.PRESETS))
+def test_every_preset_quantizes_and_runs(name):
+    model = make_tiny_vit(img_size=32)
+    calib = torch.randn(8, 3, 32, 32)
+    config = replace(quant.preset(name), reconstruction_iters=min(quant.preset(name).reconstruction_iters, 2))
+    qmodel = quant.quantize(model, calib, config)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out, ref = qmodel(x), model(x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, ref)  # something was quantized
+    assert qmodel.vitslim_quant_config == config and model.blocks[0].attn.qkv.__class__.__name__ == "Linear"
+
+
+def test_higher_bits_are_closer_to_fp32():
+    model = make_tiny_vit(img_size=32)
+    calib, x = torch.randn(16, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        errs = [mse(quant.quantize(model, calib, quant.preset(p))(x), ref) for p in ("w3a3", "w4a4", "w8a8")]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_deit_small_quantizes_at_a_low_bit_preset():
+    import timm
+
+    model = timm.create_model("deit_small_patch16_224", pretrained=False, depth=2).eval()
+    qmodel = quant.quantize(model, torch.randn(4, 3, 224, 224), "w4a4")
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(torch.randn(2, 3, 224, 224))).all()
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    config = quant.preset("isvit-w4a4")
+    for name in ("c.yaml", "c.json"):
+        config.save(tmp_path / name)
+        assert QuantConfig.load(tmp_path / name) == config
+    with pytest.raises(ConfigError, match=r"weight_bits=7 is not supported; valid bit widths are \(2, 3, 4, 5, 6, 8, 16\)"):
+        QuantConfig(weight_bits=7)
+    with pytest.raises(ConfigError, match=r"softmax.quantizer='log10' is not one of \('uniform', 'log2', 'sulq', 'adalog'\)"):
+        QuantConfig(softmax=SiteConfig(quantizer="log10"))
+    with pytest.raises(ConfigError, match="unknown quantization preset 'w5a5'; presets are"):
+        quant.preset("w5a5")
+    with pytest.raises(ConfigError, match=r"unknown quantization option\(s\) \['bitz'\]"):
+        QuantConfig.from_dict({"bitz": 4})
+
+
+def test_nan_calibration_names_the_site():
+    model = make_tiny_vit(img_size=32)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="blocks.1.mlp.fc2.input"):
+        quant.quantize(model, torch.randn(4, 3, 32, 32), "w8a8")
+
+
+def test_unsupported_model_is_named_before_anything_changes():
+    model = make_tiny_vit(img_size=32)
+    model.blocks[0] = torch.nn.Identity()
+    with pytest.raises(UnsupportedModelError, match="Identity"):
+        quant.quantize(model, torch.randn(2, 3, 32, 32), "w8a8")
+
+
+def test_few_calibration_images_warn():
+    with pytest.warns(UserWarning, match="only 2 calibration images"):
+        quant.quantize(make_tiny_vit(img_size=32), torch.randn(2, 3, 32, 32), "w8a8")
+
+
+@pytest.mark.parametrize("order", ["tokens-then-quant", "quant-then-tokens"])
+def test_quantization_composes_with_token_reduction(order):
+    model = make_tiny_vit(img_size=64, depth=3)
+    calib, x = torch.randn(8, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    if order == "tokens-then-quant":
+        out_model = quant.quantize(tokens.apply(model, "tome", inplace=False, r=8), calib, "w8a8")
+    else:
+        out_model = tokens.apply(quant.quantize(model, calib, "w8a8"), "tome", r=8)
+    with torch.no_grad():
+        out = out_model(x)
+    assert tokens.token_state(out_model).counts == [57, 49, 41]
+    assert out_model.blocks[0].attn.quant_sites["softmax"].mode == "quant"
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(out, model(x)).min() > 0.9

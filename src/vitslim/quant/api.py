@@ -81,10 +81,7 @@ def quantize(
             bits = config.post_ln.bits
             reparameterize(bp.norm1, bp.qkv, *ln_ranges[bp.norm1], bits)
             reparameterize(bp.norm2, bp.fc1, *ln_ranges[bp.norm2], bits)
-        install_block(bp, config, config.weight_bits, f"blocks.{bp.index}")
-    if config.quantize_head and isinstance(qmodel.head, nn.Linear):
-        qmodel.head = QuantLinear(qmodel.head, make_quantizer(config.linear, "head.input"),
-                                  WeightQuantizer(config.weight_bits, config.weight_calibration, name="head.weight"))
+    install(qmodel, config)
     set_mode(qmodel, "observe")
     hessians = _collect_hessians(qmodel) if config.weight_method == "gptq" else None
     _run(qmodel, calib_images, batch_size, "calibration statistics")
@@ -106,6 +103,16 @@ def quantize(
     setattr(qmodel, CONFIG_ATTR, config)
     qmodel.vitslim_calibration_seconds = time.perf_counter() - start
     return qmodel
+
+
+def install(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Put (uncalibrated) quantizers and quantized modules into ``model``, in place."""
+    for bp in vit_parts(model).blocks:
+        install_block(bp, config, config.weight_bits, f"blocks.{bp.index}")
+    if config.quantize_head and isinstance(model.head, nn.Linear):
+        model.head = QuantLinear(model.head, make_quantizer(config.linear, "head.input"),
+                                 WeightQuantizer(config.weight_bits, config.weight_calibration, name="head.weight"))
+    return model
 
 
 def _collect_hessians(model: nn.Module):

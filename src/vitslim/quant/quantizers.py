@@ -195,8 +195,10 @@ class LogQuantizer(Quantizer):
         if variant not in self.VARIANTS:
             raise ValueError(f"unknown log quantizer {variant!r}; choose one of {self.VARIANTS}")
         self.variant, self.fit_shift = variant, shift
-        self.base, self.scale, self.shift = 2.0, 1.0, 0.0
         self.signed, self.axis = False, None
+        # Buffers so a saved model carries them: x̂ = scale · base^(−q) − shift.
+        for name, value in (("base", 2.0), ("scale", 1.0), ("shift", 0.0)):
+            self.register_buffer(name, torch.tensor(value))
 
     def _error(self, base: float, scale: float, shift: float) -> float:
         return mse(log_fake_quant(self.sample, self.bits, base, scale, shift), self.sample)
@@ -207,11 +209,12 @@ class LogQuantizer(Quantizer):
         shift = max(0.0, -float(self.min_val.min())) if self.fit_shift else 0.0
         top = float(self.max_val.max()) + shift
         if self.variant == "log2":
-            self.base, self.scale, self.shift = 2.0, top, shift
+            params = 2.0, top, shift
         elif self.variant == "sulq":
-            self.base, self.scale, self.shift = self._search_sulq(top, shift)
+            params = self._search_sulq(top, shift)
         else:
-            self.base, self.scale, self.shift = self._search_adalog(top, shift)
+            params = self._search_adalog(top, shift)
+        self.base, self.scale, self.shift = (torch.tensor(float(p)) for p in params)
 
     def _search_sulq(self, top: float, shift: float) -> tuple[float, float, float]:
         """Grid over the shift η and the log-domain step s (base 2^s); scale = top + η."""
@@ -237,7 +240,8 @@ class LogQuantizer(Quantizer):
         return base, scale, shift
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return log_fake_quant(x, self.bits, self.base, self.scale, self.shift)
+        return log_fake_quant(x, self.bits, float(self.base), float(self.scale), float(self.shift))
 
     def extra_repr(self) -> str:
-        return f"{self.variant} {self.bits}-bit base={self.base:.3f} scale={self.scale:.3g} shift={self.shift:.3g}, {self.name}"
+        return (f"{self.variant} {self.bits}-bit base={float(self.base):.3f} scale={float(self.scale):.3g} "
+                f"shift={float(self.shift):.3g}, {self.name}")

@@ -54,6 +54,7 @@ class OnnxModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # shape-inference warnings of exported graphs are noise here
         self.threads = opts.intra_op_num_threads
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         graph_input = self.session.get_inputs()[0]

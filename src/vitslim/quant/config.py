@@ -143,6 +143,8 @@ PRESETS: dict[str, QuantConfig] = {
     # Bit-width presets: the ViT-aware recipe (LayerNorm reparameterization, AdaLog for
     # post-Softmax and post-GELU, GPTQ weights below 8 bits).
     "w8a8": vit_config(8, 8),
+    # Every site uniform 8-bit: the whole model exports to ONNX Runtime int8 kernels.
+    "w8a8-int": vit_config(8, 8, softmax="uniform", gelu="uniform"),
     "w6a6": vit_config(6, 6),
     "w4a8": vit_config(4, 8, weight_method="gptq"),
     "w4a4": vit_config(4, 4, weight_method="gptq"),

@@ -40,7 +40,11 @@ class QuantLinear(nn.Module):
         self.qweight = self.weight_quantizer.fake_quant(self.linear.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.qweight if self.qweight is not None and self.weight_quantizer.mode == "quant" else self.linear.weight
+        weight = self.linear.weight
+        if self.qweight is not None and self.weight_quantizer.mode == "quant":
+            weight = self.qweight
+            if getattr(self.weight_quantizer, "for_export", False) and self.weight_quantizer.bits == 8:
+                weight = self.weight_quantizer.onnx_qdq(self.qweight)  # int8 weights in the ONNX file
         return F.linear(self.input_quantizer(x), weight, self.linear.bias)
 
 

@@ -146,7 +146,19 @@ class UniformQuantizer(Quantizer):
         return lo * best, hi * best
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "for_export", False) and self.bits == 8:
+            return self.onnx_qdq(x)
         return uniform_fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def onnx_qdq(self, x: torch.Tensor) -> torch.Tensor:
+        """The same 8-bit quantize–dequantize through PyTorch's fake-quant ops, which ONNX
+        export turns into QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into
+        int8 kernels. Scales are python numbers / constants: the exporter must not trace them."""
+        if self.scale.numel() == 1:
+            return torch.fake_quantize_per_tensor_affine(x, self.export_scale, self.export_zero, self.qmin, self.qmax)
+        axis = x.dim() - 1 if self.channel_axis == -1 else self.channel_axis
+        return torch.fake_quantize_per_channel_affine(x, self.export_scale, self.export_zero.to(torch.int32),
+                                                      axis, self.qmin, self.qmax)
 
 
 class WeightQuantizer(UniformQuantizer):
@@ -174,12 +186,13 @@ class WeightQuantizer(UniformQuantizer):
 # ---------------------------------------------------------------------------- log domain
 
 
-def log_fake_quant(x: torch.Tensor, bits: int, base: float, scale: float, shift: float = 0.0) -> torch.Tensor:
+def log_fake_quant(x: torch.Tensor, bits: int, base: float | torch.Tensor, scale: float | torch.Tensor,
+                   shift: float | torch.Tensor = 0.0) -> torch.Tensor:
     """x̂ = scale · base^(−q) − shift, q = round(−log_base((x + shift) / scale)) in [0, 2^bits − 2];
     values whose code would be 2^bits − 1 or more (and x + shift ≤ 0) dequantize to −shift."""
     levels = 2**bits - 1
     y = (x + shift).clamp_min(1e-30) / scale
-    q = torch.round(-torch.log(y) / math.log(base)).clamp_min(0)
+    q = torch.round(-torch.log(y) / torch.log(torch.as_tensor(base, dtype=y.dtype))).clamp_min(0)
     out = scale * torch.pow(base, -q)
     return torch.where((q >= levels) | (x + shift <= 0), torch.zeros_like(out), out) - shift
 
@@ -240,7 +253,7 @@ class LogQuantizer(Quantizer):
         return base, scale, shift
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return log_fake_quant(x, self.bits, float(self.base), float(self.scale), float(self.shift))
+        return log_fake_quant(x, self.bits, self.base, self.scale, self.shift)
 
     def extra_repr(self) -> str:
         return (f"{self.variant} {self.bits}-bit base={float(self.base):.3f} scale={float(self.scale):.3g} "

@@ -1,0 +1,129 @@
+"""Export to ONNX, with vitslim's own 8-bit scales as QuantizeLinear/DequantizeLinear pairs.
+
+What runs in integer: every 8-bit uniform quantizer (linear inputs, weights, q/k/v) becomes a
+Q/DQ pair with vitslim's scale and zero point (nothing is re-calibrated by ONNX Runtime), and
+ORT's graph optimizer fuses Q/DQ around MatMul/Gemm into int8 kernels (QLinearMatMul,
+MatMulIntegerToFloat, QGemm), which use AVX-512 VNNI here. What stays in float: LayerNorm,
+Softmax, GELU, residual adds, and the non-uniform quantizers (log2, SULQ, AdaLog) and
+sub-8-bit uniform quantizers, which are exported as their float quantize–dequantize arithmetic
+so the ONNX model computes what the PyTorch model does. Token-reduced models (ToMe, EViT)
+export with their fixed schedules; ATS (data-dependent token counts) does not export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from vitslim.models.loading import input_size
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported; the message names the operation."""
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module) -> Iterator[None]:
+    """Make 8-bit quantizers emit ONNX-exportable Q/DQ ops while inside the block."""
+    from vitslim.quant.quantizers import UniformQuantizer
+
+    quantizers = [m for m in model.modules() if isinstance(m, UniformQuantizer)]
+    grads = {p: p.requires_grad for p in model.parameters()}
+    for p in grads:  # with gradients, torch picks fake-quant variants that do not export
+        p.requires_grad_(False)
+    for q in quantizers:
+        q.for_export = True
+        if q.scale.numel() == 1:
+            q.export_scale, q.export_zero = float(q.scale), int(q.zero_point)
+        else:  # buffers, as the ONNX translator wants them (not computed or lifted constants)
+            _set_buffer(q, "export_scale", q.scale.detach().flatten().float().clone())
+            _set_buffer(q, "export_zero", q.zero_point.detach().flatten().to(torch.int64).clone())
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.for_export = False
+            for name in ("export_scale", "export_zero"):
+                q._buffers.pop(name, None)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+
+
+def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    module._buffers.pop(name, None)
+    module.__dict__.pop(name, None)
+    module.register_buffer(name, value, persistent=False)
+
+
+def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic_batch: bool = True) -> Path:
+    """Export ``model`` (FP32, vitslim-quantized and/or token-reduced) to an ONNX file,
+    written atomically. The graph takes (batch, 3, H, W) images."""
+    from vitslim.tokens import token_state
+
+    state = token_state(model)
+    if state is not None and state.method == "ats":
+        raise ExportError("ATS keeps a data-dependent number of tokens per image, which a static ONNX graph "
+                          "cannot express; export ToMe or EViT instead")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    x = torch.randn(max(batch_size, 2), *input_size(model))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    quantized = any(hasattr(m, "quant_sites") for m in model.modules())
+    try:
+        with export_mode(model), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if quantized:  # the TorchScript exporter maps fake-quant ops to Q/DQ; torch.export cannot
+                torch.onnx.export(model, (x,), tmp, input_names=["images"], output_names=["output"], opset_version=17,
+                                  dynamo=False, dynamic_axes={"images": {0: "batch"}} if dynamic_batch else None)
+            else:
+                shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
+                program = torch.onnx.export(model, (x,), input_names=["images"], output_names=["output"],
+                                            dynamo=True, dynamic_shapes=shapes, verbose=False)
+                program.save(tmp)
+    except Exception as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise ExportError(f"ONNX export of {type(model).__name__} failed: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:400]}") from err
+    for leftover in Path(tmp).parent.glob(Path(tmp).name + ".data"):
+        leftover.unlink()
+    os.replace(tmp, path)
+    return path
+
+
+def validate_onnx(model: nn.Module, path: str | Path, images: torch.Tensor, threads: int | None = None) -> dict:
+    """Run the ONNX file in a fresh ONNX Runtime session and compare with PyTorch on ``images``."""
+    from vitslim import metrics
+    from vitslim.bench import OnnxModel
+
+    session = OnnxModel(path, threads)
+    with torch.no_grad():
+        expected = model(images).float()
+    got = session(images)
+    return {"images": len(images), "max_abs_diff": (got - expected).abs().max().item(),
+            "cosine": metrics.cosine_similarity(expected, got), "sqnr_db": metrics.sqnr_db(expected, got)}
+
+
+def integer_ops(path: str | Path) -> dict[str, int]:
+    """Count the integer kernels ONNX Runtime actually runs (its optimized graph)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        if "Integer" in node.op_type or node.op_type.startswith("QLinear") or node.op_type in ("QGemm", "DynamicQuantizeMatMul"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from conftest import make_tiny_vit
+from vitslim import load_image_folder, quant, tokens
+from vitslim.data import calibration_images
+from vitslim.export import ExportError, export_onnx, integer_ops, validate_onnx
+
+
+@pytest.fixture(scope="module")
+def real_images(example_images, reference_model):
+    return calibration_images(load_image_folder(example_images, reference_model, limit=6))
+
+
+def test_fp32_export_matches_pytorch_on_real_images(tmp_path, reference_model, real_images):
+    path = export_onnx(reference_model, tmp_path / "fp32.onnx")
+    report = validate_onnx(reference_model, path, real_images)
+    assert report["max_abs_diff"] < 1e-3 and report["cosine"] > 0.999999
+
+
+def test_w8a8_export_runs_on_integer_kernels(tmp_path, reference_model, real_images):
+    qmodel = quant.quantize(reference_model, real_images[:4], "w8a8-int")
+    path = export_onnx(qmodel, tmp_path / "w8a8.onnx")
+    kernels = integer_ops(path)
+    # 4 linears per block × 12 blocks run as int8 matmuls, with vitslim's own scales.
+    assert sum(kernels.values()) >= 48, kernels
+    report = validate_onnx(qmodel, path, real_images)
+    assert report["cosine"] > 0.995, report  # rounding-tie differences between the runtimes only
+
+
+def test_quantized_and_token_reduced_export(tmp_path):
+    model = make_tiny_vit(img_size=64, depth=3)
+    qmodel = tokens.apply(quant.quantize(model, torch.randn(8, 3, 64, 64), "w8a8-int"), "tome", r=8)
+    path = export_onnx(qmodel, tmp_path / "q_tome.onnx")
+    x = torch.randn(3, 3, 64, 64)  # another batch size than the export's
+    assert validate_onnx(qmodel, path, x)["cosine"] > 0.99
+    assert integer_ops(path)
+
+
+def test_ats_export_is_refused_with_a_reason(tmp_path):
+    model = tokens.apply(make_tiny_vit(img_size=64), "ats", budget=0.5, blocks=[1])
+    with pytest.raises(ExportError, match="data-dependent number of tokens"):
+        export_onnx(model, tmp_path / "ats.onnx")
+    assert not list(tmp_path.iterdir())  # nothing half-written

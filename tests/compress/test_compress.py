@@ -23,6 +23,7 @@ GRID = [
 
 
 def _run(images, cache, target="fidelity=0.9", **kw):
+    kw.setdefault("sensitivity_preset", None)
     return compress(make_tiny_vit(), images, target, recipes=GRID, n_calib=4, n_eval=8,
                     batch_size=2, iters=2, cache_dir=cache, **kw)
 
@@ -112,10 +113,12 @@ def _chromium() -> str:
 
 
 def test_html_report_renders_in_headless_chromium(tmp_path, example_images):
-    result = _run(example_images, tmp_path / "cache")
+    result = _run(example_images, tmp_path / "cache", sensitivity_preset="w4a4")
+    assert all(0 < r["cosine"] < 1 for r in result.sensitivity)  # each block alone changes the output
     html_path, md_path = write_report(result, tmp_path / "report", "tiny random ViT")
     page = html_path.read_text()
     assert "<svg" in page and "<table>" in page and "fp32" in page
+    assert [r["block"] for r in result.sensitivity] == [0, 1] and "Per-block sensitivity" in page
     assert "| recipe |" in md_path.read_text()
     shot = tmp_path / "shot.png"
     subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

@@ -104,8 +104,9 @@ def write_report(result: SearchResult, out_dir: str | Path, model_name: str) -> 
     summary = _summary_lines(result, model_name)
     sens = ""
     if result.sensitivity:
-        sens = ("<h2>Per-block sensitivity</h2><p>Feature cosine vs FP32 when only this block is "
-                "quantized; the lowest bars are the blocks to keep at higher precision.</p>"
+        sens = (f"<h2>Per-block sensitivity</h2><p>1 − feature cosine vs FP32 when only this block is "
+                f"quantized ({result.sensitivity[0]['preset']}); the tallest bars are the blocks to keep "
+                "at higher precision.</p>"
                 + sensitivity_svg(result.sensitivity))
     errors = "".join(f"<li><b>{html.escape(c.name)}</b>: {html.escape(c.error)}</li>" for c in failed)
     page = f"""<!doctype html>

@@ -229,13 +229,15 @@ def compress(
     iters: int = 6,
     cache_dir: str | Path | None = None,
     on_result: Callable[[CandidateResult, bool], None] | None = None,
+    sensitivity_preset: str | None = "w4a4",
 ) -> SearchResult:
     """Find the best recipe for ``model`` that meets ``target`` on this machine.
 
     Candidates (default: the built-in grid, cheapest first) are applied to a copy of the
     model, evaluated against the FP32 model on ``n_eval`` images (disjoint from the
     ``n_calib`` calibration images, seeded) and timed side by side with it. Results are
-    cached under ``cache_dir``; ``on_result(result, from_cache)`` reports progress.
+    cached under ``cache_dir``; ``on_result(result, from_cache)`` reports progress. With
+    ``sensitivity_preset``, the report also shows each block's sensitivity to quantization.
     """
     target = Target.parse(target) if isinstance(target, str) else target
     grid = [BUILTIN_RECIPES[r] if isinstance(r, str) else r for r in (recipes or DEFAULT_GRID)]
@@ -267,7 +269,11 @@ def compress(
             on_result(cached, True)
         results.append(cached)
     chosen, met, reason = choose(target, results)
-    return SearchResult(target, chosen, met, reason, results, settings, machine_info())
+    sensitivity = []
+    if sensitivity_preset and len(calib):
+        sample = torch.cat([b[0] for b in eval_loader if b is not None])[:16]
+        sensitivity = block_sensitivity(model, calib, sample, sensitivity_preset)
+    return SearchResult(target, chosen, met, reason, results, settings, machine_info(), sensitivity)
 
 
 def _default_cache() -> Path:
@@ -280,3 +286,23 @@ def recipe_of(result: CandidateResult) -> Recipe:
     return recipe_from_dict(result.recipe)
 
 
+
+
+def block_sensitivity(model: nn.Module, calib: torch.Tensor, images: torch.Tensor, preset: str = "w4a4") -> list[dict]:
+    """Feature cosine vs FP32 when only block ``i`` is quantized (``preset``), for each block:
+    the blocks with the lowest cosine are the ones to keep at higher precision."""
+    from vitslim import metrics, quant
+    from vitslim.models import vit_parts
+    from vitslim.quant.modules import quantizers, set_mode
+
+    qmodel = quant.quantize(model, calib, preset)
+    rows = []
+    with torch.no_grad():
+        reference = model.forward_head(model.forward_features(images), pre_logits=True)
+        for bp in vit_parts(qmodel).blocks:
+            set_mode(qmodel, "off")
+            for q in quantizers(bp.block):
+                q.mode = "quant"
+            out = qmodel.forward_head(qmodel.forward_features(images), pre_logits=True)
+            rows.append({"block": bp.index, "cosine": metrics.cosine_similarity(reference, out), "preset": preset})
+    return rows

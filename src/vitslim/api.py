@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -11,8 +10,8 @@ from torch import nn
 from vitslim.bench import BenchResult, OnnxModel, compare, machine_info
 from vitslim.data import load_image_folder, make_loader, model_transform
 from vitslim.errors import ConfigError
-from vitslim.evaluate import EvalResult, evaluate, predict
-from vitslim.models import REFERENCE_NAME, load_model
+from vitslim.evaluate import EvalResult, evaluate
+from vitslim.models import load_model
 from vitslim.models.reference import build_reference, load_reference_model, reference_onnx_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -1,5 +1,4 @@
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -7,7 +6,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import make_tiny_vit

@@ -201,7 +201,6 @@ def test_quantization_composes_with_token_reduction(order):
 
 
 def test_saved_quantized_model_reloads_identically(tmp_path):
-    from safetensors.torch import save_file
 
     from vitslim.quant.io import load_quantized, save_quantized
 

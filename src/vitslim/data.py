@@ -70,10 +70,6 @@ class ImageFolder(Dataset):
             return None
         return self.transform(image), label
 
-    @property
-    def has_labels(self) -> bool:
-        return any(label != UNLABELLED for _, label in self.samples)
-
 
 def list_images(root: str | Path) -> list[tuple[Path, int]]:
     """Find the images under ``root`` with their labels (see the module docstring)."""

@@ -101,6 +101,19 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
         assert err(gptq) < 0.5 * err(rtn), (bits, err(gptq), err(rtn))
 
 
+def test_grouped_gptq_helps_when_input_columns_differ_in_scale():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 128)
+    w = torch.randn(64, 128) * torch.logspace(-2, 0, 4).repeat_interleave(32)  # 4 column groups, 100x apart
+    wq = WeightQuantizer(4, method="minmax")
+    wq.calibrate_weight(w)
+    h = 2 * x.T @ x / len(x)
+    err = lambda wh: (x @ (w - wh).T).pow(2).mean().item()  # noqa: E731
+    per_channel = gptq_quantize_weight(w, h, wq.scale, 4)
+    grouped = gptq_quantize_weight(w, h, wq.scale, 4, group_size=32)
+    assert err(grouped) < 0.5 * err(per_channel), (err(grouped), err(per_channel))
+
+
 def test_reconstruction_lowers_block_error():
     from vitslim.quant.reconstruct import reconstruct_blocks
 

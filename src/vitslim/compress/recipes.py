@@ -25,7 +25,6 @@ import yaml
 from vitslim.errors import ConfigError
 
 STAGE_NAMES = ("token reduction", "numeric format (dtype or quantize)", "export")
-DTYPES = ("float32", "bfloat16")
 
 
 def _allow(kind: str, knobs: dict, allowed: list[str]) -> None:
@@ -47,6 +46,8 @@ def _check_tokens(knobs: dict) -> None:
 
 
 def _check_dtype(knobs: dict) -> None:
+    from vitslim.api import DTYPES
+
     _allow("dtype", knobs, ["dtype"])
     if knobs.get("dtype", "bfloat16") not in DTYPES:
         raise ConfigError(f"step 'dtype': dtype {knobs['dtype']!r} is not one of {list(DTYPES)}")

@@ -21,7 +21,7 @@ from torch import nn
 
 import vitslim
 from vitslim.bench import compare, machine_info
-from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, recipe_from_dict
+from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe
 from vitslim.compress.steps import apply_recipe
 from vitslim.data import calibration_images, calibration_split, load_image_folder, make_loader
 from vitslim.errors import ConfigError
@@ -279,10 +279,6 @@ def _default_cache() -> Path:
     from vitslim.models.reference import cache_dir
 
     return cache_dir() / "compress"
-
-
-def recipe_of(result: CandidateResult) -> Recipe:
-    return recipe_from_dict(result.recipe)
 
 
 

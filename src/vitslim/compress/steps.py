@@ -19,7 +19,9 @@ def _tokens(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
 
 
 def _dtype(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
-    return model.to(getattr(torch, knobs.get("dtype", "bfloat16")))
+    from vitslim.api import DTYPES
+
+    return model.to(DTYPES[knobs.get("dtype", "bfloat16")])
 
 
 def _quantize(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:

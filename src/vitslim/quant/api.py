@@ -91,7 +91,7 @@ def quantize(
     if hessians is not None:
         from vitslim.quant.gptq import gptq_quantize_linears
 
-        gptq_quantize_linears(hessians.finish())
+        gptq_quantize_linears(hessians.finish(), config.gptq_group_size)
     else:
         for lin in quant_linears(qmodel).values():
             lin.quantize_weight()

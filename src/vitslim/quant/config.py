@@ -9,8 +9,8 @@ A config names, for each activation site of a ViT block, the bit width and quant
 * ``v``         — v, the other input of attn·v;
 * ``post_gelu`` — input of fc2 (asymmetric, long positive tail);
 
-and the weights (``weight``). Patch embedding and head stay in FP32 by default, the
-convention of RepQ-ViT/I&S-ViT/AdaLog (``quantize_patch_embed``/``quantize_head`` turn them on).
+and the weights (``weight``). Patch embedding and head stay in FP32, the convention of
+RepQ-ViT/I&S-ViT/AdaLog (``quantize_head`` quantizes the head too).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class QuantConfig:
     weight_bits: int = 8
     weight_calibration: str = "mse"  # minmax | mse (per-output-channel, symmetric)
     weight_method: str = "rtn"  # rtn (round to nearest) | gptq
-    gptq_group_size: int | None = None
+    gptq_group_size: int | None = None  # GPTQ: a scale per group of input columns (None: per channel)
     post_ln: SiteConfig = field(default_factory=SiteConfig)
     linear: SiteConfig = field(default_factory=SiteConfig)
     qk: SiteConfig = field(default_factory=SiteConfig)
@@ -57,7 +57,6 @@ class QuantConfig:
     post_gelu: SiteConfig = field(default_factory=SiteConfig)
     ln_reparam: bool = False  # RepQ-ViT / I&S-ViT channel-wise → layer-wise for post_ln
     reconstruction_iters: int = 0  # block reconstruction steps per block (0: off)
-    quantize_patch_embed: bool = False
     quantize_head: bool = False
 
     def __post_init__(self) -> None:
@@ -104,6 +103,8 @@ def validate(config: QuantConfig) -> None:
         raise ConfigError(f"weight_method={config.weight_method!r} is not one of {WEIGHT_METHODS}")
     if config.weight_calibration not in ("minmax", "mse"):
         raise ConfigError(f"weight_calibration={config.weight_calibration!r} is not one of ('minmax', 'mse')")
+    if config.gptq_group_size is not None and config.gptq_group_size < 1:
+        raise ConfigError(f"gptq_group_size must be a positive number of input columns or null, got {config.gptq_group_size}")
     if config.reconstruction_iters < 0:
         raise ConfigError(f"reconstruction_iters must be >= 0, got {config.reconstruction_iters}")
     for site in SITES:

@@ -21,6 +21,8 @@ def test_fp32_export_matches_pytorch_on_real_images(tmp_path, reference_model, r
 def test_w8a8_export_runs_on_integer_kernels(tmp_path, reference_model, real_images):
     qmodel = quant.quantize(reference_model, real_images[:4], "w8a8-int")
     path = export_onnx(qmodel, tmp_path / "w8a8.onnx")
+    fp32_mb = sum(p.numel() for p in reference_model.parameters()) * 4 / 1e6
+    assert path.stat().st_size / 1e6 < 0.35 * fp32_mb  # int8 weights in the file, not float + Q
     kernels = integer_ops(path)
     # 4 linears per block × 12 blocks run as int8 matmuls, with vitslim's own scales.
     assert sum(kernels.values()) >= 48, kernels

@@ -95,8 +95,57 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
                           f"{str(err).splitlines()[0][:400]}") from err
     for leftover in Path(tmp).parent.glob(Path(tmp).name + ".data"):
         leftover.unlink()
+    if quantized:
+        store_int8_weights(tmp)
     os.replace(tmp, path)
     return path
+
+
+def store_int8_weights(path: str | Path) -> int:
+    """Fold each QuantizeLinear of a constant weight into an int8 initializer, in place.
+
+    The exporter writes weights as float followed by Q/DQ; storing the quantized integers
+    instead (DequantizeLinear reads them directly) makes the file ~4x smaller, and ONNX
+    Runtime fuses DQ(int8 weight) + MatMul into the same integer kernels. Rounding is
+    half-to-even, as QuantizeLinear's. Returns how many weights were folded.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                 if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+
+    def value(name: str):
+        return numpy_helper.to_array(inits[name]) if name in inits else constants.get(name)
+
+    folded = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
+            continue
+        w, scale, zero = value(node.input[0]), value(node.input[1]), value(node.input[2])
+        if scale is None or zero is None:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        if scale.ndim:  # per channel: broadcast along ``axis``
+            shape[axis] = -1
+        info = np.iinfo(zero.dtype)
+        q = np.clip(np.rint(w / scale.reshape(shape)) + zero.reshape(shape).astype(np.int64), info.min, info.max)
+        graph.initializer.append(numpy_helper.from_array(q.astype(zero.dtype), node.input[0] + "_int8"))
+        for consumer in graph.node:
+            consumer.input[:] = [node.input[0] + "_int8" if i == node.output[0] else i for i in consumer.input]
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    onnx.save(model, str(path))
+    return len(folded)
 
 
 def validate_onnx(model: nn.Module, path: str | Path, images: torch.Tensor, threads: int | None = None) -> dict:

@@ -169,7 +169,7 @@ def test_config_round_trip_and_validation(tmp_path):
         assert QuantConfig.load(tmp_path / name) == config
     with pytest.raises(ConfigError, match=r"weight_bits=7 is not supported; valid bit widths are \(2, 3, 4, 5, 6, 8, 16\)"):
         QuantConfig(weight_bits=7)
-    with pytest.raises(ConfigError, match=r"softmax.quantizer='log10' is not one of \('uniform', 'log2', 'sulq', 'adalog'\)"):
+    with pytest.raises(ConfigError, match=r"softmax.quantizer='log10' is not one of \('uniform', 'log2', 'sulq', 'adalog', 'float'\)"):
         QuantConfig(softmax=SiteConfig(quantizer="log10"))
     with pytest.raises(ConfigError, match="unknown quantization preset 'w5a5'; presets are"):
         quant.preset("w5a5")

@@ -19,7 +19,9 @@ def attention_core(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
     sites = getattr(attn, "quant_sites", None)
     if sites is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    logits = (sites["q"](q) * attn.scale) @ sites["k"](k).transpose(-2, -1)
+    # Quantize the exact matmul operands (scaled q, transposed k) so that, exported, each
+    # DequantizeLinear feeds the MatMul directly and ONNX Runtime fuses it into an int8 kernel.
+    logits = sites["q"](q * attn.scale) @ sites["k"](k.transpose(-2, -1))
     if bias is not None:
         logits = logits + bias
     return sites["softmax"](logits.softmax(dim=-1)) @ sites["v"](v)

@@ -48,8 +48,10 @@ class QuantLinear(nn.Module):
         return F.linear(self.input_quantizer(x), weight, self.linear.bias)
 
 
-def make_quantizer(site: SiteConfig, name: str, positive_shift: bool = False) -> Quantizer:
-    """The activation quantizer a site config asks for."""
+def make_quantizer(site: SiteConfig, name: str, positive_shift: bool = False) -> nn.Module:
+    """The activation quantizer a site config asks for (``nn.Identity`` for a float site)."""
+    if site.quantizer == "float":
+        return nn.Identity()
     if site.quantizer == "uniform":
         return UniformQuantizer(site.bits, site.symmetric, site.per_channel, site.calibration, name=name)
     return LogQuantizer(site.bits, site.quantizer, shift=positive_shift, name=name)

@@ -4,7 +4,8 @@
 
 Calibrates on a fixed, seeded draw of 32 images and evaluates on images disjoint from them
 (the first --eval of the rest). Rows are cumulative, as the papers build them:
-(a) min–max uniform everywhere, (b) + LayerNorm reparameterization (RepQ-ViT), (c) + a
+(a) min–max uniform everywhere, (b) + LayerNorm reparameterization (RepQ-ViT) — or (b')
+SmoothQuant with bias and α search (MPTQ-ViT) in its place, (c) + a
 log-domain quantizer for post-Softmax and post-GELU (log2 / SULQ / AdaLog), (d) + GPTQ weights,
 (e) + block reconstruction (AdaRound-style rounding, replacing GPTQ's; I&S-ViT/BRECQ).
 """
@@ -36,6 +37,7 @@ def configs(w: int, a: int, recon_iters: int) -> dict[str, quant.QuantConfig]:
     return {
         "(a) min-max uniform": plain,
         "(b) + LN reparam": reparam,
+        "(b') + SmoothQuant-bias instead": replace(plain, smooth_quant=True),
         "(c) + log2 softmax/GELU": logs["log2"],
         "(c) + SULQ softmax/GELU": logs["sulq"],
         "(c) + AdaLog softmax/GELU": logs["adalog"],

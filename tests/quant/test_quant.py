@@ -11,6 +11,8 @@ from vitslim.models import UnsupportedModelError
 from vitslim.quant.config import QuantConfig, SiteConfig, vit_config
 from vitslim.quant.gptq import gptq_quantize_weight
 from vitslim.quant.layernorm_reparam import reparameterize
+from vitslim.quant.modules import set_mode
+from vitslim.quant.smooth import fold_into_norm, search_alpha, smoothing
 from vitslim.quant.quantizers import CalibrationError, LogQuantizer, UniformQuantizer, WeightQuantizer, mse
 
 
@@ -84,6 +86,46 @@ def test_layernorm_reparameterization_is_exact_and_helps():
         torch.testing.assert_close(l2(out2), before, atol=2e-4, rtol=1e-4)
         err_after = mse(l2(_calibrated(UniformQuantizer(4), out2)(out2)), before)
     assert err_after < 0.5 * err_before, (err_before, err_after)
+
+
+def _w4a4_output(norm, linear, x):
+    out = norm(x)
+    wq = WeightQuantizer(4, method="minmax")
+    wq.calibrate_weight(linear.weight)
+    return torch.nn.functional.linear(_calibrated(UniformQuantizer(4), out)(out), wq.fake_quant(linear.weight), linear.bias)
+
+
+def test_smoothquant_with_bias_is_exact_and_helps():
+    torch.manual_seed(0)
+    norm, linear = torch.nn.LayerNorm(64), torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        norm.weight[:4] *= 8  # wide channels...
+        norm.bias[:4] += 30  # ...far off centre, as the post-LayerNorm outliers of ViTs
+    x = torch.randn(8, 50, 64)
+    with torch.no_grad():
+        reference = linear(norm(x))
+        rows = norm(x).reshape(-1, 64)
+        errors = {"none": mse(_w4a4_output(norm, linear, x), reference)}
+        for bias in (False, True):
+            n2, l2 = copy.deepcopy(norm), copy.deepcopy(linear)
+            alpha = search_alpha(rows, l2.weight, 4, 4, bias=bias)
+            fold_into_norm(n2, l2, *smoothing(rows.amin(0), rows.amax(0), l2.weight, alpha, bias=bias))
+            torch.testing.assert_close(l2(n2(x)), reference, atol=2e-4, rtol=1e-4)  # exact before rounding
+            errors[bias] = mse(_w4a4_output(n2, l2, x), reference)
+    # Smoothing helps; centring the off-centre channels (the "with bias" of SQ-b) helps more.
+    assert errors[True] < 0.5 * errors["none"] and errors[True] < 0.5 * errors[False], errors
+
+
+def test_smoothquant_folds_leave_the_float_model_unchanged():
+    model = make_tiny_vit(img_size=32, depth=2)
+    x = torch.randn(4, 3, 32, 32)
+    qmodel = quant.quantize(model, x, replace(quant.preset("minmax-w8a8"), smooth_quant=True))
+    set_mode(qmodel, "off")  # folds only: qkv/fc1 through LayerNorm, proj through the v rows of qkv
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), model(x), atol=1e-4, rtol=1e-4)
+    assert {"blocks.1.proj", "blocks.1.qkv", "blocks.1.fc1"} <= set(qmodel.vitslim_smooth_alphas)
+    with pytest.raises(ConfigError, match="choose one"):
+        replace(quant.preset("w8a8"), smooth_quant=True)
 
 
 def test_gptq_beats_round_to_nearest_on_correlated_inputs():

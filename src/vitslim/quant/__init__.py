@@ -4,7 +4,8 @@
     qmodel = quant.quantize(model, calib_images, "w4a4")       # or a QuantConfig
 
 Quantizers for each ViT activation site (uniform; log2, SULQ and AdaLog for post-Softmax and
-post-GELU), LayerNorm reparameterization (RepQ-ViT), GPTQ weights and block reconstruction
+post-GELU), LayerNorm reparameterization (RepQ-ViT) or SmoothQuant with bias (MPTQ-ViT), GPTQ
+weights and block reconstruction
 (I&S-ViT). Simulated (fake-quant) in PyTorch; scales and zero points are kept for export.
 """
 

@@ -15,6 +15,7 @@ from vitslim.quant.config import QuantConfig, preset
 from vitslim.quant.layernorm_reparam import reparameterize
 from vitslim.quant.modules import QuantLinear, install_block, make_quantizer, quant_linears, quantizers, set_mode
 from vitslim.quant.quantizers import WeightQuantizer
+from vitslim.quant.smooth import fold_into_norm, fold_into_values, search_alpha, smoothing
 
 CONFIG_ATTR = "vitslim_quant_config"
 
@@ -30,24 +31,50 @@ def _run(model: nn.Module, images: torch.Tensor, batch_size: int, what: str) -> 
 
 
 @torch.no_grad()
-def _post_ln_ranges(model: nn.Module, images: torch.Tensor, batch_size: int) -> dict[nn.Module, list]:
-    """Per-channel min/max of every block's two LayerNorm outputs (FP32 model)."""
-    ranges: dict[nn.Module, list] = {}
+def _input_stats(model: nn.Module, linears: list[nn.Linear], images: torch.Tensor, batch_size: int,
+                 rows_per_batch: int = 256) -> dict[nn.Module, dict]:
+    """Per-channel min/max and a row sample of each linear's input (FP32 model)."""
+    stats: dict[nn.Module, dict] = {}
+    gen = torch.Generator().manual_seed(0)
 
-    def hook(module, _inputs, out):
-        flat = out.reshape(-1, out.shape[-1])
+    def hook(module, inputs):
+        flat = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+        rows = flat[torch.randperm(len(flat), generator=gen)[:rows_per_batch]]
         lo, hi = flat.amin(0), flat.amax(0)
-        if module in ranges:
-            ranges[module] = [torch.minimum(ranges[module][0], lo), torch.maximum(ranges[module][1], hi)]
+        if module in stats:
+            s = stats[module]
+            s["lo"], s["hi"] = torch.minimum(s["lo"], lo), torch.maximum(s["hi"], hi)
+            s["rows"] = torch.cat([s["rows"], rows])
         else:
-            ranges[module] = [lo, hi]
+            stats[module] = {"lo": lo, "hi": hi, "rows": rows}
 
-    parts = vit_parts(model)
-    handles = [n.register_forward_hook(hook) for bp in parts.blocks for n in (bp.norm1, bp.norm2)]
-    _run(model, images, batch_size, "LayerNorm ranges")
+    handles = [m.register_forward_pre_hook(hook) for m in linears]
+    _run(model, images, batch_size, "linear input ranges")
     for h in handles:
         h.remove()
-    return ranges
+    return stats
+
+
+def _fold_channel_ranges(parts, config: QuantConfig, stats: dict) -> dict[str, float]:
+    """LayerNorm reparameterization or SmoothQuant-with-bias, folded into every block;
+    returns the α chosen per layer (SmoothQuant)."""
+    alphas = {}
+    for bp in parts.blocks:
+        folds = [(bp.norm1, bp.qkv, "qkv"), (bp.norm2, bp.fc1, "fc1")]
+        if config.smooth_quant:
+            folds.append((bp.qkv, bp.proj, "proj"))
+        for prev, linear, name in folds:
+            st = stats[linear]
+            if config.ln_reparam:
+                reparameterize(prev, linear, st["lo"], st["hi"], config.post_ln.bits)
+                continue
+            bits = config.linear.bits if name == "proj" else config.post_ln.bits
+            alpha = config.smooth_alpha if config.smooth_alpha is not None else \
+                search_alpha(st["rows"], linear.weight, bits, config.weight_bits)
+            scale, zero = smoothing(st["lo"], st["hi"], linear.weight, alpha)
+            (fold_into_values if name == "proj" else fold_into_norm)(prev, linear, scale, zero)
+            alphas[f"blocks.{bp.index}.{name}"] = alpha
+    return alphas
 
 
 def quantize(
@@ -60,7 +87,8 @@ def quantize(
     """Post-training quantization (simulated, fake-quant) of a timm ViT.
 
     Calibrates on ``calib_images`` (a (N, 3, H, W) tensor of preprocessed images), in order:
-    LayerNorm reparameterization (RepQ-ViT 2023 / I&S-ViT 2023) if asked, activation
+    LayerNorm reparameterization (RepQ-ViT 2023 / I&S-ViT 2023) or SmoothQuant with bias
+    (MPTQ-ViT 2024) if asked, activation
     statistics, activation quantizers (uniform, log2, SULQ or AdaLog), weights (round to
     nearest, or GPTQ 2022), then block reconstruction (I&S-ViT/BRECQ-style) if asked.
     Returns the quantized model (a copy unless ``inplace``), with its config attached.
@@ -74,13 +102,11 @@ def quantize(
     qmodel.eval()
     parts = vit_parts(qmodel)  # names unsupported block types before anything changes
     start = time.perf_counter()
-    ln_ranges = _post_ln_ranges(qmodel, calib_images, batch_size) if config.ln_reparam else {}
     fp_model = copy.deepcopy(qmodel) if config.reconstruction_iters else None
-    for bp in parts.blocks:
-        if config.ln_reparam:
-            bits = config.post_ln.bits
-            reparameterize(bp.norm1, bp.qkv, *ln_ranges[bp.norm1], bits)
-            reparameterize(bp.norm2, bp.fc1, *ln_ranges[bp.norm2], bits)
+    if config.ln_reparam or config.smooth_quant:
+        linears = [m for bp in parts.blocks for m in (bp.qkv, bp.fc1, bp.proj)]
+        stats = _input_stats(qmodel, linears, calib_images, batch_size)
+        qmodel.vitslim_smooth_alphas = _fold_channel_ranges(parts, config, stats)
     install(qmodel, config)
     set_mode(qmodel, "observe")
     hessians = _collect_hessians(qmodel) if config.weight_method == "gptq" else None

@@ -56,6 +56,8 @@ class QuantConfig:
     v: SiteConfig = field(default_factory=SiteConfig)
     post_gelu: SiteConfig = field(default_factory=SiteConfig)
     ln_reparam: bool = False  # RepQ-ViT / I&S-ViT channel-wise → layer-wise for post_ln
+    smooth_quant: bool = False  # MPTQ-ViT SmoothQuant with bias on qkv, fc1 and proj inputs
+    smooth_alpha: float | None = None  # SmoothQuant migration strength; None: searched per layer
     reconstruction_iters: int = 0  # block reconstruction steps per block (0: off)
     quantize_head: bool = False
 
@@ -105,6 +107,10 @@ def validate(config: QuantConfig) -> None:
         raise ConfigError(f"weight_calibration={config.weight_calibration!r} is not one of ('minmax', 'mse')")
     if config.gptq_group_size is not None and config.gptq_group_size < 1:
         raise ConfigError(f"gptq_group_size must be a positive number of input columns or null, got {config.gptq_group_size}")
+    if config.ln_reparam and config.smooth_quant:
+        raise ConfigError("ln_reparam and smooth_quant both rescale the post-LayerNorm channels; choose one")
+    if config.smooth_alpha is not None and not 0 <= config.smooth_alpha <= 1:
+        raise ConfigError(f"smooth_alpha must be in [0, 1] (or null to search it), got {config.smooth_alpha}")
     if config.reconstruction_iters < 0:
         raise ConfigError(f"reconstruction_iters must be >= 0, got {config.reconstruction_iters}")
     for site in SITES:
@@ -159,6 +165,7 @@ PRESETS: dict[str, QuantConfig] = {
     "repq-w4a4": vit_config(4, 4, softmax="log2", gelu="uniform"),
     "isvit-w4a4": vit_config(4, 4, softmax="sulq", gelu="sulq", reconstruction_iters=100),
     "adalog-w4a4": vit_config(4, 4, weight_method="gptq"),
+    "mptq-w4a4": replace(vit_config(4, 4, weight_method="gptq", ln_reparam=False), smooth_quant=True),
 }
 
 

@@ -69,7 +69,8 @@ def install_block(bp: BlockParts, config: QuantConfig, weight_bits: int, prefix:
     def wq(name: str) -> WeightQuantizer:
         return WeightQuantizer(weight_bits, config.weight_calibration, name=f"{prefix}.{name}.weight")
 
-    post_ln = SiteConfig(**{**config.post_ln.__dict__, "per_channel": False}) if config.ln_reparam else config.post_ln
+    post_ln = SiteConfig(**{**config.post_ln.__dict__, "per_channel": False}) \
+        if config.ln_reparam or config.smooth_quant else config.post_ln
     attn, mlp = bp.attn, bp.mlp
     attn.qkv = QuantLinear(bp.qkv, make_quantizer(post_ln, f"{prefix}.attn.qkv.input"), wq("attn.qkv"))
     attn.proj = QuantLinear(bp.proj, make_quantizer(config.linear, f"{prefix}.attn.proj.input"), wq("attn.proj"))

@@ -21,7 +21,8 @@ from vitslim.bench import machine_info
 from vitslim.models import load_reference_model
 from vitslim.output import print_table
 
-SETTINGS = [("tome", {"r": 4}), ("tome", {"r": 8}), ("tome", {"r": 13}),
+SETTINGS = [("tome", {"r": 4}), ("tome", {"r": 8}), ("tome", {"r": 13}), ("tome", {"r": 15}),
+            ("mctf", {"r": 8}), ("mctf", {"r": 13}), ("mctf", {"r": 15}),
             ("evit", {"keep_rate": 0.9}), ("evit", {"keep_rate": 0.7}), ("evit", {"keep_rate": 0.5}),
             ("ats", {"budget": 0.7}), ("ats", {"budget": 0.5}), ("ats", {"budget": 0.3})]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -53,7 +54,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for method, color in (("tome", "#4477aa"), ("evit", "#ee7733"), ("ats", "#228833")):
+    for method, color in (("tome", "#4477aa"), ("mctf", "#aa3377"), ("evit", "#ee7733"), ("ats", "#228833")):
         pts = sorted((r["speedup"], 1 - r["cosine"], r["name"]) for r in rows if r["name"].startswith(method))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=method)
         for x, y, n in pts:

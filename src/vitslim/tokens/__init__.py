@@ -5,8 +5,9 @@
     tokens.remove(model)                  # the original model again, bit for bit
 
 Methods: ``tome`` (Token Merging, 2023), ``evit`` (EViT, 2022), ``ats`` (Adaptive Token
-Sampling, 2022). Each patches a timm ViT-family model's blocks (see ``vitslim.vit_parts``);
-class and distillation tokens are never merged or dropped.
+Sampling, 2022), ``mctf`` (Multi-criteria Token Fusion, 2024). Each patches a timm ViT-family
+model's blocks (see ``vitslim.vit_parts``); class and distillation tokens are never merged or
+dropped.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from torch import nn
 from vitslim.tokens.ats import apply_ats
 from vitslim.tokens.common import remove, token_state
 from vitslim.tokens.evit import apply_evit
+from vitslim.tokens.mctf import apply_mctf
 from vitslim.tokens.tome import apply_tome
 
-METHODS: dict[str, Callable[..., nn.Module]] = {"tome": apply_tome, "evit": apply_evit, "ats": apply_ats}
+METHODS: dict[str, Callable[..., nn.Module]] = {"tome": apply_tome, "evit": apply_evit, "ats": apply_ats,
+                                                "mctf": apply_mctf}
 
-__all__ = ["apply", "remove", "token_state", "METHODS", "apply_tome", "apply_evit", "apply_ats"]
+__all__ = ["apply", "remove", "token_state", "METHODS", "apply_tome", "apply_evit", "apply_ats", "apply_mctf"]
 
 
 def apply(model: nn.Module, method: str, inplace: bool = True, **params: Any) -> nn.Module:

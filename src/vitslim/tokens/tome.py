@@ -24,31 +24,62 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int):
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[..., ::2, :], metric[..., 1::2, :]
-    scores = a @ b.transpose(-1, -2)
+    return bipartite_merge(a @ b.transpose(-1, -2), r, num_prefix)
+
+
+def bipartite_merge(scores: torch.Tensor, r: int, num_prefix: int):
+    """``merge(x, mode)`` for edge ``scores`` (B, N_A, N_B) between the even (A) and odd (B)
+    tokens: the ``r`` A tokens with the highest-scoring edge merge into their B token."""
+    prefix_a, prefix_b = mask_prefix(scores, num_prefix)
+    step = MergeStep(scores, r)
+
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        unm, dst = step(x[..., ::2, :], x[..., 1::2, :], mode)
+        return prefix_first(unm, dst, prefix_a, prefix_b)
+
+    return merge
+
+
+def mask_prefix(scores: torch.Tensor, num_prefix: int) -> tuple[int, int]:
+    """Forbid edges of prefix tokens in (B, N_A, N_B) ``scores`` (in place); return how many
+    prefix tokens fall in A and in B."""
     # Prefix tokens 0, 2, .. fall in A and 1, 3, .. in B: A's may not merge, B's take no merge.
     prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
     if prefix_a:
         scores[..., :prefix_a, :] = float("-inf")
     if prefix_b:
         scores[..., :, :prefix_b] = float("-inf")
-    node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-    unmerged_idx = edge_idx[..., r:, :].sort(dim=1).values  # keep token order (prefix first)
-    src_idx = edge_idx[..., :r, :]
-    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    return prefix_a, prefix_b
 
-    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
+
+class MergeStep:
+    """One matching step: each row (source token) of ``scores`` (B, S, D) is linked to its
+    best column (destination token); the ``r`` best-linked sources merge into their
+    destinations. Calling it on (B, S, C) sources and (B, D, C) destinations returns the
+    unmerged sources (in their original order) and the destinations with the merged added."""
+
+    def __init__(self, scores: torch.Tensor, r: int) -> None:
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        self.r = r
+        self.unmerged_idx = edge_idx[..., r:, :].sort(dim=1).values  # keep token order (prefix first)
+        self.src_idx = edge_idx[..., :r, :]
+        self.dst_idx = node_idx[..., None].gather(dim=-2, index=self.src_idx)
+
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, c = src.shape
-        unm = src.gather(dim=-2, index=unmerged_idx.expand(n, t - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
-        if not prefix_b:
-            return torch.cat([unm, dst], dim=1)
-        # Prefix tokens first again (timm pools x[:, 0] or x[:, num_prefix:]).
-        return torch.cat([unm[:, :prefix_a], dst[:, :prefix_b], unm[:, prefix_a:], dst[:, prefix_b:]], dim=1)
+        r = self.r
+        unm = src.gather(dim=-2, index=self.unmerged_idx.expand(n, t - r, c))
+        src = src.gather(dim=-2, index=self.src_idx.expand(n, r, c))
+        return unm, dst.scatter_reduce(-2, self.dst_idx.expand(n, r, c), src, reduce=mode)
 
-    return merge
+
+def prefix_first(a: torch.Tensor, b: torch.Tensor, prefix_a: int, prefix_b: int) -> torch.Tensor:
+    """Concatenate the A and B tokens left after merging with the prefix tokens first again
+    (timm pools x[:, 0] or x[:, num_prefix:])."""
+    if not prefix_b:
+        return torch.cat([a, b], dim=1)
+    return torch.cat([a[:, :prefix_a], b[:, :prefix_b], a[:, prefix_a:], b[:, prefix_b:]], dim=1)
 
 
 def merge_wavg(merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,21 +101,22 @@ def _block_forward(block: nn.Module, x: torch.Tensor, state: TokenState, index: 
     return mlp_residual(block, x)
 
 
-def tome_schedule(model: nn.Module, r: int | list[int]) -> list[int]:
+def tome_schedule(model: nn.Module, r: int | list[int], method: str = "tome") -> list[int]:
     """Per-block merge counts: a constant ``r`` or an explicit list, checked against the tokens
-    each block has (ToMe can merge at most half of the non-prefix tokens per block)."""
+    each block has (ToMe can merge at most half of the non-prefix tokens per block); errors
+    name ``method``."""
     depth = len(model.blocks)
     schedule = [r] * depth if isinstance(r, int) else list(r)
     if len(schedule) != depth:
-        raise ValueError(f"tome: schedule has {len(schedule)} entries but the model has {depth} blocks")
+        raise ValueError(f"{method}: schedule has {len(schedule)} entries but the model has {depth} blocks")
     tokens = num_tokens(model)
     prefix = getattr(model, "num_prefix_tokens", 1)
     for i, ri in enumerate(schedule):
         if ri < 0:
-            raise ValueError(f"tome: r must be >= 0, got {ri} at block {i}")
+            raise ValueError(f"{method}: r must be >= 0, got {ri} at block {i}")
         limit = (tokens - prefix) // 2
         if ri > limit:
-            raise ValueError(f"tome: r={ri} at block {i} exceeds the {limit} tokens that can merge there "
+            raise ValueError(f"{method}: r={ri} at block {i} exceeds the {limit} tokens that can merge there "
                              f"({tokens} tokens enter it); lower r")
         tokens -= ri
     return schedule

@@ -1,13 +1,15 @@
 """Post-training quantization of the real DINOv2 ViT-S/14: fidelity vs FP32 per method and bit width.
 
-    uv run python benchmarks/ptq_table.py [--images DIR] [--eval 128] [--recon-iters 50]
+    uv run python benchmarks/ptq_table.py [--images DIR] [--eval 128] [--recon-iters 50] [--bits 4] [--rows "b',e"]
 
 Calibrates on a fixed, seeded draw of 32 images and evaluates on images disjoint from them
 (the first --eval of the rest). Rows are cumulative, as the papers build them:
 (a) min–max uniform everywhere, (b) + LayerNorm reparameterization (RepQ-ViT) — or (b')
 SmoothQuant with bias and α search (MPTQ-ViT) in its place, (c) + a
 log-domain quantizer for post-Softmax and post-GELU (log2 / SULQ / AdaLog), (d) + GPTQ weights,
-(e) + block reconstruction (AdaRound-style rounding, replacing GPTQ's; I&S-ViT/BRECQ).
+(e) + block reconstruction (AdaRound-style rounding, replacing GPTQ's; I&S-ViT/BRECQ);
+(f) (d) with mixed precision: each block's W=A bits from 4/6/8 averaging the row's bits, chosen
+by measured sensitivity (MPTQ-ViT), at 5 and 6 bits only (at 4 and 8 there is no choice).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def configs(w: int, a: int, recon_iters: int) -> dict[str, quant.QuantConfig]:
         "(c) + AdaLog softmax/GELU": logs["adalog"],
         "(d) + GPTQ weights": replace(logs["adalog"], weight_method="gptq"),
         f"(e) + reconstruction ({recon_iters} it/block)": replace(logs["adalog"], reconstruction_iters=recon_iters),
+        "(f) (d) with mixed precision, bits per block": replace(logs["adalog"], weight_method="gptq"),
     }
 
 
@@ -53,6 +56,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=128)
     parser.add_argument("--recon-iters", type=int, default=50)
     parser.add_argument("--bits", default="8,6,4,3", help="comma list: W=A bit widths")
+    parser.add_argument("--rows", default="", help="comma list of row tags to run, e.g. \"b',e\" (default: all)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -66,7 +70,14 @@ def main() -> None:
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
         for name, config in configs(bits, bits, args.recon_iters).items():
+            if args.rows and name[1:name.index(")")] not in args.rows.split(","):
+                continue
             start = time.perf_counter()
+            if name.startswith("(f)"):
+                if bits not in (5, 6):
+                    continue
+                config = quant.mixed_precision_config(model, calib, config, average_bits=bits)
+                name += f" {''.join(map(str, config.block_bits))}"
             qmodel = quant.quantize(model, calib, config)
             seconds = time.perf_counter() - start
             result = evaluate(qmodel, loader, reference=reference)

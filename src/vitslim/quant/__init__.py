@@ -5,11 +5,11 @@
 
 Quantizers for each ViT activation site (uniform; log2, SULQ and AdaLog for post-Softmax and
 post-GELU), LayerNorm reparameterization (RepQ-ViT) or SmoothQuant with bias (MPTQ-ViT), GPTQ
-weights and block reconstruction
-(I&S-ViT). Simulated (fake-quant) in PyTorch; scales and zero points are kept for export.
+weights, block reconstruction (I&S-ViT) and per-block mixed precision (MPTQ-ViT). Simulated (fake-quant) in PyTorch; scales and zero points are kept for export.
 """
 
 from vitslim.quant.api import quantize
 from vitslim.quant.config import PRESETS, QuantConfig, SiteConfig, preset
+from vitslim.quant.mixed import mixed_precision_config
 
-__all__ = ["quantize", "QuantConfig", "SiteConfig", "PRESETS", "preset"]
+__all__ = ["quantize", "mixed_precision_config", "QuantConfig", "SiteConfig", "PRESETS", "preset"]

@@ -60,17 +60,18 @@ def _fold_channel_ranges(parts, config: QuantConfig, stats: dict) -> dict[str, f
     returns the α chosen per layer (SmoothQuant)."""
     alphas = {}
     for bp in parts.blocks:
+        config_b = config.for_block(bp.index)
         folds = [(bp.norm1, bp.qkv, "qkv"), (bp.norm2, bp.fc1, "fc1")]
         if config.smooth_quant:
             folds.append((bp.qkv, bp.proj, "proj"))
         for prev, linear, name in folds:
             st = stats[linear]
             if config.ln_reparam:
-                reparameterize(prev, linear, st["lo"], st["hi"], config.post_ln.bits)
+                reparameterize(prev, linear, st["lo"], st["hi"], config_b.post_ln.bits)
                 continue
-            bits = config.linear.bits if name == "proj" else config.post_ln.bits
+            bits = config_b.linear.bits if name == "proj" else config_b.post_ln.bits
             alpha = config.smooth_alpha if config.smooth_alpha is not None else \
-                search_alpha(st["rows"], linear.weight, bits, config.weight_bits)
+                search_alpha(st["rows"], linear.weight, bits, config_b.weight_bits)
             scale, zero = smoothing(st["lo"], st["hi"], linear.weight, alpha)
             (fold_into_values if name == "proj" else fold_into_norm)(prev, linear, scale, zero)
             alphas[f"blocks.{bp.index}.{name}"] = alpha
@@ -134,7 +135,7 @@ def quantize(
 def install(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Put (uncalibrated) quantizers and quantized modules into ``model``, in place."""
     for bp in vit_parts(model).blocks:
-        install_block(bp, config, config.weight_bits, f"blocks.{bp.index}")
+        install_block(bp, config.for_block(bp.index), f"blocks.{bp.index}")
     if config.quantize_head and isinstance(model.head, nn.Linear):
         model.head = QuantLinear(model.head, make_quantizer(config.linear, "head.input"),
                                  WeightQuantizer(config.weight_bits, config.weight_calibration, name="head.weight"))

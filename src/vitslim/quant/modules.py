@@ -64,10 +64,10 @@ def _quant_attention_forward(attn: nn.Module):
     return forward
 
 
-def install_block(bp: BlockParts, config: QuantConfig, weight_bits: int, prefix: str) -> None:
+def install_block(bp: BlockParts, config: QuantConfig, prefix: str) -> None:
     """Replace the block's linears by ``QuantLinear`` and give its attention quantizers."""
     def wq(name: str) -> WeightQuantizer:
-        return WeightQuantizer(weight_bits, config.weight_calibration, name=f"{prefix}.{name}.weight")
+        return WeightQuantizer(config.weight_bits, config.weight_calibration, name=f"{prefix}.{name}.weight")
 
     post_ln = SiteConfig(**{**config.post_ln.__dict__, "per_channel": False}) \
         if config.ln_reparam or config.smooth_quant else config.post_ln

@@ -197,22 +197,6 @@ def test_i_layernorm_error_on_real_block_inputs(activations):
 # ---- inside a model ----
 
 
-def _integer_softmax_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Give each timm Attention an IntegerSoftmax (timm's softmax is not a module)."""
-    for block in model.blocks:
-        attn = block.attn
-        attn.softmax_op = IntegerSoftmax()
-
-        def forward(x, attn_mask=None, attn=attn, **_):
-            b, n, _ = x.shape
-            q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            out = attn.softmax_op((q * attn.scale) @ k.transpose(-2, -1)) @ v
-            return attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n, -1)))
-
-        attn.forward = forward
-    return model
-
-
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.flatten(1), b.flatten(1))
 
@@ -254,8 +238,24 @@ def test_integer_ops_inside_the_reference_model(reference_model, example_images)
 
     dataset = load_image_folder(example_images, reference_model, limit=6)
     images = torch.stack([dataset[i][0] for i in range(6)])
-    integer = _integer_softmax_attention(use_integer_ops(copy.deepcopy(reference_model)))
+    integer = use_integer_ops(copy.deepcopy(reference_model))
     with calibrating(integer):
         integer(images[:2])
     cos = _cosines(integer(images[2:]), reference_model(images[2:]))
     assert cos.mean() > 0.95 and cos.min() > 0.92, cos
+
+
+@torch.no_grad()
+def test_integer_ops_inside_a_quantized_model():
+    from vitslim import quant
+
+    model = make_tiny_vit()
+    x = torch.randn(16, 3, 32, 32)
+    qmodel = quant.quantize(model, x[:8], "w8a8-int")
+    integer = use_integer_ops(copy.deepcopy(qmodel))
+    assert all(isinstance(b.attn.softmax_op, IntegerSoftmax) for b in integer.blocks)
+    with calibrating(integer):
+        assert torch.equal(integer(x[:8]), qmodel(x[:8]))  # calibrating: the float ops
+    out, ref = integer.forward_features(x[8:]), qmodel.forward_features(x[8:])
+    assert not torch.equal(out, ref)
+    assert F.cosine_similarity(out, ref, dim=-1)[:, 1:].min() > 0.999

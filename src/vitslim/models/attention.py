@@ -13,18 +13,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+FLOAT_SITES = {site: nn.Identity() for site in ("q", "k", "softmax", "v")}
+
+
 def attention_core(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q·kᵀ·scale + bias)·v for (B, H, N, D) tensors, quantized where ``attn`` says."""
     sites = getattr(attn, "quant_sites", None)
-    if sites is None:
+    softmax = getattr(attn, "softmax_op", None)  # I-ViT's Shiftmax (vitslim.quant.integer)
+    if sites is None and softmax is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    sites = sites if sites is not None else FLOAT_SITES
     # Quantize the exact matmul operands (scaled q, transposed k) so that, exported, each
     # DequantizeLinear feeds the MatMul directly and ONNX Runtime fuses it into an int8 kernel.
     logits = sites["q"](q * attn.scale) @ sites["k"](k.transpose(-2, -1))
     if bias is not None:
         logits = logits + bias
-    return sites["softmax"](logits.softmax(dim=-1)) @ sites["v"](v)
+    probs = softmax(logits) if softmax is not None else logits.softmax(dim=-1)
+    return sites["softmax"](probs) @ sites["v"](v)
 
 
 def attention_forward(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -36,3 +42,12 @@ def attention_forward(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = attention_core(attn, q, k, v, bias).transpose(1, 2).reshape(b, n, -1)
     return attn.proj_drop(attn.proj(attn.norm(out))), q, k, v
+
+
+def route_attention(attn: nn.Module) -> None:
+    """Make a timm ``Attention`` run through ``attention_forward`` (in place), so the quantizers
+    and ops methods put on it take effect."""
+    def forward(x: torch.Tensor, attn_mask=None, is_causal: bool = False, **_) -> torch.Tensor:
+        return attention_forward(attn, x, attn_mask)[0]
+
+    attn.forward = forward

@@ -260,8 +260,17 @@ def calibrating(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def use_integer_ops(model: nn.Module, bits: int = 8) -> nn.Module:
-    """Swap each timm block's norm1/norm2 and MLP GELU for the integer ops (in place)."""
-    for block in model.blocks:
-        block.norm1, block.norm2 = IntegerLayerNorm(block.norm1, bits), IntegerLayerNorm(block.norm2, bits)
-        block.mlp.act = IntegerGELU(bits)
+    """Swap each block's LayerNorms, GELU and attention softmax for I-ViT's integer ops (Li &
+    Gu, "I-ViT: Integer-only Quantization for Efficient Vision Transformer Inference", 2023), in
+    place; works on float and on vitslim-quantized or token-reduced models. Calibrate their
+    input ranges by running images ``with calibrating(model):`` before use."""
+    from vitslim.models import vit_parts
+    from vitslim.models.attention import route_attention
+
+    for bp in vit_parts(model).blocks:
+        bp.block.norm1, bp.block.norm2 = IntegerLayerNorm(bp.norm1, bits), IntegerLayerNorm(bp.norm2, bits)
+        bp.mlp.act = IntegerGELU(bits)
+        bp.attn.softmax_op = IntegerSoftmax(bits=bits)
+        if not hasattr(bp.attn, "quant_sites"):  # quantized attention already takes this path
+            route_attention(bp.attn)
     return model

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitslim.models import BlockParts
-from vitslim.models.attention import attention_forward
+from vitslim.models.attention import route_attention
 from vitslim.quant.config import QuantConfig, SiteConfig
 from vitslim.quant.quantizers import LogQuantizer, Quantizer, UniformQuantizer, WeightQuantizer
 
@@ -57,13 +57,6 @@ def make_quantizer(site: SiteConfig, name: str, positive_shift: bool = False) ->
     return LogQuantizer(site.bits, site.quantizer, shift=positive_shift, name=name)
 
 
-def _quant_attention_forward(attn: nn.Module):
-    def forward(x: torch.Tensor, attn_mask=None, is_causal: bool = False, **_) -> torch.Tensor:
-        return attention_forward(attn, x, attn_mask)[0]
-
-    return forward
-
-
 def install_block(bp: BlockParts, config: QuantConfig, prefix: str) -> None:
     """Replace the block's linears by ``QuantLinear`` and give its attention quantizers."""
     def wq(name: str) -> WeightQuantizer:
@@ -83,7 +76,7 @@ def install_block(bp: BlockParts, config: QuantConfig, prefix: str) -> None:
         "softmax": make_quantizer(config.softmax, f"{prefix}.attn.softmax"),
         "v": make_quantizer(config.v, f"{prefix}.attn.v"),
     })
-    attn.forward = _quant_attention_forward(attn)
+    route_attention(attn)
 
 
 def quantizers(model: nn.Module) -> list[Quantizer]:

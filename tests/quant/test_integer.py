@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_vit
-from vitslim.quant.integer import (DIV_BITS, EXP_RANGE, FRAC_BITS, NORM_BITS, IntegerLayerNorm, IntegerSoftmax,
-                                   calibrating, dyadic, i_layernorm, isqrt_newton, shift_gelu, shiftmax,
-                                   use_integer_ops)
+from vitslim.quant.integer import (DIV_BITS, EXP_RANGE, FRAC_BITS, NORM_BITS, IntegerGELU, IntegerLayerNorm,
+                                   IntegerSoftmax, calibrating, dyadic, i_layernorm, isqrt_newton, shift_gelu,
+                                   shiftmax, use_integer_ops)
 
 # ---- deliberately naive references: Python ints, one value at a time, the same formulas ----
 
@@ -259,3 +259,18 @@ def test_integer_ops_inside_a_quantized_model():
     out, ref = integer.forward_features(x[8:]), qmodel.forward_features(x[8:])
     assert not torch.equal(out, ref)
     assert F.cosine_similarity(out, ref, dim=-1)[:, 1:].min() > 0.999
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("op", [IntegerSoftmax(), IntegerGELU()], ids=["shiftmax", "shift_gelu"])
+def test_integer_ops_export_to_onnx_runtime_bit_exact(op, tmp_path):
+    import onnxruntime as ort
+
+    x = torch.randn(2, 3, 17, 17) * 4
+    with calibrating(op):
+        op(x)
+    path = tmp_path / "op.onnx"
+    torch.onnx.export(op, (x,), str(path), opset_version=17, dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert torch.equal(torch.from_numpy(out), op(x))

@@ -262,7 +262,8 @@ def test_integer_ops_inside_a_quantized_model():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("op", [IntegerSoftmax(), IntegerGELU()], ids=["shiftmax", "shift_gelu"])
+@pytest.mark.parametrize("op", [IntegerSoftmax(), IntegerGELU(), IntegerLayerNorm(torch.nn.LayerNorm(17))],
+                         ids=["shiftmax", "shift_gelu", "i_layernorm"])
 def test_integer_ops_export_to_onnx_runtime_bit_exact(op, tmp_path):
     import onnxruntime as ort
 

@@ -155,7 +155,7 @@ def i_layernorm(q: Tensor, scale: float, weight: Tensor | None, bias: Tensor | N
     possible, max |γ|·√(C−1) + |β|; pass a calibrated one for accuracy). The input scale cancels
     except in eps. Integers stay < 2^63 for |q| < 2^15. Float only in ``layernorm_constants``.
     """
-    c, lim = q.shape[-1], (1 << (out_bits - 1)) - 1
+    c, lim = int(q.shape[-1]), (1 << (out_bits - 1)) - 1  # int: a plain constant when traced for export
     if out_scale is None:
         g = weight.abs() if weight is not None else torch.ones(c)
         bound = g * math.sqrt(c - 1) + (bias.abs() if bias is not None else 0)

@@ -8,7 +8,7 @@ Calibrates on a fixed, seeded draw of 32 images and evaluates on images disjoint
 SmoothQuant with bias and α search (MPTQ-ViT) in its place, (c) + a
 log-domain quantizer for post-Softmax and post-GELU (log2 / SULQ / AdaLog), (d) + GPTQ weights,
 (e) + block reconstruction (AdaRound-style rounding, replacing GPTQ's; I&S-ViT/BRECQ);
-(f) (d) with mixed precision: each block's W=A bits from 4/6/8 averaging the row's bits, chosen
+(f) (d) with mixed precision: each block's W=A bits from 4/5/6/8 averaging the row's bits, chosen
 by measured sensitivity (MPTQ-ViT), at 5 and 6 bits only (at 4 and 8 there is no choice).
 """
 

@@ -23,7 +23,7 @@ def quantize_cmd(
     average_bits: Optional[float] = typer.Option(
         None, "--average-bits", help="Mixed precision: choose each block's W=A bits from --bit-choices, "
         "averaging at most this, by measured sensitivity (MPTQ-ViT). Overrides the preset's bits."),
-    bit_choices: str = typer.Option("4,6,8", "--bit-choices", help="Bit widths mixed precision chooses from."),
+    bit_choices: str = typer.Option("4,5,6,8", "--bit-choices", help="Bit widths mixed precision chooses from."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.safetensors + quant.json."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     calib_images: int = typer.Option(32, "--calib-images", min=1, help="Calibration images (seeded random draw)."),

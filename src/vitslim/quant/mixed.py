@@ -77,7 +77,7 @@ def allocate_bits(sensitivity: torch.Tensor, candidates: tuple[int, ...], averag
 
 
 def mixed_precision_config(model: nn.Module, calib_images: torch.Tensor, config: QuantConfig | str,
-                           average_bits: float, candidates: tuple[int, ...] = (4, 6, 8)) -> QuantConfig:
+                           average_bits: float, candidates: tuple[int, ...] = (4, 5, 6, 8)) -> QuantConfig:
     """``config`` with per-block bits (``block_bits``) chosen for ``model``: the allocation of
     ``candidates`` averaging at most ``average_bits`` per block with the least summed measured
     sensitivity (MPTQ-ViT-style Pareto-frontier mixed precision, 2024). Quantize with it:

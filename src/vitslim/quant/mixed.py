@@ -24,7 +24,8 @@ from torch import nn
 
 from vitslim.models import vit_parts
 from vitslim.progress import progress_bar
-from vitslim.quant.config import VALID_BITS, QuantConfig
+from vitslim.errors import ConfigError
+from vitslim.quant.config import VALID_BITS, QuantConfig, preset
 from vitslim.quant.modules import set_mode
 
 
@@ -55,15 +56,19 @@ def block_sensitivity(model: nn.Module, calib_images: torch.Tensor, config: Quan
     return sensitivity
 
 
+def _check_budget(average_bits: float, candidates: tuple[int, ...]) -> None:
+    if average_bits < min(candidates):
+        raise ConfigError(f"average_bits={average_bits} is below the smallest candidate ({min(candidates)} bits); "
+                          f"raise it or add a smaller bit width to the candidates {candidates}")
+
+
 def allocate_bits(sensitivity: torch.Tensor, candidates: tuple[int, ...], average_bits: float) -> tuple[int, ...]:
     """Per-block bits from ``candidates`` whose mean is at most ``average_bits`` and whose summed
     ``sensitivity`` (blocks × candidates) is the smallest: exact, by dynamic programming over
     the blocks with the total bits spent as the state."""
+    _check_budget(average_bits, candidates)
     num_blocks = len(sensitivity)
     budget = int(average_bits * num_blocks + 1e-9)
-    if budget < min(candidates) * num_blocks:
-        raise ValueError(f"average_bits={average_bits} is below the smallest candidate ({min(candidates)} bits); "
-                         f"raise it or add a smaller bit width to the candidates {candidates}")
     best = {0: (0.0, ())}  # total bits spent -> (summed sensitivity, bits so far)
     for i in range(num_blocks):
         step: dict[int, tuple[float, tuple[int, ...]]] = {}
@@ -82,12 +87,11 @@ def mixed_precision_config(model: nn.Module, calib_images: torch.Tensor, config:
     ``candidates`` averaging at most ``average_bits`` per block with the least summed measured
     sensitivity (MPTQ-ViT-style Pareto-frontier mixed precision, 2024). Quantize with it:
     ``quantize(model, calib_images, mixed_precision_config(model, calib_images, "w4a4", 6))``."""
-    from vitslim.quant.config import preset
-
     config = preset(config) if isinstance(config, str) else config
     bad = [b for b in candidates if b not in VALID_BITS]
     if bad or not candidates:
-        raise ValueError(f"candidate bit widths {bad or candidates} not supported; choose from {VALID_BITS}")
+        raise ConfigError(f"candidate bit widths {bad or candidates} not supported; choose from {VALID_BITS}")
     candidates = tuple(sorted(set(candidates)))
+    _check_budget(average_bits, candidates)
     sensitivity = block_sensitivity(model, calib_images, config, candidates)
     return replace(config, block_bits=allocate_bits(sensitivity, candidates, average_bits))

@@ -5,7 +5,9 @@
 
 Quantizers for each ViT activation site (uniform; log2, SULQ and AdaLog for post-Softmax and
 post-GELU), LayerNorm reparameterization (RepQ-ViT) or SmoothQuant with bias (MPTQ-ViT), GPTQ
-weights, block reconstruction (I&S-ViT) and per-block mixed precision (MPTQ-ViT). Simulated (fake-quant) in PyTorch; scales and zero points are kept for export.
+weights, block reconstruction (I&S-ViT) and per-block mixed precision (MPTQ-ViT). Simulated
+(fake-quant) in PyTorch; scales and zero points are kept for export. I-ViT's integer-only
+Softmax/GELU/LayerNorm are in ``vitslim.quant.integer``.
 """
 
 from vitslim.quant.api import quantize

@@ -36,6 +36,7 @@ def configs(w: int, a: int, recon_iters: int) -> dict[str, quant.QuantConfig]:
     plain = uniform_config(w, a)
     reparam = replace(plain, ln_reparam=True, post_ln=SiteConfig(a, per_channel=True))
     logs = {v: replace(reparam, softmax=SiteConfig(a, v), post_gelu=SiteConfig(a, v)) for v in ("log2", "sulq", "adalog")}
+    gptq = replace(logs["adalog"], weight_method="gptq")
     return {
         "(a) min-max uniform": plain,
         "(b) + LN reparam": reparam,
@@ -43,9 +44,9 @@ def configs(w: int, a: int, recon_iters: int) -> dict[str, quant.QuantConfig]:
         "(c) + log2 softmax/GELU": logs["log2"],
         "(c) + SULQ softmax/GELU": logs["sulq"],
         "(c) + AdaLog softmax/GELU": logs["adalog"],
-        "(d) + GPTQ weights": replace(logs["adalog"], weight_method="gptq"),
+        "(d) + GPTQ weights": gptq,
         f"(e) + reconstruction ({recon_iters} it/block)": replace(logs["adalog"], reconstruction_iters=recon_iters),
-        "(f) (d) with mixed precision, bits per block": replace(logs["adalog"], weight_method="gptq"),
+        "(f) (d) with mixed precision, bits per block": gptq,
     }
 
 

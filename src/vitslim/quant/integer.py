@@ -271,6 +271,5 @@ def use_integer_ops(model: nn.Module, bits: int = 8) -> nn.Module:
         bp.block.norm1, bp.block.norm2 = IntegerLayerNorm(bp.norm1, bits), IntegerLayerNorm(bp.norm2, bits)
         bp.mlp.act = IntegerGELU(bits)
         bp.attn.softmax_op = IntegerSoftmax(bits=bits)
-        if not hasattr(bp.attn, "quant_sites"):  # quantized attention already takes this path
-            route_attention(bp.attn)
+        route_attention(bp.attn)
     return model

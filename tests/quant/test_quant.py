@@ -285,3 +285,58 @@ def test_quantize_cli_writes_model_and_reports_fidelity(tmp_path, reference_mode
     row = json.loads((tmp_path / "r.json").read_text())
     assert row["images"] == 4 and 0.98 < row["cosine"] < 1.0
     assert (tmp_path / "q" / "model.safetensors").is_file() and (tmp_path / "q" / "quant.json").is_file()
+
+
+def _only_post_gelu(site: SiteConfig) -> QuantConfig:
+    """Weights and every other site in float: the post-GELU quantizer's error alone."""
+    floats = {s: SiteConfig(8, "float") for s in ("post_ln", "linear", "qk", "softmax", "v")}
+    return QuantConfig(weight_bits=16, post_gelu=site, **floats)
+
+
+def _outlier_vit() -> torch.nn.Module:
+    """A tiny ViT whose fc1 bias makes post-GELU channel 3 about 40x larger than the rest:
+    the single-channel outliers DINOv2 has in its later blocks."""
+    model = make_tiny_vit()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc1.bias[3] += 40.0
+    return model
+
+
+def test_float_outlier_channels_cut_post_gelu_error():
+    model, x = _outlier_vit(), torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x[8:])
+    errors = {}
+    for k in (0, 1):
+        qmodel = quant.quantize(model, x[:8], _only_post_gelu(SiteConfig(8, float_channels=k)))
+        with torch.no_grad():
+            errors[k] = (qmodel(x[8:]) - ref).pow(2).mean().item()
+        if k:
+            assert [b.mlp.fc2.input_quantizer.float_index.tolist() for b in qmodel.blocks] == [[3], [3]]
+    assert errors[1] < errors[0] / 10, errors
+
+
+def test_float_outlier_channels_export_to_int8_kernels_and_reload(tmp_path):
+    from vitslim.export import export_onnx, integer_ops, validate_onnx
+    from vitslim.quant.io import load_quantized, save_quantized
+
+    model, x = _outlier_vit(), torch.randn(12, 3, 32, 32)
+    config = replace(quant.preset("w8a8-ort"), post_gelu=SiteConfig(8, float_channels=2))
+    qmodel = quant.quantize(model, x[:8], config)
+    check = validate_onnx(qmodel, export_onnx(qmodel, tmp_path / "m.onnx"), x[8:])
+    assert check["cosine"] > 0.9999, check
+    # fc2 still runs on an integer kernel: qkv, q·kᵀ, proj, fc1, fc2 in both blocks.
+    assert sum(integer_ops(tmp_path / "m.onnx").values()) == 10
+    save_quantized(qmodel, tmp_path / "saved", "vit_tiny_patch16_224",
+                   dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "saved")(x[8:]), qmodel(x[8:]))
+
+
+def test_float_channels_need_a_per_tensor_minmax_linear_input():
+    for bad in (dict(calibration="mse"), dict(per_channel=True), dict(float_channels=-1)):
+        with pytest.raises(ConfigError, match="float_channels"):
+            QuantConfig(post_gelu=SiteConfig(8, float_channels=bad.pop("float_channels", 2), **bad))
+    with pytest.raises(ConfigError, match="float_channels"):
+        QuantConfig(qk=SiteConfig(8, float_channels=2))

@@ -39,6 +39,9 @@ class SiteConfig:
     calibration: str = "minmax"  # uniform only: minmax | percentile | mse
     symmetric: bool = False
     per_channel: bool = False
+    # Uniform, per tensor, min-max only: this many outlier input channels (largest calibration
+    # magnitude) stay in float beside the integer matmul (LLM.int8()-style decomposition).
+    float_channels: int = 0
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,12 @@ def validate(config: QuantConfig) -> None:
             raise ConfigError(f"{site}.quantizer={s.quantizer!r} is not one of {ACT_QUANTIZERS}")
         if s.calibration not in CALIBRATION:
             raise ConfigError(f"{site}.calibration={s.calibration!r} is not one of {CALIBRATION}")
+        if s.float_channels < 0:
+            raise ConfigError(f"{site}.float_channels must be >= 0, got {s.float_channels}")
+        if s.float_channels and (site not in ("post_ln", "linear", "post_gelu") or s.quantizer != "uniform"
+                                 or s.per_channel or s.calibration != "minmax"):
+            raise ConfigError(f"{site}.float_channels needs a linear layer's input (post_ln, linear or post_gelu) "
+                              "with a per-tensor uniform min-max quantizer")
         if s.quantizer not in ("uniform", "float") and site not in ("softmax", "post_gelu"):
             raise ConfigError(f"{site}: log-domain quantizers ({s.quantizer}) need non-negative inputs; "
                               "use them for 'softmax' or 'post_gelu' only")

@@ -45,7 +45,14 @@ class QuantLinear(nn.Module):
             weight = self.qweight
             if getattr(self.weight_quantizer, "for_export", False) and self.weight_quantizer.bits == 8:
                 weight = self.weight_quantizer.onnx_qdq(self.qweight)  # int8 weights in the ONNX file
-        return F.linear(self.input_quantizer(x), weight, self.linear.bias)
+        inq = self.input_quantizer
+        float_index = getattr(inq, "float_index", None)
+        if float_index is None or not float_index.numel() or inq.mode != "quant":
+            return F.linear(inq(x), weight, self.linear.bias)
+        # Outlier channels bypass the integer matmul (LLM.int8(), Dettmers et al. 2022): zeroed
+        # in its input (0 is exact on the grid), multiplied in float by their own weight columns.
+        outliers = F.linear(x.index_select(-1, float_index), self.linear.weight.index_select(1, float_index))
+        return F.linear(inq(x * inq.keep_mask), weight, self.linear.bias) + outliers
 
 
 def make_quantizer(site: SiteConfig, name: str, positive_shift: bool = False) -> nn.Module:
@@ -53,7 +60,8 @@ def make_quantizer(site: SiteConfig, name: str, positive_shift: bool = False) ->
     if site.quantizer == "float":
         return nn.Identity()
     if site.quantizer == "uniform":
-        return UniformQuantizer(site.bits, site.symmetric, site.per_channel, site.calibration, name=name)
+        return UniformQuantizer(site.bits, site.symmetric, site.per_channel, site.calibration, name=name,
+                                float_channels=site.float_channels)
     return LogQuantizer(site.bits, site.quantizer, shift=positive_shift, name=name)
 
 

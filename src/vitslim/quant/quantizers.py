@@ -102,7 +102,7 @@ class UniformQuantizer(Quantizer):
     the clipping range from min–max, a percentile, or an MSE search (OMSE-style)."""
 
     def __init__(self, bits: int, symmetric: bool = False, per_channel: bool = False,
-                 method: str = "minmax", name: str = "") -> None:
+                 method: str = "minmax", name: str = "", float_channels: int = 0) -> None:
         super().__init__(bits, name)
         self.symmetric, self.method = symmetric, method
         self.channel_axis = -1 if per_channel else None
@@ -110,6 +110,12 @@ class UniformQuantizer(Quantizer):
         self.qmin, self.qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
+        # Outlier channels left in float (LLM.int8()-style decomposition; ``QuantLinear`` runs
+        # them beside the integer matmul): their indices and a 0/1 mask that zeroes them.
+        self.float_channels = float_channels
+        self.register_buffer("float_index", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("keep_mask", torch.ones(0))
+        self.channel_absmax: torch.Tensor | None = None
 
     @property
     def axis(self) -> int | None:
@@ -123,14 +129,33 @@ class UniformQuantizer(Quantizer):
         scale = (hi - lo).clamp_min(1e-8) / (self.qmax - self.qmin)
         return scale, torch.round(-lo / scale).clamp(self.qmin, self.qmax)
 
+    def observe(self, x: torch.Tensor) -> None:
+        super().observe(x)
+        if self.float_channels:
+            absmax = x.detach().float().abs().flatten(0, -2).amax(0)
+            self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
+
     def calibrate(self) -> None:
         self.check_observed()
         lo, hi = self.min_val, self.max_val
+        if self.float_channels:
+            lo, hi = self._split_float_channels()
         if self.method == "percentile" and self.channel_axis is None:
             lo, hi = torch.quantile(self.sample, 0.0001), torch.quantile(self.sample, 0.9999)
         elif self.method == "mse":
             lo, hi = self._search_clipping(lo, hi)
         self.scale, self.zero_point = self.params_for_range(lo, hi)
+
+    def _split_float_channels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick the ``float_channels`` channels with the largest calibration magnitude and
+        return the range of the others: one outlier channel no longer sets every token's step."""
+        k = min(self.float_channels, len(self.channel_absmax) - 1)
+        self.float_index = self.channel_absmax.topk(k).indices.sort().values
+        self.keep_mask = torch.ones_like(self.channel_absmax)
+        self.keep_mask[self.float_index] = 0
+        kept = self.channel_absmax * self.keep_mask
+        hi = torch.minimum(self.max_val, kept.max())
+        return torch.maximum(self.min_val, -kept.max()), hi
 
     def _search_clipping(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shrink the range by the factor with the lowest quantization MSE on the sample

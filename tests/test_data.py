@@ -74,3 +74,21 @@ def test_calibration_split_is_seeded_and_disjoint(example_images):
     with pytest.warns(UserWarning, match="only 16 are available"):
         calib, rest = calibration_split(ds, 40)
     assert len(calib) == 16 and len(rest) == 0
+
+
+def test_cross_validation_folds_never_evaluate_on_calibration_images():
+    from torch.utils.data import TensorDataset
+
+    from vitslim.data import DataError, cross_validation_folds
+
+    dataset = TensorDataset(torch.arange(40))
+    folds = cross_validation_folds(dataset, n_calib=8, n_eval=10, seed=3)
+    assert len(folds) == 2
+    for calib, held_out in folds:
+        assert len(calib) == 8 and len(held_out) == 10
+        assert not set(calib.indices) & set(held_out.indices)
+    # Each fold calibrates in the half the other evaluates in: no image serves both roles.
+    (c0, e0), (c1, e1) = folds
+    assert not set(c0.indices) & set(c1.indices) and not set(e0.indices) & set(e1.indices)
+    with pytest.raises(DataError, match="at least 18 images"):
+        cross_validation_folds(TensorDataset(torch.arange(17)), n_calib=8)

@@ -150,6 +150,21 @@ def calibration_split(dataset: Dataset, n_calib: int, seed: int = 0) -> tuple[Su
     return Subset(dataset, calib), Subset(dataset, rest)
 
 
+def cross_validation_folds(dataset: Dataset, n_calib: int, n_eval: int | None = None,
+                           seed: int = 0) -> list[tuple[Subset, Subset]]:
+    """Two folds over disjoint halves of ``dataset``: calibrate on a seeded draw of
+    ``n_calib`` images from one half, evaluate on (the first ``n_eval`` of) the other half,
+    then swap. Settings chosen on the mean and worst fold hold on images never seen."""
+    n = len(dataset)
+    if n < 2 * (n_calib + 1):
+        raise DataError(f"cross-validation needs at least {2 * (n_calib + 1)} images ({n_calib} to calibrate and "
+                        f"one to evaluate in each half); the folder has {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    halves = order[: n // 2], order[n // 2:]
+    return [(Subset(dataset, sorted(a[:n_calib])), Subset(dataset, sorted(b[:n_eval])))
+            for a, b in (halves, halves[::-1])]
+
+
 def _collate_readable(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
     batch = [b for b in batch if b is not None]
     if not batch:

@@ -49,10 +49,13 @@ class QuantLinear(nn.Module):
         float_index = getattr(inq, "float_index", None)
         if float_index is None or not float_index.numel() or inq.mode != "quant":
             return F.linear(inq(x), weight, self.linear.bias)
-        # Outlier channels bypass the integer matmul (LLM.int8(), Dettmers et al. 2022): zeroed
-        # in its input (0 is exact on the grid), multiplied in float by their own weight columns.
-        outliers = F.linear(x.index_select(-1, float_index), self.linear.weight.index_select(1, float_index))
-        return F.linear(inq(x * inq.keep_mask), weight, self.linear.bias) + outliers
+        # Outlier channels (LLM.int8(), Dettmers et al. 2022): the integer matmul takes them
+        # saturated at the grid's ends; what lies beyond is added back in float. Only k of the
+        # channels are gathered, so the integer kernel keeps the whole input.
+        lo, hi = inq.saturation()
+        outliers = x.index_select(-1, float_index)
+        excess = outliers - torch.minimum(torch.maximum(outliers, lo), hi)
+        return F.linear(inq(x), weight, self.linear.bias) + F.linear(excess, self.linear.weight.index_select(1, float_index))
 
 
 def make_quantizer(site: SiteConfig, name: str, positive_shift: bool = False) -> nn.Module:

@@ -110,11 +110,10 @@ class UniformQuantizer(Quantizer):
         self.qmin, self.qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
-        # Outlier channels left in float (LLM.int8()-style decomposition; ``QuantLinear`` runs
-        # them beside the integer matmul): their indices and a 0/1 mask that zeroes them.
+        # Outlier channels whose part beyond the range stays in float (LLM.int8()-style
+        # decomposition; ``QuantLinear`` adds it beside the integer matmul): their indices.
         self.float_channels = float_channels
         self.register_buffer("float_index", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("keep_mask", torch.ones(0))
         self.channel_absmax: torch.Tensor | None = None
 
     @property
@@ -151,11 +150,13 @@ class UniformQuantizer(Quantizer):
         return the range of the others: one outlier channel no longer sets every token's step."""
         k = min(self.float_channels, len(self.channel_absmax) - 1)
         self.float_index = self.channel_absmax.topk(k).indices.sort().values
-        self.keep_mask = torch.ones_like(self.channel_absmax)
-        self.keep_mask[self.float_index] = 0
-        kept = self.channel_absmax * self.keep_mask
-        hi = torch.minimum(self.max_val, kept.max())
-        return torch.maximum(self.min_val, -kept.max()), hi
+        kept = self.channel_absmax.clone()
+        kept[self.float_index] = 0
+        return torch.maximum(self.min_val, -kept.max()), torch.minimum(self.max_val, kept.max())
+
+    def saturation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest and highest value the grid represents: inputs beyond them saturate."""
+        return (self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale
 
     def _search_clipping(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shrink the range by the factor with the lowest quantization MSE on the sample

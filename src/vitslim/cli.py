@@ -136,13 +136,13 @@ def demo_cmd(
     from vitslim.models import REFERENCE_NAME
 
     compress_cmd(model=REFERENCE_NAME, data=EXAMPLE_IMAGES, target=target, checkpoint=None, recipe=[],
-                 calib_images=8, eval_images=8, batch_size=8, seed=0, out=out, cache=None,
+                 calib_images=8, eval_images=8, batch_size=8, seed=0, out=out, save_all=False, cache=None,
                  quiet=False, json_stdout=False)
 
 
 def _register_families() -> None:
     """Each method family adds its own commands (``vitslim/<family>/cli.py: register``)."""
-    for family in ("quant", "tokens", "prune", "exit", "export", "compress"):
+    for family in ("quant", "tokens", "prune", "exit", "export", "compress", "deploy"):
         try:
             module = importlib.import_module(f"vitslim.{family}.cli")
         except ModuleNotFoundError as err:

@@ -263,3 +263,24 @@ def test_real_model_apply_then_predict_matches_the_recorded_fidelity(tmp_path, r
     cosine = metrics.cosine_similarity(ref, torch.from_numpy(saved["outputs"][rows]))
     assert abs(cosine - contract.fidelity["cosine"]) < 1e-6  # what the file does = what was measured
     assert 0.99 < cosine < 0.9999  # ToMe r=8 changes the features a little, as measured
+
+
+def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
+    from typer.testing import CliRunner
+
+    from vitslim import quant
+    from vitslim.cli import app
+    from vitslim.quant.io import save_quantized
+
+    model = make_tiny_vit(**TINY)
+    qmodel = quant.quantize(model, _images(example_images, model, limit=8), "w8a8-ort")
+    save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", tiny_vit_source(**TINY).timm_kwargs)
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "q"), "--out", str(tmp_path / "q.onnx"), "--tome", "4",
+                                   "--verify", str(example_images)])
+    assert res.exit_code == 0, res.output
+    contract = read_contract(tmp_path / "q.onnx")
+    assert [list(s) for s in contract.recipe["steps"]] == [["tokens"], ["quantize"], ["export"]]
+    assert contract.preprocessing["input_size"] == [3, 48, 48] and contract.num_classes == 10
+    assert contract.fidelity["vs"] == "the PyTorch model it was exported from" and contract.fidelity["cosine"] > 0.99
+    preds = predict_folder(tmp_path / "q.onnx", example_images, top_k=3)
+    assert preds.outputs.shape == (16, 10) and all(len(t) == 3 for t in preds.top_k)

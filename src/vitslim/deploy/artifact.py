@@ -201,9 +201,7 @@ def load_artifact(path: str | Path, threads: int | None = None) -> Artifact:
     path = Path(path)
     contract = read_contract(path)
     if path.suffix == ".onnx":
-        session = OnnxModel(path, threads)
-        session.num_classes = contract.num_classes
-        return Artifact(path, session, contract)
+        return Artifact(path, OnnxModel(path, threads), contract)
     return Artifact(path, _load_folder(path, contract), contract)
 
 

@@ -26,7 +26,7 @@ from vitslim.bench import compare, machine_info
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe
 from vitslim.data import make_loader
 from vitslim.errors import ConfigError
-from vitslim.evaluate import Outputs, compare_outputs, predict
+from vitslim.evaluate import Outputs, predict
 from vitslim.output import write_json
 from vitslim.progress import progress_bar
 

@@ -69,4 +69,13 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    publish(tmp, path)
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Rename a finished temporary file or folder into place, with the permissions a normally
+    created one would have (temporary files are private to their owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if Path(tmp).is_dir() else 0o666) & ~umask)
     os.replace(tmp, path)

@@ -26,6 +26,14 @@ INT8_TOME = Recipe("int8-tome", (Step("tokens", {"method": "tome", "r": 4}), Ste
                                  Step("export", {"format": "onnx"})))
 
 
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _images(folder, model, limit=None):
     return calibration_images(load_image_folder(folder, model, limit=limit))
 
@@ -40,6 +48,7 @@ def test_saved_folder_loads_back_to_the_same_model(tmp_path, example_images, ste
     images = _images(example_images, model, limit=6)
     path = build_artifact(model, recipe, images[:4], tmp_path / "model", tiny_vit_source(**TINY))
     assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "vitslim.json"]
+    assert path.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not the private mode of a temporary folder
     loaded = load_artifact(path)
     expected = apply_recipe(model, recipe, images[:4])  # the same calibration, in memory
     with torch.inference_mode():
@@ -56,6 +65,7 @@ def test_int8_tome_onnx_carries_its_contract(tmp_path, example_images):
                               n_calib=8, n_eval=8)
     meta = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"]).get_modelmeta()
     props = {k: json.loads(v) for k, v in meta.custom_metadata_map.items()}
+    assert artifact.path.stat().st_mode & 0o777 == 0o666 & ~_umask()
     assert props["vitslim.model"] == "vit_tiny_patch16_224"
     pre = props["vitslim.preprocessing"]  # vit_tiny's own config (mean 0.5, crop 0.9), at the built size
     assert pre["input_size"] == [3, 48, 48] and pre["resize"] == [53, 53] and pre["mean"] == [0.5, 0.5, 0.5]

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from vitslim.errors import ConfigError
 from vitslim.evaluate import Outputs, predict
 from vitslim.output import write_json
 from vitslim.progress import progress_bar
+
+if TYPE_CHECKING:
+    from vitslim.deploy.contract import ModelSource
 
 TARGET_METRICS = {
     "speedup": "throughput ratio to the FP32 original, at least",
@@ -175,7 +178,7 @@ def evaluate_candidate(
     batch_size: int,
     iters: int,
     workdir: Path,
-    source,
+    source: ModelSource,
     calibration: dict,
 ) -> CandidateResult:
     """Build ``recipe``'s artifact from ``model`` in ``workdir`` (as ``vitslim apply`` does),
@@ -208,9 +211,10 @@ def evaluate_candidate(
 
 def recorded_fidelity(c: CandidateResult, data: str) -> dict:
     """A cached candidate's figures in the form artifacts record them."""
+    from vitslim.deploy.api import FIDELITY_VS
+
     return {"cosine": c.cosine, "sqnr_db": c.sqnr_db, "top1_agreement": c.top1_agreement, "top1": c.top1,
-            "accuracy_drop": c.accuracy_drop, "images": c.eval_images, "data": data,
-            "vs": "the FP32 original in PyTorch, on images not used for calibration"}
+            "accuracy_drop": c.accuracy_drop, "images": c.eval_images, "data": data, "vs": FIDELITY_VS}
 
 
 def choose(target: Target, candidates: list[CandidateResult]) -> tuple[CandidateResult | None, bool, str]:
@@ -264,7 +268,7 @@ def compress(
     sensitivity_preset: str | None = "w4a4",
     out: str | Path | None = None,
     save_all: bool = False,
-    source=None,
+    source: ModelSource | None = None,
 ) -> SearchResult:
     """Find the best recipe for ``model`` that meets ``target`` on this machine.
 
@@ -393,7 +397,7 @@ def save_artifacts(out: Path, chosen: CandidateResult | None, others: list[Candi
     return saved
 
 
-def _rebuild(model: nn.Module, c: CandidateResult, calib: torch.Tensor, dest: Path, source,
+def _rebuild(model: nn.Module, c: CandidateResult, calib: torch.Tensor, dest: Path, source: ModelSource,
              calibration: dict) -> None:
     """A cached candidate's artifact, built again the same way, with its cached figures."""
     from vitslim.compress.recipes import recipe_from_dict

@@ -14,6 +14,8 @@ from vitslim.deploy.artifact import Artifact, build_artifact, load_artifact, wri
 from vitslim.deploy.contract import ModelSource, source_of
 from vitslim.evaluate import Outputs, compare_outputs, predict
 
+FIDELITY_VS = "the FP32 original in PyTorch, on images not used for calibration"
+
 
 def split_images(model: nn.Module, data: str | Path, n_calib: int, n_eval: int,
                  seed: int) -> tuple[ImageFolder, Subset, Subset]:
@@ -38,8 +40,7 @@ def fidelity(test: Outputs, reference: Outputs, data: str | Path) -> dict:
     drop = (top1_fp32 - r.top1) * 100 if r.top1 is not None and top1_fp32 is not None else None
     return {"cosine": r.cosine, "sqnr_db": r.sqnr_db, "top1_agreement": r.top1_agreement, "top1": r.top1,
             "top1_fp32": top1_fp32, "accuracy_drop": drop, "images": r.images,
-            "labelled_images": r.labelled_images, "data": str(data),
-            "vs": "the FP32 original in PyTorch, on images not used for calibration"}
+            "labelled_images": r.labelled_images, "data": str(data), "vs": FIDELITY_VS}
 
 
 def apply(

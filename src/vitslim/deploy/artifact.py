@@ -28,6 +28,7 @@ from vitslim.compress.recipes import Recipe, recipe_from_dict
 from vitslim.compress.steps import apply_recipe
 from vitslim.deploy.contract import Contract, ModelSource, contract_for
 from vitslim.errors import ConfigError
+from vitslim.output import publish
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "vitslim.json"
 FOLDER_STEPS = ("tokens", "dtype", "quantize")  # steps a saved folder knows how to replay
@@ -105,7 +106,7 @@ def _write_onnx(model: nn.Module, out: Path, contract: Contract) -> None:
     try:
         export_onnx(model, tmp)
         _set_onnx_metadata(Path(tmp), contract)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -143,12 +144,12 @@ def replace_path(src: Path, dst: Path) -> None:
     half-written (a file is replaced in one rename; an old folder is moved aside first)."""
     src, dst = Path(src), Path(dst)
     if src.is_file() and (dst.is_file() or not dst.exists()):
-        os.replace(src, dst)
+        publish(src, dst)
         return
     aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
     if dst.exists():
         os.replace(dst, aside)
-    os.replace(src, dst)
+    publish(src, dst)
     if aside.is_dir():
         shutil.rmtree(aside)
     else:
@@ -188,7 +189,7 @@ def write_contract(path: str | Path, contract: Contract) -> None:
         try:
             shutil.copyfile(path, tmp)
             _set_onnx_metadata(Path(tmp), contract)
-            os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
         return

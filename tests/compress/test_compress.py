@@ -113,6 +113,8 @@ def _chromium() -> str:
 def test_html_report_renders_in_headless_chromium(tmp_path, example_images):
     result = _run(example_images, tmp_path / "cache", sensitivity_preset="w4a4")
     assert all(0 < r["cosine"] < 1 for r in result.sensitivity)  # each block alone changes the output
+    cached = _run(example_images, tmp_path / "cache", sensitivity_preset="w4a4")
+    assert cached.sensitivity == result.sensitivity and len(list((tmp_path / "cache").glob("sensitivity-*"))) == 1
     html_path, md_path = write_report(result, tmp_path / "report", "tiny random ViT")
     page = html_path.read_text()
     assert "<svg" in page and "<table>" in page and "fp32" in page

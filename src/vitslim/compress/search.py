@@ -333,8 +333,14 @@ def compress(
         shutil.rmtree(staging, ignore_errors=True)
     sensitivity = []
     if sensitivity_preset and len(calib):
-        sample = torch.cat([b[0] for b in eval_loader if b is not None])[:16]
-        sensitivity = block_sensitivity(model, calib, sample, sensitivity_preset)
+        sens_key = candidate_key(model_fp, data_fp, Recipe("sensitivity"), settings | {"preset": sensitivity_preset})
+        sens_path = store.root / f"sensitivity-{sens_key}.json"
+        if sens_path.is_file():  # cached like the candidates: a repeated search is instant
+            sensitivity = json.loads(sens_path.read_text())
+        else:
+            sample = torch.cat([b[0] for b in eval_loader if b is not None])[:16]
+            sensitivity = block_sensitivity(model, calib, sample, sensitivity_preset)
+            write_json(sens_path, sensitivity)
     return SearchResult(target, chosen, met, reason, results, settings, machine_info(), sensitivity,
                         data=str(data), artifact=saved.get(chosen.name) if chosen else None, artifacts=saved)
 

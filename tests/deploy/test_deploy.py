@@ -294,3 +294,11 @@ def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
     assert contract.fidelity["vs"] == "the PyTorch model it was exported from" and contract.fidelity["cosine"] > 0.99
     preds = predict_folder(tmp_path / "q.onnx", example_images, top_k=3)
     assert preds.outputs.shape == (16, 10) and all(len(t) == 3 for t in preds.top_k)
+    # `vitslim eval q.onnx` feeds the file as its contract says (not timm's ImageNet defaults).
+    from vitslim.api import _preprocessing
+    from vitslim.bench import OnnxModel
+
+    image = Image.open(list_images(example_images)[0][0]).convert("RGB")
+    session = OnnxModel(tmp_path / "q.onnx")
+    assert session.num_classes == 10  # from the contract; the output width alone says nothing
+    assert torch.equal(_preprocessing(session, None)(image), contract.transform()(image))

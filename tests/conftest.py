@@ -40,12 +40,20 @@ def reference_model() -> torch.nn.Module:
         pytest.skip(f"reference model unavailable: {err}")
 
 
+TINY_VIT_ARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
+
+
 def make_tiny_vit(**kwargs) -> torch.nn.Module:
     """A 2-block random ViT on 32x32 inputs: fast enough for unit tests."""
     torch.manual_seed(0)
-    args = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4,
-                num_classes=10) | kwargs
-    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **(TINY_VIT_ARGS | kwargs)).eval()
+
+
+def tiny_vit_source(**kwargs):
+    """How to rebuild ``make_tiny_vit(**kwargs)``'s architecture (for saved model folders)."""
+    from vitslim.deploy import ModelSource
+
+    return ModelSource("vit_tiny_patch16_224", timm_kwargs=TINY_VIT_ARGS | kwargs)
 
 
 @pytest.fixture

@@ -40,11 +40,14 @@ def load_any(spec: str, checkpoint: str | Path | None = None, dtype: str = "floa
 
 
 def _preprocessing(model: nn.Module | OnnxModel, reference: nn.Module | OnnxModel | None):
-    """The PyTorch side's own transform; ONNX files carry no preprocessing config, so two
-    ONNX files get timm's ImageNet defaults at the graph's input size."""
+    """The PyTorch side's own transform, else the one an ONNX file's vitslim contract
+    records; ONNX files without one get timm's ImageNet defaults at the graph's input size."""
     for m in (model, reference):
         if isinstance(m, nn.Module):
             return model_transform(m)
+    for m in (model, reference):
+        if getattr(m, "contract", None) is not None:
+            return m.contract.transform()
     from timm.data import create_transform
 
     return create_transform(input_size=model.input_size, crop_pct=0.875, interpolation="bicubic")

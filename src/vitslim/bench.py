@@ -63,8 +63,16 @@ class OnnxModel:
         # (C, H, W) from the graph when static; 224x224 RGB when the export left it dynamic.
         self.input_size = tuple(dims) if all(isinstance(d, int) for d in dims) else (3, 224, 224)
         outputs = self.session.get_outputs()[0].shape
-        # A 1000-wide output is taken as ImageNet logits (agreement and KL are then reported).
-        self.num_classes = outputs[-1] if outputs[-1] == 1000 else 0
+        self.contract = self._contract()
+        # Without a vitslim contract, a 1000-wide output is taken as ImageNet logits.
+        self.num_classes = self.contract.num_classes if self.contract else (outputs[-1] if outputs[-1] == 1000 else 0)
+
+    def _contract(self):
+        """The vitslim contract in the file's metadata (preprocessing, output meaning), if any."""
+        from vitslim.deploy.contract import Contract
+
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        return Contract.from_metadata(metadata) if "vitslim.preprocessing" in metadata else None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: images.float().numpy()})[0]

@@ -130,19 +130,20 @@ def demo_cmd(
 ) -> None:
     """The main job on the bundled example: `vitslim compress` on the real DINOv2 ViT-S/14
     reference model with the 16 bundled ImageNet photos (8 calibrate, 8 measure fidelity),
-    every candidate timed on this CPU; leaves report.html and report.md in --out."""
+    every candidate timed on this CPU; leaves the chosen model (model.onnx or model/), its
+    recipe.yaml, report.html and report.md in --out."""
     from vitslim.api import EXAMPLE_IMAGES
     from vitslim.compress.cli import compress_cmd
     from vitslim.models import REFERENCE_NAME
 
     compress_cmd(model=REFERENCE_NAME, data=EXAMPLE_IMAGES, target=target, checkpoint=None, recipe=[],
-                 calib_images=8, eval_images=8, batch_size=8, seed=0, out=out, cache=None,
+                 calib_images=8, eval_images=8, batch_size=8, seed=0, out=out, save_all=False, cache=None,
                  quiet=False, json_stdout=False)
 
 
 def _register_families() -> None:
     """Each method family adds its own commands (``vitslim/<family>/cli.py: register``)."""
-    for family in ("quant", "tokens", "prune", "exit", "export", "compress"):
+    for family in ("quant", "tokens", "prune", "exit", "export", "compress", "deploy"):
         try:
             module = importlib.import_module(f"vitslim.{family}.cli")
         except ModuleNotFoundError as err:

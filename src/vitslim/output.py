@@ -59,9 +59,23 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text through a temporary file and a rename."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    publish(tmp, path)
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Rename a finished temporary file or folder into place, with the permissions a normally
+    created one would have (temporary files are private to their owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if Path(tmp).is_dir() else 0o666) & ~umask)
     os.replace(tmp, path)

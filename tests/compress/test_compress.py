@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_tiny_vit
+from conftest import make_tiny_vit, tiny_vit_source
 from vitslim.compress import Recipe, Step, Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
 from vitslim.compress import search as search_mod
 from vitslim.errors import ConfigError
@@ -23,7 +23,7 @@ GRID = [
 def _run(images, cache, target="fidelity=0.9", **kw):
     kw.setdefault("sensitivity_preset", None)
     return compress(make_tiny_vit(), images, target, recipes=GRID, n_calib=4, n_eval=8,
-                    batch_size=2, iters=2, cache_dir=cache, **kw)
+                    batch_size=2, iters=2, cache_dir=cache, source=tiny_vit_source(), **kw)
 
 
 def test_recipe_validation_names_what_is_wrong(tmp_path):
@@ -113,6 +113,8 @@ def _chromium() -> str:
 def test_html_report_renders_in_headless_chromium(tmp_path, example_images):
     result = _run(example_images, tmp_path / "cache", sensitivity_preset="w4a4")
     assert all(0 < r["cosine"] < 1 for r in result.sensitivity)  # each block alone changes the output
+    cached = _run(example_images, tmp_path / "cache", sensitivity_preset="w4a4")
+    assert cached.sensitivity == result.sensitivity and len(list((tmp_path / "cache").glob("sensitivity-*"))) == 1
     html_path, md_path = write_report(result, tmp_path / "report", "tiny random ViT")
     page = html_path.read_text()
     assert "<svg" in page and "<table>" in page and "fp32" in page

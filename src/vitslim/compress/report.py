@@ -11,7 +11,8 @@ from vitslim.compress.search import CandidateResult, SearchResult, pareto_front
 from vitslim.output import fmt, write_text_atomic
 
 COLUMNS = [("name", "recipe"), ("speedup", "speedup ×"), ("cosine", "cosine"), ("sqnr_db", "SQNR dB"),
-           ("top1_agreement", "top-1 agree"), ("throughput", "img/s"), ("latency_ms", "latency ms"),
+           ("top1_agreement", "top-1 agree"), ("top1", "top-1"), ("accuracy_drop", "top-1 drop pts"),
+           ("throughput", "img/s"), ("latency_ms", "latency ms"),
            ("size_mb", "size MB"), ("runtime", "runtime"), ("seconds", "eval s")]
 
 
@@ -65,7 +66,13 @@ def frontier_svg(result: SearchResult) -> str:
     return _svg(fig)
 
 
+def _shown(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The columns some row has a figure for (no top-1 columns without labels)."""
+    return [(k, h) for k, h in columns if any(r.get(k) is not None for r in rows)]
+
+
 def _html_table(rows: list[dict], columns: list[tuple[str, str]], highlight: str | None) -> str:
+    columns = _shown(rows, columns)
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in columns)
     body = []
     for r in rows:
@@ -84,6 +91,10 @@ def _summary_lines(result: SearchResult, model_name: str) -> list[str]:
         lines.append(f"Chosen: {c.name}{about} — it {verdict} the target: "
                      f"speedup {fmt(c.speedup)}×, feature cosine {fmt(c.cosine, 6)}, "
                      f"SQNR {fmt(c.sqnr_db)} dB, {fmt(c.latency_ms)} ms per batch of {s.get('batch_size')}.")
+    if c and c.top1 is not None:
+        lines.append(f"Top-1 on the {s.get('n_eval')} evaluation images: {fmt(c.top1 * 100, 4)}% "
+                     f"({fmt(c.accuracy_drop, 3)} points below FP32), top-1 agreement with FP32 "
+                     f"{fmt(c.top1_agreement, 4)}.")
     lines.append(f"Why: {result.reason}.")
     lines.append(f"Images: {s.get('n_calib')} for calibration, {s.get('n_eval')} (disjoint) for fidelity; "
                  f"speed: batch {s.get('batch_size')}, {s.get('iters')} timed batches per candidate, "
@@ -131,12 +142,16 @@ tr.chosen {{ background: #fde8e4; font-weight: bold; }}
 </body></html>
 """
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    usage = usage_section(result, model_name)
+    if usage:
+        page = page.replace("</body>", _markdown_to_html(usage) + "</body>")
     write_text_atomic(html_path, page)
+    columns = _shown(rows, COLUMNS)
     md = ["# vitslim compress report", "", *[f"- {line}" for line in summary], "",
-          "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    md += ["| " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+          "| " + " | ".join(h for _, h in columns) + " |", "|" + " --- |" * len(columns)]
+    md += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
     md += [f"- {c.name} failed: {c.error}" for c in failed]
-    write_text_atomic(md_path, "\n".join(md) + "\n")
+    write_text_atomic(md_path, "\n".join(md) + "\n" + ("\n" + usage if usage else ""))
     return html_path, md_path
 
 
@@ -148,3 +163,44 @@ def sensitivity_svg(rows: list[dict]) -> str:
     ax.set_ylabel("1 − cosine vs FP32")
     ax.grid(alpha=0.3, axis="y")
     return _svg(fig)
+
+
+def usage_section(result: SearchResult, model_name: str) -> str:
+    """ "How to use this model": the saved artifact, how to reproduce it, a tested snippet."""
+    if not result.artifact:
+        return ""
+    from vitslim.deploy import read_contract, usage_markdown
+
+    contract = read_contract(result.artifact)
+    s, src = result.settings, contract.source
+    checkpoint = f" --checkpoint {src['checkpoint']}" if src.get("checkpoint") else ""
+    rebuild = (f"vitslim apply {Path(result.artifact).parent / 'recipe.yaml'} {model_name}{checkpoint} "
+               f"--data {result.data} --calib-images {s.get('n_calib')} --seed {s.get('seed')} "
+               f"--out {Path(result.artifact).name}")
+    return (usage_markdown(result.artifact, result.data, contract, result.data)
+            + "\nThe same artifact again (same calibration images, same code path as the search):\n\n"
+            + f"```bash\n{rebuild}\n```\n")
+
+
+def _markdown_to_html(text: str) -> str:
+    """The few constructs the usage section uses: headings, paragraphs, fenced code."""
+    parts, code, buf = [], None, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if code is None:
+                code = []
+            else:
+                parts.append(f"<pre><code>{html.escape(chr(10).join(code))}</code></pre>")
+                code = None
+        elif code is not None:
+            code.append(line)
+        elif line.startswith("## "):
+            parts.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.strip():
+            buf.append(line)
+        elif buf:
+            parts.append(f"<p>{html.escape(' '.join(buf))}</p>")
+            buf = []
+    if buf:
+        parts.append(f"<p>{html.escape(' '.join(buf))}</p>")
+    return "\n".join(parts)

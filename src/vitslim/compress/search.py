@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -22,18 +24,22 @@ from torch import nn
 import vitslim
 from vitslim.bench import compare, machine_info
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe
-from vitslim.compress.steps import apply_recipe
-from vitslim.data import calibration_images, calibration_split, load_image_folder, make_loader
+from vitslim.data import make_loader
 from vitslim.errors import ConfigError
-from vitslim.evaluate import Outputs, compare_outputs, predict
+from vitslim.evaluate import Outputs, predict
 from vitslim.output import write_json
 from vitslim.progress import progress_bar
+
+if TYPE_CHECKING:
+    from vitslim.deploy.contract import ModelSource
 
 TARGET_METRICS = {
     "speedup": "throughput ratio to the FP32 original, at least",
     "fidelity": "feature cosine similarity to the FP32 original, at least",
     "latency_ms": "median batch latency in milliseconds, at most",
+    "accuracy_drop": "top-1 accuracy drop vs the FP32 original in percentage points, at most (labelled images, classifier)",
 }
+AT_MOST = ("latency_ms", "accuracy_drop")  # the metrics where lower is better
 DEFAULT_GRID = ("fp32", "bf16", "tome-8", "tome-13", "evit-0.7", "bf16-tome", "bf16-tome-13", "ort-fp32",
                 "int8-fast", "int8-tome", "int8-tome-13")
 
@@ -57,14 +63,15 @@ class Target:
             raise ConfigError(f"target {text!r}: {value!r} is not a number") from None
 
     def met_by(self, c: "CandidateResult") -> bool:
-        if c.error:
+        if c.error or self.measure(c) is None:
             return False
-        if self.metric == "latency_ms":
-            return c.latency_ms <= self.value
+        if self.metric in AT_MOST:
+            return self.measure(c) <= self.value
         return self.measure(c) >= self.value
 
-    def measure(self, c: "CandidateResult") -> float:
-        return {"speedup": c.speedup, "fidelity": c.cosine, "latency_ms": c.latency_ms}[self.metric]
+    def measure(self, c: "CandidateResult") -> float | None:
+        return {"speedup": c.speedup, "fidelity": c.cosine, "latency_ms": c.latency_ms,
+                "accuracy_drop": c.accuracy_drop}[self.metric]
 
 
 @dataclass
@@ -77,6 +84,8 @@ class CandidateResult:
     cosine: float | None = None
     sqnr_db: float | None = None
     top1_agreement: float | None = None
+    top1: float | None = None  # accuracy on the labelled evaluation images (classifiers)
+    accuracy_drop: float | None = None  # FP32 top-1 minus this one's, in percentage points
     speedup: float | None = None
     throughput: float | None = None
     latency_ms: float | None = None
@@ -104,12 +113,16 @@ class SearchResult:
     settings: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)
     sensitivity: list[dict] = field(default_factory=list)
+    data: str = ""
+    artifact: str | None = None  # the chosen candidate, saved ready to deploy
+    artifacts: dict[str, str] = field(default_factory=dict)  # recipe name -> saved artifact
 
     def to_dict(self) -> dict:
         return {"target": asdict(self.target), "met": self.met, "reason": self.reason,
                 "chosen": asdict(self.chosen) if self.chosen else None,
                 "candidates": [asdict(c) for c in self.candidates], "settings": self.settings,
-                "machine": self.machine, "sensitivity": self.sensitivity}
+                "machine": self.machine, "sensitivity": self.sensitivity, "data": self.data,
+                "artifact": self.artifact, "artifacts": self.artifacts}
 
 
 def fingerprint_model(model: nn.Module) -> str:
@@ -132,7 +145,9 @@ def fingerprint_files(paths: list[Path]) -> str:
 
 def candidate_key(model_fp: str, data_fp: str, recipe: Recipe, settings: dict) -> str:
     payload = json.dumps({"model": model_fp, "data": data_fp, "recipe": recipe.to_dict()["steps"],
-                          "settings": settings, "vitslim": vitslim.__version__}, sort_keys=True)
+                          "settings": settings, "vitslim": vitslim.__version__,
+                          "results": 2},  # 2: the saved artifact is measured; top-1 accuracy
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -162,26 +177,44 @@ def evaluate_candidate(
     reference: Outputs,
     batch_size: int,
     iters: int,
+    workdir: Path,
+    source: ModelSource,
+    calibration: dict,
 ) -> CandidateResult:
-    """Apply ``recipe`` to a copy of ``model``, then measure fidelity and speed."""
+    """Build ``recipe``'s artifact from ``model`` in ``workdir`` (as ``vitslim apply`` does),
+    load it back, and measure the saved artifact: fidelity to FP32, then speed beside FP32.
+    The fidelity is recorded in the artifact."""
+    from vitslim.deploy.api import fidelity
+    from vitslim.deploy.artifact import artifact_name, build_artifact, load_artifact, write_contract
+
     start = time.perf_counter()
     result = CandidateResult(recipe=recipe.to_dict(), key=key, calib_images=len(calib))
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            candidate = apply_recipe(model, recipe, calib, Path(tmp))
-            fidelity = compare_outputs(predict(candidate, eval_loader, recipe.name), reference)
-            base, cand = compare({"FP32": model, recipe.name: candidate}, batch_size=batch_size,
-                                 warmup=2, iters=iters, flops=False)
+        path = build_artifact(model, recipe, calib, workdir / artifact_name(recipe), source, calibration, key)
+        artifact = load_artifact(path)
+        figures = fidelity(predict(artifact.model, eval_loader, recipe.name), reference, calibration["data"])
+        write_contract(path, artifact.contract.with_fidelity(figures))
+        base, cand = compare({"FP32": model, recipe.name: artifact.model}, batch_size=batch_size,
+                             warmup=2, iters=iters, flops=False)
     except Exception as err:  # a failing candidate is reported, not fatal to the search
         result.error = f"{type(err).__name__}: {err}"
         result.seconds = time.perf_counter() - start
         return result
-    result.cosine, result.sqnr_db = fidelity.cosine, fidelity.sqnr_db
-    result.top1_agreement, result.eval_images = fidelity.top1_agreement, fidelity.images
+    for name in ("cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop"):
+        setattr(result, name, figures[name])
+    result.eval_images = figures["images"]
     result.speedup, result.throughput = cand.speedup, cand.throughput
     result.latency_ms, result.size_mb, result.runtime = cand.latency_ms_median, cand.size_mb, cand.runtime
     result.seconds = time.perf_counter() - start
     return result
+
+
+def recorded_fidelity(c: CandidateResult, data: str) -> dict:
+    """A cached candidate's figures in the form artifacts record them."""
+    from vitslim.deploy.api import FIDELITY_VS
+
+    return {"cosine": c.cosine, "sqnr_db": c.sqnr_db, "top1_agreement": c.top1_agreement, "top1": c.top1,
+            "accuracy_drop": c.accuracy_drop, "images": c.eval_images, "data": data, "vs": FIDELITY_VS}
 
 
 def choose(target: Target, candidates: list[CandidateResult]) -> tuple[CandidateResult | None, bool, str]:
@@ -192,20 +225,24 @@ def choose(target: Target, candidates: list[CandidateResult]) -> tuple[Candidate
         return None, False, "every candidate failed; see the errors in the table"
     feasible = [c for c in ok if target.met_by(c)]
     if feasible:
-        if target.metric == "fidelity":
+        if target.metric in ("fidelity", "accuracy_drop"):
             best = max(feasible, key=lambda c: c.speedup)
-            why = f"fastest of the {len(feasible)} candidates with cosine ≥ {target.value}"
+            bound = (f"cosine ≥ {target.value}" if target.metric == "fidelity"
+                     else f"top-1 drop ≤ {target.value} points")
+            why = f"fastest of the {len(feasible)} candidates with {bound}"
         else:
             best = max(feasible, key=lambda c: c.cosine)
             bound = f"speedup ≥ {target.value}" if target.metric == "speedup" else f"latency ≤ {target.value} ms"
             why = f"highest fidelity of the {len(feasible)} candidates with {bound}"
         return best, True, why
-    if target.metric == "latency_ms":
-        closest = min(ok, key=lambda c: c.latency_ms)
+    measured = [c for c in ok if target.measure(c) is not None] or ok
+    if target.metric in AT_MOST:
+        closest = min(measured, key=lambda c: target.measure(c) if target.measure(c) is not None else math.inf)
     else:
-        closest = max(ok, key=target.measure)
+        closest = max(measured, key=target.measure)
+    value = target.measure(closest)
     return closest, False, (f"no candidate meets {target.metric}={target.value}; the closest is "
-                            f"{closest.name} with {target.metric}={target.measure(closest):.4g}")
+                            f"{closest.name} with {target.metric}={value if value is None else f'{value:.4g}'}")
 
 
 def pareto_front(candidates: list[CandidateResult]) -> list[CandidateResult]:
@@ -229,50 +266,152 @@ def compress(
     cache_dir: str | Path | None = None,
     on_result: Callable[[CandidateResult, bool], None] | None = None,
     sensitivity_preset: str | None = "w4a4",
+    out: str | Path | None = None,
+    save_all: bool = False,
+    source: ModelSource | None = None,
 ) -> SearchResult:
     """Find the best recipe for ``model`` that meets ``target`` on this machine.
 
-    Candidates (default: the built-in grid, cheapest first) are applied to a copy of the
-    model, evaluated against the FP32 model on ``n_eval`` images (disjoint from the
-    ``n_calib`` calibration images, seeded) and timed side by side with it. Results are
-    cached under ``cache_dir``; ``on_result(result, from_cache)`` reports progress. With
-    ``sensitivity_preset``, the report also shows each block's sensitivity to quantization.
+    Candidates (default: the built-in grid, cheapest first) are built as artifacts by
+    ``vitslim.deploy.build_artifact`` (what ``vitslim apply`` runs), loaded back, evaluated
+    against the FP32 model on ``n_eval`` images (disjoint from the ``n_calib`` calibration
+    images, seeded) and timed side by side with it. Results are cached under ``cache_dir``;
+    ``on_result(result, from_cache)`` reports progress. With ``sensitivity_preset``, the
+    report also shows each block's sensitivity to quantization.
+
+    With ``out``, the chosen candidate is saved there ready to deploy (``model.onnx``, or the
+    folder ``model`` for PyTorch recipes), and with ``save_all`` every candidate under
+    ``out/candidates/``. An artifact already saved for the same candidate (same cache key) is
+    kept as it is; a cached candidate whose artifact is missing is rebuilt (not re-measured).
+    ``source`` (a ``vitslim.deploy.ModelSource``) says how to rebuild the architecture.
     """
+    from vitslim.deploy.api import calibration_batch, split_images
+    from vitslim.deploy.contract import source_of
+
     target = Target.parse(target) if isinstance(target, str) else target
     grid = [BUILTIN_RECIPES[r] if isinstance(r, str) else r for r in (recipes or DEFAULT_GRID)]
-    dataset = load_image_folder(data, model)
-    calib_set, eval_set = calibration_split(dataset, n_calib, seed)
-    eval_set.indices = eval_set.indices[:n_eval]
+    source = source or source_of(model)
+    dataset, calib_set, eval_set = split_images(model, data, n_calib, n_eval, seed)
     if not eval_set.indices:
         raise ConfigError(f"{len(dataset)} images leave none for evaluation after {n_calib} for "
                           "calibration; add images or lower --calib-images")
+    _check_target(target, model, [dataset.samples[i][1] for i in eval_set.indices])
     settings = {"n_calib": len(calib_set), "n_eval": len(eval_set), "seed": seed,
                 "batch_size": batch_size, "iters": iters}
     files = [dataset.samples[i][0] for i in calib_set.indices + eval_set.indices]
     model_fp, data_fp = fingerprint_model(model), fingerprint_files(files)
     store = ResultStore(Path(cache_dir) if cache_dir else _default_cache() / model_fp)
-    calib = calibration_images(calib_set) if n_calib else torch.empty(0)
+    calib = calibration_batch(calib_set)
+    calibration = {"data": str(data), "images": len(calib_set), "seed": seed}
     eval_loader = make_loader(eval_set, batch_size=32)
+    staging = _staging_dir(out)
     reference: Outputs | None = None
-    results = []
-    for recipe in progress_bar(grid, "candidates"):
-        key = candidate_key(model_fp, data_fp, recipe, settings)
-        cached = store.get(key)
-        if cached is None:
-            reference = reference or predict(model, eval_loader, "FP32 reference")
-            cached = evaluate_candidate(model, recipe, key, calib, eval_loader, reference, batch_size, iters)
-            store.put(cached)
-            if on_result:
-                on_result(cached, False)
-        elif on_result:
-            on_result(cached, True)
-        results.append(cached)
-    chosen, met, reason = choose(target, results)
+    results: list[CandidateResult] = []
+    try:
+        for recipe in progress_bar(grid, "candidates"):
+            key = candidate_key(model_fp, data_fp, recipe, settings)
+            cached = store.get(key)
+            if cached is None:
+                reference = reference or predict(model, eval_loader, "FP32 reference")
+                cached = evaluate_candidate(model, recipe, key, calib, eval_loader, reference, batch_size, iters,
+                                            staging / key, source, calibration)
+                store.put(cached)
+                if on_result:
+                    on_result(cached, False)
+            elif on_result:
+                on_result(cached, True)
+            results.append(cached)
+            if not save_all:  # only the best so far can end up chosen: drop the other artifacts
+                best = choose(target, results)[0]
+                _drop_staged(staging, keep=best.key if best else None)
+        chosen, met, reason = choose(target, results)
+        saved = {}
+        if out is not None:
+            rebuild = lambda c, dest: _rebuild(model, c, calib, dest, source, calibration)  # noqa: E731
+            saved = save_artifacts(Path(out), chosen, results if save_all else [], staging, rebuild)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     sensitivity = []
     if sensitivity_preset and len(calib):
-        sample = torch.cat([b[0] for b in eval_loader if b is not None])[:16]
-        sensitivity = block_sensitivity(model, calib, sample, sensitivity_preset)
-    return SearchResult(target, chosen, met, reason, results, settings, machine_info(), sensitivity)
+        sens_key = candidate_key(model_fp, data_fp, Recipe("sensitivity"), settings | {"preset": sensitivity_preset})
+        sens_path = store.root / f"sensitivity-{sens_key}.json"
+        if sens_path.is_file():  # cached like the candidates: a repeated search is instant
+            sensitivity = json.loads(sens_path.read_text())
+        else:
+            sample = torch.cat([b[0] for b in eval_loader if b is not None])[:16]
+            sensitivity = block_sensitivity(model, calib, sample, sensitivity_preset)
+            write_json(sens_path, sensitivity)
+    return SearchResult(target, chosen, met, reason, results, settings, machine_info(), sensitivity,
+                        data=str(data), artifact=saved.get(chosen.name) if chosen else None, artifacts=saved)
+
+
+def _check_target(target: Target, model: nn.Module, eval_labels: list[int]) -> None:
+    if target.metric != "accuracy_drop":
+        return
+    if not getattr(model, "num_classes", 0):
+        raise ConfigError("target accuracy_drop needs a classifier, but this model outputs features (no class "
+                          "head); use fidelity=C (feature cosine) instead")
+    if not any(label >= 0 for label in eval_labels):
+        raise ConfigError("target accuracy_drop needs labelled images: name files <wnid>_<name>.JPEG "
+                          "(ImageNet) or put them in one sub-folder per class")
+
+
+def _staging_dir(out: str | Path | None) -> Path:
+    """Scratch space for candidates' artifacts: inside ``out`` (same file system, so the
+    chosen one is moved into place by a rename), or a temporary folder."""
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="vitslim-candidates-"))
+    staging = Path(out) / ".vitslim-staging"
+    shutil.rmtree(staging, ignore_errors=True)  # left over from an interrupted run
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _drop_staged(staging: Path, keep: str | None) -> None:
+    for d in staging.iterdir():
+        if d.name != keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def save_artifacts(out: Path, chosen: CandidateResult | None, others: list[CandidateResult], staging: Path,
+                   rebuild: Callable[[CandidateResult, Path], None]) -> dict[str, str]:
+    """Put the chosen candidate's artifact at ``out/model(.onnx)`` and the ``others`` under
+    ``out/candidates/``: moved from ``staging`` when built in this run, kept when ``out``
+    already holds the same candidate's, rebuilt otherwise. Returns recipe name -> path."""
+    from vitslim.compress.recipes import recipe_from_dict
+    from vitslim.deploy.artifact import artifact_name, is_artifact, read_contract, replace_path
+
+    saved: dict[str, str] = {}
+    if chosen is None or chosen.error:
+        return saved
+    recipe = recipe_from_dict(chosen.recipe)
+    places = [(chosen, out / artifact_name(recipe))]
+    places += [(c, out / "candidates" / artifact_name(recipe_from_dict(c.recipe), c.name))
+               for c in others if c is not chosen and not c.error]
+    for c, dest in places:
+        saved[c.name] = str(dest)
+        if is_artifact(dest) and read_contract(dest).key == c.key:
+            continue  # saved by an earlier run: nothing to rebuild
+        staged = staging / c.key / artifact_name(recipe_from_dict(c.recipe))
+        if not staged.exists():
+            rebuild(c, staged)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        replace_path(staged, dest)
+    stale = out / ("model" if places[0][1].suffix == ".onnx" else "model.onnx")
+    if is_artifact(stale):  # an earlier run chose a candidate of the other format
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    return saved
+
+
+def _rebuild(model: nn.Module, c: CandidateResult, calib: torch.Tensor, dest: Path, source: ModelSource,
+             calibration: dict) -> None:
+    """A cached candidate's artifact, built again the same way, with its cached figures."""
+    from vitslim.compress.recipes import recipe_from_dict
+    from vitslim.deploy.artifact import build_artifact, read_contract, write_contract
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    path = build_artifact(model, recipe_from_dict(c.recipe), calib, dest, source, calibration, c.key)
+    write_contract(path, read_contract(path).with_fidelity(recorded_fidelity(c, calibration["data"])))
 
 
 def _default_cache() -> Path:

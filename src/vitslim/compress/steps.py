@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from vitslim.bench import OnnxModel
 from vitslim.compress.recipes import Recipe
+
 
 def _tokens(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
     from vitslim import tokens
@@ -35,19 +34,12 @@ def _quantize(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
 STEP_FUNCTIONS = {"tokens": _tokens, "dtype": _dtype, "quantize": _quantize}
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor, workdir: Path) -> nn.Module | OnnxModel:
-    """A compressed copy of ``model`` (the original is untouched). With an export step the
-    result is an ONNX Runtime session, so speed and fidelity come from the real runtime."""
+def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor) -> nn.Module:
+    """A compressed PyTorch copy of ``model`` after the recipe's model-changing steps (the
+    original is untouched). The export step is the artifact's format: see
+    ``vitslim.deploy.build_artifact``, which saves what this returns."""
     out: nn.Module = copy.deepcopy(model).eval()
     for step in recipe.steps:
-        if step.kind == "export":
-            return _export(out, step.knobs, calib, workdir / f"{recipe.name}.onnx")
-        out = STEP_FUNCTIONS[step.kind](out, step.knobs, calib)
+        if step.kind in STEP_FUNCTIONS:
+            out = STEP_FUNCTIONS[step.kind](out, step.knobs, calib)
     return out
-
-
-def _export(model: nn.Module, knobs: dict, calib: torch.Tensor, path: Path) -> OnnxModel:
-    from vitslim import export
-
-    export.export_onnx(model, path)
-    return OnnxModel(path)

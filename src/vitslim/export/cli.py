@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
 
 def export_cmd(
-    model: str = typer.Argument(..., help="A folder written by `vitslim quantize`, or a model name (FP32)."),
+    model: str = typer.Argument(..., help="A folder written by `vitslim quantize` or `vitslim apply`, or a model name (FP32)."),
     out: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write."),
     fmt: str = typer.Option("onnx", "--format", help="Only onnx for now."),
     tome: Optional[int] = typer.Option(None, "--tome", help="Also merge this many tokens per block (ToMe) before export."),
@@ -26,24 +26,26 @@ def export_cmd(
     that ONNX Runtime fuses into int8 matmuls; log-domain and sub-8-bit quantizers are exported
     as float arithmetic (accurate, not faster).
 
+    The file carries its contract (input preprocessing, output meaning, recipe) in its
+    metadata, so `vitslim predict` can run it.
+
     Example: vitslim export q-w8a8/ --out model.onnx --verify images/
     """
     from vitslim import tokens
-    from vitslim.api import load_any
+    from vitslim.compress.recipes import Recipe, Step
+    from vitslim.deploy import contract_for, write_contract
     from vitslim.errors import ConfigError
     from vitslim.export import export_onnx, integer_ops, validate_onnx
 
     if fmt != "onnx":
         raise ConfigError(f"--format {fmt!r} is not supported; use onnx")
-    if Path(model).is_dir():
-        from vitslim.quant.io import load_quantized
-
-        torch_model = load_quantized(model)
-    else:
-        torch_model = load_any(model, checkpoint)
+    torch_model, source, steps = _load_for_export(model, checkpoint)
     if tome:
         tokens.apply(torch_model, "tome", r=tome)
+        steps = [Step("tokens", {"method": "tome", "r": tome}), *steps]
     path = export_onnx(torch_model, out)
+    recipe = Recipe(f"export of {Path(model).name}", (*steps, Step("export", {"format": "onnx"})))
+    contract = contract_for(torch_model, source, recipe.to_dict())
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
                   f"{integer_ops(path) or 'none (float model)'}")
     if verify:
@@ -53,3 +55,29 @@ def export_cmd(
         r = validate_onnx(torch_model, path, images)
         console.print(f"ONNX Runtime vs PyTorch on {r['images']} images: cosine {r['cosine']:.6f}, "
                       f"SQNR {r['sqnr_db']:.1f} dB, max |diff| {r['max_abs_diff']:.2e}")
+        contract = contract.with_fidelity({**r, "data": str(verify), "vs": "the PyTorch model it was exported from"})
+    write_contract(path, contract)
+
+
+def _load_for_export(model: str, checkpoint: Optional[Path]):
+    """The PyTorch model, where it came from, and the recipe steps already applied to it."""
+    from vitslim.api import load_any
+    from vitslim.compress.recipes import Step, recipe_from_dict
+    from vitslim.deploy import ModelSource, load_artifact
+
+    folder = Path(model)
+    if (folder / "vitslim.json").is_file():  # a folder from `vitslim apply` / `vitslim compress`
+        artifact = load_artifact(folder)
+        src = artifact.contract.source
+        source = ModelSource(src["name"], src.get("checkpoint"), src.get("timm_kwargs") or {})
+        return artifact.model, source, list(recipe_from_dict(artifact.contract.recipe).steps)
+    if folder.is_dir():  # a folder from `vitslim quantize`
+        import json
+
+        from vitslim.quant.io import META_FILE, load_quantized
+
+        meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+        qmodel = load_quantized(folder)
+        source = ModelSource(meta["model"], timm_kwargs=meta.get("timm_kwargs") or {})
+        return qmodel, source, [Step("quantize", {"config": meta["config"]})]
+    return load_any(model, checkpoint), ModelSource(model, str(checkpoint) if checkpoint else None), []

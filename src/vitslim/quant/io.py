@@ -59,8 +59,13 @@ def load_quantized(model_dir: str | Path) -> nn.Module:
 
     model = (load_reference_model() if meta["model"] == REFERENCE_NAME
              else load_model(meta["model"], pretrained=False, **meta["timm_kwargs"]))
+    return restore_quantized(model, config, load_file(str(model_dir / STATE_FILE)))
+
+
+def restore_quantized(model: nn.Module, config: QuantConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Turn a fresh float ``model`` into the quantized one whose state dict is ``state``, in place."""
     install(model, config)
-    _assign(model, load_file(str(model_dir / STATE_FILE)))
+    _assign(model, state)
     set_mode(model, "quant")
     setattr(model, CONFIG_ATTR, config)
     return model.eval()

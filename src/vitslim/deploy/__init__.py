@@ -1,0 +1,18 @@
+"""Deploy: the compressed model as a file that carries its own contract.
+
+    from vitslim.deploy import apply, load_artifact, predict_folder
+    artifact, fidelity = apply(model, "int8-tome", "images/", "model.onnx")   # = `vitslim apply`
+    print(predict_folder("model.onnx", "images/").top_k[0])                    # = `vitslim predict`
+
+``vitslim compress`` saves its chosen candidate through the same ``build_artifact``.
+"""
+
+from vitslim.deploy.api import apply, split_images
+from vitslim.deploy.artifact import Artifact, build_artifact, load_artifact, read_contract, write_contract
+from vitslim.deploy.contract import Contract, ModelSource, contract_for, source_of
+from vitslim.deploy.predict import Predictions, predict_folder
+from vitslim.deploy.snippet import usage_markdown
+
+__all__ = ["apply", "split_images", "Artifact", "build_artifact", "load_artifact", "read_contract",
+           "write_contract", "Contract", "ModelSource", "contract_for", "source_of", "Predictions",
+           "predict_folder", "usage_markdown"]

@@ -1,0 +1,243 @@
+"""Artifacts: a compressed model saved ready to deploy, with its contract inside.
+
+* A recipe with an ``export`` step gives one ``.onnx`` file (ONNX Runtime; int8 kernels when
+  quantized), its contract in ``metadata_props``.
+* Any other recipe gives a folder: ``model.safetensors`` (every tensor, as the compressed
+  model holds it: bf16, reparameterized and quantizer state) and ``vitslim.json`` (the
+  contract, plus the quantization config). It loads back by itself with ``load_artifact``:
+  the architecture is rebuilt from the timm name, the recipe's token reduction / dtype /
+  quantization steps are replayed (without calibration), and the saved tensors put in place.
+
+Both are written atomically (a temporary file or folder, then a rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitslim.bench import OnnxModel
+from vitslim.compress.recipes import Recipe, recipe_from_dict
+from vitslim.compress.steps import apply_recipe
+from vitslim.deploy.contract import Contract, ModelSource, contract_for
+from vitslim.errors import ConfigError
+from vitslim.output import publish
+
+WEIGHTS_FILE, META_FILE = "model.safetensors", "vitslim.json"
+FOLDER_STEPS = ("tokens", "dtype", "quantize")  # steps a saved folder knows how to replay
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: the runnable model (PyTorch module or ONNX Runtime session) and
+    its contract."""
+
+    path: Path
+    model: nn.Module | OnnxModel
+    contract: Contract
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if isinstance(self.model, OnnxModel) else "pytorch"
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The artifact's output (logits or features, see the contract) for a batch of
+        preprocessed images, as float32."""
+        if isinstance(self.model, OnnxModel):
+            return self.model(images)
+        dtype = next(self.model.parameters()).dtype
+        return self.model(images.to(dtype)).float()
+
+
+def exports(recipe: Recipe) -> bool:
+    return recipe.step("export") is not None
+
+
+def artifact_name(recipe: Recipe, stem: str = "model") -> str:
+    """``model.onnx`` for exported recipes, the folder ``model`` otherwise."""
+    return f"{stem}.onnx" if exports(recipe) else stem
+
+
+def check_out_path(out: str | Path, recipe: Recipe) -> Path:
+    """``out`` must say the format the recipe makes: NAME.onnx when it exports, a folder otherwise."""
+    out = Path(out)
+    if exports(recipe) and out.suffix != ".onnx":
+        raise ConfigError(f"recipe {recipe.name!r} exports to ONNX: give --out NAME.onnx (got {str(out)!r})")
+    if not exports(recipe) and out.suffix == ".onnx":
+        raise ConfigError(f"recipe {recipe.name!r} has no export step, so it makes a PyTorch model saved as a "
+                          f"folder: give --out DIR (got {str(out)!r}), or add `- export: {{format: onnx}}`")
+    if out.is_dir() and not exports(recipe) and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise ConfigError(f"--out {str(out)!r} is a folder that is not a vitslim artifact; choose a new path")
+    return out
+
+
+def build_artifact(model: nn.Module, recipe: Recipe, calib: torch.Tensor, out: str | Path,
+                   source: ModelSource, calibration: dict | None = None, key: str = "") -> Path:
+    """Apply ``recipe`` to a copy of ``model`` (calibrating on ``calib``) and save the result at
+    ``out``: the one code path behind ``vitslim apply`` and every candidate of ``vitslim compress``."""
+    out = check_out_path(out, recipe)
+    unsupported = [s.kind for s in recipe.steps if s.kind not in (*FOLDER_STEPS, "export")]
+    if unsupported and not exports(recipe):
+        raise ConfigError(f"recipe {recipe.name!r}: a model after a {unsupported[0]!r} step cannot be saved as a "
+                          "folder yet; add an export step to get an ONNX file")
+    compressed = apply_recipe(model, recipe, calib)
+    contract = contract_for(compressed, source, recipe.to_dict(), calibration, key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if exports(recipe):
+        _write_onnx(compressed, out, contract)
+    else:
+        _write_folder(compressed, out, contract)
+    return out
+
+
+def _write_onnx(model: nn.Module, out: Path, contract: Contract) -> None:
+    from vitslim.export import export_onnx
+
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp.onnx")
+    os.close(fd)
+    try:
+        export_onnx(model, tmp)
+        _set_onnx_metadata(Path(tmp), contract)
+        publish(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _set_onnx_metadata(path: Path, contract: Contract) -> None:
+    import onnx
+
+    graph = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in graph.metadata_props if not p.key.startswith("vitslim.")]
+    del graph.metadata_props[:]
+    onnx.helper.set_model_props(graph, dict(kept) | contract.to_metadata())
+    onnx.save(graph, str(path))
+
+
+def _write_folder(model: nn.Module, out: Path, contract: Contract) -> None:
+    from safetensors.torch import save_file
+
+    from vitslim.bench import _dedupe_shared
+    from vitslim.quant.api import CONFIG_ATTR
+
+    config = getattr(model, CONFIG_ATTR, None)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        state = _dedupe_shared({k: v.detach().contiguous() for k, v in model.state_dict().items()})
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        meta = {"contract": contract.to_dict(), "quant_config": config.to_dict() if config else None}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        replace_path(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_path(src: Path, dst: Path) -> None:
+    """Move ``src`` (file or folder) to ``dst``, replacing what is there; ``dst`` is never
+    half-written (a file is replaced in one rename; an old folder is moved aside first)."""
+    src, dst = Path(src), Path(dst)
+    if src.is_file() and (dst.is_file() or not dst.exists()):
+        publish(src, dst)
+        return
+    aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, aside)
+    publish(src, dst)
+    if aside.is_dir():
+        shutil.rmtree(aside)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+def is_artifact(path: str | Path) -> bool:
+    path = Path(path)
+    return (path.suffix == ".onnx" and path.is_file()) or (path / META_FILE).is_file()
+
+
+def read_contract(path: str | Path) -> Contract:
+    """The contract stored in an artifact (``.onnx`` file or saved folder)."""
+    path = Path(path)
+    if path.suffix == ".onnx" and path.is_file():
+        import onnx
+
+        metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if "vitslim.preprocessing" not in metadata:
+            raise ConfigError(f"{str(path)!r} carries no vitslim contract (preprocessing, output meaning); "
+                              "make it with `vitslim apply`, `vitslim compress` or `vitslim export`")
+        return Contract.from_metadata(metadata)
+    if (path / META_FILE).is_file():
+        return Contract.from_dict(json.loads((path / META_FILE).read_text())["contract"])
+    raise FileNotFoundError(f"{str(path)!r} is not a vitslim artifact: expected an .onnx file or a folder "
+                            f"with {META_FILE} (made by `vitslim apply` or `vitslim compress`)")
+
+
+def write_contract(path: str | Path, contract: Contract) -> None:
+    """Replace the contract stored in an artifact, atomically."""
+    from vitslim.output import write_text_atomic
+
+    path = Path(path)
+    if path.suffix == ".onnx":
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.onnx")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            _set_onnx_metadata(Path(tmp), contract)
+            publish(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return
+    meta = json.loads((path / META_FILE).read_text())
+    write_text_atomic(path / META_FILE, json.dumps(meta | {"contract": contract.to_dict()}, indent=2) + "\n")
+
+
+def load_artifact(path: str | Path, threads: int | None = None) -> Artifact:
+    """Load what ``build_artifact`` saved: an ONNX Runtime session or the rebuilt PyTorch model."""
+    path = Path(path)
+    contract = read_contract(path)
+    if path.suffix == ".onnx":
+        return Artifact(path, OnnxModel(path, threads), contract)
+    return Artifact(path, _load_folder(path, contract), contract)
+
+
+def _load_folder(path: Path, contract: Contract) -> nn.Module:
+    from safetensors.torch import load_file
+
+    from vitslim import tokens
+    from vitslim.api import DTYPES
+    from vitslim.models.loading import load_state_dict_strict
+    from vitslim.quant.config import QuantConfig
+    from vitslim.quant.io import restore_quantized
+
+    meta = json.loads((path / META_FILE).read_text())
+    recipe = recipe_from_dict(contract.recipe)
+    model = _architecture(ModelSource(contract.source["name"], contract.source.get("checkpoint"),
+                                      contract.source.get("timm_kwargs") or {}))
+    state = load_file(str(path / WEIGHTS_FILE))
+    loaded = False
+    for step in recipe.steps:  # replayed in the recipe's order, as they were applied
+        if step.kind == "tokens":
+            tokens.apply(model, step.knobs["method"], **{k: v for k, v in step.knobs.items() if k != "method"})
+        elif step.kind == "dtype":
+            model.to(DTYPES[step.knobs.get("dtype", "bfloat16")])
+        elif step.kind == "quantize":
+            restore_quantized(model, QuantConfig.from_dict(meta["quant_config"]), state)
+            loaded = True
+    if not loaded:
+        load_state_dict_strict(model, state, source=str(path / WEIGHTS_FILE))
+    return model.eval()
+
+
+def _architecture(source: ModelSource) -> nn.Module:
+    from vitslim.models import REFERENCE_NAME, load_model
+    from vitslim.models.reference import load_reference_model
+
+    if source.name == REFERENCE_NAME:
+        return load_reference_model()
+    return load_model(source.name, pretrained=False, **source.timm_kwargs)

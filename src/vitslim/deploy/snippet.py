@@ -1,0 +1,111 @@
+"""The "How to use this model" snippet of the report: load the artifact, feed one image as
+its contract says, print what comes out.
+
+For an ONNX artifact the snippet needs only onnxruntime, Pillow and numpy, and re-implements
+timm's evaluation transform (shorter side resized as torchvision does, the same PIL filter,
+centre crop rounded as torchvision rounds, float32 scaling and normalization): a test holds
+it equal to vitslim's own loader on real images. A saved folder needs vitslim to load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vitslim.deploy.contract import Contract, describe_preprocessing
+
+PIL_FILTERS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "lanczos": "LANCZOS"}
+
+
+def snippet_supported(contract: Contract) -> bool:
+    """The numpy re-implementation covers timm's default centre crop of a square input."""
+    p = contract.preprocessing
+    return (p["crop_mode"] == "center" and p["input_size"][1] == p["input_size"][2]
+            and p["interpolation"] in PIL_FILTERS)
+
+
+def _print_lines(contract: Contract) -> str:
+    if contract.num_classes:
+        which = "ImageNet-1k class index" if contract.num_classes == 1000 else "class index"
+        return ("probs = np.exp(output - output.max())\n"
+                "probs /= probs.sum()\n"
+                "for c in np.argsort(-probs)[:5]:\n"
+                f"    print(int(c), round(float(probs[c]), 4))  # {which}, probability\n")
+    return (f"print(output.shape, output[:4])  # the {contract.output.get('dim')}-d feature vector "
+            "(compare with cosine similarity)\n")
+
+
+def onnx_snippet(model_path: str | Path, image: str | Path, contract: Contract) -> str:
+    p = contract.preprocessing
+    crop, resize = p["input_size"][1], p["resize"][0]
+    as_list = lambda values: "[" + ", ".join(repr(float(v)) for v in values) + "]"  # noqa: E731
+    return f'''import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+MODEL = {str(Path(model_path).resolve())!r}
+IMAGE = {str(Path(image).resolve())!r}
+MEAN = np.array({as_list(p["mean"])}, dtype=np.float32)
+STD = np.array({as_list(p["std"])}, dtype=np.float32)
+
+
+def preprocess(path):
+    """Shorter side to {resize} px ({p["interpolation"]}), centre crop {crop}x{crop}, scale to [0, 1], mean/std."""
+    image = Image.open(path).convert("RGB")
+    w, h = image.size
+    size = ({resize}, int({resize} * h / w)) if w <= h else (int({resize} * w / h), {resize})
+    image = image.resize(size, Image.{PIL_FILTERS[p["interpolation"]]})
+    left, top = int(round((size[0] - {crop}) / 2)), int(round((size[1] - {crop}) / 2))
+    image = image.crop((left, top, left + {crop}, top + {crop}))
+    x = (np.asarray(image, dtype=np.float32) / 255 - MEAN) / STD
+    return x.transpose(2, 0, 1)[None]  # (1, 3, {crop}, {crop}) float32
+
+
+session = ort.InferenceSession(MODEL, providers=["CPUExecutionProvider"])
+output = session.run(None, {{"images": preprocess(IMAGE)}})[0][0]
+''' + _print_lines(contract)
+
+
+def folder_snippet(model_path: str | Path, image: str | Path, contract: Contract) -> str:
+    return f'''from PIL import Image
+import numpy as np
+from vitslim.deploy import load_artifact
+
+MODEL = {str(Path(model_path).resolve())!r}
+IMAGE = {str(Path(image).resolve())!r}
+
+artifact = load_artifact(MODEL)  # the PyTorch model, rebuilt from the saved folder
+x = artifact.contract.transform()(Image.open(IMAGE).convert("RGB"))[None]
+output = artifact(x)[0].numpy()
+''' + _print_lines(contract)
+
+
+def usage_markdown(model_path: str | Path, image: str | Path, contract: Contract, data: str | Path) -> str:
+    """The report's "How to use this model" section, in Markdown."""
+    path = Path(model_path)
+    onnx = path.suffix == ".onnx"
+    out = contract.output
+    meaning = (f"{out['classes']} class logits ({out.get('class_names')})" if contract.num_classes
+               else f"a {out.get('dim')}-d feature vector per image")
+    lines = ["## How to use this model", "",
+             f"The artifact: `{path}` ({'ONNX Runtime' if onnx else 'PyTorch model folder'}). "
+             f"Input: {describe_preprocessing(contract.preprocessing)}. Output: {meaning}. "
+             "All of this, the recipe and the measured fidelity are stored in the file "
+             f"({'its metadata_props' if onnx else 'vitslim.json'}).", "",
+             "Check it on your images (the same preprocessing; prints the top-5 classes or writes the features):", "",
+             "```bash", f"vitslim predict {path} --data {data}", "```", ""]
+    if onnx and snippet_supported(contract):
+        lines += ["In your service (onnxruntime, Pillow and numpy only; vitslim not needed):", "",
+                  "```python", onnx_snippet(path, _example(data), contract).rstrip(), "```"]
+    elif onnx:
+        lines += [f"(No numpy snippet for crop mode {contract.preprocessing['crop_mode']!r}: "
+                  "feed images as `vitslim predict` does.)"]
+    else:
+        lines += ["In Python (this artifact is a PyTorch model, so it needs vitslim):", "",
+                  "```python", folder_snippet(path, _example(data), contract).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _example(data: str | Path) -> Path:
+    from vitslim.data import list_images
+
+    return list_images(data)[0][0]

@@ -261,7 +261,7 @@ def test_saved_quantized_model_reloads_identically(tmp_path):
 
     kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
     model = make_tiny_vit()
-    qmodel = quant.quantize(model, torch.randn(8, 3, 32, 32), "adalog-w4a4")
+    qmodel = quant.quantize(model, torch.randn(8, 3, 32, 32), "w4a4")
     save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", kwargs)
     loaded = load_quantized(tmp_path / "q")
     x = torch.randn(3, 3, 32, 32)
@@ -315,6 +315,9 @@ def test_float_outlier_channels_cut_post_gelu_error():
         if k:
             assert [b.mlp.fc2.input_quantizer.float_index.tolist() for b in qmodel.blocks] == [[3], [3]]
     assert errors[1] < errors[0] / 10, errors
+    # Without an outlier, no channel leaves the grid: the layer keeps its plain integer matmul.
+    plain = quant.quantize(make_tiny_vit(), x[:8], _only_post_gelu(SiteConfig(8, float_channels=4)))
+    assert all(not b.mlp.fc2.input_quantizer.float_index.numel() for b in plain.blocks)
 
 
 def test_float_outlier_channels_export_to_int8_kernels_and_reload(tmp_path):

@@ -65,7 +65,7 @@ def ort_quantize_dynamic(fp32: Path, out: Path) -> Path:
     return out
 
 
-def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: list[int]) -> dict:
+def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: list[int], static: bool = True) -> dict:
     """Every deployment candidate of ``model``, with how long it took to make."""
     made, seconds = {"PyTorch FP32 eager": model}, {}
 
@@ -77,7 +77,7 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
 
     fp32 = export_onnx(model, tmp / "fp32.onnx")
     made["ORT FP32"] = fp32
-    for calibrator in ORT_CALIBRATORS:
+    for calibrator in ORT_CALIBRATORS if static else ():
         timed(f"ORT quantize_static {calibrator}",
               lambda c=calibrator: ort_quantize_static(fp32, calib, c, tmp / f"static_{c}.onnx"))
     timed("ORT quantize_dynamic", lambda: ort_quantize_dynamic(fp32, tmp / "dynamic.onnx"))
@@ -92,7 +92,7 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
 def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args) -> list[dict]:
     print(f"{name}:", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        made = candidates(model, calib, Path(tmp), args.tome_r)
+        made = candidates(model, calib, Path(tmp), args.tome_r, not args.skip_static)
         models = made["models"]
         speed = {b: compare(models, batch_size=b, iters=args.iters * (4 if b == 1 else 1), warmup=2, flops=False)
                  for b in (1, 8)}
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=8, help="timed batches at batch 8 (4x that at batch 1)")
     parser.add_argument("--tome-r", default="8,13", help="comma list of ToMe merge counts")
     parser.add_argument("--models", default="dinov2,deit")
+    parser.add_argument("--skip-static", action="store_true", help="leave out ORT quantize_static (3 calibrators)")
     args = parser.parse_args()
     args.tome_r = [int(r) for r in args.tome_r.split(",") if r]
 

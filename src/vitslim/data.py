@@ -23,16 +23,10 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from vitslim.errors import BadImageError, DataError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 UNLABELLED = -1
-
-
-class DataError(ValueError):
-    """The image folder cannot be used as given; the message says why and what to do."""
-
-
-class BadImageError(DataError):
-    """An image file cannot be decoded."""
 
 
 @cache

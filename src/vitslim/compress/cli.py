@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import console, fmt, print_table, write_json
+from vitslim.output import check_output_dir, console, fmt, print_table, styled, write_json
 
 
 def register(app: typer.Typer) -> None:
@@ -42,6 +42,9 @@ def compress_cmd(
     from vitslim.api import load_any
     from vitslim.compress import compress, load_recipe, recipe_from_dict, save_recipe, write_report
 
+    check_output_dir(out, "--out")
+    if cache is not None:
+        check_output_dir(cache, "--cache")
     recipes = [load_recipe(r) for r in recipe] or None
     loaded = load_any(model, checkpoint)
 
@@ -50,7 +53,7 @@ def compress_cmd(
             return
         state = "cached" if cached else f"{result.seconds:.0f} s"
         figures = result.error or f"speedup {fmt(result.speedup)}×, cosine {fmt(result.cosine, 6)}"
-        console.print(f"  {result.name:<12} {figures}  [dim]({state})[/]", highlight=False)
+        console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state})", "dim")))
 
     result = compress(loaded, data, target, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
                       seed=seed, batch_size=batch_size, cache_dir=cache, on_result=on_result)
@@ -66,9 +69,9 @@ def compress_cmd(
 
         print_table(f"vitslim compress {model} --target {target}", [_row(c) for c in result.candidates],
                     dict(COLUMNS))
-    verdict = "[green]meets[/]" if result.met else "[red]does not meet[/]"
+    verdict = ("meets", "green") if result.met else ("does not meet", "red")
     chosen = result.chosen.name if result.chosen else "nothing"
-    console.print(f"chosen: {chosen} — {verdict} the target ({result.reason}). Report: {html_path}")
+    console.print(styled(f"chosen: {chosen} — ", verdict, f" the target ({result.reason}). Report: {html_path}"))
 
 
 def recipes_cmd() -> None:

@@ -22,11 +22,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from vitslim.errors import ExportError
 from vitslim.models.loading import input_size
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported; the message names the operation."""
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import console
+from vitslim.output import check_output_file, console
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +35,7 @@ def export_cmd(
 
     if fmt != "onnx":
         raise ConfigError(f"--format {fmt!r} is not supported; use onnx")
+    check_output_file(out, "--out")
     if Path(model).is_dir():
         from vitslim.quant.io import load_quantized
 

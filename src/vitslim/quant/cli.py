@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import console, print_table, write_json
+from vitslim.output import check_output_dir, check_output_file, console, print_table, write_json
 from vitslim.quant.config import PRESETS
 
 
@@ -44,6 +44,9 @@ def quantize_cmd(
     from vitslim.quant import QuantConfig, mixed_precision_config, quantize
     from vitslim.quant.io import save_quantized
 
+    check_output_dir(out, "--out")
+    if json_out:
+        check_output_file(json_out, "--json")
     qconfig = QuantConfig.load(config) if config else preset
     fp32 = load_any(model, checkpoint)
     dataset = load_image_folder(data, fp32)

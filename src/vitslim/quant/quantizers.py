@@ -27,11 +27,9 @@ import math
 import torch
 from torch import nn
 
+from vitslim.errors import CalibrationError
+
 SAMPLE_SIZE = 1 << 16  # values kept per quantizer for the error searches
-
-
-class CalibrationError(ValueError):
-    """Calibration data cannot be used (NaN/Inf, or nothing observed)."""
 
 
 class Quantizer(nn.Module):

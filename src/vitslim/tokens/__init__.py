@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import typing
 from typing import Any, Callable
 
 from torch import nn
+
+from vitslim.datafile import check_type
+from vitslim.errors import ConfigError
 
 from vitslim.tokens.ats import apply_ats
 from vitslim.tokens.common import remove, token_state
@@ -27,18 +31,37 @@ from vitslim.tokens.tome import apply_tome
 METHODS: dict[str, Callable[..., nn.Module]] = {"tome": apply_tome, "evit": apply_evit, "ats": apply_ats,
                                                 "mctf": apply_mctf}
 
-__all__ = ["apply", "remove", "token_state", "METHODS", "apply_tome", "apply_evit", "apply_ats", "apply_mctf"]
+__all__ = ["apply", "check_params", "remove", "token_state", "METHODS", "apply_tome", "apply_evit", "apply_ats",
+           "apply_mctf"]
+
+# Ranges that do not depend on the model (r against a block's tokens and block indices are
+# checked when the method is applied).
+FRACTIONS = ("keep_rate", "budget")
+NON_NEGATIVE = ("r", "blocks", "tau_sim", "tau_info", "tau_size")
+
+
+def check_params(method: str, params: dict[str, Any]) -> None:
+    """Method name, knob names, types and model-independent ranges: a ``ConfigError`` naming
+    the first wrong one (before any model is loaded)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown token reduction method {method!r}; choose one of {sorted(METHODS)}")
+    hints = typing.get_type_hints(METHODS[method])
+    knobs = [p for p in inspect.signature(METHODS[method]).parameters if p != "model"]
+    unknown = sorted(str(k) for k in set(params) - set(knobs))
+    if unknown:
+        raise ConfigError(f"{method}: unknown knob(s) {unknown}; its knobs are {knobs}")
+    for name, value in params.items():
+        value = check_type(value, hints[name], f"{method}: {name}")
+        values = value if isinstance(value, list) else [value]
+        if name in FRACTIONS and not 0 < value <= 1:
+            raise ConfigError(f"{method}: {name} must be a fraction in (0, 1], got {value}")
+        if name in NON_NEGATIVE and any(v < 0 for v in values):
+            raise ConfigError(f"{method}: {name} must be >= 0, got {value}")
 
 
 def apply(model: nn.Module, method: str, inplace: bool = True, **params: Any) -> nn.Module:
     """Patch ``model`` with a token-reduction ``method`` and its knobs (see each method's
     ``apply_*``); with ``inplace=False`` the original stays untouched and a patched copy is
     returned. Applying a second method without ``remove`` first is an error."""
-    if method not in METHODS:
-        raise ValueError(f"unknown token reduction method {method!r}; choose one of {sorted(METHODS)}")
-    signature = inspect.signature(METHODS[method])
-    unknown = sorted(set(params) - set(signature.parameters) - {"model"})
-    if unknown:
-        knobs = [p for p in signature.parameters if p != "model"]
-        raise ValueError(f"{method}: unknown knob(s) {unknown}; its knobs are {knobs}")
+    check_params(method, params)
     return METHODS[method](model if inplace else copy.deepcopy(model), **params)

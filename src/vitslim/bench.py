@@ -48,15 +48,24 @@ class OnnxModel:
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        from vitslim.errors import ModelLoadError
+
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model {str(self.path)!r} does not exist")
+            raise ModelLoadError(f"ONNX model {str(self.path)!r} does not exist or is not a file")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # shape-inference warnings of exported graphs are noise here
         self.threads = opts.intra_op_num_threads
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT reports bad files as several exception types
+            raise ModelLoadError(f"ONNX Runtime cannot load {str(self.path)!r} ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:200]}); is it a complete .onnx file?") from None
+        if len(self.session.get_inputs()) != 1 or len(self.session.get_inputs()[0].shape) != 4:
+            raise ModelLoadError(f"ONNX model {str(self.path)!r} does not take one (batch, channels, height, "
+                                 "width) image input, as an exported vision model does")
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
         dims = graph_input.shape[1:]
@@ -64,7 +73,7 @@ class OnnxModel:
         self.input_size = tuple(dims) if all(isinstance(d, int) for d in dims) else (3, 224, 224)
         outputs = self.session.get_outputs()[0].shape
         # A 1000-wide output is taken as ImageNet logits (agreement and KL are then reported).
-        self.num_classes = outputs[-1] if outputs[-1] == 1000 else 0
+        self.num_classes = 1000 if outputs and outputs[-1] == 1000 else 0
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: images.float().numpy()})[0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 import io
+import math
+import re
 from pathlib import Path
 
 from vitslim.compress.search import CandidateResult, SearchResult, pareto_front
@@ -38,18 +40,24 @@ def _row(c: CandidateResult) -> dict:
     return {"name": c.name, **{k: getattr(c, k) for k, _ in COLUMNS[1:]}}
 
 
+def _plottable(c: CandidateResult) -> bool:
+    return not c.error and all(isinstance(v, (int, float)) and math.isfinite(v) for v in (c.speedup, c.cosine))
+
+
 def frontier_svg(result: SearchResult) -> str:
-    """Fidelity (1 − cosine, log scale) against speedup, frontier joined, choice ringed."""
+    """Fidelity (1 − cosine, log scale) against speedup, frontier joined, choice ringed.
+    Names are drawn as plain text (never as matplotlib math); only finite figures are plotted."""
     plt = _pyplot()
-    ok = [c for c in result.candidates if not c.error]
+    ok = [c for c in result.candidates if _plottable(c)]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     loss = lambda c: max(1 - c.cosine, 1e-7)  # noqa: E731 - identical outputs sit at the floor
     ax.scatter([c.speedup for c in ok], [loss(c) for c in ok], color="#4477aa", zorder=3)
     for c in ok:
-        ax.annotate(c.name, (c.speedup, loss(c)), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    front = sorted(pareto_front(result.candidates), key=lambda c: c.speedup)
+        ax.annotate(c.name, (c.speedup, loss(c)), textcoords="offset points", xytext=(5, 4), fontsize=8,
+                    parse_math=False)
+    front = sorted(pareto_front(ok), key=lambda c: c.speedup)
     ax.plot([c.speedup for c in front], [loss(c) for c in front], color="#4477aa", alpha=0.5, label="frontier")
-    if result.chosen and not result.chosen.error:
+    if result.chosen and _plottable(result.chosen):
         ax.scatter([result.chosen.speedup], [loss(result.chosen)], s=220, facecolors="none",
                    edgecolors="#cc3311", linewidths=2, label="chosen", zorder=4)
     t = result.target
@@ -73,6 +81,12 @@ def _html_table(rows: list[dict], columns: list[tuple[str, str]], highlight: str
         cells = "".join(f"<td>{html.escape(fmt(r.get(k)))}</td>" for k, _ in columns)
         body.append(f"<tr{cls}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _md(text: str) -> str:
+    """Text for Markdown: no raw HTML, no links or images, no table breaks, one line."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return re.sub(r"([\\`*_\[\]()!|#~{}])", r"\\\1", text)
 
 
 def _summary_lines(result: SearchResult, model_name: str) -> list[str]:
@@ -132,10 +146,10 @@ tr.chosen {{ background: #fde8e4; font-weight: bold; }}
 """
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     write_text_atomic(html_path, page)
-    md = ["# vitslim compress report", "", *[f"- {line}" for line in summary], "",
+    md = ["# vitslim compress report", "", *[f"- {_md(line)}" for line in summary], "",
           "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    md += ["| " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
-    md += [f"- {c.name} failed: {c.error}" for c in failed]
+    md += ["| " + " | ".join(_md(fmt(r.get(k))) for k, _ in COLUMNS) + " |" for r in rows]
+    md += [f"- {_md(c.name)} failed: {_md(c.error)}" for c in failed]
     write_text_atomic(md_path, "\n".join(md) + "\n")
     return html_path, md_path
 

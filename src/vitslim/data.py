@@ -38,7 +38,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vitslim.errors import BadImageError, DataError
+from vitslim.errors import BadImageError, ConfigError, DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 UNLABELLED = -1
@@ -93,17 +93,19 @@ def read_image(path: str | Path) -> Image.Image:
             raise BadImageError(f"{str(path)!r} is not a regular file (a {_file_kind(st.st_mode)}); {fix}")
         if st.st_size > MAX_IMAGE_BYTES:
             raise BadImageError(f"image {str(path)!r} is {st.st_size} bytes, over the {MAX_IMAGE_BYTES} limit; {fix}")
+        too_big = f"over the {MAX_IMAGE_PIXELS} limit (a decompression bomb?); {fix}"
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
                 with Image.open(f) as img:
                     width, height = img.size
                     if width * height > MAX_IMAGE_PIXELS:
-                        raise BadImageError(f"image {str(path)!r} is {width}x{height} pixels, over the "
-                                            f"{MAX_IMAGE_PIXELS} limit (a decompression bomb?); {fix}")
+                        raise BadImageError(f"image {str(path)!r} is {width}x{height} pixels, {too_big}")
                     return to_rgb8(img)
         except BadImageError:
             raise
+        except Image.DecompressionBombError:
+            raise BadImageError(f"image {str(path)!r} has too many pixels, {too_big}") from None
         except Exception as err:  # PIL's decoders fail on damaged files with many exception types
             raise BadImageError(f"cannot read image {str(path)!r} ({type(err).__name__}: "
                                 f"{' '.join(str(err).split())[:200]}); {fix}") from None
@@ -242,7 +244,7 @@ def calibration_split(dataset: Dataset, n_calib: int, seed: int = 0) -> tuple[Su
     """
     n = len(dataset)
     if n_calib < 0:
-        raise ValueError(f"n_calib must be >= 0, got {n_calib}")
+        raise ConfigError(f"n_calib must be >= 0, got {n_calib}")
     if n_calib > n:
         warnings.warn(f"asked for {n_calib} calibration images but only {n} are available; using {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()

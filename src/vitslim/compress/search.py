@@ -26,7 +26,7 @@ from vitslim.bench import compare, machine_info
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe
 from vitslim.compress.steps import apply_recipe
 from vitslim.data import calibration_images, calibration_split, load_image_folder, make_loader
-from vitslim.errors import ConfigError
+from vitslim.errors import ConfigError, OutputPathError
 from vitslim.evaluate import Outputs, compare_outputs, predict
 from vitslim.output import write_json
 from vitslim.progress import progress_bar
@@ -154,8 +154,14 @@ class ResultStore:
     that cannot be read back as a complete result is reported (with its path) and recomputed."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        from vitslim.output import check_output_dir
+
+        self.root = check_output_dir(root, "result cache")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputPathError(f"cannot create the result cache {str(root)!r} ({err.strerror}); "
+                                  "pass --cache DIR or set VITSLIM_CACHE") from None
 
     def get(self, key: str) -> CandidateResult | None:
         path = self.root / f"{key}.json"

@@ -104,7 +104,11 @@ def load_quantized(model_dir: str | Path) -> nn.Module:
     except ConfigError as err:
         raise ModelLoadError(f"{str(model_dir / META_FILE)!r}: {err}") from None
     state_path = model_dir / STATE_FILE
-    _check_shapes(_build(meta, config, torch.device("meta")), state_path)
+    shapes = _file_shapes(state_path)
+    depth = meta["timm_kwargs"].get("depth")
+    if isinstance(depth, int) and depth > len(shapes):  # building a model costs time per block
+        raise ModelLoadError(f"{META_FILE}: depth={depth} but {str(state_path)!r} holds only {len(shapes)} tensors")
+    _check_shapes(_build(meta, config, torch.device("meta")), shapes, state_path)
     model = _build(meta, config)
     _assign(model, load_file(str(state_path)), str(state_path))
     set_mode(model, "quant")
@@ -124,23 +128,30 @@ def _build(meta: dict, config: QuantConfig, device: torch.device | None = None) 
                 model = _create_backbone() if device is not None else load_reference_model()
             else:
                 model = load_model(meta["model"], pretrained=False, **meta["timm_kwargs"])
-    except TypeError as err:  # timm's answer to keyword arguments the architecture does not take
+    except ModelLoadError:
+        raise
+    except Exception as err:  # timm rejects unusable keyword arguments with many exception types
         raise ModelLoadError(f"{META_FILE}: model {meta['model']!r} with timm_kwargs "
-                             f"{brief(meta['timm_kwargs'])} cannot be built: {err}") from None
+                             f"{brief(meta['timm_kwargs'])} cannot be built ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:200]})") from None
     install(model, config)
     return model
 
 
-def _check_shapes(probe: nn.Module, state_path: Path) -> None:
-    """Every tensor of the architecture must have the file's shape (quantizer ranges aside)."""
+def _file_shapes(state_path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the safetensors header (no data is read)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(state_path), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{str(state_path)!r} is not a readable safetensors file ({err}); "
                              "re-create the folder with `vitslim quantize`") from None
+
+
+def _check_shapes(probe: nn.Module, shapes: dict[str, tuple[int, ...]], state_path: Path) -> None:
+    """Every tensor of the architecture must have the file's shape (quantizer ranges aside)."""
     for key, tensor in probe.state_dict().items():
         if key in shapes and tuple(tensor.shape) != shapes[key] and "quantizer" not in key:
             raise ModelLoadError(f"{str(state_path)!r} does not fit the model in {META_FILE}: {key} is "

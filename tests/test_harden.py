@@ -54,13 +54,14 @@ def _image(path: Path, size=(40, 30)) -> Path:
 # --- writes outside the output folder -------------------------------------------------------
 
 def test_recipe_name_cannot_write_outside_the_work_folder(tmp_path):
+    from vitslim.compress import steps
     from vitslim.compress.recipes import recipe_from_dict
-    from vitslim.compress.steps import apply_recipe
 
     recipe = recipe_from_dict({"name": "../../x/escaped", "steps": [{"export": {"format": "onnx"}}]})
     work = tmp_path / "a" / "b" / "work"
     work.mkdir(parents=True)
-    apply_recipe(make_tiny_vit(), recipe, torch.empty(0), work)
+    with mock.patch.object(steps, "_export", lambda model, knobs, calib, path: path.write_bytes(b"onnx")):
+        steps.apply_recipe(make_tiny_vit(), recipe, torch.empty(0), work)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(written) == 1 and written[0].parent == work and written[0].suffix == ".onnx"
     assert not (tmp_path / "a" / "x").exists()
@@ -125,7 +126,7 @@ def test_edited_quant_json_is_refused(tmp_path):
     from vitslim import quant
     from vitslim.quant.io import load_quantized, save_quantized
 
-    qmodel = quant.quantize(make_tiny_vit(), torch.randn(4, 3, 32, 32), "w8a8")
+    qmodel = quant.quantize(make_tiny_vit(), torch.randn(4, 3, 32, 32), "minmax-w8a8")
     save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", TINY)
     meta_path = tmp_path / "q" / "quant.json"
     meta = json.loads(meta_path.read_text())
@@ -142,8 +143,8 @@ def test_quant_json_from_another_save_is_refused(tmp_path):
     from vitslim.quant.io import load_quantized, save_quantized
 
     calib = torch.randn(4, 3, 32, 32)
-    save_quantized(quant.quantize(make_tiny_vit(), calib, "w8a8"), tmp_path / "a", "vit_tiny_patch16_224", TINY)
-    save_quantized(quant.quantize(make_tiny_vit(), calib, "w6a6"), tmp_path / "b", "vit_tiny_patch16_224", TINY)
+    save_quantized(quant.quantize(make_tiny_vit(), calib, "minmax-w8a8"), tmp_path / "a", "vit_tiny_patch16_224", TINY)
+    save_quantized(quant.quantize(make_tiny_vit(), calib, "minmax-w4a4"), tmp_path / "b", "vit_tiny_patch16_224", TINY)
     (tmp_path / "b" / "quant.json").replace(tmp_path / "a" / "quant.json")
     with pytest.raises(ModelLoadError, match="is not the weights file quant.json was saved with"):
         load_quantized(tmp_path / "a")
@@ -153,7 +154,7 @@ def test_quant_json_missing_keys_or_wrong_model_is_one_error(tmp_path):
     from vitslim import quant
     from vitslim.quant import io
 
-    save = io.save_quantized(quant.quantize(make_tiny_vit(), torch.randn(4, 3, 32, 32), "w8a8"),
+    save = io.save_quantized(quant.quantize(make_tiny_vit(), torch.randn(4, 3, 32, 32), "minmax-w8a8"),
                              tmp_path / "q", "vit_tiny_patch16_224", TINY)
     meta_path = save / "quant.json"
     good = json.loads(meta_path.read_text())

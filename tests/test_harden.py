@@ -478,3 +478,46 @@ def test_mixed_precision_refuses_a_nan_budget():
 
     with pytest.raises(ConfigError, match="not a finite number"):
         _check_budget(float("nan"), (4, 8))
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_during_quantize_save_never_leaves_a_loadable_wrong_model(tmp_path):
+    """Killed at random moments while saving two different models over one folder: what is
+    left loads as one of them, or is refused as a mismatched pair; never a wrong model."""
+    import random
+    import signal
+    import time
+
+    from vitslim import quant
+    from vitslim.quant.io import load_quantized, save_quantized
+
+    out = tmp_path / "q"
+    x = torch.randn(2, 3, 32, 32)
+    models = [quant.quantize(make_tiny_vit(depth=d), torch.randn(4, 3, 32, 32), "minmax-w8a8") for d in (2, 2)]
+    with torch.no_grad():
+        models[1].blocks[0].attn.qkv.linear.weight.mul_(0.5)  # two different models, one architecture
+        models[1].blocks[0].attn.qkv.quantize_weight()
+        refs = [m(x) for m in models]
+    assert not torch.equal(*refs)
+    outcomes = []
+    for trial in range(8):
+        pid = os.fork()
+        if pid == 0:  # the child saves, alternating models, until it is killed
+            try:
+                for i in range(10**6):
+                    save_quantized(models[i % 2], out, "vit_tiny_patch16_224", TINY)
+            finally:
+                os._exit(0)
+        time.sleep(random.Random(trial).uniform(0.02, 0.4))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        try:
+            model = load_quantized(out)
+        except ModelLoadError as err:
+            assert "not the weights file" in str(err) or "not a vitslim quantized model folder" in str(err)
+            outcomes.append("refused")
+            continue
+        with torch.no_grad():
+            assert any(torch.equal(model(x), ref) for ref in refs)
+        outcomes.append("loaded")
+    assert "loaded" in outcomes, outcomes  # kills landed after complete saves too

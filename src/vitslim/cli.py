@@ -54,7 +54,7 @@ def eval_cmd(
     reference_checkpoint: Optional[Path] = typer.Option(None, "--reference-checkpoint", help="Weights for --reference."),
     dtype: str = DtypeOpt,
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Use only the first N images (sorted by path)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, max=4096),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (and count them) instead of stopping."),
     json_out: Optional[Path] = JsonOpt,
 ) -> None:
@@ -81,10 +81,10 @@ def bench_cmd(
     checkpoint: Optional[Path] = CheckpointOpt,
     compare: list[str] = typer.Option([], "--compare", help="More models to time in the same run (repeatable): a name, name@bfloat16, or an .onnx file."),
     dtype: str = DtypeOpt,
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores torch sees)."),
-    warmup: int = typer.Option(3, "--warmup", min=0),
-    iters: int = typer.Option(10, "--iters", min=1, help="Timed batches per model."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, max=4096, help="Images per batch."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help="CPU threads (default: all cores torch sees)."),
+    warmup: int = typer.Option(3, "--warmup", min=0, max=10_000),
+    iters: int = typer.Option(10, "--iters", min=1, max=100_000, help="Timed batches per model."),
     json_out: Optional[Path] = JsonOpt,
 ) -> None:
     """Latency (median, p90), throughput, params, size on disk and GMACs on this CPU.

@@ -28,7 +28,7 @@ def quantize_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     calib_images: int = typer.Option(32, "--calib-images", min=1, help="Calibration images (seeded random draw)."),
     eval_images: int = typer.Option(64, "--eval-images", min=1, help="Images (disjoint from calibration) for fidelity."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the fidelity figures as JSON."),
 ) -> None:
     """Quantize a ViT after training with a few dozen unlabeled images, save it, and print

@@ -25,7 +25,7 @@ def tokens_cmd(
     budget: Optional[float] = typer.Option(None, "--budget", help="ats: at most this fraction of tokens sampled where it acts."),
     blocks: Optional[str] = typer.Option(None, "--blocks", help="evit/ats: comma list of 0-based blocks (default: 1/4, 1/2, 3/4 depth)."),
     limit: Optional[int] = typer.Option(64, "--limit", "-n", min=1, help="Images for fidelity (first N)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Batch size for timing."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, max=4096, help="Batch size for timing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
 ) -> None:
     """Reduce tokens inside a trained ViT (no retraining) and compare it with the original:

@@ -286,7 +286,7 @@ def _export_tiny_onnx(path: Path) -> None:
 
 @pytest.mark.parametrize("args,fragment", [
     (["--method", "foo"], "unknown token reduction method 'foo'"),
-    (["--method", "evit", "--keep-rate", "1.5"], "keep_rate must be a fraction in (0, 1], got 1.5"),
+    (["--method", "evit", "--keep-rate", "1.5"], "keep_rate must be in (0, 1], got 1.5"),
     (["--method", "tome", "--r", "x,1"], "--r 'x,1': give a whole number"),
     (["--method", "tome", "--r", "-3"], "r must be >= 0"),
 ])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import typing
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ __all__ = ["apply", "check_params", "remove", "token_state", "METHODS", "apply_t
 # Ranges that do not depend on the model (r against a block's tokens and block indices are
 # checked when the method is applied).
 FRACTIONS = ("keep_rate", "budget")
-NON_NEGATIVE = ("r", "blocks", "tau_sim", "tau_info", "tau_size")
+NON_NEGATIVE = ("r", "blocks")
 
 
 def check_params(method: str, params: dict[str, Any]) -> None:
@@ -51,12 +52,19 @@ def check_params(method: str, params: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"{method}: unknown knob(s) {unknown}; its knobs are {knobs}")
     for name, value in params.items():
+        if name.startswith("tau_"):  # the same wording as apply_mctf's own check
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{method}: {name} must be a finite number >= 0 (0 turns the criterion off), "
+                                  f"got {value!r}")
+            continue
         value = check_type(value, hints[name], f"{method}: {name}")
         values = value if isinstance(value, list) else [value]
         if name in FRACTIONS and not 0 < value <= 1:
-            raise ConfigError(f"{method}: {name} must be a fraction in (0, 1], got {value}")
-        if name in NON_NEGATIVE and any(v < 0 for v in values):
-            raise ConfigError(f"{method}: {name} must be >= 0, got {value}")
+            raise ConfigError(f"{method}: {name} must be in (0, 1], got {value}")
+        negative = [i for i, v in enumerate(values) if v < 0]
+        if name in NON_NEGATIVE and negative:
+            raise ConfigError(f"{method}: {name} must be >= 0, got {values[negative[0]]} at block {negative[0]}"
+                              if name == "r" else f"{method}: {name} must be >= 0, got {value}")
 
 
 def apply(model: nn.Module, method: str, inplace: bool = True, **params: Any) -> nn.Module:

@@ -521,3 +521,15 @@ def test_sigkill_during_quantize_save_never_leaves_a_loadable_wrong_model(tmp_pa
             assert any(torch.equal(model(x), ref) for ref in refs)
         outcomes.append("loaded")
     assert "loaded" in outcomes, outcomes  # kills landed after complete saves too
+
+
+def test_token_knobs_accept_their_defaults():
+    """Found by benchmarks/fuzz_inputs.py: blocks=None (the default) crashed the range check."""
+    from vitslim import tokens
+
+    tokens.check_params("evit", {"blocks": None, "keep_rate": 0.9})
+    tokens.check_params("ats", {"blocks": None, "budget": 1})
+    from vitslim.tokens.evit import default_evit_blocks
+
+    model = tokens.apply(make_tiny_vit(depth=4), "evit", blocks=None)
+    assert tokens.token_state(model).params["blocks"] == default_evit_blocks(4) == [1, 2, 3]

@@ -58,6 +58,8 @@ def check_params(method: str, params: dict[str, Any]) -> None:
                                   f"got {value!r}")
             continue
         value = check_type(value, hints[name], f"{method}: {name}")
+        if value is None:  # the method's default (e.g. blocks=None: 1/4, 1/2, 3/4 depth)
+            continue
         values = value if isinstance(value, list) else [value]
         if name in FRACTIONS and not 0 < value <= 1:
             raise ConfigError(f"{method}: {name} must be in (0, 1], got {value}")

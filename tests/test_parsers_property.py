@@ -227,3 +227,15 @@ def test_any_image_file_reads_as_8_bit_rgb_or_bad_image_error(tmp_path_factory, 
     except BadImageError:
         return
     assert out.mode == "RGB" and out.size[0] >= 1 and np.asarray(out).dtype == np.uint8
+
+
+@given(st.sampled_from(["tome", "evit", "ats", "mctf", "x"]),
+       st.dictionaries(st.sampled_from(["r", "keep_rate", "budget", "blocks", "prop_attn", "tau_sim", "zzz"]),
+                       st.none() | json_like | st.lists(st.integers(-2, 12), max_size=4), max_size=3))
+def test_any_token_knobs_pass_or_give_config_error(method, knobs):
+    from vitslim.tokens import check_params
+
+    try:
+        check_params(method, knobs)
+    except ConfigError:
+        pass

@@ -53,18 +53,27 @@ def _image(path: Path, size=(40, 30)) -> Path:
 
 # --- writes outside the output folder -------------------------------------------------------
 
-def test_recipe_name_cannot_write_outside_the_work_folder(tmp_path):
-    from vitslim.compress import steps
+def test_recipe_name_cannot_write_outside_the_work_folder(tmp_path, example_images):
+    """``compress --save-all`` names each candidate's artifact after its recipe: a recipe named
+    ``../../x/escaped`` must still land inside ``out/candidates/``."""
+    from conftest import tiny_vit_source
+    from vitslim.compress import compress
     from vitslim.compress.recipes import recipe_from_dict
+    from vitslim.deploy import load_artifact
 
-    recipe = recipe_from_dict({"name": "../../x/escaped", "steps": [{"export": {"format": "onnx"}}]})
-    work = tmp_path / "a" / "b" / "work"
-    work.mkdir(parents=True)
-    with mock.patch.object(steps, "_export", lambda model, knobs, calib, path: path.write_bytes(b"onnx")):
-        steps.apply_recipe(make_tiny_vit(), recipe, torch.empty(0), work)
+    escaped = recipe_from_dict({"name": "../../x/escaped", "steps": [{"dtype": {"dtype": "bfloat16"}}]})
+    fp32 = recipe_from_dict({"name": "fp32", "steps": []})
+    out, cache = tmp_path / "a" / "b" / "out", tmp_path / "cache"
+    result = compress(make_tiny_vit(), example_images, "speedup=0.001", recipes=[fp32, escaped], n_calib=4,
+                      n_eval=4, batch_size=2, iters=1, cache_dir=cache, sensitivity_preset=None, out=out,
+                      save_all=True, source=tiny_vit_source())
+    assert result.chosen.name == "fp32" and not any(c.error for c in result.candidates)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(written) == 1 and written[0].parent == work and written[0].suffix == ".onnx"
-    assert not (tmp_path / "a" / "x").exists()
+    assert written and all(out in p.parents or cache in p.parents for p in written), written
+    assert not (tmp_path / "a" / "x").exists() and not (tmp_path / "a" / "b" / "x").exists()
+    saved = Path(result.artifacts["../../x/escaped"])
+    assert saved.parent == out / "candidates" and not saved.name.startswith(".")
+    assert load_artifact(saved).contract.recipe["name"] == "../../x/escaped"
 
 
 def test_safe_filename_keeps_distinct_names_distinct():

@@ -438,6 +438,57 @@ class ImageParser(Parser):
             raise Wrong(f"mode {image.mode}")
 
 
+class ContractParser(Parser):
+    name = "artifact contract (vitslim.json / ONNX metadata)"
+
+    def __init__(self, work, rng):
+        super().__init__(work, rng)
+        from vitslim.deploy.contract import ModelSource, contract_for
+
+        model = _tiny_vit()
+        recipe = {"name": "q", "steps": [{"tokens": {"method": "tome", "r": 2}}, {"quantize": {"preset": "w8a8"}}]}
+        self.seeds = [contract_for(model, ModelSource("vit_tiny_patch16_224", None, {"img_size": 32}), recipe,
+                                   {"data": "images", "images": 8, "seed": 0}, "k" * 20).to_dict()]
+        self.folder = work / "artifact"
+        self.folder.mkdir()
+
+    def generate(self):
+        if self.rng.random() < 0.5:  # vitslim.json of a saved folder
+            text = mutated_data_text(self.rng, [{"contract": c, "quant_config": None} for c in self.seeds], "json")
+            return "folder", text
+        contract = self.rng.choice(self.seeds)
+        for _ in range(self.rng.randint(1, 3)):
+            contract = mutate_value(self.rng, contract)
+        if not isinstance(contract, dict):
+            contract = {"preprocessing": contract}
+        metadata = {f"vitslim.{k}": json.dumps(v, allow_nan=True) for k, v in contract.items()}
+        if metadata and self.rng.random() < 0.4:
+            key = self.rng.choice(sorted(metadata))
+            metadata[key] = mutate_text(self.rng, metadata[key])
+        return "metadata", metadata
+
+    def run(self, value):
+        import torch
+        from PIL import Image
+
+        from vitslim.deploy.artifact import read_contract
+        from vitslim.deploy.contract import Contract, describe_preprocessing
+
+        kind, data = value
+        if kind == "folder":
+            (self.folder / "vitslim.json").write_text(data, encoding="utf-8", errors="surrogatepass")
+            contract = read_contract(self.folder)
+        else:
+            contract = Contract.from_metadata(data)
+        describe_preprocessing(contract.preprocessing)
+        transform = contract.transform()
+        size = tuple(contract.preprocessing["input_size"])
+        if max(size + tuple(contract.preprocessing["resize"])) <= 256:  # big ones: built, not run
+            x = transform(Image.new("RGB", (40, 30), (9, 99, 199)))
+            if tuple(x.shape) != size or not torch.isfinite(x).all():
+                raise Wrong(f"the transform gives shape {tuple(x.shape)} (input_size {size}) or non-finite values")
+
+
 def _tiny_vit():
     import timm
     import torch
@@ -458,7 +509,7 @@ def _quiet_warnings():
 
 PARSERS: dict[str, type[Parser]] = {"recipe": RecipeParser, "quantconfig": QuantConfigParser,
                                     "quantjson": QuantJsonParser, "target": TargetParser, "tokens": TokensParser,
-                                    "folder": FolderParser, "image": ImageParser}
+                                    "folder": FolderParser, "image": ImageParser, "contract": ContractParser}
 
 
 def fuzz(parser: Parser, budget: int, timeout: float) -> Tally:

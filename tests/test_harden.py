@@ -251,13 +251,16 @@ def test_folder_layouts_never_drop_images_silently(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "unknown field", "nan figure", "wrong key"])
 def test_corrupt_cache_entry_is_reported_and_recomputed(tmp_path, example_images, damage):
+    from conftest import tiny_vit_source
     from vitslim.compress import Recipe, compress
 
     def run():
         return compress(make_tiny_vit(), example_images, "fidelity=0.5", recipes=[Recipe("fp32")], n_calib=2,
-                        n_eval=2, batch_size=2, iters=1, cache_dir=tmp_path, sensitivity_preset=None)
+                        n_eval=2, batch_size=2, iters=1, cache_dir=tmp_path, sensitivity_preset=None,
+                        source=tiny_vit_source())
 
     first = run()
+    assert first.candidates[0].error is None and first.candidates[0].cosine == pytest.approx(1.0)
     (entry,) = tmp_path.glob("*.json")
     data = json.loads(entry.read_text())
     text = {"truncated": entry.read_text()[:40],
@@ -269,6 +272,25 @@ def test_corrupt_cache_entry_is_reported_and_recomputed(tmp_path, example_images
         second = run()
     assert second.candidates[0].cosine == pytest.approx(first.candidates[0].cosine)
     assert json.loads(entry.read_text())["cosine"] == second.candidates[0].cosine  # repaired
+
+
+def test_corrupt_sensitivity_cache_is_reported_and_recomputed(tmp_path, example_images):
+    from conftest import tiny_vit_source
+    from vitslim.compress import Recipe, compress
+
+    def run():
+        return compress(make_tiny_vit(), example_images, "fidelity=0.5", recipes=[Recipe("fp32")], n_calib=2,
+                        n_eval=2, batch_size=2, iters=1, cache_dir=tmp_path, sensitivity_preset="w8a8",
+                        source=tiny_vit_source())
+
+    first = run()
+    (entry,) = tmp_path.glob("sensitivity-*.json")
+    assert [r["block"] for r in first.sensitivity] == [0, 1]
+    entry.write_text(json.dumps([{"block": 0, "cosine": "nan", "preset": "w8a8"}]))
+    with pytest.warns(UserWarning, match=f"ignoring corrupt cache entry '{entry}'.*recomputing"):
+        second = run()
+    assert second.sensitivity == first.sensitivity
+    assert json.loads(entry.read_text()) == first.sensitivity  # repaired
 
 
 # --- error text is never markup; one line, never a traceback -----------------------------------

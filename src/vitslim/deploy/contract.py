@@ -25,7 +25,7 @@ SOURCE_FIELDS = ("name", "checkpoint", "timm_kwargs")
 # What timm's eval transform accepts; the numpy snippet covers a subset (see snippet.py).
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash", "border")
-MAX_SIDE = 16384  # pixels; far beyond any ViT input
+MAX_SIDE = 4096  # pixels; far beyond any ViT input
 
 
 @dataclass(frozen=True)
@@ -187,14 +187,18 @@ def _check_preprocessing(p: dict, where: str) -> None:
     for key, hint in hints.items():
         check_type(p[key], hint, f"{where}.{key}")
     size, resize = p["input_size"], p["resize"]
-    if len(size) != 3 or not all(0 < v <= MAX_SIDE for v in size):
-        raise ConfigError(f"{where}.input_size={size!r}: expected [channels, height, width] of positive sizes")
-    if len(resize) != 2 or not all(0 < v <= MAX_SIDE for v in resize):
-        raise ConfigError(f"{where}.resize={resize!r}: expected [height, width] of positive sizes")
-    if len(p["mean"]) != size[0] or len(p["std"]) != size[0] or not all(s > 0 for s in p["std"]):
-        raise ConfigError(f"{where}: mean and std need one value per channel ({size[0]}), std > 0")
+    if len(size) != 3 or size[0] != 3 or not all(0 < v <= MAX_SIDE for v in size[1:]):
+        raise ConfigError(f"{where}.input_size={size!r}: expected [3, height, width] (RGB) with sides "
+                          f"in 1..{MAX_SIDE}")
     if not 0 < p["crop_pct"] <= 10:
         raise ConfigError(f"{where}.crop_pct={p['crop_pct']!r}: expected a fraction in (0, 10]")
+    if resize != [math.floor(side / p["crop_pct"]) for side in size[1:]] or min(resize) < 1:
+        raise ConfigError(f"{where}.resize={resize!r} does not follow from input_size {size!r} and crop_pct "
+                          f"{p['crop_pct']!r} (floor(side / crop_pct), at least 1)")
+    if (len(p["mean"]) != size[0] or len(p["std"]) != size[0] or not all(1e-6 <= s <= 1e6 for s in p["std"])
+            or not all(abs(m) <= 1e6 for m in p["mean"])):
+        raise ConfigError(f"{where}: mean and std need one value per channel ({size[0]}), |mean| ≤ 1e6, "
+                          "std in [1e-6, 1e6]")
     if p["interpolation"] not in INTERPOLATIONS or p["crop_mode"] not in CROP_MODES:
         raise ConfigError(f"{where}: interpolation {p['interpolation']!r} / crop_mode {p['crop_mode']!r} "
                           f"not one of {INTERPOLATIONS} / {CROP_MODES}")

@@ -230,6 +230,7 @@ def load_artifact(path: str | Path, threads: int | None = None) -> Artifact:
 
 
 def _load_folder(path: Path, contract: Contract) -> nn.Module:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from vitslim import tokens
@@ -242,7 +243,11 @@ def _load_folder(path: Path, contract: Contract) -> nn.Module:
     recipe = recipe_from_dict(contract.recipe)
     model = _architecture(ModelSource(contract.source["name"], contract.source.get("checkpoint"),
                                       contract.source.get("timm_kwargs") or {}))
-    state = load_file(str(path / WEIGHTS_FILE))
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"{str(path / WEIGHTS_FILE)!r} is not a readable safetensors file ({err}); "
+                             "re-create the artifact with `vitslim apply`") from None
     loaded = False
     for step in recipe.steps:  # replayed in the recipe's order, as they were applied
         if step.kind == "tokens":

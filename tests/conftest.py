@@ -11,6 +11,16 @@ import torch
 
 os.environ.setdefault("VITSLIM_QUIET", "1")
 
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests: a small budget in CI (HYPOTHESIS_PROFILE=thorough for more);
+# benchmarks/fuzz_inputs.py runs >= 10 000 inputs per parser by hand.
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("thorough", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "example_images"
 

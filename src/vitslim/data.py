@@ -1,16 +1,30 @@
 """Images in, tensors out: folder layouts, the model's own transforms, calibration splits.
 
-Two layouts are understood:
+An image is a file with an image suffix (``IMAGE_SUFFIXES``, any case) whose name does not
+start with ``.``; hidden files and folders are ignored everywhere. Two layouts are understood:
 
-* class sub-folders (``root/<class>/<image>``, the ImageNet/torchvision layout); a sub-folder
-  named by an ImageNet wnid (``n01440764``) takes that class's ImageNet index, others are
-  numbered in sorted order;
+* class sub-folders (``root/<class>/<image>``, the ImageNet/torchvision layout): if every
+  sub-folder holding images is named by an ImageNet wnid (``n01440764``), each takes that
+  class's ImageNet index; if none is, they are numbered in sorted order; a mix is an error
+  (labels would silently shift);
 * a flat folder of images; files named ``<wnid>_<name>.JPEG`` are labelled with the wnid's
   ImageNet index, other files are unlabelled (label -1).
+
+Sub-folders without images are ignored. Images both at the top level and in sub-folders, or
+images nested deeper than ``root/<class>/``, are an error naming one of each: no image is
+silently left out.
+
+Reading an image: it must be a regular file (a FIFO or device named ``x.jpg`` is refused
+without opening it, so nothing blocks) of at most ``MAX_IMAGE_BYTES``, and at most
+``MAX_IMAGE_PIXELS`` pixels (checked from the header, before decoding). 16-bit and 32-bit
+integer grayscale (PIL modes ``I;16*`` and ``I``: values 0–65535) and float (``F``: values
+0–1) images are scaled to 8 bits, not clipped; values outside those ranges are an error.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from functools import cache
@@ -18,21 +32,18 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from vitslim.errors import BadImageError, ConfigError, DataError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 UNLABELLED = -1
-
-
-class DataError(ValueError):
-    """The image folder cannot be used as given; the message says why and what to do."""
-
-
-class BadImageError(DataError):
-    """An image file cannot be decoded."""
+MAX_IMAGE_BYTES = 256 << 20
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default decompression-bomb threshold (~ 9459 x 9459)
 
 
 @cache
@@ -58,17 +69,92 @@ class ImageFolder(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.samples[i]
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            image = read_image(path)
+        except BadImageError:
             if not self.skip_bad:
-                raise BadImageError(
-                    f"cannot read image {str(path)!r} ({type(err).__name__}: {err}); remove or "
-                    "fix it, or pass --skip-bad to skip unreadable images and count them."
-                ) from err
+                raise
             self.skipped.append(path)
             return None
         return self.transform(image), label
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """One image file as 8-bit RGB (see the module docstring for what is accepted);
+    a ``BadImageError`` naming the file otherwise."""
+    path = Path(path)
+    fix = "remove or fix it, or pass --skip-bad to skip unreadable images and count them"
+    try:  # non-blocking: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise BadImageError(f"cannot open image {str(path)!r} ({err.strerror}); {fix}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImageError(f"{str(path)!r} is not a regular file (a {_file_kind(st.st_mode)}); {fix}")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise BadImageError(f"image {str(path)!r} is {st.st_size} bytes, over the {MAX_IMAGE_BYTES} limit; {fix}")
+        too_big = f"over the {MAX_IMAGE_PIXELS} limit (a decompression bomb?); {fix}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+                with Image.open(f) as img:
+                    width, height = img.size
+                    if width * height > MAX_IMAGE_PIXELS:
+                        raise BadImageError(f"image {str(path)!r} is {width}x{height} pixels, {too_big}")
+                    return to_rgb8(img)
+        except BadImageError:
+            raise
+        except Image.DecompressionBombError:
+            raise BadImageError(f"image {str(path)!r} has too many pixels, {too_big}") from None
+        except Exception as err:  # PIL's decoders fail on damaged files with many exception types
+            raise BadImageError(f"cannot read image {str(path)!r} ({type(err).__name__}: "
+                                f"{' '.join(str(err).split())[:200]}); {fix}") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "FIFO", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
+             stat.S_ISSOCK: "socket", stat.S_ISDIR: "folder"}
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
+
+
+# PIL mode -> the value range that maps to 0..255 (PIL's own convert() clips these instead).
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB: wide grayscale modes scaled by their full range (16-bit 65535 -> 255),
+    everything else through PIL's ``convert``."""
+    if img.mode not in WIDE_MODES:
+        return img.convert("RGB")
+    top = WIDE_MODES[img.mode]
+    values = np.asarray(img, dtype=np.float64)
+    if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= top):
+        raise ValueError(f"{img.mode} image with values in [{values.min()}, {values.max()}]; vitslim reads "
+                         f"this mode as 0..{top}: convert it to 8-bit")
+    gray = np.rint(values * (255 / top)).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def _is_image(path: Path) -> bool:
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir()
+
+
+def _visible(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as err:
+        raise DataError(f"cannot list folder {str(folder)!r} ({err.strerror})") from None
+
+
+def _nested_image(folder: Path) -> Path | None:
+    """An image anywhere below ``folder``'s sub-folders (hidden ones aside), or None."""
+    for top, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if Path(top) != folder:
+            found = next((Path(top) / n for n in sorted(names) if _is_image(Path(top) / n)), None)
+            if found:
+                return found
+    return None
 
 
 def list_images(root: str | Path) -> list[tuple[Path, int]]:
@@ -76,28 +162,44 @@ def list_images(root: str | Path) -> list[tuple[Path, int]]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {str(root)!r} does not exist or is not a directory")
-    wnids = imagenet_wnids()
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if subdirs:
-        all_wnids = all(d.name in wnids for d in subdirs)
-        samples = [
-            (p, wnids[d.name] if all_wnids else k)
-            for k, d in enumerate(subdirs)
-            for p in sorted(d.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES
-        ]
+    entries = _visible(root)
+    top_images = [p for p in entries if _is_image(p)]
+    subdirs = [d for d in entries if d.is_dir()]
+    for d in subdirs:
+        deep = _nested_image(d)
+        if deep:
+            raise DataError(f"image {str(deep)!r} is nested more than one folder below {str(root)!r}; vitslim "
+                            "reads a flat folder or one sub-folder per class: move it up, or point --data lower")
+    classes = [(d, images) for d in subdirs if (images := [p for p in _visible(d) if _is_image(p)])]
+    if top_images and classes:
+        raise DataError(f"{str(root)!r} has images both at its top level (e.g. {top_images[0].name!r}) and in "
+                        f"sub-folders (e.g. {classes[0][0].name!r}/); use one layout: move the top-level images "
+                        "into a class sub-folder, or the sub-folders elsewhere")
+    if classes:
+        samples = [(p, label) for (d, images), label in zip(classes, _class_labels([d for d, _ in classes]))
+                   for p in images]
     else:
-        samples = [
-            (p, wnids.get(p.name.split("_")[0], UNLABELLED))
-            for p in sorted(root.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES
-        ]
+        wnids = imagenet_wnids()
+        samples = [(p, wnids.get(p.name.split("_")[0], UNLABELLED)) for p in top_images]
     if not samples:
         raise DataError(
             f"no images in {str(root)!r} (looked for {sorted(IMAGE_SUFFIXES)} files, flat or "
             "one sub-folder per class); point --data at a folder of images."
         )
     return samples
+
+
+def _class_labels(folders: list[Path]) -> list[int]:
+    """ImageNet indices when every class folder is a wnid, 0..n-1 in sorted order when none is."""
+    wnids = imagenet_wnids()
+    named = [d.name for d in folders if d.name in wnids]
+    if not named:
+        return list(range(len(folders)))
+    other = [d.name for d in folders if d.name not in wnids]
+    if other:
+        raise DataError(f"class sub-folders mix ImageNet wnids (e.g. {named[0]!r}) with other names (e.g. "
+                        f"{other[0]!r}); labels would be ambiguous: rename or move the other folders")
+    return [wnids[d.name] for d in folders]
 
 
 def model_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
@@ -142,7 +244,7 @@ def calibration_split(dataset: Dataset, n_calib: int, seed: int = 0) -> tuple[Su
     """
     n = len(dataset)
     if n_calib < 0:
-        raise ValueError(f"n_calib must be >= 0, got {n_calib}")
+        raise ConfigError(f"n_calib must be >= 0, got {n_calib}")
     if n_calib > n:
         warnings.warn(f"asked for {n_calib} calibration images but only {n} are available; using {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()

@@ -15,6 +15,7 @@ from torch import nn
 
 from vitslim import metrics
 from vitslim.data import skipped_files
+from vitslim.errors import ConfigError, DataError, NonFiniteOutputError
 from vitslim.progress import progress_bar
 
 
@@ -79,13 +80,29 @@ def predict(model: Callable, loader: Iterable, description: str = "predict") -> 
             continue
         images, y = batch
         f, lg = forward_outputs(model, images)
+        _check_finite(f, lg, description, done=sum(len(x) for x in feats))
         feats.append(f)
         labels.append(y)
         if lg is not None:
             logits.append(lg)
     if not feats:
-        raise ValueError("no readable images to evaluate")
+        skipped = skipped_files(getattr(loader, "dataset", None))
+        example = f", e.g. {str(skipped[0])!r}" if skipped else ""
+        raise DataError(f"no readable images to evaluate ({len(skipped)} skipped as unreadable{example})")
     return Outputs(torch.cat(feats), torch.cat(logits) if logits else None, torch.cat(labels))
+
+
+def _check_finite(features: torch.Tensor, logits: torch.Tensor | None, description: str, done: int) -> None:
+    """NaN/Inf outputs are an error, never a metric (NaN logits would rank as a valid top-k)."""
+    bad = ~torch.isfinite(features).flatten(1).all(1)
+    if logits is not None:
+        bad |= ~torch.isfinite(logits).all(1)
+    if bad.any():
+        first = done + int(bad.nonzero()[0])
+        raise NonFiniteOutputError(
+            f"{description}: the model produced NaN or Inf for {int(bad.sum())} of {len(bad)} images in a "
+            f"batch (image {first} in loader order); its weights or inputs are broken, so no metric is "
+            "reported: check the checkpoint (--checkpoint) and the dtype")
 
 
 def compare_outputs(test: Outputs, reference: Outputs | None) -> EvalResult:
@@ -100,7 +117,7 @@ def compare_outputs(test: Outputs, reference: Outputs | None) -> EvalResult:
         if ref_f.shape != test_f.shape and test.logits is not None and reference.logits is not None:
             ref_f, test_f = reference.logits, test.logits  # an exported classifier gives only logits
         if ref_f.shape != test_f.shape:
-            raise ValueError(f"outputs of shape {tuple(test_f.shape)} cannot be compared with the "
+            raise ConfigError(f"outputs of shape {tuple(test_f.shape)} cannot be compared with the "
                              f"reference's {tuple(ref_f.shape)}: is it the same model?")
         result.cosine = metrics.cosine_similarity(ref_f, test_f)
         result.sqnr_db = metrics.sqnr_db(ref_f, test_f)

@@ -18,6 +18,8 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     signal = reference.pow(2).sum().item()
     if noise == 0:
         return math.inf
+    if signal == 0:
+        return -math.inf
     return 10 * math.log10(signal / noise)
 
 

@@ -1,20 +1,64 @@
-"""Printing results as tables and writing them as JSON (atomically)."""
+"""Printing results and errors, and writing files: atomically, with the user's umask, and
+only where the user said (output paths are checked before any long work starts).
+
+Nothing user-supplied is ever parsed as rich markup or emoji codes: the consoles have both
+off, and styled text is built with ``rich.text.Text``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import html
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from vitslim.errors import OutputPathError
 
 # Wide enough for the result tables when piped to a file or a CI log.
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 160, markup=False, emoji=False, highlight=False)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+MAX_MESSAGE_CHARS = 2000
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` as one printable line: whitespace runs (newlines too) become one space,
+    control characters and undecodable bytes are escaped, and it is cut at ``limit``."""
+    text = re.sub(r"\s+", " ", str(text)).strip()
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text) - limit} more characters)"
+    return text
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, on one line, never interpreted as markup."""
+    err_console.print(Text("error: ", style="bold red") + Text(one_line(message)), soft_wrap=True)
+
+
+def print_warning(message: str) -> None:
+    """``warning: <message>`` on stderr, on one line, never interpreted as markup."""
+    err_console.print(Text("warning: ", style="yellow") + Text(one_line(message)), soft_wrap=True)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """Text from plain strings and (string, style) pairs: styles without markup parsing."""
+    out = Text()
+    for part in parts:
+        out.append(*((part,) if isinstance(part, str) else part))
+    return out
 
 
 def fmt(value: Any, digits: int = 5) -> str:
@@ -32,12 +76,12 @@ def print_table(title: str, rows: Sequence[dict], columns: dict[str, str], capti
     """Print ``rows`` (dicts) with ``columns`` mapping row key -> header; columns that
     apply to no row (e.g. top-1 without labels) are left out."""
     shown = [k for k in columns if any(row.get(k) is not None for row in rows)]
-    table = Table(title=title, caption=caption)
+    table = Table(title=Text(title), caption=Text(caption) if caption else None)
     for key in shown:
         numeric = all(isinstance(row.get(key), (int, float, type(None))) for row in rows)
-        table.add_column(columns[key], justify="right" if numeric else "left")
+        table.add_column(Text(columns[key]), justify="right" if numeric else "left")
     for row in rows:
-        table.add_row(*(fmt(row.get(key)) for key in shown))
+        table.add_row(*(Text(fmt(row.get(key))) for key in shown))
     console.print(table)
 
 
@@ -52,6 +96,21 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def markdown_text(text: Any) -> str:
+    """User-derived text for Markdown prose: no raw HTML, no links or images, no table breaks,
+    one line."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return re.sub(r"([\\`*_\[\]()!|#~{}])", r"\\\1", text)
+
+
+def markdown_code(text: Any) -> str:
+    """User-derived text as Markdown inline code, on one line (a fence longer than any run of
+    backticks inside)."""
+    text = " ".join(str(text).split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"`{text}`" if fence == "`" else f"{fence} {text} {fence}"
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename: never a half-written file."""
     write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
@@ -59,23 +118,104 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text through a temporary file and a rename."""
-    write_bytes_atomic(path, text.encode())
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write bytes through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    publish(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def publish(tmp: str | Path, path: str | Path) -> None:
     """Rename a finished temporary file or folder into place, with the permissions a normally
     created one would have (temporary files are private to their owner)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, (0o777 if Path(tmp).is_dir() else 0o666) & ~umask)
+    os.chmod(tmp, (0o777 if Path(tmp).is_dir() else 0o666) & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Errors of the file system the user chose (full, read-only, no permission), not vitslim bugs.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; on success it is renamed to ``path`` with
+    the permissions a new file gets under the umask. Until then (error, Ctrl-C, SIGKILL)
+    nothing exists under the final name: only a hidden ``.NAME.*.tmp`` file may be left."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        raise OutputPathError(f"cannot write {str(path)!r}: {err.strerror or err}; choose another path") from err
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in _USER_ERRNOS:
+            raise OutputPathError(f"cannot write {str(path)!r}: {err.strerror}; choose another path") from err
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_filename(name: str, suffix: str = "") -> str:
+    """A file name made from user text (e.g. a recipe's name) that cannot leave its folder:
+    only letters, digits, ``.``, ``_`` and ``-``, no leading dot, at most 64 characters; a
+    short hash of the original keeps names that had to be changed distinct."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".")[:64] or "unnamed"
+    if clean != name:
+        clean = f"{clean[:55]}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    return clean + suffix
+
+
+def _nearest_existing(path: Path) -> Path:
+    for parent in [path, *path.parents]:
+        if os.path.lexists(parent):
+            return parent
+    return Path(".")
+
+
+def _check_parent_writable(path: Path, what: str) -> None:
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise OutputPathError(f"{what} {str(path)!r} cannot be created: {str(base)!r} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what} {str(path)!r} cannot be created: folder {str(base)!r} is not writable; "
+                              "choose another path")
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Fail now, before long work, if ``path`` cannot be written as a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{what} {str(path)!r} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise OutputPathError(f"{what} {str(path)!r} exists and is not a regular file; give another name")
+    _check_parent_writable(path, what)
+    return path
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Fail now, before long work, if ``path`` cannot be used as a folder to write into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} {str(path)!r} exists and is not a folder; give a folder path")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{what} {str(path)!r} is not writable; choose another folder")
+        return path
+    _check_parent_writable(path, what)
+    return path

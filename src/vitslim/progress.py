@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 T = TypeVar("T")
 
-_stderr = Console(stderr=True)
+_stderr = Console(stderr=True, markup=False, emoji=False)  # descriptions hold user text (recipe names)
 
 
 def progress_bar(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
@@ -19,7 +19,7 @@ def progress_bar(items: Iterable[T], description: str, total: int | None = None)
         yield from items
         return
     total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=_stderr, transient=True) as progress:
         task = progress.add_task(description, total=total)
         for item in items:

@@ -19,7 +19,7 @@ from vitslim.data import calibration_images, list_images, load_image_folder, mod
 from vitslim.deploy import apply, build_artifact, load_artifact, predict_folder, read_contract
 from vitslim.deploy.contract import Contract
 from vitslim.deploy.snippet import onnx_snippet
-from vitslim.errors import ConfigError
+from vitslim.errors import ConfigError, ModelLoadError
 
 TINY = dict(img_size=48, patch_size=8)  # 36 patches + class token, 2 blocks: ToMe r=4 merges 8 of them
 INT8_TOME = Recipe("int8-tome", (Step("tokens", {"method": "tome", "r": 4}), Step("quantize", {"preset": "w8a8-ort"}),
@@ -90,7 +90,7 @@ def test_compress_hands_over_the_chosen_model_and_apply_rebuilds_it(tmp_path, ex
     grid = [INT8_TOME, Recipe("bf16", (Step("dtype", {"dtype": "bfloat16"}),))]
     run = dict(recipes=grid, n_calib=8, n_eval=8, batch_size=2, iters=2, cache_dir=cache, sensitivity_preset=None,
                source=tiny_vit_source(**TINY))
-    result = compress(model, example_images, "speedup=0", out=out, save_all=True, **run)
+    result = compress(model, example_images, "speedup=0.001", out=out, save_all=True, **run)
     chosen = result.chosen
     assert result.artifact == str(out / ("model.onnx" if chosen.name == "int8-tome" else "model"))
     other = next(c for c in result.candidates if c is not chosen)
@@ -122,12 +122,12 @@ def test_compress_hands_over_the_chosen_model_and_apply_rebuilds_it(tmp_path, ex
     stamp = (out / "candidates").stat().st_mtime_ns, [p.stat().st_mtime_ns for p in out.rglob("*")]
     monkeypatch.setattr(search, "_rebuild", lambda *a: pytest.fail("rebuilt a saved artifact"))
     monkeypatch.setattr(search, "evaluate_candidate", lambda *a, **k: pytest.fail("re-evaluated"))
-    compress(model, example_images, "speedup=0", out=out, save_all=True, **run)
+    compress(model, example_images, "speedup=0.001", out=out, save_all=True, **run)
     assert [p.stat().st_mtime_ns for p in out.rglob("*")] == stamp[1]
     # ...and a new --out gets the chosen artifact rebuilt from the cache, not re-measured.
     monkeypatch.undo()
     monkeypatch.setattr(search, "evaluate_candidate", lambda *a, **k: pytest.fail("re-evaluated"))
-    fresh = compress(model, example_images, "speedup=0", out=tmp_path / "fresh", **run)
+    fresh = compress(model, example_images, "speedup=0.001", out=tmp_path / "fresh", **run)
     assert fresh.artifact and read_contract(fresh.artifact).fidelity["cosine"] == chosen.cosine
 
 
@@ -155,7 +155,7 @@ def _snippet(markdown: str) -> str:
 
 def test_report_snippet_runs_without_vitslim_and_matches_predict(tmp_path, example_images):
     model, out = make_tiny_vit(**TINY), tmp_path / "report"
-    result = compress(model, example_images, "speedup=0", recipes=[INT8_TOME], n_calib=8, n_eval=8, batch_size=2,
+    result = compress(model, example_images, "speedup=0.001", recipes=[INT8_TOME], n_calib=8, n_eval=8, batch_size=2,
                       iters=2, cache_dir=tmp_path / "cache", sensitivity_preset=None, out=out,
                       source=tiny_vit_source(**TINY))
     _, md_path = write_report(result, out, "tiny random ViT")
@@ -239,7 +239,7 @@ def test_wrong_out_path_and_non_artifacts_are_clear_errors(tmp_path, example_ima
                               "--out", str(tmp_path / "m.onnx")])
     assert "saved as a folder" in str(res.exception)
     res = runner.invoke(app, ["predict", str(tmp_path), "--data", str(example_images)])
-    assert isinstance(res.exception, FileNotFoundError) and "not a vitslim artifact" in str(res.exception)
+    assert isinstance(res.exception, ModelLoadError) and "not a vitslim artifact" in str(res.exception)
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -302,3 +302,54 @@ def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
     session = OnnxModel(tmp_path / "q.onnx")
     assert session.num_classes == 10  # from the contract; the output width alone says nothing
     assert torch.equal(_preprocessing(session, None)(image), contract.transform()(image))
+
+
+@pytest.mark.parametrize("damage", ["json", "input_size", "std", "missing", "recipe"])
+def test_malformed_contract_is_a_one_line_error(tmp_path, example_images, damage):
+    """A contract is read back from files users copy around: a damaged one is refused with the
+    file named, for saved folders and for ONNX metadata alike."""
+    import onnx
+
+
+
+    model = make_tiny_vit(**TINY)
+    folder = build_artifact(model, Recipe("fp32", ()), torch.empty(0), tmp_path / "model", tiny_vit_source(**TINY))
+    meta = json.loads((folder / "vitslim.json").read_text())
+    contract = meta["contract"]
+    if damage == "json":
+        text = '{"contract": {"model": NaN'
+    else:
+        if damage == "input_size":
+            contract["preprocessing"]["input_size"] = [3, -48, 48]
+        elif damage == "std":
+            contract["preprocessing"]["std"] = [0.5, 0.0, 0.5]
+        elif damage == "missing":
+            del contract["output"]
+        else:
+            contract["recipe"] = {"name": "x", "steps": [{"quantize": {"preset": "no-such-preset"}}]}
+        text = json.dumps(meta)
+    (folder / "vitslim.json").write_text(text)
+    with pytest.raises(ModelLoadError, match="vitslim.json|model"):
+        read_contract(folder)
+
+    # The same damage in an ONNX file's metadata_props.
+    onnx_path = tmp_path / "m.onnx"
+    build_artifact(model, Recipe("e", (Step("export", {"format": "onnx"}),)), torch.empty(0), onnx_path,
+                   tiny_vit_source(**TINY))
+    graph = onnx.load(str(onnx_path))
+    props = {p.key: p.value for p in graph.metadata_props}
+    if damage == "json":
+        props["vitslim.output"] = '{"kind": "logits", "classes": Infinity}'
+    else:
+        field = {"input_size": "preprocessing", "std": "preprocessing", "missing": "output", "recipe": "recipe"}[damage]
+        if field in contract:
+            props[f"vitslim.{field}"] = json.dumps(contract[field])
+        else:
+            del props[f"vitslim.{field}"]
+    del graph.metadata_props[:]
+    onnx.helper.set_model_props(graph, props)
+    onnx.save(graph, str(onnx_path))
+    with pytest.raises(ModelLoadError, match=re.escape(repr(str(onnx_path)))):
+        read_contract(onnx_path)
+    with pytest.raises(ModelLoadError, match="unusable vitslim contract"):
+        load_artifact(onnx_path)

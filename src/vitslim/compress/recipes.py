@@ -22,45 +22,59 @@ from typing import Any
 
 import yaml
 
+from vitslim.datafile import brief, check_mapping, check_type, read_data_file
 from vitslim.errors import ConfigError
+
+MAX_NAME_CHARS = 100
 
 STAGE_NAMES = ("token reduction", "numeric format (dtype or quantize)", "export")
 
 
 def _allow(kind: str, knobs: dict, allowed: list[str]) -> None:
-    unknown = sorted(set(knobs) - set(allowed))
+    unknown = sorted(str(k) for k in set(knobs) - set(allowed))
     if unknown:
-        raise ConfigError(f"step {kind!r}: unknown knob(s) {unknown}; valid knobs are {sorted(allowed)}")
+        raise ConfigError(f"step {kind!r}: unknown knob(s) {brief(unknown)}; valid knobs are {sorted(allowed)}")
 
 
 def _check_tokens(knobs: dict) -> None:
     import inspect
 
-    from vitslim.tokens import METHODS
+    from vitslim.tokens import METHODS, check_params
 
     method = knobs.get("method")
-    if method not in METHODS:
-        raise ConfigError(f"step 'tokens': method {method!r} is not one of {sorted(METHODS)}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ConfigError(f"step 'tokens': method {brief(method)} is not one of {sorted(METHODS)}")
     params = [p for p in inspect.signature(METHODS[method]).parameters if p != "model"]
     _allow("tokens", knobs, ["method", *params])
+    check_params(method, {k: v for k, v in knobs.items() if k != "method"})
 
 
 def _check_dtype(knobs: dict) -> None:
     from vitslim.api import DTYPES
 
     _allow("dtype", knobs, ["dtype"])
-    if knobs.get("dtype", "bfloat16") not in DTYPES:
-        raise ConfigError(f"step 'dtype': dtype {knobs['dtype']!r} is not one of {list(DTYPES)}")
+    if not isinstance(knobs.get("dtype", "bfloat16"), str) or knobs.get("dtype", "bfloat16") not in DTYPES:
+        raise ConfigError(f"step 'dtype': dtype {brief(knobs['dtype'])} is not one of {list(DTYPES)}")
 
 
 def _check_quantize(knobs: dict) -> None:
+    from vitslim.quant.config import PRESETS, QuantConfig
+
     _allow("quantize", knobs, ["preset", "config", "calib_images"])
+    if ("preset" in knobs) == ("config" in knobs):
+        raise ConfigError("step 'quantize': give exactly one of `preset` (a name) or `config` (a QuantConfig mapping)")
+    if "preset" in knobs and (not isinstance(knobs["preset"], str) or knobs["preset"] not in PRESETS):
+        raise ConfigError(f"step 'quantize': preset {brief(knobs['preset'])} is not one of {sorted(PRESETS)}")
+    if "config" in knobs:
+        QuantConfig.from_dict(knobs["config"])
+    if "calib_images" in knobs and check_type(knobs["calib_images"], int, "calib_images") < 1:
+        raise ConfigError(f"step 'quantize': calib_images must be >= 1, got {knobs['calib_images']}")
 
 
 def _check_export(knobs: dict) -> None:
     _allow("export", knobs, ["format"])
     if knobs.get("format", "onnx") != "onnx":
-        raise ConfigError(f"step 'export': format {knobs['format']!r} is not supported; use 'onnx'")
+        raise ConfigError(f"step 'export': format {brief(knobs['format'])} is not supported; use 'onnx'")
 
 
 # step kind -> (stage, knob check). The method families check their knobs' values again.
@@ -88,6 +102,7 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self) -> None:
+        validate_name(self.name)
         validate_steps(self.name, self.steps)
 
     def to_dict(self) -> dict:
@@ -101,6 +116,15 @@ class Recipe:
     def summary(self) -> str:
         parts = [f"{s.kind}(" + ", ".join(f"{k}={v}" for k, v in s.knobs.items()) + ")" for s in self.steps]
         return " → ".join(parts) or "FP32 original"
+
+
+def validate_name(name: Any) -> None:
+    """A recipe's name is shown in tables and reports and turned into file names (through
+    ``vitslim.output.safe_filename``): printable text of at most 100 characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"a recipe's name must be non-empty text, got {brief(name)}")
+    if len(name) > MAX_NAME_CHARS or not name.isprintable():
+        raise ConfigError(f"recipe name {brief(name)}: use at most {MAX_NAME_CHARS} printable characters")
 
 
 def validate_steps(name: str, steps: tuple[Step, ...]) -> None:
@@ -129,13 +153,22 @@ def recipe_from_dict(data: dict) -> Recipe:
     """Build a recipe from its plain-data form (as loaded from YAML/JSON)."""
     if not isinstance(data, dict) or "steps" not in data:
         raise ConfigError("a recipe is a mapping with `name` and a `steps` list")
+    check_mapping(data, "recipe")
+    unknown = sorted(set(data) - {"name", "steps", "description"})
+    if unknown:
+        raise ConfigError(f"recipe: unknown field(s) {brief(unknown)}; a recipe has name, description and steps")
+    if not isinstance(data["steps"] or [], list):
+        raise ConfigError(f"recipe: steps must be a list, got {brief(data['steps'])}")
     steps = []
     for raw in data["steps"] or []:
         if not isinstance(raw, dict) or len(raw) != 1:
-            raise ConfigError(f"each step is a one-key mapping like {{tokens: {{method: tome}}}}, got {raw!r}")
+            raise ConfigError(f"each step is a one-key mapping like {{tokens: {{method: tome}}}}, got {brief(raw)}")
         (kind, knobs), = raw.items()
-        steps.append(Step(kind, dict(knobs or {})))
-    return Recipe(str(data.get("name", "custom")), tuple(steps), str(data.get("description", "")))
+        if not isinstance(kind, str) or kind not in STEP_KINDS:
+            raise ConfigError(f"unknown step {brief(kind)}; valid steps are {sorted(STEP_KINDS)}")
+        steps.append(Step(kind, dict(check_mapping(knobs or {}, f"step {kind!r}"))))
+    description = check_type(data.get("description") or "", str, "recipe description")
+    return Recipe(data.get("name", "custom"), tuple(steps), description)
 
 
 def load_recipe(source: str | Path) -> Recipe:
@@ -146,9 +179,11 @@ def load_recipe(source: str | Path) -> Recipe:
     if not path.is_file():
         raise ConfigError(f"no built-in recipe or file named {str(source)!r}; built-in recipes are "
                           f"{sorted(BUILTIN_RECIPES)} (see `vitslim recipes`)")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    return recipe_from_dict(data)
+    data = read_data_file(path, "recipe file")
+    try:
+        return recipe_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"recipe file {str(path)!r}: {err}") from None
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import html
 import io
+import math
+import re
+import shlex
 from pathlib import Path
 
 from vitslim.compress.search import CandidateResult, SearchResult, pareto_front
 from vitslim.output import fmt, write_text_atomic
+from vitslim.output import markdown_text as _md
 
 COLUMNS = [("name", "recipe"), ("speedup", "speedup ×"), ("cosine", "cosine"), ("sqnr_db", "SQNR dB"),
            ("top1_agreement", "top-1 agree"), ("top1", "top-1"), ("accuracy_drop", "top-1 drop pts"),
@@ -39,18 +43,24 @@ def _row(c: CandidateResult) -> dict:
     return {"name": c.name, **{k: getattr(c, k) for k, _ in COLUMNS[1:]}}
 
 
+def _plottable(c: CandidateResult) -> bool:
+    return not c.error and all(isinstance(v, (int, float)) and math.isfinite(v) for v in (c.speedup, c.cosine))
+
+
 def frontier_svg(result: SearchResult) -> str:
-    """Fidelity (1 − cosine, log scale) against speedup, frontier joined, choice ringed."""
+    """Fidelity (1 − cosine, log scale) against speedup, frontier joined, choice ringed.
+    Names are drawn as plain text (never as matplotlib math); only finite figures are plotted."""
     plt = _pyplot()
-    ok = [c for c in result.candidates if not c.error]
+    ok = [c for c in result.candidates if _plottable(c)]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     loss = lambda c: max(1 - c.cosine, 1e-7)  # noqa: E731 - identical outputs sit at the floor
     ax.scatter([c.speedup for c in ok], [loss(c) for c in ok], color="#4477aa", zorder=3)
     for c in ok:
-        ax.annotate(c.name, (c.speedup, loss(c)), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    front = sorted(pareto_front(result.candidates), key=lambda c: c.speedup)
+        ax.annotate(c.name, (c.speedup, loss(c)), textcoords="offset points", xytext=(5, 4), fontsize=8,
+                    parse_math=False)
+    front = sorted(pareto_front(ok), key=lambda c: c.speedup)
     ax.plot([c.speedup for c in front], [loss(c) for c in front], color="#4477aa", alpha=0.5, label="frontier")
-    if result.chosen and not result.chosen.error:
+    if result.chosen and _plottable(result.chosen):
         ax.scatter([result.chosen.speedup], [loss(result.chosen)], s=220, facecolors="none",
                    edgecolors="#cc3311", linewidths=2, label="chosen", zorder=4)
     t = result.target
@@ -147,10 +157,10 @@ tr.chosen {{ background: #fde8e4; font-weight: bold; }}
         page = page.replace("</body>", _markdown_to_html(usage) + "</body>")
     write_text_atomic(html_path, page)
     columns = _shown(rows, COLUMNS)
-    md = ["# vitslim compress report", "", *[f"- {line}" for line in summary], "",
+    md = ["# vitslim compress report", "", *[f"- {_md(line)}" for line in summary], "",
           "| " + " | ".join(h for _, h in columns) + " |", "|" + " --- |" * len(columns)]
-    md += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
-    md += [f"- {c.name} failed: {c.error}" for c in failed]
+    md += ["| " + " | ".join(_md(fmt(r.get(k))) for k, _ in columns) + " |" for r in rows]
+    md += [f"- {_md(c.name)} failed: {_md(c.error)}" for c in failed]
     write_text_atomic(md_path, "\n".join(md) + "\n" + ("\n" + usage if usage else ""))
     return html_path, md_path
 
@@ -173,10 +183,10 @@ def usage_section(result: SearchResult, model_name: str) -> str:
 
     contract = read_contract(result.artifact)
     s, src = result.settings, contract.source
-    checkpoint = f" --checkpoint {src['checkpoint']}" if src.get("checkpoint") else ""
-    rebuild = (f"vitslim apply {Path(result.artifact).parent / 'recipe.yaml'} {model_name}{checkpoint} "
-               f"--data {result.data} --calib-images {s.get('n_calib')} --seed {s.get('seed')} "
-               f"--out {Path(result.artifact).name}")
+    checkpoint = ("--checkpoint", src["checkpoint"]) if src.get("checkpoint") else ()
+    rebuild = " ".join(shlex.quote(" ".join(str(arg).split())) for arg in (
+        "vitslim", "apply", Path(result.artifact).parent / "recipe.yaml", model_name, *checkpoint, "--data",
+        result.data, "--calib-images", s.get("n_calib"), "--seed", s.get("seed"), "--out", Path(result.artifact).name))
     return (usage_markdown(result.artifact, result.data, contract, result.data)
             + "\nThe same artifact again (same calibration images, same code path as the search):\n\n"
             + f"```bash\n{rebuild}\n```\n")
@@ -195,12 +205,17 @@ def _markdown_to_html(text: str) -> str:
         elif code is not None:
             code.append(line)
         elif line.startswith("## "):
-            parts.append(f"<h2>{html.escape(line[3:])}</h2>")
+            parts.append(f"<h2>{html.escape(_plain(line[3:]))}</h2>")
         elif line.strip():
             buf.append(line)
         elif buf:
-            parts.append(f"<p>{html.escape(' '.join(buf))}</p>")
+            parts.append(f"<p>{html.escape(_plain(' '.join(buf)))}</p>")
             buf = []
     if buf:
-        parts.append(f"<p>{html.escape(' '.join(buf))}</p>")
+        parts.append(f"<p>{html.escape(_plain(' '.join(buf)))}</p>")
     return "\n".join(parts)
+
+
+def _plain(markdown: str) -> str:
+    """Prose written with ``markdown_text``, back to plain text (for HTML, escaped there)."""
+    return html.unescape(re.sub(r"\\(.)", r"\1", markdown))

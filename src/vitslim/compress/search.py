@@ -14,7 +14,8 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -25,7 +26,7 @@ import vitslim
 from vitslim.bench import compare, machine_info
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe
 from vitslim.data import make_loader
-from vitslim.errors import ConfigError
+from vitslim.errors import ConfigError, OutputPathError
 from vitslim.evaluate import Outputs, predict
 from vitslim.output import write_json
 from vitslim.progress import progress_bar
@@ -40,6 +41,9 @@ TARGET_METRICS = {
     "accuracy_drop": "top-1 accuracy drop vs the FP32 original in percentage points, at most (labelled images, classifier)",
 }
 AT_MOST = ("latency_ms", "accuracy_drop")  # the metrics where lower is better
+# Open-closed ranges of sensible targets (NaN and infinities fall outside every one).
+TARGET_RANGES = {"speedup": (0.0, 1e6), "fidelity": (-1.0, 1.0), "latency_ms": (0.0, 1e9),
+                 "accuracy_drop": (0.0, 100.0)}
 DEFAULT_GRID = ("fp32", "bf16", "tome-8", "tome-13", "evit-0.7", "bf16-tome", "bf16-tome-13", "ort-fp32",
                 "int8-fast", "int8-tome", "int8-tome-13")
 
@@ -51,16 +55,25 @@ class Target:
     metric: str
     value: float
 
+    def __post_init__(self) -> None:
+        if self.metric not in TARGET_METRICS:
+            raise ConfigError(f"target metric {self.metric!r} is not one of {sorted(TARGET_METRICS)}")
+        low, high = TARGET_RANGES[self.metric]
+        if not (isinstance(self.value, (int, float)) and low < self.value <= high):
+            raise ConfigError(f"target {self.metric}={self.value!r} is out of range: give a number in "
+                              f"({low}, {high}] ({TARGET_METRICS[self.metric]})")
+
     @classmethod
     def parse(cls, text: str) -> "Target":
-        name, _, value = text.partition("=")
+        name, _, value = text.strip().partition("=")
         if name not in TARGET_METRICS or not value:
             raise ConfigError(f"target {text!r} not understood; use one of "
                               + ", ".join(f"{m}=N ({d})" for m, d in TARGET_METRICS.items()))
         try:
-            return cls(name, float(value))
+            number = float(value)
         except ValueError:
             raise ConfigError(f"target {text!r}: {value!r} is not a number") from None
+        return cls(name, number)
 
     def met_by(self, c: "CandidateResult") -> bool:
         if c.error or self.measure(c) is None:
@@ -152,20 +165,62 @@ def candidate_key(model_fp: str, data_fp: str, recipe: Recipe, settings: dict) -
 
 
 class ResultStore:
-    """One JSON file per evaluated candidate, keyed by its hash; writes are atomic."""
+    """One JSON file per evaluated candidate, keyed by its hash; writes are atomic. An entry
+    that cannot be read back as a complete result is reported (with its path) and recomputed."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        from vitslim.output import check_output_dir
+
+        self.root = check_output_dir(root, "result cache")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputPathError(f"cannot create the result cache {str(root)!r} ({err.strerror}); "
+                                  "pass --cache DIR or set VITSLIM_CACHE") from None
 
     def get(self, key: str) -> CandidateResult | None:
         path = self.root / f"{key}.json"
-        if not path.is_file():
+        if not path.exists():
             return None
-        return CandidateResult(**json.loads(path.read_text()))
+        try:
+            return _result_from_json(path.read_text(encoding="utf-8"), key)
+        except (OSError, ValueError, TypeError) as err:
+            warnings.warn(f"ignoring corrupt cache entry {str(path)!r} ({' '.join(str(err).split())[:200]}); "
+                          "recomputing it", stacklevel=2)
+            return None
 
     def put(self, result: CandidateResult) -> None:
         write_json(self.root / f"{result.key}.json", asdict(result))
+
+
+# CandidateResult field -> JSON types it may hold ("inf" strings are how JSON holds ∞ SQNR).
+_NUMBER_FIELDS = {"cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop", "speedup", "throughput", "latency_ms", "size_mb", "seconds"}
+
+
+def _result_from_json(text: str, key: str) -> CandidateResult:
+    """A cached result, strictly: every field present with its type, finite figures (SQNR may
+    be +inf), and the key it is stored under. Anything else raises ValueError."""
+    data = json.loads(text)
+    names = {f.name for f in fields(CandidateResult)}
+    if not isinstance(data, dict) or set(data) != names:
+        raise ValueError(f"expected the fields {sorted(names)}")
+    for name in _NUMBER_FIELDS:
+        value = data[name]
+        if name == "sqnr_db" and value in ("inf", "-inf"):
+            data[name] = value = float(value)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or math.isnan(value) or (math.isinf(value) and name != "sqnr_db")):
+            raise ValueError(f"{name}={value!r} is not a finite number")
+    if data["key"] != key or not isinstance(data["recipe"], dict) or not isinstance(data["recipe"].get("name"), str):
+        raise ValueError("it belongs to another candidate")
+    if not all(isinstance(data[k], int) and not isinstance(data[k], bool) for k in ("eval_images", "calib_images")):
+        raise ValueError("image counts are not whole numbers")
+    if not (data["error"] is None or isinstance(data["error"], str)) or not (
+            data["runtime"] is None or isinstance(data["runtime"], str)):
+        raise ValueError("error/runtime are not text")
+    if data["error"] is None and any(data[k] is None for k in ("cosine", "speedup", "latency_ms")):
+        raise ValueError("a successful result without its figures")
+    return CandidateResult(**data)
 
 
 def evaluate_candidate(
@@ -197,7 +252,7 @@ def evaluate_candidate(
         base, cand = compare({"FP32": model, recipe.name: artifact.model}, batch_size=batch_size,
                              warmup=2, iters=iters, flops=False)
     except Exception as err:  # a failing candidate is reported, not fatal to the search
-        result.error = f"{type(err).__name__}: {err}"
+        result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
         result.seconds = time.perf_counter() - start
         return result
     for name in ("cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop"):
@@ -335,9 +390,8 @@ def compress(
     if sensitivity_preset and len(calib):
         sens_key = candidate_key(model_fp, data_fp, Recipe("sensitivity"), settings | {"preset": sensitivity_preset})
         sens_path = store.root / f"sensitivity-{sens_key}.json"
-        if sens_path.is_file():  # cached like the candidates: a repeated search is instant
-            sensitivity = json.loads(sens_path.read_text())
-        else:
+        sensitivity = _cached_sensitivity(sens_path)  # cached like the candidates: a repeat is instant
+        if sensitivity is None:
             sample = torch.cat([b[0] for b in eval_loader if b is not None])[:16]
             sensitivity = block_sensitivity(model, calib, sample, sensitivity_preset)
             write_json(sens_path, sensitivity)
@@ -379,18 +433,19 @@ def save_artifacts(out: Path, chosen: CandidateResult | None, others: list[Candi
     ``out/candidates/``: moved from ``staging`` when built in this run, kept when ``out``
     already holds the same candidate's, rebuilt otherwise. Returns recipe name -> path."""
     from vitslim.compress.recipes import recipe_from_dict
-    from vitslim.deploy.artifact import artifact_name, is_artifact, read_contract, replace_path
+    from vitslim.deploy.artifact import artifact_name, is_artifact, replace_path
+    from vitslim.output import safe_filename
 
     saved: dict[str, str] = {}
     if chosen is None or chosen.error:
         return saved
     recipe = recipe_from_dict(chosen.recipe)
     places = [(chosen, out / artifact_name(recipe))]
-    places += [(c, out / "candidates" / artifact_name(recipe_from_dict(c.recipe), c.name))
+    places += [(c, out / "candidates" / artifact_name(recipe_from_dict(c.recipe), safe_filename(c.name)))
                for c in others if c is not chosen and not c.error]
     for c, dest in places:
         saved[c.name] = str(dest)
-        if is_artifact(dest) and read_contract(dest).key == c.key:
+        if is_artifact(dest) and _recorded_key(dest) == c.key:
             continue  # saved by an earlier run: nothing to rebuild
         staged = staging / c.key / artifact_name(recipe_from_dict(c.recipe))
         if not staged.exists():
@@ -401,6 +456,18 @@ def save_artifacts(out: Path, chosen: CandidateResult | None, others: list[Candi
     if is_artifact(stale):  # an earlier run chose a candidate of the other format
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     return saved
+
+
+def _recorded_key(artifact: Path) -> str | None:
+    """The cache key recorded in a saved artifact; None when its contract is unreadable (it is
+    then rebuilt)."""
+    from vitslim.deploy.artifact import read_contract
+    from vitslim.errors import ModelLoadError
+
+    try:
+        return read_contract(artifact).key
+    except ModelLoadError:
+        return None
 
 
 def _rebuild(model: nn.Module, c: CandidateResult, calib: torch.Tensor, dest: Path, source: ModelSource,
@@ -420,6 +487,23 @@ def _default_cache() -> Path:
     return cache_dir() / "compress"
 
 
+def _cached_sensitivity(path: Path) -> list[dict] | None:
+    """The cached per-block sensitivity rows, or None (absent, or corrupt: warned, recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and set(r) == {"block", "cosine", "preset"}
+                and isinstance(r["block"], int) and not isinstance(r["block"], bool)
+                and isinstance(r["cosine"], (int, float)) and not isinstance(r["cosine"], bool)
+                and math.isfinite(r["cosine"]) and isinstance(r["preset"], str) for r in rows):
+            raise ValueError("expected a list of {block, cosine, preset} rows with finite cosines")
+        return rows
+    except (OSError, ValueError) as err:
+        warnings.warn(f"ignoring corrupt cache entry {str(path)!r} ({' '.join(str(err).split())[:200]}); "
+                      "recomputing it", stacklevel=2)
+        return None
 
 
 def block_sensitivity(model: nn.Module, calib: torch.Tensor, images: torch.Tensor, preset: str = "w4a4") -> list[dict]:

@@ -27,7 +27,7 @@ from vitslim.bench import OnnxModel
 from vitslim.compress.recipes import Recipe, recipe_from_dict
 from vitslim.compress.steps import apply_recipe
 from vitslim.deploy.contract import Contract, ModelSource, contract_for
-from vitslim.errors import ConfigError
+from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.output import publish
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "vitslim.json"
@@ -162,20 +162,43 @@ def is_artifact(path: str | Path) -> bool:
 
 
 def read_contract(path: str | Path) -> Contract:
-    """The contract stored in an artifact (``.onnx`` file or saved folder)."""
+    """The contract stored in an artifact (``.onnx`` file or saved folder), checked: a
+    malformed one is a ``ModelLoadError`` naming the file."""
     path = Path(path)
     if path.suffix == ".onnx" and path.is_file():
         import onnx
 
-        metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        try:
+            metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as err:  # protobuf reports damaged files as several exception types
+            raise ModelLoadError(f"{str(path)!r} is not a readable ONNX file ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:200]})") from None
         if "vitslim.preprocessing" not in metadata:
-            raise ConfigError(f"{str(path)!r} carries no vitslim contract (preprocessing, output meaning); "
-                              "make it with `vitslim apply`, `vitslim compress` or `vitslim export`")
-        return Contract.from_metadata(metadata)
+            raise ModelLoadError(f"{str(path)!r} carries no vitslim contract (preprocessing, output meaning); "
+                                 "make it with `vitslim apply`, `vitslim compress` or `vitslim export`")
+        return _checked(lambda: Contract.from_metadata(metadata, "contract"), path)
     if (path / META_FILE).is_file():
-        return Contract.from_dict(json.loads((path / META_FILE).read_text())["contract"])
-    raise FileNotFoundError(f"{str(path)!r} is not a vitslim artifact: expected an .onnx file or a folder "
-                            f"with {META_FILE} (made by `vitslim apply` or `vitslim compress`)")
+        return _checked(lambda: Contract.from_dict(read_folder_meta(path)["contract"], "contract"), path)
+    raise ModelLoadError(f"{str(path)!r} is not a vitslim artifact: expected an .onnx file or a folder "
+                         f"with {META_FILE} (made by `vitslim apply` or `vitslim compress`)")
+
+
+def read_folder_meta(path: Path) -> dict:
+    """``vitslim.json`` of a saved folder: a mapping with ``contract`` and ``quant_config``."""
+    from vitslim.datafile import check_mapping, read_data_file
+
+    meta = check_mapping(read_data_file(path / META_FILE, META_FILE), META_FILE)
+    if not isinstance(meta.get("contract"), dict) or not isinstance(meta.get("quant_config"), (dict, type(None))):
+        raise ConfigError(f"{META_FILE}: expected the fields 'contract' (a mapping) and 'quant_config'")
+    return meta
+
+
+def _checked(read, path: Path) -> Contract:
+    try:
+        return read()
+    except ConfigError as err:
+        raise ModelLoadError(f"{str(path)!r}: unusable vitslim contract: {err}; re-create the artifact "
+                             "with `vitslim apply` or `vitslim compress`") from None
 
 
 def write_contract(path: str | Path, contract: Contract) -> None:
@@ -193,7 +216,7 @@ def write_contract(path: str | Path, contract: Contract) -> None:
         finally:
             Path(tmp).unlink(missing_ok=True)
         return
-    meta = json.loads((path / META_FILE).read_text())
+    meta = read_folder_meta(path)
     write_text_atomic(path / META_FILE, json.dumps(meta | {"contract": contract.to_dict()}, indent=2) + "\n")
 
 
@@ -207,6 +230,7 @@ def load_artifact(path: str | Path, threads: int | None = None) -> Artifact:
 
 
 def _load_folder(path: Path, contract: Contract) -> nn.Module:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from vitslim import tokens
@@ -215,11 +239,15 @@ def _load_folder(path: Path, contract: Contract) -> nn.Module:
     from vitslim.quant.config import QuantConfig
     from vitslim.quant.io import restore_quantized
 
-    meta = json.loads((path / META_FILE).read_text())
+    meta = read_folder_meta(path)
     recipe = recipe_from_dict(contract.recipe)
     model = _architecture(ModelSource(contract.source["name"], contract.source.get("checkpoint"),
                                       contract.source.get("timm_kwargs") or {}))
-    state = load_file(str(path / WEIGHTS_FILE))
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"{str(path / WEIGHTS_FILE)!r} is not a readable safetensors file ({err}); "
+                             "re-create the artifact with `vitslim apply`") from None
     loaded = False
     for step in recipe.steps:  # replayed in the recipe's order, as they were applied
         if step.kind == "tokens":
@@ -227,7 +255,10 @@ def _load_folder(path: Path, contract: Contract) -> nn.Module:
         elif step.kind == "dtype":
             model.to(DTYPES[step.knobs.get("dtype", "bfloat16")])
         elif step.kind == "quantize":
-            restore_quantized(model, QuantConfig.from_dict(meta["quant_config"]), state)
+            if meta["quant_config"] is None:
+                raise ModelLoadError(f"{str(path / META_FILE)!r}: a quantize step but no quant_config; "
+                                     "re-create the artifact with `vitslim apply`")
+            restore_quantized(model, QuantConfig.from_dict(meta["quant_config"]), state, str(path / WEIGHTS_FILE))
             loaded = True
     if not loaded:
         load_state_dict_strict(model, state, source=str(path / WEIGHTS_FILE))

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import console, fmt, print_table
+from vitslim.output import check_output_dir, check_output_file, console, fmt, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,7 @@ def apply_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     calib_images: int = typer.Option(32, "--calib-images", min=0, help="Calibration images (as `vitslim compress`: same number and seed, same images)."),
     eval_images: int = typer.Option(64, "--eval-images", min=0, help="Images (disjoint from calibration) for the fidelity recorded in the artifact; 0 skips it."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
 ) -> None:
     """Apply a recipe to a model and save the result, ready to deploy.
 
@@ -37,10 +37,17 @@ def apply_cmd(
     from vitslim.api import load_any
     from vitslim.compress import load_recipe
     from vitslim.deploy import ModelSource, apply
-    from vitslim.deploy.artifact import check_out_path
+    from vitslim.data import list_images
+    from vitslim.deploy.artifact import check_out_path, exports
 
+    # Every input is checked before the model loads and minutes of calibration start.
     loaded_recipe = load_recipe(recipe)
-    check_out_path(out, loaded_recipe)  # before minutes of calibration
+    check_out_path(out, loaded_recipe)
+    if exports(loaded_recipe):
+        check_output_file(out, "--out")
+    else:
+        check_output_dir(out, "--out")
+    list_images(data)
     torch_model = load_any(model, checkpoint)
     artifact, figures = apply(torch_model, loaded_recipe, data, out, ModelSource(model, str(checkpoint) if checkpoint else None),
                               n_calib=calib_images, n_eval=eval_images, seed=seed)
@@ -56,7 +63,7 @@ def apply_cmd(
 def predict_cmd(
     artifact: Path = typer.Argument(..., help="A vitslim artifact: an .onnx file or a saved model folder."),
     data: Path = typer.Option(..., "--data", "-d", help="Folder of images."),
-    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Classes to show per image (classifiers)."),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1, max=1000, help="Classes to show per image (classifiers)."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Only the first N images (sorted)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the raw outputs (features or logits) and file names to this .npz."),
     json_stdout: bool = typer.Option(False, "--json", help="Print the predictions as JSON on stdout."),
@@ -74,6 +81,8 @@ def predict_cmd(
     from vitslim.deploy import predict_folder
     from vitslim.output import write_bytes_atomic
 
+    if out is not None:
+        check_output_file(out, "--out")
     result = predict_folder(artifact, data, top_k=top_k, limit=limit)
     if out is None and result.kind == "features":
         out = Path("features.npz")

@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
 from PIL import Image
 from torch import nn
 
+from vitslim.errors import ConfigError
+
 METADATA_PREFIX = "vitslim."
+SOURCE_FIELDS = ("name", "checkpoint", "timm_kwargs")
+# What timm's eval transform accepts; the numpy snippet covers a subset (see snippet.py).
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+CROP_MODES = ("center", "squash", "border")
+MAX_SIDE = 4096  # pixels; far beyond any ViT input
 
 
 @dataclass(frozen=True)
@@ -56,31 +63,53 @@ class Contract:
     made it, and the fidelity to the FP32 original measured when it was made."""
 
     model: str
-    source: dict
-    preprocessing: dict  # input_size, interpolation, crop_pct, crop_mode, resize, mean, std
-    output: dict  # {"kind": "logits", "classes": N} or {"kind": "features", "dim": D}
-    recipe: dict
+    source: dict[str, Any]
+    preprocessing: dict[str, Any]  # input_size, interpolation, crop_pct, crop_mode, resize, mean, std
+    output: dict[str, Any]  # {"kind": "logits", "classes": N} or {"kind": "features", "dim": D}
+    recipe: dict[str, Any]
     vitslim_version: str
-    calibration: dict = field(default_factory=dict)  # data, images, seed
-    fidelity: dict = field(default_factory=dict)  # cosine, sqnr_db, top1..., images, vs
+    calibration: dict[str, Any] = field(default_factory=dict)  # data, images, seed
+    fidelity: dict[str, Any] = field(default_factory=dict)  # cosine, sqnr_db, top1..., images, vs
     key: str = ""  # the compress cache key of the candidate (empty when built by `apply`)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Contract":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Any, where: str = "contract") -> "Contract":
+        """A contract from plain data, checked (types, the preprocessing and output an artifact
+        is fed and read by, the recipe); a ``ConfigError`` naming ``where`` otherwise. Keys of
+        a newer vitslim are ignored."""
+        from vitslim.compress.recipes import recipe_from_dict
+        from vitslim.datafile import check_fields, check_mapping
+
+        data = check_mapping(data, where)
+        known = {f.name: f for f in fields(cls)}
+        missing = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING
+                   and name not in data]
+        if missing:
+            raise ConfigError(f"{where}: missing field(s) {missing}")
+        checked = check_fields(cls, {k: v for k, v in data.items() if k in known}, f"{where}.")
+        check_fields(ModelSource, {k: v for k, v in checked["source"].items() if k in SOURCE_FIELDS},
+                     f"{where}.source.")
+        if not isinstance(checked["source"].get("name"), str):
+            raise ConfigError(f"{where}.source.name: missing; expected the timm model name")
+        _check_preprocessing(checked["preprocessing"], f"{where}.preprocessing")
+        _check_output(checked["output"], f"{where}.output")
+        recipe_from_dict(checked["recipe"])
+        return cls(**checked)
 
     def to_metadata(self) -> dict[str, str]:
         return {METADATA_PREFIX + k: json.dumps(v) for k, v in self.to_dict().items()}
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, str]) -> "Contract":
-        data = {k.removeprefix(METADATA_PREFIX): json.loads(v) for k, v in metadata.items()
-                if k.startswith(METADATA_PREFIX)}
-        return cls.from_dict(data)
+    def from_metadata(cls, metadata: dict[str, str], where: str = "contract") -> "Contract":
+        """The contract in ONNX ``metadata_props`` (JSON values), checked like ``from_dict``."""
+        from vitslim.datafile import parse_data_text
+
+        data = {k.removeprefix(METADATA_PREFIX): parse_data_text(v, "json", f"{where} {k}")
+                for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
+        return cls.from_dict(data, where)
 
     def with_fidelity(self, fidelity: dict) -> "Contract":
         return replace(self, fidelity=dict(fidelity))
@@ -144,3 +173,46 @@ def describe_preprocessing(p: dict) -> str:
         how = f"timm crop mode {p['crop_mode']!r} to {w}×{h} (crop_pct {p['crop_pct']}, {p['interpolation']})"
     return (f"RGB; {how}; scale to [0, 1]; subtract mean {tuple(round(m, 4) for m in p['mean'])} and "
             f"divide by std {tuple(round(s, 4) for s in p['std'])}; layout (batch, {c}, {h}, {w}) float32")
+
+
+def _check_preprocessing(p: dict, where: str) -> None:
+    """The preprocessing must describe a transform timm can build (and the snippet follow)."""
+    from vitslim.datafile import check_type
+
+    hints = {"input_size": list[int], "interpolation": str, "crop_pct": float, "crop_mode": str,
+             "resize": list[int], "mean": list[float], "std": list[float]}
+    missing = sorted(set(hints) - set(p))
+    if missing:
+        raise ConfigError(f"{where}: missing field(s) {missing}")
+    for key, hint in hints.items():
+        check_type(p[key], hint, f"{where}.{key}")
+    size, resize = p["input_size"], p["resize"]
+    if len(size) != 3 or size[0] != 3 or not all(0 < v <= MAX_SIDE for v in size[1:]):
+        raise ConfigError(f"{where}.input_size={size!r}: expected [3, height, width] (RGB) with sides "
+                          f"in 1..{MAX_SIDE}")
+    if not 0 < p["crop_pct"] <= 10:
+        raise ConfigError(f"{where}.crop_pct={p['crop_pct']!r}: expected a fraction in (0, 10]")
+    if resize != [math.floor(side / p["crop_pct"]) for side in size[1:]] or min(resize) < 1:
+        raise ConfigError(f"{where}.resize={resize!r} does not follow from input_size {size!r} and crop_pct "
+                          f"{p['crop_pct']!r} (floor(side / crop_pct), at least 1)")
+    if (len(p["mean"]) != size[0] or len(p["std"]) != size[0] or not all(1e-6 <= s <= 1e6 for s in p["std"])
+            or not all(abs(m) <= 1e6 for m in p["mean"])):
+        raise ConfigError(f"{where}: mean and std need one value per channel ({size[0]}), |mean| ≤ 1e6, "
+                          "std in [1e-6, 1e6]")
+    if p["interpolation"] not in INTERPOLATIONS or p["crop_mode"] not in CROP_MODES:
+        raise ConfigError(f"{where}: interpolation {p['interpolation']!r} / crop_mode {p['crop_mode']!r} "
+                          f"not one of {INTERPOLATIONS} / {CROP_MODES}")
+
+
+def _check_output(out: dict, where: str) -> None:
+    from vitslim.datafile import check_type
+
+    kind = out.get("kind")
+    if kind == "logits":
+        classes = check_type(out.get("classes"), int, f"{where}.classes")
+        if classes <= 0:
+            raise ConfigError(f"{where}.classes={classes}: expected a positive class count")
+    elif kind == "features":
+        check_type(out.get("dim"), int | None, f"{where}.dim")
+    else:
+        raise ConfigError(f"{where}.kind={kind!r}: expected 'logits' or 'features'")

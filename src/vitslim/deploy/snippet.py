@@ -9,9 +9,11 @@ it equal to vitslim's own loader on real images. A saved folder needs vitslim to
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from vitslim.deploy.contract import Contract, describe_preprocessing
+from vitslim.output import markdown_code, markdown_text
 
 PIL_FILTERS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "lanczos": "LANCZOS"}
 
@@ -86,18 +88,20 @@ def usage_markdown(model_path: str | Path, image: str | Path, contract: Contract
     out = contract.output
     meaning = (f"{out['classes']} class logits ({out.get('class_names')})" if contract.num_classes
                else f"a {out.get('dim')}-d feature vector per image")
+    command = " ".join(shlex.quote(" ".join(str(arg).split())) for arg in ("vitslim", "predict", path, "--data", data))
     lines = ["## How to use this model", "",
-             f"The artifact: `{path}` ({'ONNX Runtime' if onnx else 'PyTorch model folder'}). "
-             f"Input: {describe_preprocessing(contract.preprocessing)}. Output: {meaning}. "
+             f"The artifact: {markdown_code(path)} ({'ONNX Runtime' if onnx else 'PyTorch model folder'}). "
+             f"Input: {markdown_text(describe_preprocessing(contract.preprocessing))}. "
+             f"Output: {markdown_text(meaning)}. "
              "All of this, the recipe and the measured fidelity are stored in the file "
              f"({'its metadata_props' if onnx else 'vitslim.json'}).", "",
              "Check it on your images (the same preprocessing; prints the top-5 classes or writes the features):", "",
-             "```bash", f"vitslim predict {path} --data {data}", "```", ""]
+             "```bash", command, "```", ""]
     if onnx and snippet_supported(contract):
         lines += ["In your service (onnxruntime, Pillow and numpy only; vitslim not needed):", "",
                   "```python", onnx_snippet(path, _example(data), contract).rstrip(), "```"]
     elif onnx:
-        lines += [f"(No numpy snippet for crop mode {contract.preprocessing['crop_mode']!r}: "
+        lines += [f"(No numpy snippet for crop mode {markdown_text(repr(contract.preprocessing['crop_mode']))}: "
                   "feed images as `vitslim predict` does.)"]
     else:
         lines += ["In Python (this artifact is a PyTorch model, so it needs vitslim):", "",

@@ -13,7 +13,6 @@ export with their fixed schedules; ATS (data-dependent token counts) does not ex
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,11 +21,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from vitslim.errors import ExportError
 from vitslim.models.loading import input_size
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported; the message names the operation."""
+from vitslim.output import atomic_path
 
 
 @contextlib.contextmanager
@@ -72,12 +69,15 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
         raise ExportError("ATS keeps a data-dependent number of tokens per image, which a static ONNX graph "
                           "cannot express; export ToMe or EViT instead")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     x = torch.randn(max(batch_size, 2), *input_size(model))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
     quantized = any(hasattr(m, "quant_sites") for m in model.modules())
+    with atomic_path(path) as tmp_path:
+        _export_to(model, x, str(tmp_path), quantized, dynamic_batch)
+    return path
+
+
+def _export_to(model: nn.Module, x: torch.Tensor, tmp: str, quantized: bool, dynamic_batch: bool) -> None:
     try:
         with export_mode(model), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -90,15 +90,13 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
                                             dynamo=True, dynamic_shapes=shapes, verbose=False)
                 program.save(tmp)
     except Exception as err:
-        Path(tmp).unlink(missing_ok=True)
         raise ExportError(f"ONNX export of {type(model).__name__} failed: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:400]}") from err
-    for leftover in Path(tmp).parent.glob(Path(tmp).name + ".data"):
-        leftover.unlink()
+                          f"{(str(err).splitlines() or [''])[0][:400]}") from err
+    finally:
+        for leftover in Path(tmp).parent.glob(Path(tmp).name + ".data"):
+            leftover.unlink()
     if quantized:
         store_int8_weights(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def store_int8_weights(path: str | Path) -> int:

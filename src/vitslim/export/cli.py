@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import console
+from vitslim.output import check_output_file, console
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +39,11 @@ def export_cmd(
 
     if fmt != "onnx":
         raise ConfigError(f"--format {fmt!r} is not supported; use onnx")
+    check_output_file(out, "--out")
+    if verify:
+        from vitslim.data import list_images
+
+        list_images(verify)  # a bad --verify folder fails now, not after the export
     torch_model, source, steps = _load_for_export(model, checkpoint)
     if tome:
         tokens.apply(torch_model, "tome", r=tome)

@@ -13,9 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-
-class UnsupportedModelError(TypeError):
-    """The model's architecture has no vitslim adapter (yet)."""
+from vitslim.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)

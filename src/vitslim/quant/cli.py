@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import console, print_table, write_json
+from vitslim.output import check_output_dir, check_output_file, console, print_table, write_json
 from vitslim.quant.config import PRESETS
 
 
@@ -28,7 +28,7 @@ def quantize_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     calib_images: int = typer.Option(32, "--calib-images", min=1, help="Calibration images (seeded random draw)."),
     eval_images: int = typer.Option(64, "--eval-images", min=1, help="Images (disjoint from calibration) for fidelity."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the fidelity figures as JSON."),
 ) -> None:
     """Quantize a ViT after training with a few dozen unlabeled images, save it, and print
@@ -39,23 +39,29 @@ def quantize_cmd(
     Mixed precision: vitslim quantize MODEL --data images/ --preset w6a6 --average-bits 6 --out q-mixed/
     """
     from vitslim.api import load_any
-    from vitslim.data import calibration_images, calibration_split, load_image_folder, make_loader
+    from vitslim.data import calibration_images, calibration_split, list_images, load_image_folder, make_loader
     from vitslim.evaluate import evaluate
+    from vitslim.errors import ConfigError
     from vitslim.quant import QuantConfig, mixed_precision_config, quantize
+    from vitslim.quant.config import preset as preset_config
     from vitslim.quant.io import save_quantized
 
-    qconfig = QuantConfig.load(config) if config else preset
+    check_output_dir(out, "--out")
+    if json_out:
+        check_output_file(json_out, "--json")
+    qconfig = QuantConfig.load(config) if config else preset_config(preset)
+    if average_bits is not None:
+        try:
+            choices = tuple(int(b) for b in bit_choices.split(","))
+        except ValueError:
+            raise ConfigError(f"--bit-choices {bit_choices!r}: give comma-separated bit widths, e.g. 4,6,8") from None
+    list_images(data)  # layout errors before the model loads
     fp32 = load_any(model, checkpoint)
     dataset = load_image_folder(data, fp32)
     calib_set, eval_set = calibration_split(dataset, calib_images, seed)
     eval_set.indices = eval_set.indices[:eval_images]
     calib = calibration_images(calib_set)
     if average_bits is not None:
-        try:
-            choices = tuple(int(b) for b in bit_choices.split(","))
-        except ValueError:
-            raise typer.BadParameter(f"{bit_choices!r}: give comma-separated bit widths, e.g. 4,6,8",
-                                     param_hint="--bit-choices") from None
         qconfig = mixed_precision_config(fp32, calib, qconfig, average_bits, choices)
         console.print(f"mixed precision, bits per block: {list(qconfig.block_bits)}")
     qmodel = quantize(fp32, calib, qconfig)

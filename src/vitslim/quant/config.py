@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from vitslim.datafile import check_fields, check_mapping, read_data_file
 from vitslim.errors import ConfigError
 
 VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
@@ -28,6 +29,7 @@ ACT_QUANTIZERS = ("uniform", "log2", "sulq", "adalog", "float")  # float: the si
 CALIBRATION = ("minmax", "percentile", "mse")
 WEIGHT_METHODS = ("rtn", "gptq")
 SITES = ("post_ln", "linear", "qk", "softmax", "v", "post_gelu")
+MAX_RECONSTRUCTION_ITERS = 100_000  # papers use up to 20k per block; more is a typo, not a plan
 
 
 @dataclass(frozen=True)
@@ -89,19 +91,20 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantConfig":
+        """A config from plain data (YAML/JSON): names, types and values checked."""
+        check_mapping(data, "quantization config")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"unknown quantization option(s) {unknown}; valid options are {sorted(names)}")
+            raise ConfigError(f"unknown quantization option(s) {unknown[:10]}; valid options are {sorted(names)}")
         site_names = {f.name for f in fields(SiteConfig)}
-        kwargs = {}
-        for key, value in data.items():
-            if key in SITES:
-                bad = sorted(set(value) - site_names)
+        kwargs = check_fields(cls, data, "", nested=dict.fromkeys(SITES, SiteConfig))
+        for site in SITES:
+            if site in kwargs:
+                bad = sorted(set(check_mapping(kwargs[site], f"site {site!r}")) - site_names)
                 if bad:
-                    raise ConfigError(f"site {key!r}: unknown option(s) {bad}; valid are {sorted(site_names)}")
-                value = SiteConfig(**value)
-            kwargs[key] = value
+                    raise ConfigError(f"site {site!r}: unknown option(s) {bad[:10]}; valid are {sorted(site_names)}")
+                kwargs[site] = SiteConfig(**check_fields(SiteConfig, kwargs[site], f"{site}."))
         return cls(**kwargs)
 
     def save(self, path: str | Path) -> None:
@@ -113,8 +116,12 @@ class QuantConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantConfig":
-        text = Path(path).read_text()
-        return cls.from_dict(json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text))
+        """A config from a YAML or JSON (by suffix) file; errors name the file."""
+        data = read_data_file(path, "quantization config file")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"quantization config file {str(path)!r}: {err}") from None
 
 
 def validate(config: QuantConfig) -> None:
@@ -134,8 +141,9 @@ def validate(config: QuantConfig) -> None:
     bad_block_bits = [b for b in config.block_bits or () if b not in VALID_BITS]
     if bad_block_bits:
         raise ConfigError(f"block_bits {bad_block_bits} not supported; valid bit widths are {VALID_BITS}")
-    if config.reconstruction_iters < 0:
-        raise ConfigError(f"reconstruction_iters must be >= 0, got {config.reconstruction_iters}")
+    if not 0 <= config.reconstruction_iters <= MAX_RECONSTRUCTION_ITERS:
+        raise ConfigError(f"reconstruction_iters must be in [0, {MAX_RECONSTRUCTION_ITERS}], "
+                          f"got {config.reconstruction_iters}")
     for site in SITES:
         s = getattr(config, site)
         if s.bits not in VALID_BITS:

@@ -17,6 +17,7 @@ exactly (a dynamic program over the blocks: the Pareto frontier at the asked bud
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -57,6 +58,8 @@ def block_sensitivity(model: nn.Module, calib_images: torch.Tensor, config: Quan
 
 
 def _check_budget(average_bits: float, candidates: tuple[int, ...]) -> None:
+    if not math.isfinite(average_bits):
+        raise ConfigError(f"average_bits={average_bits} is not a finite number of bits")
     if average_bits < min(candidates):
         raise ConfigError(f"average_bits={average_bits} is below the smallest candidate ({min(candidates)} bits); "
                           f"raise it or add a smaller bit width to the candidates {candidates}")

@@ -27,15 +27,13 @@ import math
 import torch
 from torch import nn
 
+from vitslim.errors import CalibrationError
+
 SAMPLE_SIZE = 1 << 16  # values kept per quantizer for the error searches
 # A float (outlier) channel's calibration magnitude exceeds this many times that of the largest
 # channel kept on the integer grid. DINOv2's post-GELU inputs: one channel at 4x in block 2, the
 # other blocks' largest within 1.2-1.9x of their 5th largest.
 OUTLIER_RATIO = 1.5
-
-
-class CalibrationError(ValueError):
-    """Calibration data cannot be used (NaN/Inf, or nothing observed)."""
 
 
 class Quantizer(nn.Module):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitslim.errors import ConfigError
 from vitslim.tokens.common import TokenState, attn_residual, check_blocks, class_attention, mlp_residual, patch
 
 
@@ -59,6 +60,6 @@ def apply_ats(model: nn.Module, budget: float = 0.5, blocks: list[int] | None = 
     from vitslim.tokens.evit import default_evit_blocks
 
     if not 0 < budget <= 1:
-        raise ValueError(f"ats: budget must be a fraction in (0, 1], got {budget}")
+        raise ConfigError(f"ats: budget must be a fraction in (0, 1], got {budget}")
     blocks = check_blocks("ats", model, default_evit_blocks(len(model.blocks)) if blocks is None else blocks)
     return patch(model, "ats", {"budget": budget, "blocks": blocks}, _block_forward)

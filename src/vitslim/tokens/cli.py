@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import print_table, write_json
+from vitslim.errors import ConfigError
+from vitslim.output import check_output_file, print_table, write_json
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +25,7 @@ def tokens_cmd(
     budget: Optional[float] = typer.Option(None, "--budget", help="ats: at most this fraction of tokens sampled where it acts."),
     blocks: Optional[str] = typer.Option(None, "--blocks", help="evit/ats: comma list of 0-based blocks (default: 1/4, 1/2, 3/4 depth)."),
     limit: Optional[int] = typer.Option(64, "--limit", "-n", min=1, help="Images for fidelity (first N)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Batch size for timing."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, max=4096, help="Batch size for timing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
 ) -> None:
     """Reduce tokens inside a trained ViT (no retraining) and compare it with the original:
@@ -35,11 +36,13 @@ def tokens_cmd(
     from vitslim import tokens
     from vitslim.api import fidelity_and_speed, load_any
 
+    if json_out:
+        check_output_file(json_out, "--json")
     params = {k: v for k, v in {
-        "r": [int(v) for v in r.split(",")] if r and "," in r else (int(r) if r else None),
-        "keep_rate": keep_rate, "budget": budget,
-        "blocks": [int(b) for b in blocks.split(",")] if blocks else None,
+        "r": _ints(r, "--r", single=True), "keep_rate": keep_rate, "budget": budget,
+        "blocks": _ints(blocks, "--blocks"),
     }.items() if v is not None}
+    tokens.check_params(method, params)
     original = load_any(model, checkpoint)
     variant = tokens.apply(original, method, inplace=False, **params)
     fidelity, speed = fidelity_and_speed(original, variant, data, limit=limit, batch_size=batch_size)
@@ -55,3 +58,14 @@ def tokens_cmd(
         caption=f"batch {batch_size}, {speed[0].threads} threads; fidelity vs the unpatched model")
     if json_out:
         write_json(json_out, {"model": model, "method": method, "params": params, "rows": rows})
+
+
+def _ints(text: str | None, option: str, single: bool = False) -> int | list[int] | None:
+    """``"8"`` -> 8 (when ``single``), ``"8,8,4"`` -> [8, 8, 4]; anything else is an error."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: give a whole number or a comma-separated list of them") from None
+    return values[0] if single and len(values) == 1 else values

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.models.attention import attention_forward
 
@@ -137,5 +138,5 @@ def check_blocks(method: str, model: nn.Module, blocks: list[int]) -> list[int]:
     depth = len(model.blocks)
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
-        raise ValueError(f"{method}: blocks {bad} out of range for a {depth}-block model (0..{depth - 1})")
+        raise ConfigError(f"{method}: blocks {bad} out of range for a {depth}-block model (0..{depth - 1})")
     return sorted(blocks)

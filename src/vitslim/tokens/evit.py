@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from vitslim.errors import ConfigError
 from vitslim.tokens.common import TokenState, attn_residual, check_blocks, class_attention, mlp_residual, patch
 
 
@@ -48,6 +49,6 @@ def default_evit_blocks(depth: int) -> list[int]:
 def apply_evit(model: nn.Module, keep_rate: float = 0.7, blocks: list[int] | None = None) -> nn.Module:
     """Patch ``model`` with EViT (Liang et al., "Not All Patches are What You Need", 2022)."""
     if not 0 < keep_rate <= 1:
-        raise ValueError(f"evit: keep_rate must be in (0, 1], got {keep_rate}")
+        raise ConfigError(f"evit: keep_rate must be in (0, 1], got {keep_rate}")
     blocks = check_blocks("evit", model, default_evit_blocks(len(model.blocks)) if blocks is None else blocks)
     return patch(model, "evit", {"keep_rate": keep_rate, "blocks": blocks}, _block_forward)

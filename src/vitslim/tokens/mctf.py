@@ -48,6 +48,7 @@ import math
 import torch
 from torch import nn
 
+from vitslim.errors import ConfigError
 from vitslim.tokens.common import TokenState, attn_residual, mlp_residual, patch
 from vitslim.tokens.tome import MergeStep, bipartite_merge, mask_prefix, merge_wavg, prefix_first, tome_schedule
 
@@ -152,7 +153,7 @@ def apply_mctf(model: nn.Module, r: int | list[int] = 8, tau_sim: float = 1.0, t
     informativeness and size criteria."""
     for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
         if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
-            raise ValueError(f"mctf: {name} must be a finite number >= 0 (0 turns the criterion off), got {tau!r}")
+            raise ConfigError(f"mctf: {name} must be a finite number >= 0 (0 turns the criterion off), got {tau!r}")
     schedule = tome_schedule(model, r, method="mctf")
     params = {"schedule": schedule, "tau_sim": float(tau_sim), "tau_info": float(tau_info),
               "tau_size": float(tau_size), "one_step_ahead": bool(one_step_ahead), "bidirectional": bool(bidirectional)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitslim.errors import ConfigError
 from vitslim.tokens.common import TokenState, attn_residual, mlp_residual, num_tokens, patch
 
 
@@ -108,15 +109,15 @@ def tome_schedule(model: nn.Module, r: int | list[int], method: str = "tome") ->
     depth = len(model.blocks)
     schedule = [r] * depth if isinstance(r, int) else list(r)
     if len(schedule) != depth:
-        raise ValueError(f"{method}: schedule has {len(schedule)} entries but the model has {depth} blocks")
+        raise ConfigError(f"{method}: schedule has {len(schedule)} entries but the model has {depth} blocks")
     tokens = num_tokens(model)
     prefix = getattr(model, "num_prefix_tokens", 1)
     for i, ri in enumerate(schedule):
         if ri < 0:
-            raise ValueError(f"{method}: r must be >= 0, got {ri} at block {i}")
+            raise ConfigError(f"{method}: r must be >= 0, got {ri} at block {i}")
         limit = (tokens - prefix) // 2
         if ri > limit:
-            raise ValueError(f"{method}: r={ri} at block {i} exceeds the {limit} tokens that can merge there "
+            raise ConfigError(f"{method}: r={ri} at block {i} exceeds the {limit} tokens that can merge there "
                              f"({tokens} tokens enter it); lower r")
         tokens -= ri
     return schedule

@@ -60,9 +60,10 @@ def _fold_stats(x: torch.Tensor, y: torch.Tensor, folds: int) -> list[tuple[torc
 
 
 def _solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_W ‖XW − Y‖² + λ‖W − W0‖², by Cholesky (the system is positive definite)."""
     lam = ridge * gram.diagonal().mean()
-    eye = torch.eye(len(gram), dtype=gram.dtype)
-    return torch.linalg.solve(gram + lam * eye, cross + lam * w0)
+    factor = torch.linalg.cholesky(gram + lam * torch.eye(len(gram), dtype=gram.dtype))
+    return torch.cholesky_solve(cross + lam * w0, factor)
 
 
 def _error(w: torch.Tensor, stat: tuple[torch.Tensor, ...], out_weight: torch.Tensor) -> float:

@@ -176,3 +176,19 @@ def test_least_squares_refit_recovers_a_damaged_layer_on_held_out_data():
     with torch.no_grad():
         assert refit_linear_(untouched, x, true(x), torch.ones(8)) is None  # already exact: kept
     assert torch.equal(untouched.weight, true.weight)
+
+
+def test_recipe_prune_step_runs_first_and_checks_its_knobs(tmp_path):
+    from vitslim.compress.recipes import recipe_from_dict
+    from vitslim.compress.steps import apply_recipe
+
+    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
+        recipe_from_dict({"name": "r", "steps": [{"prune": {"macs": 1.2}}]})
+    with pytest.raises(ConfigError, match="comes after a later stage"):
+        recipe_from_dict({"name": "r", "steps": [{"tokens": {"method": "tome", "r": 2}}, {"prune": {"macs": 0.7}}]})
+    recipe = recipe_from_dict({"name": "r", "steps": [{"prune": {"macs": 0.6, "importance": "activation"}},
+                                                      {"tokens": {"method": "tome", "r": 2}}]})
+    model = _model()
+    out = apply_recipe(model, recipe, _images(8), tmp_path)
+    assert count_gmacs(out, SIZE) < 0.6 * count_gmacs(model, SIZE)  # pruned, then merged
+    assert [b.attn.num_heads for b in model.blocks] == [4, 4, 4]  # the original is untouched

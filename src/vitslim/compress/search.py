@@ -35,7 +35,7 @@ TARGET_METRICS = {
     "latency_ms": "median batch latency in milliseconds, at most",
 }
 DEFAULT_GRID = ("fp32", "bf16", "tome-8", "tome-13", "evit-0.7", "bf16-tome", "bf16-tome-13", "ort-fp32",
-                "int8-fast", "int8-tome", "int8-tome-13")
+                "int8-fast", "int8-tome", "int8-tome-13", "prune-0.7", "prune-int8-tome")
 
 
 @dataclass(frozen=True)

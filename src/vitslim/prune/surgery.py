@@ -82,7 +82,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             prune_channels(bp, list(plan.channels[b]))
     if len(plan.blocks) != len(parts.blocks):
         model.blocks = nn.Sequential(*(model.blocks[b] for b in plan.blocks))
-        if hasattr(model, "feature_info"):
+        if len(getattr(model, "feature_info", [])) == len(parts.blocks):  # one entry per block (timm ViT)
             model.feature_info = [dict(info, module=f"blocks.{i}") for i, info in
                                   enumerate(model.feature_info[b] for b in plan.blocks)]
     previous = getattr(model, SHAPES_ATTR, None)

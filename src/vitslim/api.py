@@ -28,14 +28,19 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def load_any(spec: str, checkpoint: str | Path | None = None, dtype: str = "float32") -> nn.Module | OnnxModel:
-    """A model from a CLI spec: timm name, the reference name, or an ``.onnx`` file.
-    ``name@bfloat16`` picks the dtype inside the spec (handy for ``bench --compare``)."""
+    """A model from a CLI spec: timm name, the reference name, an ``.onnx`` file, or a folder
+    saved by ``vitslim prune``. ``name@bfloat16`` picks the dtype inside the spec (handy for
+    ``bench --compare``)."""
+    from vitslim.prune.io import is_pruned_folder, load_pruned
+
     spec, _, spec_dtype = spec.partition("@")
     dtype = spec_dtype or dtype
     if spec.endswith(".onnx"):
         if dtype != "float32":
             raise ConfigError("--dtype applies to PyTorch models; an ONNX file runs as exported")
         return OnnxModel(spec)
+    if is_pruned_folder(spec):
+        return load_pruned(spec).to(_dtype(dtype))
     return load_model(spec, checkpoint=checkpoint).to(_dtype(dtype))
 
 

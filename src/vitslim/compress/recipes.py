@@ -4,11 +4,12 @@ A recipe reads as what it does::
 
     name: int8-tome
     steps:
+      - prune: {macs: 0.7}
       - tokens: {method: tome, r: 8}
       - quantize: {preset: w8a8}
       - export: {format: onnx}
 
-Steps run in a fixed stage order (token reduction, then numeric format, then export) because
+Steps run in a fixed stage order (pruning, token reduction, numeric format, export) because
 each stage consumes what the one before produces: quantizing an exported graph, or reducing
 tokens of an already-quantized model's ONNX file, cannot work. Knobs are checked on load.
 """
@@ -27,7 +28,7 @@ from vitslim.errors import ConfigError
 
 MAX_NAME_CHARS = 100
 
-STAGE_NAMES = ("token reduction", "numeric format (dtype or quantize)", "export")
+STAGE_NAMES = ("pruning", "token reduction", "numeric format (dtype or quantize)", "export")
 
 
 def _allow(kind: str, knobs: dict, allowed: list[str]) -> None:
@@ -71,6 +72,13 @@ def _check_quantize(knobs: dict) -> None:
         raise ConfigError(f"step 'quantize': calib_images must be >= 1, got {knobs['calib_images']}")
 
 
+def _check_prune(knobs: dict) -> None:
+    from vitslim.prune import PruneConfig
+
+    _allow("prune", knobs, list(PruneConfig.__dataclass_fields__))
+    PruneConfig(**knobs)
+
+
 def _check_export(knobs: dict) -> None:
     _allow("export", knobs, ["format"])
     if knobs.get("format", "onnx") != "onnx":
@@ -78,8 +86,8 @@ def _check_export(knobs: dict) -> None:
 
 
 # step kind -> (stage, knob check). The method families check their knobs' values again.
-STEP_KINDS = {"tokens": (0, _check_tokens), "dtype": (1, _check_dtype),
-              "quantize": (1, _check_quantize), "export": (2, _check_export)}
+STEP_KINDS = {"prune": (0, _check_prune), "tokens": (1, _check_tokens), "dtype": (2, _check_dtype),
+              "quantize": (2, _check_quantize), "export": (3, _check_export)}
 
 
 @dataclass(frozen=True)
@@ -222,6 +230,11 @@ BUILTIN_RECIPES: dict[str, Recipe] = {r.name: r for r in (
             ("tokens", {"method": "tome", "r": 13}), ("quantize", {"preset": "w8a8-ort"}),
             ("export", {"format": "onnx"})),
     _recipe("ort-fp32", "The FP32 model exported to ONNX Runtime.", ("export", {"format": "onnx"})),
+    _recipe("prune-0.7", "Structured pruning to 70% of the MACs (Hessian importance, least-squares refit), on ONNX Runtime.",
+            ("prune", {"macs": 0.7}), ("export", {"format": "onnx"})),
+    _recipe("prune-int8-tome", "Pruning to 70% of the MACs, token merging (r=8), W8A8 on ONNX Runtime.",
+            ("prune", {"macs": 0.7}), ("tokens", {"method": "tome", "r": 8}),
+            ("quantize", {"preset": "w8a8-ort"}), ("export", {"format": "onnx"})),
     _recipe("w4a8-small", "4-bit weights (GPTQ), 8-bit activations: the smallest model (simulated).",
             ("quantize", {"preset": "w4a8"})),
 )}

@@ -9,6 +9,11 @@ from torch import nn
 
 from vitslim.compress.recipes import Recipe
 
+def _prune(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
+    from vitslim import prune
+
+    return prune.prune_(model, calib, prune.PruneConfig(**knobs))
+
 
 def _tokens(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
     from vitslim import tokens
@@ -31,7 +36,7 @@ def _quantize(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
     return quant.quantize(model, calib[:n], config)
 
 
-STEP_FUNCTIONS = {"tokens": _tokens, "dtype": _dtype, "quantize": _quantize}
+STEP_FUNCTIONS = {"prune": _prune, "tokens": _tokens, "dtype": _dtype, "quantize": _quantize}
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor) -> nn.Module:

@@ -1,0 +1,139 @@
+"""Train-free compensation: refit the layers that consume pruned units by least squares.
+
+After heads or channels are removed, the block's output changes; the layer that reads them
+(``proj`` for heads, ``fc2`` for MLP channels) is refit on the calibration images so that the
+pruned model's residual stream follows the FP32 model's: Kwon et al., "A Fast Post-Training
+Pruning Framework for Transformers" (2022) reconstruct layer outputs by least squares, and
+FLAP (An et al., "Fluctuation-based Adaptive Structured Pruning for Large Language Models",
+2024) compensates the lost mean through the bias; a full refit with a bias column does both.
+Blocks run in order on the pruned model's own activations, and the target is the FP32 model's
+residual stream, so a refit also absorbs the error left by earlier blocks. For a removed block
+the next kept block's ``proj`` and ``fc2`` absorb its effect: a train-free form of FuseGPT's
+fusion of a removed block into its neighbours (Pei et al., "FuseGPT: Learnable Layers Fusion of
+Generative Pre-trained Transformers", 2024).
+
+The refit is ridge regression towards the original weights; the ridge strength is chosen by
+cross-validation over images of the calibration set (infinite strength, i.e. no refit, is
+one candidate), so a refit that would not generalise is not made.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitslim.models import BlockParts, vit_parts
+from vitslim.prune.allocate import Plan
+from vitslim.prune.importance import layer_scale
+
+RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # × mean diagonal of the Gram matrix
+FOLDS = 4
+
+
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The tokens entering the first block (timm VisionTransformer.forward_features' start)."""
+    x = model._pos_embed(model.patch_embed(images))
+    return model.norm_pre(model.patch_drop(x))
+
+
+def _input_of(layer: nn.Module, run) -> torch.Tensor:
+    """The input ``layer`` receives while ``run()`` runs."""
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _fold_stats(x: torch.Tensor, y: torch.Tensor, folds: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per fold of images: Gram XᵀX, XᵀY and Σ Y² per output (X with a ones column)."""
+    stats = []
+    for idx in torch.arange(len(x)).chunk(folds):
+        xf = x[idx].reshape(-1, x.shape[-1])
+        xf = torch.cat([xf, torch.ones(len(xf), 1)], 1)
+        yf = y[idx].reshape(-1, y.shape[-1])
+        # float32 products (fast), float64 for the solves that follow
+        stats.append(((xf.T @ xf).double(), (xf.T @ yf).double(), yf.double().pow(2).sum(0)))
+    return stats
+
+
+def _solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_W ‖XW − Y‖² + λ‖W − W0‖², by Cholesky (the system is positive definite)."""
+    lam = ridge * gram.diagonal().mean()
+    factor = torch.linalg.cholesky(gram + lam * torch.eye(len(gram), dtype=gram.dtype))
+    return torch.cholesky_solve(cross + lam * w0, factor)
+
+
+def _error(w: torch.Tensor, stat: tuple[torch.Tensor, ...], out_weight: torch.Tensor) -> float:
+    gram, cross, y2 = stat
+    per_output = ((gram @ w) * w).sum(0) - 2 * (cross * w).sum(0) + y2
+    return float((out_weight * per_output).sum())
+
+
+@torch.no_grad()
+def refit_linear_(linear: nn.Linear, x: torch.Tensor, target: torch.Tensor, out_weight: torch.Tensor,
+                  folds: int = FOLDS) -> float | None:
+    """Refit ``linear`` (weight and bias) so ``linear(x) ≈ target`` over (images, tokens, ·)
+    tensors, the squared error of output d weighted by ``out_weight[d]``. Ridge towards the
+    current weights, strength by cross-validation over images; returns the strength used
+    (None: the current weights generalise best and are kept)."""
+    w0 = torch.cat([linear.weight.T, (linear.bias if linear.bias is not None
+                                      else torch.zeros(linear.out_features))[None]]).double()
+    stats = _fold_stats(x, target, min(folds, len(x)))
+    total = [sum(s[i] for s in stats) for i in range(3)]
+    best, best_err = None, sum(_error(w0, s, out_weight.double()) for s in stats)
+    if len(stats) > 1:
+        for ridge in RIDGE:
+            err = sum(_error(_solve(total[0] - s[0], total[1] - s[1], w0, ridge), s, out_weight.double())
+                      for s in stats)
+            if err < best_err:
+                best, best_err = ridge, err
+    if best is not None:
+        w = _solve(total[0], total[1], w0, best).float()
+        linear.weight.copy_(w[:-1].T)
+        if linear.bias is not None:
+            linear.bias.copy_(w[-1])
+    return best
+
+
+def _refit_branch(layer: nn.Linear, ls: nn.Module, run, x: torch.Tensor, target_stream: torch.Tensor) -> None:
+    """Refit ``layer`` (the branch's last linear, before LayerScale γ) so that
+    x + γ ⊙ branch(x) follows ``target_stream``: the per-output target is divided by γ and
+    its error weighted by γ²."""
+    inputs = _input_of(layer, run)
+    gamma = layer_scale(ls, layer.out_features)
+    safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
+    refit_linear_(layer, inputs, (target_stream - x) / safe, gamma.pow(2))
+
+
+@torch.no_grad()
+def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan: Plan) -> nn.Module:
+    """Refit, block by block, the ``proj`` of blocks that lost heads and the ``fc2`` of blocks
+    that lost MLP channels (and both in the block after a removed one), on ``images``."""
+    student_blocks = dict(zip(plan.blocks, vit_parts(model).blocks))
+    x_t = embed(teacher, images)
+    x_s = x_t.clone()
+    fuse = False
+    for i, tb in enumerate(vit_parts(teacher).blocks):
+        t_mid = x_t + tb.ls1(tb.attn(tb.norm1(x_t)))
+        t_out = t_mid + tb.ls2(tb.mlp(tb.norm2(t_mid)))
+        sb = student_blocks.get(i)
+        if sb is None:
+            fuse = True
+        else:
+            x_s = _compensate_block(sb, tb, x_s, t_mid, t_out, fuse)
+            fuse = False
+        x_t = t_out
+    return model
+
+
+def _compensate_block(sb: BlockParts, tb: BlockParts, x: torch.Tensor, t_mid: torch.Tensor,
+                      t_out: torch.Tensor, fuse: bool) -> torch.Tensor:
+    if fuse or sb.num_heads < tb.num_heads:
+        _refit_branch(sb.proj, sb.ls1, lambda: sb.attn(sb.norm1(x)), x, t_mid)
+    mid = x + sb.ls1(sb.attn(sb.norm1(x)))
+    if fuse or sb.fc1.out_features < tb.fc1.out_features:
+        _refit_branch(sb.fc2, sb.ls2, lambda: sb.mlp(sb.norm2(mid)), mid, t_out)
+    return mid + sb.ls2(sb.mlp(sb.norm2(mid)))

@@ -1,0 +1,194 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_vit
+from vitslim import prune, quant, tokens
+from vitslim.bench import count_gmacs
+from vitslim.errors import ConfigError
+from vitslim.models import UnsupportedModelError, vit_parts
+from vitslim.models.loading import ModelLoadError
+from vitslim.prune.allocate import block_costs, model_macs
+from vitslim.prune.compensate import refit_linear_
+
+IMPORTANCES = ["magnitude", "activation", "hessian"]
+SIZE = (3, 64, 64)
+
+
+def _model(**kw):
+    return make_tiny_vit(img_size=64, depth=3, init_values=0.5, **kw)  # layer scale, as DINOv2
+
+
+def _images(n=16, seed=1):
+    return torch.randn(n, *SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _one_unit_budget(model, kind):
+    """A budget that removes exactly one head (or one channel) of the model."""
+    parts = vit_parts(model)
+    head, channel = block_costs(parts)[0]
+    return 1 - (head if kind == "head" else channel) / model_macs(parts) + 1e-9
+
+
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_a_dead_head_is_the_one_removed_and_nothing_changes(importance):
+    model, x = _model(), _images()
+    head_dim = model.blocks[1].attn.head_dim
+    with torch.no_grad():
+        dead = slice(2 * head_dim, 3 * head_dim)  # head 2 of block 1: weights zero (magnitude sees it too)
+        model.blocks[1].attn.proj.weight[:, dead] = 0
+        model.blocks[1].attn.qkv.weight.view(3, -1, 64)[:, dead] = 0
+        before = model(x)
+    config = prune.PruneConfig(macs=_one_unit_budget(model, "head"), importance=importance, mlp=False, compensate=False)
+    prune.prune_(model, x, config)
+    assert model.vitslim_prune["heads"] == [4, 3, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("importance", IMPORTANCES)
+def test_a_dead_mlp_channel_is_the_one_removed_and_nothing_changes(importance):
+    model, x = _model(), _images()
+    with torch.no_grad():
+        model.blocks[2].mlp.fc2.weight[:, 17] = 0
+        model.blocks[2].mlp.fc1.weight[17] = 0
+        before = model(x)
+        kept_rows = torch.cat([model.blocks[2].mlp.fc1.weight[:17], model.blocks[2].mlp.fc1.weight[18:]])
+    config = prune.PruneConfig(macs=_one_unit_budget(model, "channel"), importance=importance, heads=False,
+                               compensate=False, channel_group=1)
+    prune.prune_(model, x, config)
+    assert model.vitslim_prune["mlp"] == [256, 256, 255]
+    assert torch.equal(model.blocks[2].mlp.fc1.weight, kept_rows)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("macs,blocks", [(0.8, False), (0.55, False), (0.6, True)])
+def test_counted_macs_meet_the_budget_within_one_unit(macs, blocks):
+    model = _model()
+    before = count_gmacs(model, SIZE)
+    head, channel = block_costs(vit_parts(model))[0]
+    prune.prune_(model, _images(), prune.PruneConfig(macs=macs, importance="activation", blocks=blocks,
+                                                     channel_group=4, compensate=False))
+    kept = count_gmacs(model, SIZE) / before  # torch.utils.flop_counter, not our own formula
+    assert macs - max(head, 4 * channel) / (before * 1e9) <= kept <= macs + 1e-9
+
+
+def test_pruned_model_is_a_consistent_smaller_timm_model():
+    model = _model()
+    prune.prune_(model, _images(), prune.PruneConfig(macs=0.5, importance="hessian", blocks=True))
+    for block in model.blocks:
+        attn = block.attn
+        assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim == 3 * attn.attn_dim
+        assert attn.proj.in_features == attn.attn_dim and block.mlp.fc2.in_features == block.mlp.fc1.out_features
+    assert model.vitslim_prune["heads"] == [b.attn.num_heads for b in model.blocks]
+    assert model(torch.randn(2, *SIZE)).shape == (2, 10)
+
+
+def test_pruned_model_composes_with_tome_quantization_and_onnx(tmp_path):
+    from vitslim.export import export_onnx, validate_onnx
+
+    model = prune.prune_(_model(), _images(), prune.PruneConfig(macs=0.6, importance="activation"))
+    x = torch.randn(3, *SIZE)
+    with torch.no_grad():
+        plain = model(x)
+        tokens.apply(model, "tome", r=4)
+        assert tokens.token_state(model) is not None and not torch.equal(model(x), plain)
+        assert tokens.token_state(model).counts == [61, 57, 53]
+    qmodel = quant.quantize(model, _images(8), "w8a8")
+    assert validate_onnx(qmodel, export_onnx(qmodel, tmp_path / "q.onnx"), x)["cosine"] > 0.99
+    tokens.remove(model)
+    assert validate_onnx(model, export_onnx(model, tmp_path / "p.onnx"), x)["max_abs_diff"] < 1e-4
+
+
+def test_save_load_round_trip_and_edited_shapes_are_refused(tmp_path):
+    kwargs = dict(img_size=64, patch_size=8, depth=3, embed_dim=64, num_heads=4, num_classes=10, init_values=0.5)
+    model = prune.prune_(_model(), _images(), prune.PruneConfig(macs=0.6, importance="activation", blocks=True))
+    prune.save_pruned(model, tmp_path / "p", "vit_tiny_patch16_224", kwargs)
+    loaded = prune.load_pruned(tmp_path / "p")
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.vitslim_prune["blocks"] == model.vitslim_prune["blocks"]
+    meta = json.loads((tmp_path / "p" / "prune.json").read_text())
+    meta["heads"][0] += 1 if meta["heads"][0] < 4 else -1
+    (tmp_path / "p" / "prune.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="wrong shape"):
+        prune.load_pruned(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="not a vitslim pruned model folder"):
+        prune.load_pruned(tmp_path)
+
+
+@pytest.mark.parametrize("macs", [0, 1, 1.5, -0.2])
+def test_budget_outside_zero_one_is_a_config_error(macs):
+    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
+        prune.PruneConfig(macs=macs)
+
+
+def test_unknown_model_and_unreachable_budget_are_refused_before_any_change():
+    import timm
+
+    with pytest.raises(UnsupportedModelError):
+        prune.prune_(timm.create_model("resnet18", pretrained=False), _images(4), prune.PruneConfig(macs=0.5))
+    model = _model()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match="cannot remove"):
+        prune.prune_(model, _images(4), prune.PruneConfig(macs=0.05, importance="magnitude"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_hessian_sees_layer_scale_that_magnitude_ignores():
+    """Block 0's attention is switched off by a tiny LayerScale: its heads are free to remove.
+    The Hessian (output-based) score finds that; weight magnitude cannot."""
+    model, x = _model(), _images()
+    with torch.no_grad():
+        model.blocks[0].ls1.gamma.fill_(1e-4)
+        model.blocks[0].attn.qkv.weight.mul_(3)  # large weights, little effect
+        reference = model(x)
+    errors = {}
+    for importance in ("magnitude", "hessian"):
+        pruned = prune.prune_(copy.deepcopy(model), x, prune.PruneConfig(
+            macs=0.8, importance=importance, mlp=False, compensate=False))
+        with torch.no_grad():
+            errors[importance] = float((pruned(x) - reference).pow(2).mean())
+        if importance == "hessian":
+            assert pruned.vitslim_prune["heads"][0] == 1
+    assert errors["hessian"] < 0.5 * errors["magnitude"], errors
+
+
+def test_least_squares_refit_recovers_a_damaged_layer_on_held_out_data():
+    gen = torch.Generator().manual_seed(0)
+    true = torch.nn.Linear(24, 8)
+    mix = torch.randn(24, 24, generator=gen)
+    x = torch.randn(16, 50, 24, generator=gen) @ mix  # correlated inputs
+    with torch.no_grad():
+        y = true(x) + 0.01 * torch.randn(16, 50, 8, generator=gen)
+        damaged = copy.deepcopy(true)
+        damaged.weight.add_(0.5 * torch.randn(8, 24, generator=gen))
+        held_x = torch.randn(4, 50, 24, generator=gen) @ mix
+        before = (damaged(held_x) - true(held_x)).pow(2).mean()
+        assert refit_linear_(damaged, x, y, torch.ones(8)) is not None
+        after = (damaged(held_x) - true(held_x)).pow(2).mean()
+    assert after < 0.01 * before
+    untouched = copy.deepcopy(true)
+    with torch.no_grad():
+        assert refit_linear_(untouched, x, true(x), torch.ones(8)) is None  # already exact: kept
+    assert torch.equal(untouched.weight, true.weight)
+
+
+def test_recipe_prune_step_runs_first_and_checks_its_knobs(tmp_path):
+    from vitslim.compress.recipes import recipe_from_dict
+    from vitslim.compress.steps import apply_recipe
+
+    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
+        recipe_from_dict({"name": "r", "steps": [{"prune": {"macs": 1.2}}]})
+    with pytest.raises(ConfigError, match="comes after a later stage"):
+        recipe_from_dict({"name": "r", "steps": [{"tokens": {"method": "tome", "r": 2}}, {"prune": {"macs": 0.7}}]})
+    recipe = recipe_from_dict({"name": "r", "steps": [{"prune": {"macs": 0.6, "importance": "activation"}},
+                                                      {"tokens": {"method": "tome", "r": 2}}]})
+    model = _model()
+    out = apply_recipe(model, recipe, _images(8), tmp_path)
+    assert count_gmacs(out, SIZE) < 0.6 * count_gmacs(model, SIZE)  # pruned, then merged
+    assert [b.attn.num_heads for b in model.blocks] == [4, 4, 4]  # the original is untouched

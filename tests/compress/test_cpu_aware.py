@@ -122,7 +122,7 @@ def test_early_stop_stops_losers_never_the_winner(tmp_path, example_images, monk
     true = {"fp32": 1.0, "slow": 0.5, "winner": 2.4, "almost": 1.8, "fast": 3.0}
     log: dict[str, int] = {}
     monkeypatch.setattr(search_mod, "compare", _fake_compare(true, noise=0.1, seed=seed, log=log))
-    tome = lambda r, prop=True: (Step("tokens", {"method": "tome", "r": r, "prop_attn": prop}),)  # noqa: E731
+    tome = lambda r, prop=True: (Step("tokens", {"method": "tome", "r": r, "prop_attn": prop}),)
     # distinct steps (the cache key), and the winner the most faithful of the feasible ones
     grid = [Recipe("fp32"), Recipe("slow", tome(1)), Recipe("winner", F32), Recipe("almost", tome(2)),
             Recipe("fast", tome(1, False))]

@@ -111,7 +111,8 @@ def _summary_lines(result: SearchResult, model_name: str) -> list[str]:
                  f"{EARLY_STOP_ROUNDS} batches).")
     lines += [f"Left out on this CPU: {o['name']} ({o['reason']})." for o in result.left_out]
     m = result.machine
-    lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} threads; "
+    features = f" [{m['cpu_features']}]" if m.get("cpu_features") else ""
+    lines.append(f"Machine: {m.get('cpu')}{features}, {m.get('cores')} cores, {m.get('torch_threads')} threads; "
                  f"Python {m.get('python')}, torch {m.get('torch')}, timm {m.get('timm')}, "
                  f"onnxruntime {m.get('onnxruntime')}.")
     return lines

@@ -166,11 +166,14 @@ def compare(
     threads: int | None = None,
     input_size: tuple[int, ...] | None = None,
     flops: bool = True,
+    stop: Callable[[dict[str, list[float]]], bool] | None = None,
 ) -> list[BenchResult]:
     """Benchmark several models side by side; the first is the baseline for ``speedup``.
 
     Timed batches are interleaved across models (round robin), so a slow period of the
-    machine hits every candidate alike.
+    machine hits every candidate alike. ``stop(times)``, called after each round with every
+    model's batch times so far (ms), ends the timing early when it returns True; the figures
+    are then those of the rounds timed.
     """
     if batch_size < 1 or iters < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
@@ -189,6 +192,8 @@ def compare(
         for _ in range(iters):
             for name, call in calls.items():
                 times[name].append(_timed_call(call))
+            if stop and stop(times):
+                break
     results = [_result(name, runnables[name], times[name], batch_size, threads, size, flops)
                for name in calls]
     base = results[0].throughput
@@ -227,16 +232,55 @@ def benchmark(model: nn.Module | OnnxModel | str | Path, batch_size: int = 8, **
     return compare({"model": model}, batch_size=batch_size, **kwargs)[0]
 
 
-def _int8_isa(flags: set[str]) -> str:
-    """The instruction set int8 kernels get here, which decides what int8 gains (VNNI: a
-    4-way int8 dot product per 32-bit lane in one instruction)."""
-    if "avx512_vnni" in flags:
-        return "AVX-512 VNNI"
-    if "avx_vnni" in flags:
-        return "AVX-VNNI"
-    if "avx2" in flags:
-        return "AVX2, no VNNI"
-    return ""
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What this CPU offers the kernels that decide whether a compressed model is faster:
+    int8 dot products (VNNI: 4 int8 products summed per 32-bit lane in one instruction) and
+    native bfloat16 (AVX512_BF16 or AMX; without it PyTorch emulates bf16 and is slower than FP32)."""
+
+    avx2: bool = False
+    avx512: bool = False
+    vnni: bool = False  # AVX-512 VNNI or AVX-VNNI
+    bf16: bool = False  # native bfloat16 arithmetic: avx512_bf16 or amx_bf16
+    amx: bool = False
+    model_name: str = ""
+
+    @classmethod
+    def from_flags(cls, flags: set[str] | str, model_name: str = "") -> CpuFeatures:
+        """From /proc/cpuinfo's flag names (a set, or the space-separated line)."""
+        flags = set(flags.split()) if isinstance(flags, str) else set(flags)
+        return cls(avx2="avx2" in flags, avx512="avx512f" in flags,
+                   vnni=bool(flags & {"avx512_vnni", "avx_vnni"}),
+                   bf16=bool(flags & {"avx512_bf16", "amx_bf16"}),
+                   amx=bool(flags & {"amx_tile", "amx_int8", "amx_bf16"}), model_name=model_name)
+
+    @property
+    def int8_isa(self) -> str:
+        """The instruction set int8 kernels get here, which decides what int8 gains."""
+        if self.vnni:
+            return "AVX-512 VNNI" if self.avx512 else "AVX-VNNI"
+        return "AVX2, no VNNI" if self.avx2 else ""
+
+    @property
+    def summary(self) -> str:
+        names = [n for n, on in (("AVX2", self.avx2), ("AVX-512", self.avx512), ("VNNI", self.vnni),
+                                 ("native bf16", self.bf16), ("AMX", self.amx)) if on]
+        return ", ".join(names) or "none of AVX2, AVX-512, VNNI, bf16, AMX"
+
+
+def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> CpuFeatures:
+    """This machine's CPU features, read from ``cpuinfo`` (none known when it is unreadable)."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line.split(":", 1)[1]
+                break
+    except OSError:
+        pass
+    return CpuFeatures.from_flags(flags, name)
 
 
 def machine_info() -> dict:
@@ -244,19 +288,11 @@ def machine_info() -> dict:
     import onnxruntime
     import timm
 
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = _int8_isa(flags)
+    cpu = cpu_features()
+    isa = cpu.int8_isa
     return {
-        "cpu": f"{cpu} ({isa})" if isa else cpu,
+        "cpu": f"{cpu.model_name} ({isa})" if isa else cpu.model_name,
+        "cpu_features": cpu.summary,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

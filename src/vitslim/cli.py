@@ -134,8 +134,9 @@ def demo_cmd(
 ) -> None:
     """The main job on the bundled example: `vitslim compress` on the real DINOv2 ViT-S/14
     reference model with the 16 bundled ImageNet photos (8 calibrate, 8 measure fidelity),
-    every candidate timed on this CPU; leaves the chosen model (model.onnx or model/), its
-    recipe.yaml, report.html and report.md in --out."""
+    every candidate timed on this CPU (candidates it cannot run fast are left out, clear
+    losers stopped early, both said in the report); leaves the chosen model (model.onnx or
+    model/), its recipe.yaml, report.html and report.md in --out."""
     from vitslim.api import EXAMPLE_IMAGES
     from vitslim.compress.cli import compress_cmd
     from vitslim.models import REFERENCE_NAME

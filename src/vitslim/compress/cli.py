@@ -38,6 +38,12 @@ def compress_cmd(
     FP32 model and its speed timed side by side with it. Results are cached: an interrupted
     search resumes where it stopped, a repeated one is instant.
 
+    CPU-aware: default candidates this CPU cannot run fast are left out, with the reason (bf16
+    without native bfloat16, i.e. no AVX512_BF16/AMX: PyTorch emulates it, several times slower
+    than FP32); name one with --recipe to run it anyway. A candidate that clearly cannot be
+    chosen (its best timed batch still far below the speedup it needs) is timed no further
+    after 3 batches; the report says "stopped early".
+
     The chosen candidate is saved in OUT ready to deploy: model.onnx (ONNX Runtime) for
     exported recipes, else a model/ folder that `vitslim.deploy.load_artifact` loads. It
     carries its preprocessing, output meaning, recipe and measured fidelity; the report ends
@@ -64,7 +70,9 @@ def compress_cmd(
             return
         state = "cached" if cached else f"{result.seconds:.0f} s"
         figures = result.error or f"speedup {fmt(result.speedup)}×, cosine {fmt(result.cosine, 6)}"
-        console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state})", "dim")))
+        stopped = f", stopped early after {result.stopped_early} batches" if result.stopped_early else ""
+        note = f"\n    note: {result.note}" if result.note else ""
+        console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state}{stopped})", "dim"), note))
 
     result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
                       seed=seed, batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out,
@@ -81,6 +89,9 @@ def compress_cmd(
 
         print_table(f"vitslim compress {model} --target {target}", [_row(c) for c in result.candidates],
                     dict(COLUMNS))
+    for left in result.left_out:
+        console.print(f"left out on this CPU: {left['name']} ({left['reason']}); name it with --recipe to run it anyway",
+                      highlight=False)
     verdict = ("meets", "green") if result.met else ("does not meet", "red")
     chosen = result.chosen.name if result.chosen else "nothing"
     console.print(styled(f"chosen: {chosen} — ", verdict, f" the target ({result.reason}). Report: {html_path}"))

@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
 from vitslim.datafile import brief, check_mapping, check_type, read_data_file
 from vitslim.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vitslim.bench import CpuFeatures
 
 MAX_NAME_CHARS = 100
 
@@ -91,6 +94,25 @@ STEP_KINDS = {"prune": (0, _check_prune), "tokens": (1, _check_tokens), "dtype":
 
 
 @dataclass(frozen=True)
+class Need:
+    """A CPU feature a step needs to have a chance of being faster than FP32, and what
+    happens without it (the reason the search gives for leaving the candidate out)."""
+
+    feature: str  # a field of vitslim.bench.CpuFeatures
+    without: str
+
+
+# dtype -> what it needs from the CPU. Measured: on AVX2-only CPUs bfloat16 in PyTorch was
+# ~7x slower than FP32 eager; with AVX512_BF16 (or AMX) ~2.3x faster.
+DTYPE_NEEDS = {"bfloat16": Need("bf16", "this CPU has no native bfloat16 (no AVX512_BF16/AMX); PyTorch "
+                                        "emulates it, ~7x slower than FP32 here")}
+# step kind -> its knobs -> what it needs from the CPU (kinds not listed run anywhere)
+STEP_NEEDS: dict[str, Callable[[dict], Need | None]] = {
+    "dtype": lambda knobs: DTYPE_NEEDS.get(knobs.get("dtype", "bfloat16")),
+}
+
+
+@dataclass(frozen=True)
 class Step:
     """One step: its kind and knobs, e.g. Step("tokens", {"method": "tome", "r": 8})."""
 
@@ -119,6 +141,11 @@ class Recipe:
 
     def step(self, kind: str) -> Step | None:
         return next((s for s in self.steps if s.kind == kind), None)
+
+    def unmet_needs(self, cpu: CpuFeatures) -> list[str]:
+        """Why this recipe cannot win on ``cpu``: one reason per step whose need it lacks."""
+        needs = [STEP_NEEDS[s.kind](s.knobs) for s in self.steps if s.kind in STEP_NEEDS]
+        return [f"{n.feature}: {n.without}" for n in needs if n and not getattr(cpu, n.feature)]
 
     @property
     def summary(self) -> str:

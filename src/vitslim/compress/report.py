@@ -10,14 +10,15 @@ import re
 import shlex
 from pathlib import Path
 
-from vitslim.compress.search import CandidateResult, SearchResult, pareto_front
+from vitslim.compress.search import (EARLY_STOP_MARGIN, EARLY_STOP_ROUNDS, CandidateResult, SearchResult,
+                                     pareto_front)
 from vitslim.output import fmt, write_text_atomic
 from vitslim.output import markdown_text as _md
 
 COLUMNS = [("name", "recipe"), ("speedup", "speedup ×"), ("cosine", "cosine"), ("sqnr_db", "SQNR dB"),
            ("top1_agreement", "top-1 agree"), ("top1", "top-1"), ("accuracy_drop", "top-1 drop pts"),
            ("throughput", "img/s"), ("latency_ms", "latency ms"),
-           ("size_mb", "size MB"), ("runtime", "runtime"), ("seconds", "eval s")]
+           ("size_mb", "size MB"), ("runtime", "runtime"), ("seconds", "eval s"), ("status", "note")]
 
 
 def _pyplot():
@@ -39,8 +40,15 @@ def _svg(fig) -> str:
     return svg[svg.index("<svg"):]
 
 
+def _status(c: CandidateResult) -> str | None:
+    """Why a candidate's figures are rougher or may not hold here (None when nothing to say)."""
+    parts = [f"stopped early: {fmt(c.speedup)}× after {c.stopped_early} batches"] if c.stopped_early else []
+    parts += [c.note] if c.note else []
+    return "; ".join(parts) or None
+
+
 def _row(c: CandidateResult) -> dict:
-    return {"name": c.name, **{k: getattr(c, k) for k, _ in COLUMNS[1:]}}
+    return {"name": c.name, **{k: getattr(c, k) for k, _ in COLUMNS[1:-1]}, "status": _status(c)}
 
 
 def _plottable(c: CandidateResult) -> bool:
@@ -108,9 +116,13 @@ def _summary_lines(result: SearchResult, model_name: str) -> list[str]:
     lines.append(f"Why: {result.reason}.")
     lines.append(f"Images: {s.get('n_calib')} for calibration, {s.get('n_eval')} (disjoint) for fidelity; "
                  f"speed: batch {s.get('batch_size')}, {s.get('iters')} timed batches per candidate, "
-                 "interleaved with the FP32 original.")
+                 "interleaved with the FP32 original, fewer for a candidate stopped early (its best batch's "
+                 f"ratio to FP32 × {EARLY_STOP_MARGIN} still below what it needed to be chosen, after "
+                 f"{EARLY_STOP_ROUNDS} batches).")
+    lines += [f"Left out on this CPU: {o['name']} ({o['reason']})." for o in result.left_out]
     m = result.machine
-    lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} threads; "
+    features = f" [{m['cpu_features']}]" if m.get("cpu_features") else ""
+    lines.append(f"Machine: {m.get('cpu')}{features}, {m.get('cores')} cores, {m.get('torch_threads')} threads; "
                  f"Python {m.get('python')}, torch {m.get('torch')}, timm {m.get('timm')}, "
                  f"onnxruntime {m.get('onnxruntime')}.")
     return lines

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import vitslim
-from vitslim.bench import compare, machine_info
+from vitslim.bench import CpuFeatures, compare, cpu_features, machine_info
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe
 from vitslim.data import make_loader
 from vitslim.errors import ConfigError, OutputPathError
@@ -44,6 +44,10 @@ AT_MOST = ("latency_ms", "accuracy_drop")  # the metrics where lower is better
 # Open-closed ranges of sensible targets (NaN and infinities fall outside every one).
 TARGET_RANGES = {"speedup": (0.0, 1e6), "fidelity": (-1.0, 1.0), "latency_ms": (0.0, 1e9),
                  "accuracy_drop": (0.0, 100.0)}
+# Early stop (see clearly_losing): after this many timed rounds, a candidate whose best round,
+# raised by the margin, is still below the speedup it needs to be chosen is timed no further.
+EARLY_STOP_ROUNDS = 3
+EARLY_STOP_MARGIN = 1.25
 DEFAULT_GRID = ("fp32", "bf16", "tome-8", "tome-13", "evit-0.7", "bf16-tome", "bf16-tome-13", "ort-fp32",
                 "int8-fast", "int8-tome", "int8-tome-13")
 
@@ -107,6 +111,9 @@ class CandidateResult:
     eval_images: int = 0
     calib_images: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: build, fidelity, timing
+    stopped_early: int | None = None  # timed rounds when timing stopped (clearly losing), else None
+    note: str | None = None  # e.g. run on request although this CPU lacks what it needs
     error: str | None = None
 
     @property
@@ -129,13 +136,14 @@ class SearchResult:
     data: str = ""
     artifact: str | None = None  # the chosen candidate, saved ready to deploy
     artifacts: dict[str, str] = field(default_factory=dict)  # recipe name -> saved artifact
+    left_out: list[dict] = field(default_factory=list)  # {"name", "reason"}: not run on this CPU
 
     def to_dict(self) -> dict:
         return {"target": asdict(self.target), "met": self.met, "reason": self.reason,
                 "chosen": asdict(self.chosen) if self.chosen else None,
                 "candidates": [asdict(c) for c in self.candidates], "settings": self.settings,
                 "machine": self.machine, "sensitivity": self.sensitivity, "data": self.data,
-                "artifact": self.artifact, "artifacts": self.artifacts}
+                "artifact": self.artifact, "artifacts": self.artifacts, "left_out": self.left_out}
 
 
 def fingerprint_model(model: nn.Module) -> str:
@@ -218,6 +226,13 @@ def _result_from_json(text: str, key: str) -> CandidateResult:
     if not (data["error"] is None or isinstance(data["error"], str)) or not (
             data["runtime"] is None or isinstance(data["runtime"], str)):
         raise ValueError("error/runtime are not text")
+    if not isinstance(data["phases"], dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in data["phases"].values()):
+        raise ValueError("phases are not seconds")
+    if not (data["stopped_early"] is None or (isinstance(data["stopped_early"], int)
+                                              and not isinstance(data["stopped_early"], bool))) or not (
+            data["note"] is None or isinstance(data["note"], str)):
+        raise ValueError("stopped_early/note have the wrong type")
     if data["error"] is None and any(data[k] is None for k in ("cosine", "speedup", "latency_ms")):
         raise ValueError("a successful result without its figures")
     return CandidateResult(**data)
@@ -235,22 +250,45 @@ def evaluate_candidate(
     workdir: Path,
     source: ModelSource,
     calibration: dict,
+    speedup_needed: Callable[[CandidateResult], float | None] = lambda c: None,
 ) -> CandidateResult:
     """Build ``recipe``'s artifact from ``model`` in ``workdir`` (as ``vitslim apply`` does),
     load it back, and measure the saved artifact: fidelity to FP32, then speed beside FP32.
-    The fidelity is recorded in the artifact."""
+    The fidelity is recorded in the artifact. ``speedup_needed(result)`` (given the measured
+    fidelity) is the speedup this candidate must be able to reach to be chosen; its timing
+    stops early when it clearly cannot (``clearly_losing``)."""
     from vitslim.deploy.api import fidelity
     from vitslim.deploy.artifact import artifact_name, build_artifact, load_artifact, write_contract
 
     start = time.perf_counter()
     result = CandidateResult(recipe=recipe.to_dict(), key=key, calib_images=len(calib))
+    clock = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        result.phases[name] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+
     try:
         path = build_artifact(model, recipe, calib, workdir / artifact_name(recipe), source, calibration, key)
         artifact = load_artifact(path)
+        phase("build")
         figures = fidelity(predict(artifact.model, eval_loader, recipe.name), reference, calibration["data"])
         write_contract(path, artifact.contract.with_fidelity(figures))
+        result.cosine, result.accuracy_drop = figures["cosine"], figures["accuracy_drop"]
+        phase("fidelity")
+        needed, stopped_at = speedup_needed(result), []
+
+        def losing(times: dict[str, list[float]]) -> bool:
+            if clearly_losing(times["FP32"], times[recipe.name], needed):
+                stopped_at.append(len(times[recipe.name]))
+            return bool(stopped_at)
+
         base, cand = compare({"FP32": model, recipe.name: artifact.model}, batch_size=batch_size,
-                             warmup=2, iters=iters, flops=False)
+                             warmup=2, iters=iters, flops=False, stop=losing)
+        phase("timing")
+        if stopped_at and stopped_at[0] < iters:
+            result.stopped_early = stopped_at[0]
     except Exception as err:  # a failing candidate is reported, not fatal to the search
         result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
         result.seconds = time.perf_counter() - start
@@ -262,6 +300,31 @@ def evaluate_candidate(
     result.latency_ms, result.size_mb, result.runtime = cand.latency_ms_median, cand.size_mb, cand.runtime
     result.seconds = time.perf_counter() - start
     return result
+
+
+def clearly_losing(fp32_ms: list[float], candidate_ms: list[float], needed: float | None,
+                   rounds: int = EARLY_STOP_ROUNDS, margin: float = EARLY_STOP_MARGIN) -> bool:
+    """True when a candidate clearly cannot reach the speedup ``needed`` to be chosen: after at
+    least ``rounds`` interleaved rounds, even its best round's ratio (FP32 batch time / its
+    batch time, measured back to back), raised by ``margin``, stays below ``needed``."""
+    if needed is None or len(candidate_ms) < rounds:
+        return False
+    best_round = max(f / c for f, c in zip(fp32_ms, candidate_ms))
+    return best_round * margin < needed
+
+
+def speedup_to_be_chosen(target: Target, done: list[CandidateResult], candidate: CandidateResult) -> float | None:
+    """The speedup ``candidate`` (fidelity measured) needs to have any chance of being chosen
+    over the candidates ``done`` (see ``choose``), or None when speed alone cannot rule it out.
+    Speed target: the target or the best speedup so far, whichever is lower (below both it is
+    neither feasible nor the closest). Fidelity/accuracy targets: the fastest feasible so far
+    (an infeasible candidate cannot beat a feasible one either)."""
+    timed = [c for c in done if not c.error and c.speedup is not None]
+    if target.metric == "speedup":
+        return min(target.value, max((c.speedup for c in timed), default=math.inf))
+    if target.metric in ("fidelity", "accuracy_drop"):
+        return max((c.speedup for c in timed if target.met_by(c)), default=None)
+    return None  # a latency target is not stopped early
 
 
 def recorded_fidelity(c: CandidateResult, data: str) -> dict:
@@ -324,6 +387,8 @@ def compress(
     out: str | Path | None = None,
     save_all: bool = False,
     source: ModelSource | None = None,
+    cpu: CpuFeatures | None = None,
+    early_stop: bool = True,
 ) -> SearchResult:
     """Find the best recipe for ``model`` that meets ``target`` on this machine.
 
@@ -339,12 +404,22 @@ def compress(
     ``out/candidates/``. An artifact already saved for the same candidate (same cache key) is
     kept as it is; a cached candidate whose artifact is missing is rebuilt (not re-measured).
     ``source`` (a ``vitslim.deploy.ModelSource``) says how to rebuild the architecture.
+
+    CPU-aware: a default-grid candidate with a step this CPU cannot run fast (``cpu``, default
+    this machine's ``cpu_features()``; e.g. bf16 without native bfloat16) is left out before
+    any work and listed in ``left_out`` with the reason; one named in ``recipes`` still runs,
+    with the reason as its ``note``. With ``early_stop``, a candidate that clearly cannot be
+    chosen is timed no further after a few rounds (``clearly_losing``; ``stopped_early``).
     """
     from vitslim.deploy.api import calibration_batch, split_images
     from vitslim.deploy.contract import source_of
 
     target = Target.parse(target) if isinstance(target, str) else target
     grid = [BUILTIN_RECIPES[r] if isinstance(r, str) else r for r in (recipes or DEFAULT_GRID)]
+    cpu = cpu or cpu_features()
+    unmet = {r.name: "; ".join(r.unmet_needs(cpu)) for r in grid if r.unmet_needs(cpu)}
+    left_out = [] if recipes else [{"name": r.name, "reason": unmet[r.name]} for r in grid if r.name in unmet]
+    grid = grid if recipes else [r for r in grid if r.name not in unmet]
     source = source or source_of(model)
     dataset, calib_set, eval_set = split_images(model, data, n_calib, n_eval, seed)
     if not eval_set.indices:
@@ -366,15 +441,17 @@ def compress(
         for recipe in progress_bar(grid, "candidates"):
             key = candidate_key(model_fp, data_fp, recipe, settings)
             cached = store.get(key)
-            if cached is None:
+            fresh = cached is None
+            if fresh:
                 reference = reference or predict(model, eval_loader, "FP32 reference")
+                needed = (lambda c: speedup_to_be_chosen(target, results, c)) if early_stop else (lambda c: None)
                 cached = evaluate_candidate(model, recipe, key, calib, eval_loader, reference, batch_size, iters,
-                                            staging / key, source, calibration)
+                                            staging / key, source, calibration, needed)
                 store.put(cached)
-                if on_result:
-                    on_result(cached, False)
-            elif on_result:
-                on_result(cached, True)
+            if recipe.name in unmet:  # named explicitly: run, as asked, with the reason it may lose here
+                cached.note = f"run as requested, but {unmet[recipe.name]}"
+            if on_result:
+                on_result(cached, not fresh)
             results.append(cached)
             if not save_all:  # only the best so far can end up chosen: drop the other artifacts
                 best = choose(target, results)[0]
@@ -396,7 +473,8 @@ def compress(
             sensitivity = block_sensitivity(model, calib, sample, sensitivity_preset)
             write_json(sens_path, sensitivity)
     return SearchResult(target, chosen, met, reason, results, settings, machine_info(), sensitivity,
-                        data=str(data), artifact=saved.get(chosen.name) if chosen else None, artifacts=saved)
+                        data=str(data), artifact=saved.get(chosen.name) if chosen else None, artifacts=saved,
+                        left_out=left_out)
 
 
 def _check_target(target: Target, model: nn.Module, eval_labels: list[int]) -> None:

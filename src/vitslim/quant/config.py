@@ -220,6 +220,20 @@ PRESETS: dict[str, QuantConfig] = {
 }
 
 
+def describe(config: QuantConfig) -> str:
+    """A one-line recipe of ``config``, e.g. for ``vitslim quantize --help``."""
+    def site(name: str) -> str:
+        s = getattr(config, name)
+        if s.quantizer == "float":
+            return f"{name} float"
+        what = f"{s.quantizer} {s.calibration}" if s.quantizer == "uniform" else s.quantizer
+        return f"{name} {s.bits}-bit {what}" + (f" +{s.float_channels} outlier ch." if s.float_channels else "")
+
+    folds = ["LN reparam"] * config.ln_reparam + ["SmoothQuant-bias"] * config.smooth_quant
+    recon = [f"reconstruction {config.reconstruction_iters} it/block"] * bool(config.reconstruction_iters)
+    return "; ".join([f"W{config.weight_bits} {config.weight_method}", *map(site, SITES), *folds, *recon])
+
+
 def preset(name: str) -> QuantConfig:
     """A named preset (see ``PRESETS``)."""
     if name not in PRESETS:

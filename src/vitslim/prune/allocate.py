@@ -27,10 +27,6 @@ class Plan:
     channels: dict[int, tuple[int, ...]]
 
 
-def num_tokens(parts: ViTParts) -> int:
-    return parts.patch_embed.num_patches + parts.num_prefix_tokens
-
-
 def head_macs(tokens: int, dim: int, head_dim: int) -> int:
     """One head: its q, k, v rows and proj columns, plus q·kᵀ and attn·v."""
     return tokens * 4 * dim * head_dim + 2 * tokens * tokens * head_dim
@@ -43,8 +39,8 @@ def channel_macs(tokens: int, dim: int) -> int:
 
 def fixed_macs(parts: ViTParts) -> int:
     """What pruning blocks cannot remove: the patch embedding and the head."""
-    pe = parts.patch_embed.proj
-    macs = parts.patch_embed.num_patches * pe.weight[0].numel() * pe.out_channels if isinstance(pe, nn.Conv2d) else 0
+    pe = parts.patch_proj
+    macs = parts.num_patches * pe.weight[0].numel() * pe.out_channels if isinstance(pe, nn.Conv2d) else 0
     if isinstance(parts.head, nn.Linear):
         macs += parts.head.in_features * parts.head.out_features
     return macs
@@ -52,7 +48,7 @@ def fixed_macs(parts: ViTParts) -> int:
 
 def block_costs(parts: ViTParts) -> list[tuple[int, int]]:
     """(MACs of one head, MACs of one MLP channel) per block."""
-    tokens = num_tokens(parts)
+    tokens = parts.num_tokens
     return [(head_macs(tokens, bp.proj.out_features, bp.proj.in_features // bp.num_heads),
              channel_macs(tokens, bp.fc1.in_features)) for bp in parts.blocks]
 

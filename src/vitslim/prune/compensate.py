@@ -30,12 +30,6 @@ RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # × mean diagonal of the Gram matrix
 FOLDS = 4
 
 
-def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The tokens entering the first block (timm VisionTransformer.forward_features' start)."""
-    x = model._pos_embed(model.patch_embed(images))
-    return model.norm_pre(model.patch_drop(x))
-
-
 def _input_of(layer: nn.Module, run) -> torch.Tensor:
     """The input ``layer`` receives while ``run()`` runs."""
     seen = []
@@ -113,7 +107,7 @@ def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan
     """Refit, block by block, the ``proj`` of blocks that lost heads and the ``fc2`` of blocks
     that lost MLP channels (and both in the block after a removed one), on ``images``."""
     student_blocks = dict(zip(plan.blocks, vit_parts(model).blocks))
-    x_t = embed(teacher, images)
+    x_t = vit_parts(teacher).embed(images)
     x_s = x_t.clone()
     fuse = False
     for i, tb in enumerate(vit_parts(teacher).blocks):

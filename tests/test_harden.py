@@ -17,8 +17,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import make_tiny_vit
-from vitslim.errors import (BadImageError, ConfigError, DataError, ModelLoadError, NonFiniteOutputError,
-                            OutputPathError, VitslimError)
+from vitslim.errors import (
+    BadImageError,
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    NonFiniteOutputError,
+    OutputPathError,
+    VitslimError,
+)
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
 
@@ -372,7 +379,8 @@ def test_quant_config_file_errors_name_the_file(tmp_path):
                                  ("c.yaml", "post_ln: {bits: [8]}\n", "post_ln.bits=[8] has the wrong type"),
                                  ("c.yaml", "weight_bits: 99999999999999\n", "out of range")]:
         (tmp_path / name).write_text(text)
-        with pytest.raises(ConfigError, match=".*".join(map(__import__("re").escape, [str(tmp_path / name), fragment]))):
+        pattern = ".*".join(map(__import__("re").escape, [str(tmp_path / name), fragment]))
+        with pytest.raises(ConfigError, match=pattern):
             QuantConfig.load(tmp_path / name)
 
 

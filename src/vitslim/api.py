@@ -17,8 +17,16 @@ from vitslim.models.reference import build_reference, load_reference_model, refe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EXAMPLE_IMAGES = Path(__file__).parent / "assets" / "example_images"
 
-__all__ = ["load_any", "evaluate_cli", "bench_cli", "fidelity_and_speed", "verify_reference",
-           "build_reference", "machine_info", "EXAMPLE_IMAGES"]
+__all__ = [
+    "EXAMPLE_IMAGES",
+    "bench_cli",
+    "build_reference",
+    "evaluate_cli",
+    "fidelity_and_speed",
+    "load_any",
+    "machine_info",
+    "verify_reference",
+]
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -87,7 +95,8 @@ def bench_cli(
     iters: int = 10,
 ) -> list[BenchResult]:
     """``vitslim bench``: time a model and any others side by side (first = baseline)."""
-    models = {model if model.endswith(".onnx") or "@" in model else f"{model}@{dtype}": load_any(model, checkpoint, dtype)}
+    label = model if model.endswith(".onnx") or "@" in model else f"{model}@{dtype}"
+    models = {label: load_any(model, checkpoint, dtype)}
     for other in others:
         models[other] = load_any(other)
     return compare(models, batch_size=batch_size, warmup=warmup, iters=iters, threads=threads)

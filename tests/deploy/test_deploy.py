@@ -114,7 +114,8 @@ def test_compress_hands_over_the_chosen_model_and_apply_rebuilds_it(tmp_path, ex
     assert abs(recomputed - cand["cosine"]) < 1e-6 and cand["cosine"] == int8_result.cosine
 
     # `vitslim apply` with the report's recipe and settings builds the same artifact.
-    again, _ = apply(model, _recipe_file(onnx_path, tmp_path / "int8-tome.yaml"), example_images, tmp_path / "again.onnx",
+    again, _ = apply(model, _recipe_file(onnx_path, tmp_path / "int8-tome.yaml"), example_images,
+                     tmp_path / "again.onnx",
                      tiny_vit_source(**TINY), n_calib=8, n_eval=0)
     assert torch.equal(predict_folder(again, example_images).outputs, preds.outputs)
 

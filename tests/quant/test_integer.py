@@ -10,9 +10,22 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_vit
-from vitslim.quant.integer import (DIV_BITS, EXP_RANGE, FRAC_BITS, NORM_BITS, IntegerGELU, IntegerLayerNorm,
-                                   IntegerSoftmax, calibrating, dyadic, i_layernorm, isqrt_newton, shift_gelu,
-                                   shiftmax, use_integer_ops)
+from vitslim.quant.integer import (
+    DIV_BITS,
+    EXP_RANGE,
+    FRAC_BITS,
+    NORM_BITS,
+    IntegerGELU,
+    IntegerLayerNorm,
+    IntegerSoftmax,
+    calibrating,
+    dyadic,
+    i_layernorm,
+    isqrt_newton,
+    shift_gelu,
+    shiftmax,
+    use_integer_ops,
+)
 
 # ---- deliberately naive references: Python ints, one value at a time, the same formulas ----
 

@@ -12,8 +12,8 @@ from vitslim.quant.config import QuantConfig, SiteConfig, vit_config
 from vitslim.quant.gptq import gptq_quantize_weight
 from vitslim.quant.layernorm_reparam import reparameterize
 from vitslim.quant.modules import set_mode
-from vitslim.quant.smooth import fold_into_norm, search_alpha, smoothing
 from vitslim.quant.quantizers import CalibrationError, LogQuantizer, UniformQuantizer, WeightQuantizer, mse
+from vitslim.quant.smooth import fold_into_norm, search_alpha, smoothing
 
 
 def _calibrated(q, x):
@@ -92,7 +92,8 @@ def _w4a4_output(norm, linear, x):
     out = norm(x)
     wq = WeightQuantizer(4, method="minmax")
     wq.calibrate_weight(linear.weight)
-    return torch.nn.functional.linear(_calibrated(UniformQuantizer(4), out)(out), wq.fake_quant(linear.weight), linear.bias)
+    inputs = _calibrated(UniformQuantizer(4), out)(out)
+    return torch.nn.functional.linear(inputs, wq.fake_quant(linear.weight), linear.bias)
 
 
 def test_smoothquant_with_bias_is_exact_and_helps():
@@ -209,9 +210,11 @@ def test_config_round_trip_and_validation(tmp_path):
     for name in ("c.yaml", "c.json"):
         config.save(tmp_path / name)
         assert QuantConfig.load(tmp_path / name) == config
-    with pytest.raises(ConfigError, match=r"weight_bits=7 is not supported; valid bit widths are \(2, 3, 4, 5, 6, 8, 16\)"):
+    with pytest.raises(ConfigError,
+                       match=r"weight_bits=7 is not supported; valid bit widths are \(2, 3, 4, 5, 6, 8, 16\)"):
         QuantConfig(weight_bits=7)
-    with pytest.raises(ConfigError, match=r"softmax.quantizer='log10' is not one of \('uniform', 'log2', 'sulq', 'adalog', 'float'\)"):
+    quantizers = r"\('uniform', 'log2', 'sulq', 'adalog', 'float'\)"
+    with pytest.raises(ConfigError, match=r"softmax.quantizer='log10' is not one of " + quantizers):
         QuantConfig(softmax=SiteConfig(quantizer="log10"))
     with pytest.raises(ConfigError, match="unknown quantization preset 'w5a5'; presets are"):
         quant.preset("w5a5")

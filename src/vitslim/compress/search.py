@@ -15,9 +15,10 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,7 +39,8 @@ TARGET_METRICS = {
     "speedup": "throughput ratio to the FP32 original, at least",
     "fidelity": "feature cosine similarity to the FP32 original, at least",
     "latency_ms": "median batch latency in milliseconds, at most",
-    "accuracy_drop": "top-1 accuracy drop vs the FP32 original in percentage points, at most (labelled images, classifier)",
+    "accuracy_drop": ("top-1 accuracy drop vs the FP32 original in percentage points, at most "
+                      "(labelled images, classifier)"),
 }
 AT_MOST = ("latency_ms", "accuracy_drop")  # the metrics where lower is better
 # Open-closed ranges of sensible targets (NaN and infinities fall outside every one).
@@ -68,7 +70,7 @@ class Target:
                               f"({low}, {high}] ({TARGET_METRICS[self.metric]})")
 
     @classmethod
-    def parse(cls, text: str) -> "Target":
+    def parse(cls, text: str) -> Target:
         name, _, value = text.strip().partition("=")
         if name not in TARGET_METRICS or not value:
             raise ConfigError(f"target {text!r} not understood; use one of "
@@ -79,14 +81,14 @@ class Target:
             raise ConfigError(f"target {text!r}: {value!r} is not a number") from None
         return cls(name, number)
 
-    def met_by(self, c: "CandidateResult") -> bool:
+    def met_by(self, c: CandidateResult) -> bool:
         if c.error or self.measure(c) is None:
             return False
         if self.metric in AT_MOST:
             return self.measure(c) <= self.value
         return self.measure(c) >= self.value
 
-    def measure(self, c: "CandidateResult") -> float | None:
+    def measure(self, c: CandidateResult) -> float | None:
         return {"speedup": c.speedup, "fidelity": c.cosine, "latency_ms": c.latency_ms,
                 "accuracy_drop": c.accuracy_drop}[self.metric]
 
@@ -211,7 +213,8 @@ class ResultStore:
 
 
 # CandidateResult field -> JSON types it may hold ("inf" strings are how JSON holds ∞ SQNR).
-_NUMBER_FIELDS = {"cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop", "speedup", "throughput", "latency_ms", "size_mb", "seconds"}
+_NUMBER_FIELDS = {"cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop", "speedup", "throughput",
+                  "latency_ms", "size_mb", "seconds"}
 
 
 def _result_from_json(text: str, key: str) -> CandidateResult:
@@ -293,7 +296,7 @@ def evaluate_candidate(
                 stopped_at.append(len(times[recipe.name]))
             return bool(stopped_at)
 
-        base, cand = compare({"FP32": model, recipe.name: artifact.model}, batch_size=batch_size,
+        _, cand = compare({"FP32": model, recipe.name: artifact.model}, batch_size=batch_size,
                              warmup=2, iters=iters, flops=False, stop=losing)
         phase("timing")
         if stopped_at and stopped_at[0] < iters:

@@ -9,6 +9,7 @@ from torch import nn
 
 from vitslim.compress.recipes import Recipe
 
+
 def _prune(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
     from vitslim import prune
 

@@ -13,6 +13,19 @@ from vitslim.deploy.contract import Contract, ModelSource, contract_for, source_
 from vitslim.deploy.predict import Predictions, predict_folder
 from vitslim.deploy.snippet import usage_markdown
 
-__all__ = ["apply", "split_images", "Artifact", "build_artifact", "load_artifact", "read_contract",
-           "write_contract", "Contract", "ModelSource", "contract_for", "source_of", "Predictions",
-           "predict_folder", "usage_markdown"]
+__all__ = [
+           "Artifact",
+           "Contract",
+           "ModelSource",
+           "Predictions",
+           "apply",
+           "build_artifact",
+           "contract_for",
+           "load_artifact",
+           "predict_folder",
+           "read_contract",
+           "source_of",
+           "split_images",
+           "usage_markdown",
+           "write_contract",
+]

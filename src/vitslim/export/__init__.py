@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -171,6 +171,7 @@ def integer_ops(path: str | Path) -> dict[str, int]:
         graph = onnx.load(opts.optimized_model_filepath).graph
     counts: dict[str, int] = {}
     for node in graph.node:
-        if "Integer" in node.op_type or node.op_type.startswith("QLinear") or node.op_type in ("QGemm", "DynamicQuantizeMatMul"):
+        op = node.op_type
+        if "Integer" in op or op.startswith("QLinear") or op in ("QGemm", "DynamicQuantizeMatMul"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts

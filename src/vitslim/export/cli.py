@@ -15,12 +15,18 @@ def register(app: typer.Typer) -> None:
 
 
 def export_cmd(
-    model: str = typer.Argument(..., help="A folder written by `vitslim quantize` or `vitslim apply`, or a model name (FP32)."),
+    model: str = typer.Argument(
+        ..., help="A folder written by `vitslim quantize` or `vitslim apply`, or a model name (FP32)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write."),
     fmt: str = typer.Option("onnx", "--format", help="Only onnx for now."),
-    tome: Optional[int] = typer.Option(None, "--tome", help="Also merge this many tokens per block (ToMe) before export."),
+    tome: Optional[int] = typer.Option(
+        None, "--tome", help="Also merge this many tokens per block (ToMe) before export."
+    ),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights when MODEL is a name."),
-    verify: Optional[Path] = typer.Option(None, "--verify", help="Check ONNX Runtime against PyTorch on images from this folder."),
+    verify: Optional[Path] = typer.Option(
+        None, "--verify", help="Check ONNX Runtime against PyTorch on images from this folder."
+    ),
 ) -> None:
     """Export to ONNX. vitslim's own 8-bit scales become QuantizeLinear/DequantizeLinear pairs
     that ONNX Runtime fuses into int8 matmuls; log-domain and sub-8-bit quantizers are exported
@@ -51,15 +57,19 @@ def export_cmd(
     path = export_onnx(torch_model, out)
     recipe = Recipe(f"export of {Path(model).name}", (*steps, Step("export", {"format": "onnx"})))
     contract = contract_for(torch_model, source, recipe.to_dict())
-    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
-                  f"{integer_ops(path) or 'none (float model)'}")
+    console.print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
+        f"{integer_ops(path) or 'none (float model)'}"
+    )
     if verify:
         from vitslim.data import calibration_images, load_image_folder
 
         images = calibration_images(load_image_folder(verify, torch_model, limit=16))
         r = validate_onnx(torch_model, path, images)
-        console.print(f"ONNX Runtime vs PyTorch on {r['images']} images: cosine {r['cosine']:.6f}, "
-                      f"SQNR {r['sqnr_db']:.1f} dB, max |diff| {r['max_abs_diff']:.2e}")
+        console.print(
+            f"ONNX Runtime vs PyTorch on {r['images']} images: cosine {r['cosine']:.6f}, "
+            f"SQNR {r['sqnr_db']:.1f} dB, max |diff| {r['max_abs_diff']:.2e}"
+        )
         contract = contract.with_fidelity({**r, "data": str(verify), "vs": "the PyTorch model it was exported from"})
     write_contract(path, contract)
 

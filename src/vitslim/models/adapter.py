@@ -8,8 +8,8 @@ site), the MLP (fc1, the GELU site, fc2), the norms and layer scales. New archit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 

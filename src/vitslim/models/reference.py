@@ -94,7 +94,7 @@ def _onnx_weights(onnx_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.
 
 def _resize_pos_embed(patch_pos: torch.Tensor, grid: int) -> torch.Tensor:
     """Resize (1, N, C) position embeddings to ``grid``x``grid`` exactly as the ONNX graph does."""
-    side = int(round(patch_pos.shape[1] ** 0.5))
+    side = round(patch_pos.shape[1] ** 0.5)
     pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
     pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
     return pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
@@ -153,7 +153,7 @@ class SaliencyDecoder(nn.Module):
 
     def forward(self, patch_tokens: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
         b, n, c = patch_tokens.shape
-        side = int(round(n**0.5))
+        side = round(n**0.5)
         x = patch_tokens.transpose(1, 2).reshape(b, c, side, side)
         for i in range(1, self.stages + 1):
             x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"upconv{i}")(x)))

@@ -17,5 +17,13 @@ from vitslim.prune.config import IMPORTANCES, PruneConfig
 from vitslim.prune.io import load_pruned, save_pruned
 from vitslim.prune.recover import RecoverConfig, RecoverReport, recover_
 
-__all__ = ["prune_", "recover_", "PruneConfig", "RecoverConfig", "RecoverReport", "IMPORTANCES",
-           "save_pruned", "load_pruned"]
+__all__ = [
+           "IMPORTANCES",
+           "PruneConfig",
+           "RecoverConfig",
+           "RecoverReport",
+           "load_pruned",
+           "prune_",
+           "recover_",
+           "save_pruned",
+]

@@ -45,7 +45,8 @@ def prune_(model: nn.Module, calib_images: torch.Tensor, config: PruneConfig | f
         raise ConfigError(f"importance {config.importance!r} with compensate={config.compensate} needs calibration "
                           f"images (got {len(calib_images)}); give 32 or more")
     if len(calib_images) < 16:
-        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more make the scores and refits stabler")
+        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more make the scores and refits stabler",
+                      stacklevel=2)
     start = time.perf_counter()
     model.eval()
     before = model_macs(parts)

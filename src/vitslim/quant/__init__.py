@@ -14,4 +14,4 @@ from vitslim.quant.api import quantize
 from vitslim.quant.config import PRESETS, QuantConfig, SiteConfig, preset
 from vitslim.quant.mixed import mixed_precision_config
 
-__all__ = ["quantize", "mixed_precision_config", "QuantConfig", "SiteConfig", "PRESETS", "preset"]
+__all__ = ["PRESETS", "QuantConfig", "SiteConfig", "mixed_precision_config", "preset", "quantize"]

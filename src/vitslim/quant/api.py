@@ -99,7 +99,7 @@ def quantize(
     if len(calib_images) == 0:
         raise ConfigError("quantize needs at least one calibration image")
     if len(calib_images) < 8:
-        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges")
+        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges", stacklevel=2)
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
     parts = vit_parts(qmodel)  # names unsupported block types before anything changes

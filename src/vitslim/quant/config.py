@@ -75,7 +75,7 @@ class QuantConfig:
             object.__setattr__(self, "block_bits", tuple(self.block_bits))
         validate(self)
 
-    def for_block(self, index: int) -> "QuantConfig":
+    def for_block(self, index: int) -> QuantConfig:
         """The config block ``index`` is quantized with: its mixed-precision bits if any."""
         if self.block_bits is None:
             return self
@@ -90,7 +90,7 @@ class QuantConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QuantConfig":
+    def from_dict(cls, data: dict) -> QuantConfig:
         """A config from plain data (YAML/JSON): names, types and values checked."""
         check_mapping(data, "quantization config")
         names = {f.name for f in fields(cls)}
@@ -115,7 +115,7 @@ class QuantConfig:
                           else yaml.safe_dump(data, sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> "QuantConfig":
+    def load(cls, path: str | Path) -> QuantConfig:
         """A config from a YAML or JSON (by suffix) file; errors name the file."""
         data = read_data_file(path, "quantization config file")
         try:
@@ -133,7 +133,8 @@ def validate(config: QuantConfig) -> None:
     if config.weight_calibration not in ("minmax", "mse"):
         raise ConfigError(f"weight_calibration={config.weight_calibration!r} is not one of ('minmax', 'mse')")
     if config.gptq_group_size is not None and config.gptq_group_size < 1:
-        raise ConfigError(f"gptq_group_size must be a positive number of input columns or null, got {config.gptq_group_size}")
+        raise ConfigError("gptq_group_size must be a positive number of input columns or null, "
+                          f"got {config.gptq_group_size}")
     if config.ln_reparam and config.smooth_quant:
         raise ConfigError("ln_reparam and smooth_quant both rescale the post-LayerNorm channels; choose one")
     if config.smooth_alpha is not None and not 0 <= config.smooth_alpha <= 1:

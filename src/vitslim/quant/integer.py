@@ -16,8 +16,8 @@ ops as fake-quant modules (float in, float out) so they can be dropped into a Py
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ def dyadic(scale: float, bits: int = 16) -> tuple[int, int]:
     """
     if scale == 0:
         return 0, 1
-    frac, exp = math.frexp(abs(scale))  # |scale| = frac·2^exp, frac in [0.5, 1)
+    _, exp = math.frexp(abs(scale))  # |scale| = frac·2^exp, frac in [0.5, 1)
     k = max(bits - exp, 1)
     if k > 62:
         return 0, 1

@@ -151,7 +151,7 @@ def _file_shapes(state_path: Path) -> dict[str, tuple[int, ...]]:
 
     try:
         with safe_open(str(state_path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safetensors handles are not mappings)
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{str(state_path)!r} is not a readable safetensors file ({err}); "
                              "re-create the folder with `vitslim quantize`") from None

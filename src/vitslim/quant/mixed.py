@@ -23,9 +23,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.progress import progress_bar
-from vitslim.errors import ConfigError
 from vitslim.quant.config import VALID_BITS, QuantConfig, preset
 from vitslim.quant.modules import set_mode
 
@@ -79,7 +79,7 @@ def allocate_bits(sensitivity: torch.Tensor, candidates: tuple[int, ...], averag
             for j, bits in enumerate(candidates):
                 total, new_cost = spent + bits, cost + float(sensitivity[i, j])
                 if total <= budget and (total not in step or new_cost < step[total][0]):
-                    step[total] = (new_cost, chosen + (bits,))
+                    step[total] = (new_cost, (*chosen, bits))
         best = step
     return min(best.values())[1]
 

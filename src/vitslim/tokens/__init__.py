@@ -16,13 +16,13 @@ import copy
 import inspect
 import math
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 from vitslim.datafile import check_type
 from vitslim.errors import ConfigError
-
 from vitslim.tokens.ats import apply_ats
 from vitslim.tokens.common import remove, token_state
 from vitslim.tokens.evit import apply_evit
@@ -32,8 +32,17 @@ from vitslim.tokens.tome import apply_tome
 METHODS: dict[str, Callable[..., nn.Module]] = {"tome": apply_tome, "evit": apply_evit, "ats": apply_ats,
                                                 "mctf": apply_mctf}
 
-__all__ = ["apply", "check_params", "remove", "token_state", "METHODS", "apply_tome", "apply_evit", "apply_ats",
-           "apply_mctf"]
+__all__ = [
+    "METHODS",
+    "apply",
+    "apply_ats",
+    "apply_evit",
+    "apply_mctf",
+    "apply_tome",
+    "check_params",
+    "remove",
+    "token_state",
+]
 
 # Ranges that do not depend on the model (r against a block's tokens and block indices are
 # checked when the method is applied).

@@ -22,8 +22,12 @@ def tokens_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     r: Optional[str] = typer.Option(None, "--r", help="tome: tokens merged per block, or a comma list per block."),
     keep_rate: Optional[float] = typer.Option(None, "--keep-rate", help="evit: fraction of tokens kept where it acts."),
-    budget: Optional[float] = typer.Option(None, "--budget", help="ats: at most this fraction of tokens sampled where it acts."),
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="evit/ats: comma list of 0-based blocks (default: 1/4, 1/2, 3/4 depth)."),
+    budget: Optional[float] = typer.Option(
+        None, "--budget", help="ats: at most this fraction of tokens sampled where it acts."
+    ),
+    blocks: Optional[str] = typer.Option(
+        None, "--blocks", help="evit/ats: comma list of 0-based blocks (default: 1/4, 1/2, 3/4 depth)."
+    ),
     limit: Optional[int] = typer.Option(64, "--limit", "-n", min=1, help="Images for fidelity (first N)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, max=4096, help="Batch size for timing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
@@ -38,24 +42,50 @@ def tokens_cmd(
 
     if json_out:
         check_output_file(json_out, "--json")
-    params = {k: v for k, v in {
-        "r": _ints(r, "--r", single=True), "keep_rate": keep_rate, "budget": budget,
-        "blocks": _ints(blocks, "--blocks"),
-    }.items() if v is not None}
+    params = {
+        k: v
+        for k, v in {
+            "r": _ints(r, "--r", single=True),
+            "keep_rate": keep_rate,
+            "budget": budget,
+            "blocks": _ints(blocks, "--blocks"),
+        }.items()
+        if v is not None
+    }
     tokens.check_params(method, params)
     original = load_any(model, checkpoint)
     variant = tokens.apply(original, method, inplace=False, **params)
     fidelity, speed = fidelity_and_speed(original, variant, data, limit=limit, batch_size=batch_size)
     counts = tokens.token_state(variant).counts
     label = f"{method} " + " ".join(f"{k}={v}" for k, v in params.items())
-    rows = [{"name": label, "tokens_last": counts[-1] if counts else None, **fidelity.to_dict(),
-             "speedup": speed[1].speedup, "throughput": speed[1].throughput,
-             "gmacs": speed[1].gmacs_per_image, "base_gmacs": speed[0].gmacs_per_image}]
-    print_table(f"vitslim tokens {model}", rows, {
-        "name": "method", "tokens_last": "tokens at last block", "images": "images", "cosine": "cosine",
-        "sqnr_db": "SQNR dB", "top1_agreement": "top-1 agree", "gmacs": "GMACs/img",
-        "base_gmacs": "original GMACs", "throughput": "img/s", "speedup": "× original"},
-        caption=f"batch {batch_size}, {speed[0].threads} threads; fidelity vs the unpatched model")
+    rows = [
+        {
+            "name": label,
+            "tokens_last": counts[-1] if counts else None,
+            **fidelity.to_dict(),
+            "speedup": speed[1].speedup,
+            "throughput": speed[1].throughput,
+            "gmacs": speed[1].gmacs_per_image,
+            "base_gmacs": speed[0].gmacs_per_image,
+        }
+    ]
+    print_table(
+        f"vitslim tokens {model}",
+        rows,
+        {
+            "name": "method",
+            "tokens_last": "tokens at last block",
+            "images": "images",
+            "cosine": "cosine",
+            "sqnr_db": "SQNR dB",
+            "top1_agreement": "top-1 agree",
+            "gmacs": "GMACs/img",
+            "base_gmacs": "original GMACs",
+            "throughput": "img/s",
+            "speedup": "× original",
+        },
+        caption=f"batch {batch_size}, {speed[0].threads} threads; fidelity vs the unpatched model",
+    )
     if json_out:
         write_json(json_out, {"model": model, "method": method, "params": params, "rows": rows})
 

@@ -296,13 +296,13 @@ def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
     preds = predict_folder(tmp_path / "q.onnx", example_images, top_k=3)
     assert preds.outputs.shape == (16, 10) and all(len(t) == 3 for t in preds.top_k)
     # `vitslim eval q.onnx` feeds the file as its contract says (not timm's ImageNet defaults).
-    from vitslim.api import _preprocessing
     from vitslim.bench import OnnxModel
+    from vitslim.workflows import preprocessing_for
 
     image = Image.open(list_images(example_images)[0][0]).convert("RGB")
     session = OnnxModel(tmp_path / "q.onnx")
     assert session.num_classes == 10  # from the contract; the output width alone says nothing
-    assert torch.equal(_preprocessing(session, None)(image), contract.transform()(image))
+    assert torch.equal(preprocessing_for(session, None)(image), contract.transform()(image))
 
 
 @pytest.mark.parametrize("damage", ["json", "input_size", "std", "missing", "recipe"])

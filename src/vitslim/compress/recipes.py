@@ -55,7 +55,7 @@ def _check_tokens(knobs: dict) -> None:
 
 
 def _check_dtype(knobs: dict) -> None:
-    from vitslim.api import DTYPES
+    from vitslim.dtype import DTYPES
 
     _allow("dtype", knobs, ["dtype"])
     if not isinstance(knobs.get("dtype", "bfloat16"), str) or knobs.get("dtype", "bfloat16") not in DTYPES:

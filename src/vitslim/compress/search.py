@@ -269,8 +269,8 @@ def evaluate_candidate(
     The fidelity is recorded in the artifact. ``speedup_needed(result)`` (given the measured
     fidelity) is the speedup this candidate must be able to reach to be chosen; its timing
     stops early when it clearly cannot (``clearly_losing``)."""
-    from vitslim.deploy.api import fidelity
     from vitslim.deploy.artifact import artifact_name, build_artifact, load_artifact, write_contract
+    from vitslim.deploy.workflow import fidelity
 
     start = time.perf_counter()
     result = CandidateResult(recipe=recipe.to_dict(), key=key, calib_images=len(calib))
@@ -341,7 +341,7 @@ def speedup_to_be_chosen(target: Target, done: list[CandidateResult], candidate:
 
 def recorded_fidelity(c: CandidateResult, data: str) -> dict:
     """A cached candidate's figures in the form artifacts record them."""
-    from vitslim.deploy.api import FIDELITY_VS
+    from vitslim.deploy.workflow import FIDELITY_VS
 
     return {"cosine": c.cosine, "sqnr_db": c.sqnr_db, "top1_agreement": c.top1_agreement, "top1": c.top1,
             "accuracy_drop": c.accuracy_drop, "images": c.eval_images, "data": data, "vs": FIDELITY_VS}
@@ -423,8 +423,8 @@ def compress(
     with the reason as its ``note``. With ``early_stop``, a candidate that clearly cannot be
     chosen is timed no further after a few rounds (``clearly_losing``; ``stopped_early``).
     """
-    from vitslim.deploy.api import calibration_batch, split_images
     from vitslim.deploy.contract import source_of
+    from vitslim.deploy.workflow import calibration_batch, split_images
 
     target = Target.parse(target) if isinstance(target, str) else target
     grid = [BUILTIN_RECIPES[r] if isinstance(r, str) else r for r in (recipes or DEFAULT_GRID)]
@@ -442,7 +442,7 @@ def compress(
                 "batch_size": batch_size, "iters": iters}
     files = [dataset.samples[i][0] for i in calib_set.indices + eval_set.indices]
     model_fp, data_fp = fingerprint_model(model), fingerprint_files(files)
-    store = ResultStore(Path(cache_dir) if cache_dir else _default_cache() / model_fp)
+    store = ResultStore(Path(cache_dir) if cache_dir else default_cache_dir() / model_fp)
     calib = calibration_batch(calib_set)
     calibration = {"data": str(data), "images": len(calib_set), "seed": seed}
     eval_loader = make_loader(eval_set, batch_size=32)
@@ -571,7 +571,7 @@ def _rebuild(model: nn.Module, c: CandidateResult, calib: torch.Tensor, dest: Pa
     write_contract(path, read_contract(path).with_fidelity(recorded_fidelity(c, calibration["data"])))
 
 
-def _default_cache() -> Path:
+def default_cache_dir() -> Path:
     from vitslim.models.reference import cache_dir
 
     return cache_dir() / "compress"

@@ -24,7 +24,7 @@ def _tokens(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
 
 
 def _dtype(model: nn.Module, knobs: dict, calib: torch.Tensor) -> nn.Module:
-    from vitslim.api import DTYPES
+    from vitslim.dtype import DTYPES
 
     return model.to(DTYPES[knobs.get("dtype", "bfloat16")])
 

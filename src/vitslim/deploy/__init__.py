@@ -7,11 +7,11 @@
 ``vitslim compress`` saves its chosen candidate through the same ``build_artifact``.
 """
 
-from vitslim.deploy.api import apply, split_images
 from vitslim.deploy.artifact import Artifact, build_artifact, load_artifact, read_contract, write_contract
 from vitslim.deploy.contract import Contract, ModelSource, contract_for, source_of
 from vitslim.deploy.predict import Predictions, predict_folder
 from vitslim.deploy.snippet import usage_markdown
+from vitslim.deploy.workflow import apply, split_images
 
 __all__ = [
            "Artifact",

@@ -125,7 +125,7 @@ def _write_folder(model: nn.Module, out: Path, contract: Contract) -> None:
     from safetensors.torch import save_file
 
     from vitslim.bench import _dedupe_shared
-    from vitslim.quant.api import CONFIG_ATTR
+    from vitslim.quant.ptq import CONFIG_ATTR
 
     config = getattr(model, CONFIG_ATTR, None)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -234,7 +234,7 @@ def _load_folder(path: Path, contract: Contract) -> nn.Module:
     from safetensors.torch import load_file
 
     from vitslim import tokens
-    from vitslim.api import DTYPES
+    from vitslim.dtype import DTYPES
     from vitslim.models.loading import load_state_dict_strict
     from vitslim.quant.config import QuantConfig
     from vitslim.quant.io import restore_quantized

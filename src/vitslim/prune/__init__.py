@@ -12,9 +12,9 @@ under a MAC budget (``allocate``) by magnitude, activation-aware or Hessian impo
 optional recovery by self-distillation on unlabeled images (``recover``).
 """
 
-from vitslim.prune.api import prune_
 from vitslim.prune.config import IMPORTANCES, PruneConfig
 from vitslim.prune.io import load_pruned, save_pruned
+from vitslim.prune.pipeline import prune_
 from vitslim.prune.recover import RecoverConfig, RecoverReport, recover_
 
 __all__ = [

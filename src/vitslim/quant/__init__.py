@@ -10,8 +10,8 @@ weights, block reconstruction (I&S-ViT) and per-block mixed precision (MPTQ-ViT)
 Softmax/GELU/LayerNorm are in ``vitslim.quant.integer``.
 """
 
-from vitslim.quant.api import quantize
 from vitslim.quant.config import PRESETS, QuantConfig, SiteConfig, preset
 from vitslim.quant.mixed import mixed_precision_config
+from vitslim.quant.ptq import quantize
 
 __all__ = ["PRESETS", "QuantConfig", "SiteConfig", "mixed_precision_config", "preset", "quantize"]

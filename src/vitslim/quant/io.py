@@ -18,9 +18,9 @@ from torch import nn
 from vitslim.datafile import brief, check_mapping, check_type, read_data_file
 from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.output import atomic_path, write_json
-from vitslim.quant.api import CONFIG_ATTR, install
 from vitslim.quant.config import QuantConfig
 from vitslim.quant.modules import set_mode
+from vitslim.quant.ptq import CONFIG_ATTR, install
 
 STATE_FILE, META_FILE = "model.safetensors", "quant.json"
 META_FORMAT = 1

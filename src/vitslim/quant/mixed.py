@@ -38,7 +38,7 @@ def block_sensitivity(model: nn.Module, calib_images: torch.Tensor, config: Quan
     One calibration per bit width (statistics are observed on the float model, so a block's
     quantizers do not depend on the others), then one pass per block with the others switched
     off. Reconstruction is skipped here: it is for the final model."""
-    from vitslim.quant.api import quantize
+    from vitslim.quant.ptq import quantize
 
     model.eval()
     batches = calib_images.split(batch_size)

@@ -7,12 +7,15 @@ from typing import Optional
 
 import typer
 
+from vitslim.data import calibration_images, calibration_split, list_images, load_image_folder, make_loader
+from vitslim.errors import ConfigError
+from vitslim.evaluate import evaluate
 from vitslim.output import check_output_dir, check_output_file, console, print_table, write_json
+from vitslim.quant import QuantConfig, mixed_precision_config, quantize
 from vitslim.quant.config import PRESETS, describe
-
-
-def register(app: typer.Typer) -> None:
-    app.command("quantize")(quantize_cmd)
+from vitslim.quant.config import preset as preset_config
+from vitslim.quant.io import save_quantized
+from vitslim.workflows import load_any
 
 
 def quantize_cmd(
@@ -50,14 +53,6 @@ def quantize_cmd(
 
     Mixed precision: vitslim quantize MODEL --data images/ --preset w6a6 --average-bits 6 --out q-mixed/
     """
-    from vitslim.api import load_any
-    from vitslim.data import calibration_images, calibration_split, list_images, load_image_folder, make_loader
-    from vitslim.errors import ConfigError
-    from vitslim.evaluate import evaluate
-    from vitslim.quant import QuantConfig, mixed_precision_config, quantize
-    from vitslim.quant.config import preset as preset_config
-    from vitslim.quant.io import save_quantized
-
     check_output_dir(out, "--out")
     if json_out:
         check_output_file(json_out, "--json")

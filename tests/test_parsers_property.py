@@ -16,8 +16,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import Image
 
+from vitslim import registry
 from vitslim.compress import Target, load_recipe, recipe_from_dict, save_recipe
-from vitslim.compress.recipes import STEP_KINDS, Recipe
+from vitslim.compress.recipes import Recipe
 from vitslim.data import IMAGE_SUFFIXES, list_images, read_image
 from vitslim.errors import BadImageError, ConfigError, DataError, ModelLoadError, VitslimError
 from vitslim.quant.config import SITES, VALID_BITS, QuantConfig, SiteConfig
@@ -36,7 +37,7 @@ def knob_dicts(names: list[str]):
 
 KNOBS = ["method", "r", "keep_rate", "budget", "blocks", "prop_attn", "tau_sim", "dtype", "preset", "config",
          "calib_images", "format"]
-steps = st.lists(st.dictionaries(st.sampled_from([*STEP_KINDS, "prune", "bogus"]), knob_dicts(KNOBS) | json_like,
+steps = st.lists(st.dictionaries(st.sampled_from([*registry.step_kinds(), "bogus"]), knob_dicts(KNOBS) | json_like,
                                  min_size=1, max_size=2), max_size=4)
 recipes = st.fixed_dictionaries({"steps": steps | json_like},
                                 optional={"name": st.text(max_size=20) | json_like, "description": json_like})
@@ -118,7 +119,7 @@ def saved_tiny(tmp_path_factory):
     from vitslim.quant.io import save_quantized
 
     folder = tmp_path_factory.mktemp("q")
-    qmodel = quant.quantize(make_tiny_vit(), torch.randn(2, 3, 32, 32), "minmax-w8a8")
+    qmodel = quant.quantize_(make_tiny_vit(), quant.preset("minmax-w8a8"), torch.randn(2, 3, 32, 32))
     kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
     save_quantized(qmodel, folder, "vit_tiny_patch16_224", kwargs)
     return folder, json.loads((folder / "quant.json").read_text())
@@ -237,7 +238,7 @@ def test_any_image_file_reads_as_8_bit_rgb_or_bad_image_error(tmp_path_factory, 
        st.dictionaries(st.sampled_from(["r", "keep_rate", "budget", "blocks", "prop_attn", "tau_sim", "zzz"]),
                        st.none() | json_like | st.lists(st.integers(-2, 12), max_size=4), max_size=3))
 def test_any_token_knobs_pass_or_give_config_error(method, knobs):
-    from vitslim.tokens import check_params
+    from vitslim.tokens import token_config
 
     with contextlib.suppress(ConfigError):
-        check_params(method, knobs)
+        token_config(method, **knobs)

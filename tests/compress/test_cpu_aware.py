@@ -8,14 +8,16 @@ import pytest
 
 from conftest import make_tiny_vit, tiny_vit_source
 from vitslim.bench import CpuFeatures, cpu_features
-from vitslim.compress import Recipe, Step, compress, load_recipe, write_report
+from vitslim.compress import Recipe, compress, load_recipe, write_report
 from vitslim.compress import search as search_mod
 from vitslim.compress.search import clearly_losing
+from vitslim.dtype import DtypeConfig
+from vitslim.tokens import ToMeConfig
 
 AVX2_ONLY = CpuFeatures.from_flags("fpu sse2 avx fma avx2")  # e.g. the AMD EPYC of the deploy table
 ZEN4 = CpuFeatures.from_flags("avx2 avx512f avx512bw avx512_vnni avx512_bf16")
 SAPPHIRE_RAPIDS = CpuFeatures.from_flags("avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16")
-F32 = (Step("dtype", {"dtype": "float32"}),)  # a cheap real step: cosine 1 to FP32
+F32 = (DtypeConfig("float32"),)  # a cheap real step: cosine 1 to FP32
 
 
 def test_cpu_features_from_flags(tmp_path):
@@ -126,7 +128,7 @@ def test_early_stop_stops_losers_never_the_winner(tmp_path, example_images, monk
     log: dict[str, int] = {}
     monkeypatch.setattr(search_mod, "compare", _fake_compare(true, noise=0.1, seed=seed, log=log))
     def tome(r, prop=True):
-        return (Step("tokens", {"method": "tome", "r": r, "prop_attn": prop}),)
+        return (ToMeConfig(r=r, prop_attn=prop),)
 
     # distinct steps (the cache key), and the winner the most faithful of the feasible ones
     grid = [Recipe("fp32"), Recipe("slow", tome(1)), Recipe("winner", F32), Recipe("almost", tome(2)),

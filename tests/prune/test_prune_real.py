@@ -30,8 +30,8 @@ def test_least_squares_compensation_lowers_held_out_error(reference_model, photo
     calib, held_out = photos
     cos = {}
     for compensate in (False, True):
-        model = prune.prune_(copy.deepcopy(reference_model), calib, prune.PruneConfig(
-            macs=0.85, importance="activation", compensate=compensate))
+        model = prune.prune_(copy.deepcopy(reference_model), prune.PruneConfig(
+            macs=0.85, importance="activation", compensate=compensate), calib)
         cos[compensate] = _cosine(model, reference_model, held_out)
     assert 1 - cos[True] < 0.7 * (1 - cos[False]), cos
 

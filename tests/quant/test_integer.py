@@ -264,7 +264,7 @@ def test_integer_ops_inside_a_quantized_model():
 
     model = make_tiny_vit()
     x = torch.randn(16, 3, 32, 32)
-    qmodel = quant.quantize(model, x[:8], "w8a8-int")
+    qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-int"), x[:8])
     integer = use_integer_ops(copy.deepcopy(qmodel))
     assert all(isinstance(b.attn.softmax_op, IntegerSoftmax) for b in integer.blocks)
     with calibrating(integer):

@@ -13,7 +13,7 @@ import typer
 from vitslim.compress import load_recipe
 from vitslim.data import list_images
 from vitslim.deploy import ModelSource, apply, predict_folder
-from vitslim.deploy.artifact import check_out_path, exports
+from vitslim.deploy.artifact import check_out_path
 from vitslim.output import check_output_dir, check_output_file, console, fmt, print_table, write_bytes_atomic
 from vitslim.workflows import load_any
 
@@ -55,7 +55,7 @@ def apply_cmd(
     # Every input is checked before the model loads and minutes of calibration start.
     loaded_recipe = load_recipe(recipe)
     check_out_path(out, loaded_recipe)
-    if exports(loaded_recipe):
+    if loaded_recipe.exports:
         check_output_file(out, "--out")
     else:
         check_output_dir(out, "--out")

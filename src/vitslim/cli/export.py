@@ -8,14 +8,16 @@ from typing import Optional
 
 import typer
 
-from vitslim import tokens
-from vitslim.compress.recipes import Recipe, Step, recipe_from_dict
+from vitslim.compress.recipes import Recipe, recipe_from_dict
 from vitslim.data import calibration_images, list_images, load_image_folder
 from vitslim.deploy import ModelSource, contract_for, load_artifact, write_contract
 from vitslim.errors import ConfigError
 from vitslim.export import export_onnx, integer_ops, validate_onnx
+from vitslim.export.config import ExportConfig
 from vitslim.output import check_output_file, console
+from vitslim.quant import QuantConfig
 from vitslim.quant.io import META_FILE, load_quantized
+from vitslim.tokens import ToMeConfig, reduce_tokens_
 from vitslim.workflows import load_any
 
 
@@ -49,10 +51,11 @@ def export_cmd(
         list_images(verify)  # a bad --verify folder fails now, not after the export
     torch_model, source, steps = _load_for_export(model, checkpoint)
     if tome:
-        tokens.apply(torch_model, "tome", r=tome)
-        steps = [Step("tokens", {"method": "tome", "r": tome}), *steps]
+        merging = ToMeConfig(r=tome)
+        reduce_tokens_(torch_model, merging)
+        steps = [merging, *steps]
     path = export_onnx(torch_model, out)
-    recipe = Recipe(f"export of {Path(model).name}", (*steps, Step("export", {"format": "onnx"})))
+    recipe = Recipe(f"export of {Path(model).name}", (*steps, ExportConfig()))
     contract = contract_for(torch_model, source, recipe.to_dict())
     console.print(
         f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
@@ -78,10 +81,8 @@ def _load_for_export(model: str, checkpoint: Optional[Path]):
         source = ModelSource(src["name"], src.get("checkpoint"), src.get("timm_kwargs") or {})
         return artifact.model, source, list(recipe_from_dict(artifact.contract.recipe).steps)
     if folder.is_dir():  # a folder from `vitslim quantize`
-
-
         meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
         qmodel = load_quantized(folder)
         source = ModelSource(meta["model"], timm_kwargs=meta.get("timm_kwargs") or {})
-        return qmodel, source, [Step("quantize", {"config": meta["config"]})]
+        return qmodel, source, [QuantConfig.from_dict(meta["config"])]
     return load_any(model, checkpoint), ModelSource(model, str(checkpoint) if checkpoint else None), []

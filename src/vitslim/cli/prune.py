@@ -70,7 +70,7 @@ def prune_cmd(
     dataset = load_image_folder(data, original)
     train_set, eval_set = _split(dataset, eval_images, seed)
     calib = calibration_images(Subset(train_set.dataset, train_set.indices[:calib_images]))
-    pruned = prune_(copy.deepcopy(original), calib, config)
+    pruned = prune_(copy.deepcopy(original), config, calib)
     rows = [_row("train-free", pruned, original, eval_set, pruned.vitslim_prune_seconds)]
     if recover_steps:
         report = recover_(

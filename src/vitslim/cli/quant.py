@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,7 @@ from vitslim.data import calibration_images, calibration_split, list_images, loa
 from vitslim.errors import ConfigError
 from vitslim.evaluate import evaluate
 from vitslim.output import check_output_dir, check_output_file, console, print_table, write_json
-from vitslim.quant import QuantConfig, mixed_precision_config, quantize
+from vitslim.quant import QuantConfig, mixed_precision_config, quantize_
 from vitslim.quant.config import PRESETS, describe
 from vitslim.quant.config import preset as preset_config
 from vitslim.quant.io import save_quantized
@@ -71,7 +72,7 @@ def quantize_cmd(
     if average_bits is not None:
         qconfig = mixed_precision_config(fp32, calib, qconfig, average_bits, choices)
         console.print(f"mixed precision, bits per block: {list(qconfig.block_bits)}")
-    qmodel = quantize(fp32, calib, qconfig)
+    qmodel = quantize_(copy.deepcopy(fp32), qconfig, calib)
     save_quantized(qmodel, out, model)
     result = evaluate(qmodel, make_loader(eval_set, 32), reference=fp32) if eval_set.indices else None
     name = config.name if config else preset

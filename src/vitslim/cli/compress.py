@@ -93,21 +93,9 @@ def compress_cmd(
         note = f"\n    note: {result.note}" if result.note else ""
         console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state}{stopped})", "dim"), note))
 
-    result = compress(
-        loaded,
-        data,
-        goal,
-        recipes=recipes,
-        n_calib=calib_images,
-        n_eval=eval_images,
-        seed=seed,
-        batch_size=batch_size,
-        cache_dir=cache,
-        on_result=on_result,
-        out=out,
-        save_all=save_all,
-        source=ModelSource(model, str(checkpoint) if checkpoint else None),
-    )
+    result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images, seed=seed,
+                      batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out, save_all=save_all,
+                      source=ModelSource(model, str(checkpoint) if checkpoint else None))
     if result.chosen:
         save_recipe(recipe_from_dict(result.chosen.recipe), out / "recipe.yaml")
     html_path, _ = write_report(result, out, model)
@@ -139,22 +127,9 @@ def demo_cmd(
     every candidate timed on this CPU (candidates it cannot run fast are left out, clear
     losers stopped early, both said in the report); leaves the chosen model (model.onnx or
     model/), its recipe.yaml, report.html and report.md in --out."""
-    compress_cmd(
-        model=REFERENCE_NAME,
-        data=EXAMPLE_IMAGES,
-        target=target,
-        checkpoint=None,
-        recipe=[],
-        calib_images=8,
-        eval_images=8,
-        batch_size=8,
-        seed=0,
-        out=out,
-        save_all=False,
-        cache=None,
-        quiet=False,
-        json_stdout=False,
-    )
+    compress_cmd(model=REFERENCE_NAME, data=EXAMPLE_IMAGES, target=target, checkpoint=None, recipe=[], calib_images=8,
+                 eval_images=8, batch_size=8, seed=0, out=out, save_all=False, cache=None, quiet=False,
+                 json_stdout=False)
 
 
 def recipes_cmd() -> None:

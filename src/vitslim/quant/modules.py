@@ -43,8 +43,8 @@ class QuantLinear(nn.Module):
         weight = self.linear.weight
         if self.qweight is not None and self.weight_quantizer.mode == "quant":
             weight = self.qweight
-            if getattr(self.weight_quantizer, "for_export", False) and self.weight_quantizer.bits == 8:
-                weight = self.weight_quantizer.onnx_qdq(self.qweight)  # int8 weights in the ONNX file
+            if self.weight_quantizer.lowered is not None:
+                weight = self.weight_quantizer.lowered(self.qweight)  # int8 weights in the ONNX file
         inq = self.input_quantizer
         float_index = getattr(inq, "float_index", None)
         if float_index is None or not float_index.numel() or inq.mode != "quant":

@@ -5,7 +5,8 @@
 Rows per model: PyTorch FP32 eager (the baseline), ORT FP32, ORT ``quantize_static`` INT8 with
 each of its calibrators (MinMax, Entropy, Percentile; QDQ, per-channel weights), ORT
 ``quantize_dynamic`` INT8, vitslim W8A8 on ORT (``w8a8-int``: every site int8; ``w8a8-ort``:
-attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT. All calibrate on the same seeded 32 images; fidelity (feature cosine vs PyTorch FP32) is
+attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT. All calibrate on the same seeded 32 images;
+fidelity (feature cosine vs PyTorch FP32) is
 measured on --eval other images, and only for the real DINOv2 reference model (DeiT-S has
 random weights here: no hub, so its fidelity would mean nothing). Throughput ratios come from
 one interleaved run per batch size (see ``vitslim.compare``).
@@ -14,6 +15,7 @@ one interleaved run per batch size (see ``vitslim.compare``).
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import tempfile
 import time
@@ -82,10 +84,22 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
               lambda c=calibrator: ort_quantize_static(fp32, calib, c, tmp / f"static_{c}.onnx"))
     timed("ORT quantize_dynamic", lambda: ort_quantize_dynamic(fp32, tmp / "dynamic.onnx"))
     for preset in ("w8a8-int", "w8a8-ort"):
-        timed(f"vitslim {preset}", lambda p=preset: export_onnx(quant.quantize(model, calib, p), tmp / f"{p}.onnx"))
+        timed(
+            f"vitslim {preset}",
+            lambda p=preset: export_onnx(
+                quant.quantize_(copy.deepcopy(model), quant.preset(p), calib), tmp / f"{p}.onnx"
+            ),
+        )
     for r in tome_r:  # merge first, then calibrate on the merged model: what the user would run
-        timed(f"vitslim w8a8-ort + ToMe r={r}", lambda r=r: export_onnx(
-            quant.quantize(tokens.apply(model, "tome", inplace=False, r=r), calib, "w8a8-ort"), tmp / f"tome{r}.onnx"))
+        timed(
+            f"vitslim w8a8-ort + ToMe r={r}",
+            lambda r=r: export_onnx(
+                quant.quantize_(
+                    tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=r)), quant.preset("w8a8-ort"), calib
+                ),
+                tmp / f"tome{r}.onnx",
+            ),
+        )
     return {"models": made, "seconds": seconds}
 
 
@@ -94,18 +108,34 @@ def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args
     with tempfile.TemporaryDirectory() as tmp:
         made = candidates(model, calib, Path(tmp), args.tome_r, not args.skip_static)
         models = made["models"]
-        speed = {b: compare(models, batch_size=b, iters=args.iters * (4 if b == 1 else 1), warmup=2, flops=False)
-                 for b in (1, 8)}
+        speed = {
+            b: compare(models, batch_size=b, iters=args.iters * (4 if b == 1 else 1), warmup=2, flops=False)
+            for b in (1, 8)
+        }
         reference = predict(model, loader, f"{name} FP32") if loader else None
         rows = []
         for i, (cname, candidate) in enumerate(models.items()):
             b8 = speed[8][i]
-            fid = evaluate(OnnxModel(candidate) if isinstance(candidate, Path) else candidate, loader,
-                           reference=reference) if loader else None
-            rows.append({"model": name, "name": cname, "x_b1": speed[1][i].speedup, "x_b8": speed[8][i].speedup,
-                         "img_s_b8": b8.throughput, "size_mb": b8.size_mb,
-                         "cosine": fid.cosine if fid else None, "sqnr_db": fid.sqnr_db if fid else None,
-                         "make_s": made["seconds"].get(cname)})
+            fid = (
+                evaluate(
+                    OnnxModel(candidate) if isinstance(candidate, Path) else candidate, loader, reference=reference
+                )
+                if loader
+                else None
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "name": cname,
+                    "x_b1": speed[1][i].speedup,
+                    "x_b8": speed[8][i].speedup,
+                    "img_s_b8": b8.throughput,
+                    "size_mb": b8.size_mb,
+                    "cosine": fid.cosine if fid else None,
+                    "sqnr_db": fid.sqnr_db if fid else None,
+                    "make_s": made["seconds"].get(cname),
+                }
+            )
     return rows
 
 
@@ -128,18 +158,31 @@ def main() -> None:
         if key == "dinov2":
             model, name = load_reference_model(), "DINOv2 ViT-S/14"
         else:
-            model, name = timm.create_model("deit_small_patch16_224", pretrained=False).eval(), "DeiT-S (random weights)"
+            model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+            name = "DeiT-S (random weights)"
         calib_set, eval_set = calibration_split(load_image_folder(args.images, model), args.calib, seed=0)
         eval_set.indices = eval_set.indices[: args.eval]
         loader = make_loader(eval_set, 32) if key == "dinov2" else None
         rows += measure(name, model, calibration_images(calib_set), loader, args)
     m = machine_info()
-    print_table("deployment on ONNX Runtime vs PyTorch FP32 eager", rows, {
-        "model": "model", "name": "candidate", "x_b1": "× eager b1", "x_b8": "× eager b8", "img_s_b8": "img/s b8",
-        "size_mb": "size MB", "cosine": "cosine vs FP32", "sqnr_db": "SQNR dB", "make_s": "make s"},
+    print_table(
+        "deployment on ONNX Runtime vs PyTorch FP32 eager",
+        rows,
+        {
+            "model": "model",
+            "name": "candidate",
+            "x_b1": "× eager b1",
+            "x_b8": "× eager b8",
+            "img_s_b8": "img/s b8",
+            "size_mb": "size MB",
+            "cosine": "cosine vs FP32",
+            "sqnr_db": "SQNR dB",
+            "make_s": "make s",
+        },
         caption=f"{m['cpu']}, {m['torch_threads']} threads (PyTorch and ORT), {args.iters} timed batches at batch 8 "
-                f"and {4 * args.iters} at batch 1, interleaved; calibration {args.calib} images, fidelity on "
-                f"{args.eval} others of {args.images}")
+        f"and {4 * args.iters} at batch 1, interleaved; calibration {args.calib} images, fidelity on "
+        f"{args.eval} others of {args.images}",
+    )
 
 
 if __name__ == "__main__":

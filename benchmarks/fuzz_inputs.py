@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
+import copy
+import dataclasses
 import io
 import json
 import math
@@ -241,7 +242,8 @@ class QuantConfigParser(DataFileParser):
         from vitslim.quant.config import VALID_BITS, QuantConfig
 
         config = QuantConfig.load(self.write(value, "config"))
-        if config.weight_bits not in VALID_BITS or QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) != config:
+        round_trip = QuantConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+        if config.weight_bits not in VALID_BITS or round_trip != config:
             raise Wrong("invalid config accepted or no round trip")
 
 
@@ -261,14 +263,17 @@ class QuantJsonParser(Parser):
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **self.kwargs).eval()
         self.folder = work / "q"
         with contextlib.redirect_stderr(io.StringIO()), _quiet_warnings():
-            save_quantized(quant.quantize(model, torch.randn(2, 3, 32, 32), "minmax-w8a8"), self.folder,
-                           "vit_tiny_patch16_224", self.kwargs)
+            save_quantized(
+                quant.quantize_(copy.deepcopy(model), quant.preset("minmax-w8a8"), torch.randn(2, 3, 32, 32)),
+                self.folder,
+                "vit_tiny_patch16_224",
+                self.kwargs,
+            )
         self.good_text = (self.folder / "quant.json").read_text()
         self.good = json.loads(self.good_text)
 
     def generate(self):
         from vitslim.quant import io as qio
-
         from vitslim.quant.config import PRESETS
 
         rechecksum = self.rng.random() < 0.6
@@ -316,13 +321,16 @@ class TargetParser(Parser):
         from vitslim.compress import Target
 
         target = Target.parse(value)
-        if not math.isfinite(target.value) or target.value <= (-1 if target.metric == "fidelity" else 0) or (
-                target.metric == "fidelity" and target.value > 1):
+        if (
+            not math.isfinite(target.value)
+            or target.value <= (-1 if target.metric == "fidelity" else 0)
+            or (target.metric == "fidelity" and target.value > 1)
+        ):
             raise Wrong(f"accepted {target}")
 
 
 class TokensParser(Parser):
-    """Knobs through ``tokens.apply`` on a tiny ViT: model-dependent checks included."""
+    """Knobs through ``tokens.token_config`` and ``reduce_tokens_`` on a tiny ViT: model-dependent checks included."""
 
     name = "token-reduction knobs (--method, --r, ...)"
 
@@ -331,14 +339,22 @@ class TokensParser(Parser):
         self.model = _tiny_vit()
 
     def generate(self):
-        from vitslim.tokens import METHODS
+        from vitslim.tokens import TOKEN_CONFIGS
 
-        method = self.rng.choice([*METHODS, "x"])
-        plausible = {"r": [0, 1, 3, 8, 12, [1, 2], [0, 9]], "keep_rate": [0.5, 0.9, 1], "budget": [0.3, 1],
-                     "blocks": [[0], [1], [0, 1], [5]], "prop_attn": [True, False], "tau_sim": [0, 1.0],
-                     "tau_info": [20.0], "zzz": [1]}
+        configs = {c.method: c for c in TOKEN_CONFIGS}
+        method = self.rng.choice([*configs, "x"])
+        plausible = {
+            "r": [0, 1, 3, 8, 12, [1, 2], [0, 9]],
+            "keep_rate": [0.5, 0.9, 1],
+            "budget": [0.3, 1],
+            "blocks": [[0], [1], [0, 1], [5]],
+            "prop_attn": [True, False],
+            "tau_sim": [0, 1.0],
+            "tau_info": [20.0],
+            "zzz": [1],
+        }
         knobs = {}
-        own = [k for k in plausible if method in METHODS and k in inspect.signature(METHODS[method]).parameters]
+        own = [k for k in plausible if method in configs and k in {f.name for f in dataclasses.fields(configs[method])}]
         for _ in range(self.rng.randint(0, 3)):
             name = self.rng.choice(own if own and self.rng.random() < 0.8 else list(plausible))
             knobs[name] = self.rng.choice(plausible[name]) if self.rng.random() < 0.7 else random_value(self.rng)
@@ -350,7 +366,7 @@ class TokensParser(Parser):
         from vitslim import tokens
 
         method, knobs = value
-        patched = tokens.apply(self.model, method, inplace=False, **knobs)
+        patched = tokens.reduce_tokens_(copy.deepcopy(self.model), tokens.token_config(method, **knobs))
         with torch.no_grad():
             if not torch.isfinite(patched(torch.randn(2, 3, 32, 32))).all():
                 raise Wrong("NaN output")
@@ -358,12 +374,18 @@ class TokensParser(Parser):
 
 class FolderParser(Parser):
     name = "image folder layout"
-    NAMES = ["a", "b", "n01440764", "n01443537", ".h", "x.jpg"]
-    LEAVES = ["x.jpg", "y.PNG", ".z.jpg", "n01440764_q.JPEG", "notes.txt", "d.jpeg", "n01443537_w.webp"]
+    NAMES = ("a", "b", "n01440764", "n01443537", ".h", "x.jpg")
+    LEAVES = ("x.jpg", "y.PNG", ".z.jpg", "n01440764_q.JPEG", "notes.txt", "d.jpeg", "n01443537_w.webp")
 
     def generate(self):
-        return [([self.rng.choice(self.NAMES) for _ in range(self.rng.choice([0, 0, 1, 1, 2, 3]))],
-                 self.rng.choice(self.LEAVES), self.rng.random() < 0.15) for _ in range(self.rng.randint(0, 8))]
+        return [
+            (
+                [self.rng.choice(self.NAMES) for _ in range(self.rng.choice([0, 0, 1, 1, 2, 3]))],
+                self.rng.choice(self.LEAVES),
+                self.rng.random() < 0.15,
+            )
+            for _ in range(self.rng.randint(0, 8))
+        ]
 
     def run(self, tree):
         import shutil
@@ -379,11 +401,18 @@ class FolderParser(Parser):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.mkdir() if as_dir else path.touch()
         samples = list_images(root)
-        expected = {p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+        expected = {
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        }
         if {p for p, _ in samples} != expected or len(samples) != len(expected):
-            raise Wrong(f"listed {sorted(str(p.relative_to(root)) for p, _ in samples)}, "
-                        f"expected {sorted(str(p.relative_to(root)) for p in expected)}")
+            raise Wrong(
+                f"listed {sorted(str(p.relative_to(root)) for p, _ in samples)}, "
+                f"expected {sorted(str(p.relative_to(root)) for p in expected)}"
+            )
         wnids = imagenet_wnids()
         for path, label in samples:
             if path.parent == root and label != wnids.get(path.name.split("_")[0], -1):
@@ -400,10 +429,14 @@ class ImageParser(Parser):
         gen = np.random.default_rng(0)
         rgb = gen.integers(0, 256, (12, 10, 3), dtype=np.uint8)
         images = [(Image.fromarray(rgb), fmt) for fmt in ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")]
-        images += [(Image.fromarray(gen.integers(0, 65536, (9, 7)).astype(np.uint16)), "PNG"),
-                   (Image.fromarray(gen.random((6, 5)).astype(np.float32), mode="F"), "TIFF"),
-                   (Image.fromarray(rgb).convert("CMYK"), "JPEG"), (Image.fromarray(rgb).convert("P"), "PNG"),
-                   (Image.fromarray(rgb).convert("LA"), "PNG"), (Image.fromarray(rgb).convert("1"), "TIFF")]
+        images += [
+            (Image.fromarray(gen.integers(0, 65536, (9, 7)).astype(np.uint16)), "PNG"),
+            (Image.fromarray(gen.random((6, 5)).astype(np.float32), mode="F"), "TIFF"),
+            (Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+            (Image.fromarray(rgb).convert("P"), "PNG"),
+            (Image.fromarray(rgb).convert("LA"), "PNG"),
+            (Image.fromarray(rgb).convert("1"), "TIFF"),
+        ]
         self.seeds = []
         for image, fmt in images:
             buf = io.BytesIO()
@@ -419,9 +452,9 @@ class ImageParser(Parser):
             if op < 0.5:
                 data[i] = self.rng.randrange(256)
             elif op < 0.7:
-                del data[i:i + self.rng.randint(1, 64)]
+                del data[i : i + self.rng.randint(1, 64)]
             elif op < 0.85:  # large dimensions in a header field
-                data[i:i + 4] = self.rng.choice([b"\xff\xff\xff\x7f", b"\x00\x00\x10\x00", b"\x00\x00\x00\x00"])
+                data[i : i + 4] = self.rng.choice([b"\xff\xff\xff\x7f", b"\x00\x00\x10\x00", b"\x00\x00\x00\x00"])
             else:
                 data[i:i] = bytes(self.rng.randrange(256) for _ in range(self.rng.randint(1, 32)))
         return suffix, bytes(data)
@@ -449,8 +482,15 @@ class ContractParser(Parser):
 
         model = _tiny_vit()
         recipe = {"name": "q", "steps": [{"tokens": {"method": "tome", "r": 2}}, {"quantize": {"preset": "w8a8"}}]}
-        self.seeds = [contract_for(model, ModelSource("vit_tiny_patch16_224", None, {"img_size": 32}), recipe,
-                                   {"data": "images", "images": 8, "seed": 0}, "k" * 20).to_dict()]
+        self.seeds = [
+            contract_for(
+                model,
+                ModelSource("vit_tiny_patch16_224", None, {"img_size": 32}),
+                recipe,
+                {"data": "images", "images": 8, "seed": 0},
+                "k" * 20,
+            ).to_dict()
+        ]
         self.folder = work / "artifact"
         self.folder.mkdir()
 
@@ -496,8 +536,16 @@ def _tiny_vit():
     import torch
 
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                             embed_dim=32, num_heads=2, num_classes=10).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
 
 
 @contextlib.contextmanager
@@ -509,9 +557,16 @@ def _quiet_warnings():
         yield
 
 
-PARSERS: dict[str, type[Parser]] = {"recipe": RecipeParser, "quantconfig": QuantConfigParser,
-                                    "quantjson": QuantJsonParser, "target": TargetParser, "tokens": TokensParser,
-                                    "folder": FolderParser, "image": ImageParser, "contract": ContractParser}
+PARSERS: dict[str, type[Parser]] = {
+    "recipe": RecipeParser,
+    "quantconfig": QuantConfigParser,
+    "quantjson": QuantJsonParser,
+    "target": TargetParser,
+    "tokens": TokensParser,
+    "folder": FolderParser,
+    "image": ImageParser,
+    "contract": ContractParser,
+}
 
 
 def fuzz(parser: Parser, budget: int, timeout: float) -> Tally:
@@ -532,7 +587,8 @@ def fuzz(parser: Parser, budget: int, timeout: float) -> Tally:
             tally.failures.append(("wrong", parser.describe(value), str(err)))
         except Exception:
             outcome = "crash"
-            tally.failures.append(("crash", parser.describe(value), "".join(traceback.format_exc().splitlines(True)[-4:])))
+            trace = "".join(traceback.format_exc().splitlines(True)[-4:])
+            tally.failures.append(("crash", parser.describe(value), trace))
         if outcome == "hang":
             tally.failures.append(("hang", parser.describe(value), f"no answer in {timeout} s"))
         tally.counts[outcome] += 1
@@ -540,8 +596,9 @@ def fuzz(parser: Parser, budget: int, timeout: float) -> Tally:
     return tally
 
 
-def run(budget: int = 10_000, parsers: list[str] | None = None, seed: int = 0, timeout: float = 10.0,
-        show: int = 3) -> dict[str, Tally]:
+def run(
+    budget: int = 10_000, parsers: list[str] | None = None, seed: int = 0, timeout: float = 10.0, show: int = 3
+) -> dict[str, Tally]:
     """Fuzz the chosen parsers; print a table and the first failures; return the tallies."""
     os.environ.setdefault("VITSLIM_QUIET", "1")
     results = {}
@@ -555,8 +612,10 @@ def run(budget: int = 10_000, parsers: list[str] | None = None, seed: int = 0, t
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, t in results.items():
         c = t.counts
-        print(f"| {PARSERS[key].name} | {sum(c.values())} | {c['accepted']} | {c['refused']} | {c['crash']} | "
-              f"{c['hang']} | {c['wrong']} | {t.slowest_ms:.0f} |")
+        print(
+            f"| {PARSERS[key].name} | {sum(c.values())} | {c['accepted']} | {c['refused']} | {c['crash']} | "
+            f"{c['hang']} | {c['wrong']} | {t.slowest_ms:.0f} |"
+        )
     for key, t in results.items():
         for kind, value, detail in t.failures[:show]:
             print(f"\n[{key}] {kind}: {value}\n{detail}")

@@ -13,10 +13,9 @@ FP32 eager, interleaved in one run.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 from pathlib import Path
-
-import torch
 
 from vitslim import calibration_split, compare, evaluate, load_image_folder, make_loader, predict, quant, tokens
 from vitslim.bench import OnnxModel, machine_info
@@ -43,7 +42,7 @@ def main() -> None:
         tmp = Path(tmp)
         paths = {"timm": load_reference_model(), "Hugging Face": load_model(f"hf:{save_reference_hf(tmp / 'hf')}")}
         splits = {k: calibration_split(load_image_folder(args.images, m), args.calib, seed=0) for k, m in paths.items()}
-        for calib_set, eval_set in splits.values():
+        for _, eval_set in splits.values():
             eval_set.indices = eval_set.indices[: args.eval]
         loaders = {k: make_loader(e, 32) for k, (_, e) in splits.items()}
         reference = predict(paths["timm"], loaders["timm"], "timm FP32")
@@ -52,8 +51,8 @@ def main() -> None:
 
         made = {"PyTorch FP32 eager (timm)": paths["timm"], "PyTorch FP32 eager (HF)": paths["Hugging Face"]}
         for key, model in paths.items():
-            merged = tokens.apply(model, "tome", inplace=False, r=args.tome_r)
-            qmodel = quant.quantize(merged, calibration_images(splits[key][0]), "w8a8-ort")
+            merged = tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=args.tome_r))
+            qmodel = quant.quantize_(merged, quant.preset("w8a8-ort"), calibration_images(splits[key][0]))
             made[f"w8a8-ort + ToMe r={args.tome_r} ORT ({key})"] = export_onnx(qmodel, tmp / f"{key[:2]}.onnx")
         speed = compare(made, batch_size=8, iters=args.iters, warmup=2, flops=False)
         rows = []

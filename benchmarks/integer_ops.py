@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -105,13 +106,14 @@ def main() -> None:
             float_op, int_op = float_and_integer(op, model.blocks[6].norm1)
             with calibrating(int_op):
                 int_op(x)
-            runs = {"torch float": lambda: float_op(x), "torch int": lambda: int_op(x),
+            runs = {"torch float": functools.partial(float_op, x), "torch int": functools.partial(int_op, x),
                     "ort float": ort_runner(float_op, x, Path(tmp, f"{op}_f.onnx"), threads),
                     "ort int": ort_runner(int_op, x, Path(tmp, f"{op}_i.onnx"), threads)}
             ms = {name: 1e3 * best_time(fn, args.iters) for name, fn in runs.items()}
             rows.append({"op": op, "shape": "×".join(map(str, x.shape)), "mae": float(torch.stack(errors).mean()),
                          "worst": float(torch.stack(errors).max()), **ms,
-                         "torch_ratio": ms["torch int"] / ms["torch float"], "ort_ratio": ms["ort int"] / ms["ort float"]})
+                         "torch_ratio": ms["torch int"] / ms["torch float"],
+                         "ort_ratio": ms["ort int"] / ms["ort float"]})
     m = machine_info()
     print_table("I-ViT integer-only ops vs float (DINOv2 ViT-S/14 activations)", rows, {
         "op": "op", "shape": "tensor (block 6)", "mae": "mean |int − float|", "worst": "worst block",

@@ -12,6 +12,7 @@ speeds up (the matmuls) and what it leaves (LayerNorm, Softmax, GELU, the Q/DQ a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 from collections import defaultdict
@@ -66,20 +67,41 @@ def main() -> None:
     threads = torch.get_num_threads()
     int8_name = "w8a8-ort" + (f" + ToMe r={args.tome_r}" if args.tome_r else "")
     with tempfile.TemporaryDirectory() as tmp:
-        reduced = tokens.apply(model, "tome", inplace=False, r=args.tome_r) if args.tome_r else model
-        paths = {"FP32": export_onnx(model, Path(tmp, "fp32.onnx")),
-                 int8_name: export_onnx(quant.quantize(reduced, calib, "w8a8-ort"), Path(tmp, "int8.onnx"))}
+        reduced = (
+            tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=args.tome_r)) if args.tome_r else model
+        )
+        paths = {
+            "FP32": export_onnx(model, Path(tmp, "fp32.onnx")),
+            int8_name: export_onnx(
+                quant.quantize_(copy.deepcopy(reduced), quant.preset("w8a8-ort"), calib), Path(tmp, "int8.onnx")
+            ),
+        }
         times = {name: op_times(path, batch, args.runs, threads) for name, path in paths.items()}
     ops = sorted(set().union(*times.values()), key=lambda op: -times[int8_name].get(op, 0))
     totals = {name: sum(t.values()) for name, t in times.items()}
-    rows = [{"op": op, **{f"{name} ms": times[name].get(op, 0.0) for name in times},
-             **{f"{name} %": 100 * times[name].get(op, 0.0) / totals[name] for name in times}} for op in ops]
-    rows.append({"op": "all kernels", **{f"{name} ms": totals[name] for name in times},
-                 **{f"{name} %": 100.0 for name in times}})
+    rows = [
+        {
+            "op": op,
+            **{f"{name} ms": times[name].get(op, 0.0) for name in times},
+            **{f"{name} %": 100 * times[name].get(op, 0.0) / totals[name] for name in times},
+        }
+        for op in ops
+    ]
+    rows.append(
+        {
+            "op": "all kernels",
+            **{f"{name} ms": totals[name] for name in times},
+            **{f"{name} %": 100.0 for name in times},
+        }
+    )
     m = machine_info()
     columns = {"op": "op type", **{f"{n} ms": f"{n} ms/batch" for n in times}, **{f"{n} %": f"{n} %" for n in times}}
-    print_table(f"ONNX Runtime kernel time by op type, {args.model}, batch 8", rows, columns,
-                caption=f"{m['cpu']}, {threads} threads, ORT {ort.__version__}, mean of {args.runs} runs")
+    print_table(
+        f"ONNX Runtime kernel time by op type, {args.model}, batch 8",
+        rows,
+        columns,
+        caption=f"{m['cpu']}, {threads} threads, ORT {ort.__version__}, mean of {args.runs} runs",
+    )
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def torch_pruning_model(fp32, budget: float, base_gmacs: float):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, default=SHARED)
-    ap.add_argument("--budgets", default="0.3,0.1,0.2,0.4,0.5", help="Fractions of MACs removed (first is measured first).")
+    ap.add_argument("--budgets", default="0.3,0.1,0.2,0.4,0.5",
+                    help="Fractions of MACs removed (first is measured first).")
     ap.add_argument("--importances", default="hessian,activation,magnitude")
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--eval", type=int, default=128)
@@ -139,7 +140,8 @@ def main() -> None:
         save()
 
     def speed_row(budget_removed: float, workdir: Path) -> None:
-        candidates = {"fp32": fp32, "vitslim": models[("hessian", budget_removed)], "tp": models[("tp", budget_removed)]}
+        candidates = {"fp32": fp32, "vitslim": models[("hessian", budget_removed)],
+                      "tp": models[("tp", budget_removed)]}
         onnx = {f"{k} ort": export_onnx(m, workdir / f"{k}_{budget_removed}.onnx") for k, m in candidates.items()}
         res = {r.name: r for r in compare(candidates | onnx, batch_size=8, iters=args.iters, warmup=1, flops=False)}
         out["speed"].append({"removed": budget_removed,
@@ -154,7 +156,8 @@ def main() -> None:
     def recovery_rows() -> None:
         recover_images = Subset(dataset, train_set.indices)
         config = RecoverConfig(steps=args.recover_steps, batch_size=8)
-        for key, name in ((("hessian", args.recover_at), "vitslim hessian"), (("tp", args.recover_at), "Torch-Pruning magnitude")):
+        for key, name in ((("hessian", args.recover_at), "vitslim hessian"),
+                          (("tp", args.recover_at), "Torch-Pruning magnitude")):
             model = models[key]
             report = recover_(model, fp32, recover_images, config)
             out["recovery"].append({"removed": args.recover_at, "method": name, "steps": config.steps,
@@ -165,8 +168,8 @@ def main() -> None:
 
     def composition_row(workdir: Path) -> None:
         model = copy.deepcopy(models[("hessian", args.recover_at)])
-        tokens.apply(model, "tome", r=args.tome)
-        qmodel = quant.quantize(model, calib, "w8a8-ort")
+        tokens.reduce_tokens_(model, tokens.ToMeConfig(r=args.tome))
+        qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-ort"), calib)
         path = export_onnx(qmodel, workdir / "composed.onnx")
         from vitslim.bench import OnnxModel
 

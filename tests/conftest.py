@@ -11,7 +11,7 @@ import torch
 
 os.environ.setdefault("VITSLIM_QUIET", "1")
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
 # Property tests: a small budget in CI (HYPOTHESIS_PROFILE=thorough for more);
 # benchmarks/fuzz_inputs.py runs >= 10 000 inputs per parser by hand.

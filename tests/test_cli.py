@@ -79,12 +79,12 @@ def test_eval_an_onnx_file_against_its_pytorch_model(tmp_path, example_images):
     save_file(model.state_dict(), str(ckpt))
     torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(onnx_path), input_names=["images"],
                       dynamic_axes={"images": {0: "batch"}}, dynamo=False)
-    from vitslim.api import evaluate_cli
+    from vitslim.workflows import evaluate_on_folder
 
-    result = evaluate_cli(str(onnx_path), example_images, limit=6)
+    result = evaluate_on_folder(str(onnx_path), example_images, limit=6)
     assert result.top1 is not None and result.images == 6
     from unittest import mock
 
-    with mock.patch("vitslim.api.load_model", return_value=model):
-        vs_torch = evaluate_cli(str(onnx_path), example_images, reference="tiny", limit=6)
+    with mock.patch("vitslim.workflows.load_model", return_value=model):
+        vs_torch = evaluate_on_folder(str(onnx_path), example_images, reference="tiny", limit=6)
     assert vs_torch.top1_agreement == 1.0 and vs_torch.cosine > 0.99999 and vs_torch.sqnr_db > 60

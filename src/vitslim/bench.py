@@ -11,9 +11,9 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -74,7 +74,8 @@ class OnnxModel:
         outputs = self.session.get_outputs()[0].shape
         self.contract = self._contract()
         # Without a vitslim contract, a 1000-wide output is taken as ImageNet logits.
-        self.num_classes = self.contract.num_classes if self.contract else (1000 if outputs and outputs[-1] == 1000 else 0)
+        imagenet_head = 1000 if outputs and outputs[-1] == 1000 else 0
+        self.num_classes = self.contract.num_classes if self.contract else imagenet_head
 
     def _contract(self):
         """The vitslim contract in the file's metadata (preprocessing, output meaning), if any."""

@@ -26,11 +26,11 @@ from __future__ import annotations
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -246,7 +246,7 @@ def calibration_split(dataset: Dataset, n_calib: int, seed: int = 0) -> tuple[Su
     if n_calib < 0:
         raise ConfigError(f"n_calib must be >= 0, got {n_calib}")
     if n_calib > n:
-        warnings.warn(f"asked for {n_calib} calibration images but only {n} are available; using {n}")
+        warnings.warn(f"asked for {n_calib} calibration images but only {n} are available; using {n}", stacklevel=2)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     calib, rest = sorted(order[:n_calib]), sorted(order[n_calib:])
     return Subset(dataset, calib), Subset(dataset, rest)

@@ -7,8 +7,8 @@ final features (pre-logits, e.g. the CLS feature of a DINOv2 backbone).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn

@@ -9,14 +9,15 @@ import pytest
 import yaml
 
 from conftest import make_tiny_vit, tiny_vit_source
-from vitslim.compress import Recipe, Step, Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
+from vitslim.compress import Recipe, Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
 from vitslim.compress import search as search_mod
+from vitslim.dtype import DtypeConfig
 from vitslim.errors import ConfigError
 
 GRID = [
     Recipe("fp32"),
-    Recipe("bf16", (Step("dtype", {"dtype": "bfloat16"}),)),
-    Recipe("f32-cast", (Step("dtype", {"dtype": "float32"}),)),
+    Recipe("bf16", (DtypeConfig("bfloat16"),)),
+    Recipe("f32-cast", (DtypeConfig("float32"),)),
 ]
 
 

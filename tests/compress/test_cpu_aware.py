@@ -8,14 +8,16 @@ import pytest
 
 from conftest import make_tiny_vit, tiny_vit_source
 from vitslim.bench import CpuFeatures, cpu_features
-from vitslim.compress import Recipe, Step, compress, load_recipe, write_report
+from vitslim.compress import Recipe, compress, load_recipe, write_report
 from vitslim.compress import search as search_mod
 from vitslim.compress.search import clearly_losing
+from vitslim.dtype import DtypeConfig
+from vitslim.tokens import ToMeConfig
 
 AVX2_ONLY = CpuFeatures.from_flags("fpu sse2 avx fma avx2")  # e.g. the AMD EPYC of the deploy table
 ZEN4 = CpuFeatures.from_flags("avx2 avx512f avx512bw avx512_vnni avx512_bf16")
 SAPPHIRE_RAPIDS = CpuFeatures.from_flags("avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16")
-F32 = (Step("dtype", {"dtype": "float32"}),)  # a cheap real step: cosine 1 to FP32
+F32 = (DtypeConfig("float32"),)  # a cheap real step: cosine 1 to FP32
 
 
 def test_cpu_features_from_flags(tmp_path):
@@ -110,7 +112,10 @@ def test_margin_covers_ten_percent_noise():
     for _ in range(500):
         needed, rounds = rng.uniform(1, 5), rng.randint(3, 8)
         fp32 = [100 * rng.uniform(0.9, 1.1) for _ in range(rounds)]
-        noisy = lambda speedup: [100 / speedup * rng.uniform(0.9, 1.1) for _ in range(rounds)]  # noqa: E731
+
+        def noisy(speedup: float, rounds: int = rounds) -> list[float]:
+            return [100 / speedup * rng.uniform(0.9, 1.1) for _ in range(rounds)]
+
         assert not clearly_losing(fp32, noisy(needed * rng.uniform(1, 2)), needed)
         assert clearly_losing(fp32, noisy(needed / 2), needed)
 
@@ -122,7 +127,9 @@ def test_early_stop_stops_losers_never_the_winner(tmp_path, example_images, monk
     true = {"fp32": 1.0, "slow": 0.5, "winner": 2.4, "almost": 1.8, "fast": 3.0}
     log: dict[str, int] = {}
     monkeypatch.setattr(search_mod, "compare", _fake_compare(true, noise=0.1, seed=seed, log=log))
-    tome = lambda r, prop=True: (Step("tokens", {"method": "tome", "r": r, "prop_attn": prop}),)
+    def tome(r, prop=True):
+        return (ToMeConfig(r=r, prop_attn=prop),)
+
     # distinct steps (the cache key), and the winner the most faithful of the feasible ones
     grid = [Recipe("fp32"), Recipe("slow", tome(1)), Recipe("winner", F32), Recipe("almost", tome(2)),
             Recipe("fast", tome(1, False))]

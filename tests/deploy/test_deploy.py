@@ -1,5 +1,6 @@
 """From compress to a served prediction: artifacts, their contract, apply, predict, the snippet."""
 
+import copy
 import json
 import re
 import shutil
@@ -13,17 +14,21 @@ from PIL import Image
 
 from conftest import make_tiny_vit, tiny_vit_source
 from vitslim import metrics
-from vitslim.compress import Recipe, Step, compress, write_report
+from vitslim.compress import Recipe, compress, write_report
 from vitslim.compress.steps import apply_recipe
 from vitslim.data import calibration_images, list_images, load_image_folder, model_transform
 from vitslim.deploy import apply, build_artifact, load_artifact, predict_folder, read_contract
 from vitslim.deploy.contract import Contract
 from vitslim.deploy.snippet import onnx_snippet
+from vitslim.dtype import DtypeConfig
 from vitslim.errors import ConfigError, ModelLoadError
+from vitslim.export import ExportConfig
+from vitslim.quant import preset
+from vitslim.tokens import EViTConfig, ToMeConfig
 
 TINY = dict(img_size=48, patch_size=8)  # 36 patches + class token, 2 blocks: ToMe r=4 merges 8 of them
-INT8_TOME = Recipe("int8-tome", (Step("tokens", {"method": "tome", "r": 4}), Step("quantize", {"preset": "w8a8-ort"}),
-                                 Step("export", {"format": "onnx"})))
+INT8_TOME = Recipe("int8-tome", (ToMeConfig(r=4), preset("w8a8-ort"),
+                                 ExportConfig()))
 
 
 def _umask():
@@ -39,8 +44,8 @@ def _images(folder, model, limit=None):
 
 
 @pytest.mark.parametrize("steps", [
-    (Step("tokens", {"method": "tome", "r": 4}), Step("quantize", {"preset": "w8a8-ort"})),
-    (Step("tokens", {"method": "evit", "keep_rate": 0.7, "blocks": [1]}), Step("dtype", {"dtype": "bfloat16"})),
+    (ToMeConfig(r=4), preset("w8a8-ort")),
+    (EViTConfig(keep_rate=0.7, blocks=[1]), DtypeConfig("bfloat16")),
     (),
 ], ids=["tome+w8a8", "evit+bf16", "fp32"])
 def test_saved_folder_loads_back_to_the_same_model(tmp_path, example_images, steps):
@@ -87,7 +92,7 @@ def test_compress_hands_over_the_chosen_model_and_apply_rebuilds_it(tmp_path, ex
     from vitslim.compress import search
 
     model, out, cache = make_tiny_vit(**TINY), tmp_path / "report", tmp_path / "cache"
-    grid = [INT8_TOME, Recipe("bf16", (Step("dtype", {"dtype": "bfloat16"}),))]
+    grid = [INT8_TOME, Recipe("bf16", (DtypeConfig("bfloat16"),))]
     run = dict(recipes=grid, n_calib=8, n_eval=8, batch_size=2, iters=2, cache_dir=cache, sensitivity_preset=None,
                source=tiny_vit_source(**TINY))
     result = compress(model, example_images, "speedup=0.001", out=out, save_all=True, **run)
@@ -114,7 +119,8 @@ def test_compress_hands_over_the_chosen_model_and_apply_rebuilds_it(tmp_path, ex
     assert abs(recomputed - cand["cosine"]) < 1e-6 and cand["cosine"] == int8_result.cosine
 
     # `vitslim apply` with the report's recipe and settings builds the same artifact.
-    again, _ = apply(model, _recipe_file(onnx_path, tmp_path / "int8-tome.yaml"), example_images, tmp_path / "again.onnx",
+    again, _ = apply(model, _recipe_file(onnx_path, tmp_path / "int8-tome.yaml"), example_images,
+                     tmp_path / "again.onnx",
                      tiny_vit_source(**TINY), n_calib=8, n_eval=0)
     assert torch.equal(predict_folder(again, example_images).outputs, preds.outputs)
 
@@ -198,7 +204,7 @@ def test_accuracy_target_on_labelled_class_folders(tmp_path, example_images):
         (data / f"class{i % 4}").mkdir(parents=True, exist_ok=True)
         shutil.copy(f, data / f"class{i % 4}" / f.name)
     model = make_tiny_vit(num_classes=4)
-    grid = [Recipe("fp32"), Recipe("bf16", (Step("dtype", {"dtype": "bfloat16"}),))]
+    grid = [Recipe("fp32"), Recipe("bf16", (DtypeConfig("bfloat16"),))]
     result = compress(model, data, "accuracy_drop=0.5", recipes=grid, n_calib=4, n_eval=12, batch_size=2, iters=2,
                       cache_dir=tmp_path / "cache", sensitivity_preset=None, source=tiny_vit_source(num_classes=4))
     fp32 = next(c for c in result.candidates if c.name == "fp32")
@@ -283,7 +289,7 @@ def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
     from vitslim.quant.io import save_quantized
 
     model = make_tiny_vit(**TINY)
-    qmodel = quant.quantize(model, _images(example_images, model, limit=8), "w8a8-ort")
+    qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-ort"), _images(example_images, model, limit=8))
     save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", tiny_vit_source(**TINY).timm_kwargs)
     res = CliRunner().invoke(app, ["export", str(tmp_path / "q"), "--out", str(tmp_path / "q.onnx"), "--tome", "4",
                                    "--verify", str(example_images)])
@@ -295,13 +301,13 @@ def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
     preds = predict_folder(tmp_path / "q.onnx", example_images, top_k=3)
     assert preds.outputs.shape == (16, 10) and all(len(t) == 3 for t in preds.top_k)
     # `vitslim eval q.onnx` feeds the file as its contract says (not timm's ImageNet defaults).
-    from vitslim.api import _preprocessing
     from vitslim.bench import OnnxModel
+    from vitslim.workflows import preprocessing_for
 
     image = Image.open(list_images(example_images)[0][0]).convert("RGB")
     session = OnnxModel(tmp_path / "q.onnx")
     assert session.num_classes == 10  # from the contract; the output width alone says nothing
-    assert torch.equal(_preprocessing(session, None)(image), contract.transform()(image))
+    assert torch.equal(preprocessing_for(session, None)(image), contract.transform()(image))
 
 
 @pytest.mark.parametrize("damage", ["json", "input_size", "std", "missing", "recipe"])
@@ -334,7 +340,7 @@ def test_malformed_contract_is_a_one_line_error(tmp_path, example_images, damage
 
     # The same damage in an ONNX file's metadata_props.
     onnx_path = tmp_path / "m.onnx"
-    build_artifact(model, Recipe("e", (Step("export", {"format": "onnx"}),)), torch.empty(0), onnx_path,
+    build_artifact(model, Recipe("e", (ExportConfig(),)), torch.empty(0), onnx_path,
                    tiny_vit_source(**TINY))
     graph = onnx.load(str(onnx_path))
     props = {p.key: p.value for p in graph.metadata_props}

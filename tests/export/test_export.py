@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ def test_fp32_export_matches_pytorch_on_real_images(tmp_path, reference_model, r
 
 
 def test_w8a8_export_runs_on_integer_kernels(tmp_path, reference_model, real_images):
-    qmodel = quant.quantize(reference_model, real_images[:4], "w8a8-int")
+    qmodel = quant.quantize_(copy.deepcopy(reference_model), quant.preset("w8a8-int"), real_images[:4])
     path = export_onnx(qmodel, tmp_path / "w8a8.onnx")
     fp32_mb = sum(p.numel() for p in reference_model.parameters()) * 4 / 1e6
     assert path.stat().st_size / 1e6 < 0.35 * fp32_mb  # int8 weights in the file, not float + Q
@@ -35,17 +37,27 @@ def test_float_attention_probabilities_keep_int8_kernels_and_fidelity(tmp_path, 
 
     with torch.no_grad():
         fp = reference_model(real_images)
-        cosine = {p: metrics.cosine_similarity(fp, quant.quantize(reference_model, real_images[:4], p)(real_images))
-                  for p in ("w8a8-int", "w8a8-ort")}
+        cosine = {
+            p: metrics.cosine_similarity(
+                fp, quant.quantize_(copy.deepcopy(reference_model), quant.preset(p), real_images[:4])(real_images)
+            )
+            for p in ("w8a8-int", "w8a8-ort")
+        }
     # Uniform 8-bit cannot hold power-law attention probabilities; leaving attn·v in float fixes most of it.
     assert 1 - cosine["w8a8-ort"] < 0.5 * (1 - cosine["w8a8-int"]), cosine
-    path = export_onnx(quant.quantize(reference_model, real_images[:4], "w8a8-ort"), tmp_path / "ort.onnx")
+    path = export_onnx(
+        quant.quantize_(copy.deepcopy(reference_model), quant.preset("w8a8-ort"), real_images[:4]),
+        tmp_path / "ort.onnx",
+    )
     assert sum(integer_ops(path).values()) >= 60  # 4 linears + q·kᵀ per block, 12 blocks
 
 
 def test_quantized_and_token_reduced_export(tmp_path):
     model = make_tiny_vit(img_size=64, depth=3)
-    qmodel = tokens.apply(quant.quantize(model, torch.randn(8, 3, 64, 64), "w8a8-int"), "tome", r=8)
+    qmodel = tokens.reduce_tokens_(
+        quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-int"), torch.randn(8, 3, 64, 64)),
+        tokens.ToMeConfig(r=8),
+    )
     path = export_onnx(qmodel, tmp_path / "q_tome.onnx")
     x = torch.randn(3, 3, 64, 64)  # another batch size than the export's
     assert validate_onnx(qmodel, path, x)["cosine"] > 0.99
@@ -53,7 +65,7 @@ def test_quantized_and_token_reduced_export(tmp_path):
 
 
 def test_ats_export_is_refused_with_a_reason(tmp_path):
-    model = tokens.apply(make_tiny_vit(img_size=64), "ats", budget=0.5, blocks=[1])
+    model = tokens.reduce_tokens_(make_tiny_vit(img_size=64), tokens.ATSConfig(budget=0.5, blocks=[1]))
     with pytest.raises(ExportError, match="data-dependent number of tokens"):
         export_onnx(model, tmp_path / "ats.onnx")
     assert not list(tmp_path.iterdir())  # nothing half-written

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -78,8 +80,8 @@ def test_quantization_and_token_merging_give_the_timm_path_results(tmp_path):
         assert (timm_model(x) - hf_model(x)).abs().max() < 1e-5
         outs = []
         for model in (timm_model, hf_model):
-            q = quant.quantize(model, calib, "minmax-w8a8")
-            tokens.apply(q, "tome", r=3)
+            q = quant.quantize_(copy.deepcopy(model), quant.preset("minmax-w8a8"), calib)
+            tokens.reduce_tokens_(q, tokens.ToMeConfig(r=3))
             outs.append(q(x))
             assert tokens.token_state(q).counts[-1] < 17  # merging happened
     assert (outs[0] - outs[1]).abs().max() < 1e-4
@@ -91,7 +93,7 @@ def test_quantized_hugging_face_model_saves_and_reloads(tmp_path):
 
     _, hf_model = _tiny_dinov2_pair(tmp_path)
     spec = f"hf:{tmp_path / 'hf-model'}"
-    q = quant.quantize(hf_model, torch.randn(8, 3, 56, 56), "minmax-w8a8")
+    q = quant.quantize_(hf_model, quant.preset("minmax-w8a8"), torch.randn(8, 3, 56, 56))
     save_quantized(q, tmp_path / "q", spec)
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
@@ -106,7 +108,7 @@ def test_pruning_a_hugging_face_model_matches_the_timm_path(tmp_path):
     config = prune.PruneConfig(macs=0.7, importance="activation")
     outs = []
     for model in (timm_model, hf_model):
-        prune.prune_(model, calib, config)
+        prune.prune_(model, config, calib)
         outs.append(model(x).detach())
     assert [bp.fc1.out_features for bp in vit_parts(hf_model).blocks] == \
         [bp.fc1.out_features for bp in vit_parts(timm_model).blocks] != [256, 256]
@@ -155,7 +157,7 @@ def test_quantized_hugging_face_model_exports_to_int8_kernels(tmp_path):
     from vitslim.export import export_onnx, integer_ops
 
     _, hf_model = _tiny_dinov2_pair(tmp_path)
-    q = quant.quantize(hf_model, torch.randn(8, 3, 56, 56), "w8a8-ort")
+    q = quant.quantize_(hf_model, quant.preset("w8a8-ort"), torch.randn(8, 3, 56, 56))
     path = export_onnx(q, tmp_path / "q.onnx")
     assert sum(integer_ops(path).values()) >= 4 * 2  # qkv, proj, fc1, fc2 of both blocks
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -42,7 +42,7 @@ def test_a_dead_head_is_the_one_removed_and_nothing_changes(importance):
         model.blocks[1].attn.qkv.weight.view(3, -1, 64)[:, dead] = 0
         before = model(x)
     config = prune.PruneConfig(macs=_one_unit_budget(model, "head"), importance=importance, mlp=False, compensate=False)
-    prune.prune_(model, x, config)
+    prune.prune_(model, config, x)
     assert model.vitslim_prune["heads"] == [4, 3, 4]
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
@@ -58,7 +58,7 @@ def test_a_dead_mlp_channel_is_the_one_removed_and_nothing_changes(importance):
         kept_rows = torch.cat([model.blocks[2].mlp.fc1.weight[:17], model.blocks[2].mlp.fc1.weight[18:]])
     config = prune.PruneConfig(macs=_one_unit_budget(model, "channel"), importance=importance, heads=False,
                                compensate=False, channel_group=1)
-    prune.prune_(model, x, config)
+    prune.prune_(model, config, x)
     assert model.vitslim_prune["mlp"] == [256, 256, 255]
     assert torch.equal(model.blocks[2].mlp.fc1.weight, kept_rows)
     with torch.no_grad():
@@ -70,15 +70,15 @@ def test_counted_macs_meet_the_budget_within_one_unit(macs, blocks):
     model = _model()
     before = count_gmacs(model, SIZE)
     head, channel = block_costs(vit_parts(model))[0]
-    prune.prune_(model, _images(), prune.PruneConfig(macs=macs, importance="activation", blocks=blocks,
-                                                     channel_group=4, compensate=False))
+    prune.prune_(model, prune.PruneConfig(macs=macs, importance="activation", blocks=blocks,
+                                          channel_group=4, compensate=False), _images())
     kept = count_gmacs(model, SIZE) / before  # torch.utils.flop_counter, not our own formula
     assert macs - max(head, 4 * channel) / (before * 1e9) <= kept <= macs + 1e-9
 
 
 def test_pruned_model_is_a_consistent_smaller_timm_model():
     model = _model()
-    prune.prune_(model, _images(), prune.PruneConfig(macs=0.5, importance="hessian", blocks=True))
+    prune.prune_(model, prune.PruneConfig(macs=0.5, importance="hessian", blocks=True), _images())
     for block in model.blocks:
         attn = block.attn
         assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim == 3 * attn.attn_dim
@@ -90,14 +90,14 @@ def test_pruned_model_is_a_consistent_smaller_timm_model():
 def test_pruned_model_composes_with_tome_quantization_and_onnx(tmp_path):
     from vitslim.export import export_onnx, validate_onnx
 
-    model = prune.prune_(_model(), _images(), prune.PruneConfig(macs=0.6, importance="activation"))
+    model = prune.prune_(_model(), prune.PruneConfig(macs=0.6, importance="activation"), _images())
     x = torch.randn(3, *SIZE)
     with torch.no_grad():
         plain = model(x)
-        tokens.apply(model, "tome", r=4)
+        tokens.reduce_tokens_(model, tokens.ToMeConfig(r=4))
         assert tokens.token_state(model) is not None and not torch.equal(model(x), plain)
         assert tokens.token_state(model).counts == [61, 57, 53]
-    qmodel = quant.quantize(model, _images(8), "w8a8")
+    qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w8a8"), _images(8))
     assert validate_onnx(qmodel, export_onnx(qmodel, tmp_path / "q.onnx"), x)["cosine"] > 0.99
     tokens.remove(model)
     assert validate_onnx(model, export_onnx(model, tmp_path / "p.onnx"), x)["max_abs_diff"] < 1e-4
@@ -105,7 +105,7 @@ def test_pruned_model_composes_with_tome_quantization_and_onnx(tmp_path):
 
 def test_save_load_round_trip_and_edited_shapes_are_refused(tmp_path):
     kwargs = dict(img_size=64, patch_size=8, depth=3, embed_dim=64, num_heads=4, num_classes=10, init_values=0.5)
-    model = prune.prune_(_model(), _images(), prune.PruneConfig(macs=0.6, importance="activation", blocks=True))
+    model = prune.prune_(_model(), prune.PruneConfig(macs=0.6, importance="activation", blocks=True), _images())
     prune.save_pruned(model, tmp_path / "p", "vit_tiny_patch16_224", kwargs)
     loaded = prune.load_pruned(tmp_path / "p")
     x = torch.randn(2, *SIZE)
@@ -131,11 +131,11 @@ def test_unknown_model_and_unreachable_budget_are_refused_before_any_change():
     import timm
 
     with pytest.raises(UnsupportedModelError):
-        prune.prune_(timm.create_model("resnet18", pretrained=False), _images(4), prune.PruneConfig(macs=0.5))
+        prune.prune_(timm.create_model("resnet18", pretrained=False), prune.PruneConfig(macs=0.5), _images(4))
     model = _model()
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ConfigError, match="cannot remove"):
-        prune.prune_(model, _images(4), prune.PruneConfig(macs=0.05, importance="magnitude"))
+        prune.prune_(model, prune.PruneConfig(macs=0.05, importance="magnitude"), _images(4))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
@@ -149,8 +149,8 @@ def test_hessian_sees_layer_scale_that_magnitude_ignores():
         reference = model(x)
     errors = {}
     for importance in ("magnitude", "hessian"):
-        pruned = prune.prune_(copy.deepcopy(model), x, prune.PruneConfig(
-            macs=0.8, importance=importance, mlp=False, compensate=False))
+        pruned = prune.prune_(copy.deepcopy(model), prune.PruneConfig(
+            macs=0.8, importance=importance, mlp=False, compensate=False), x)
         with torch.no_grad():
             errors[importance] = float((pruned(x) - reference).pow(2).mean())
         if importance == "hessian":

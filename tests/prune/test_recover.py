@@ -13,8 +13,8 @@ from vitslim.prune.recover import feature_loss
 def _pair():
     teacher = make_tiny_vit(img_size=32, depth=2, init_values=0.5)
     images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    student = prune.prune_(copy.deepcopy(teacher), images[:16],
-                           prune.PruneConfig(macs=0.5, importance="activation", compensate=False))
+    config = prune.PruneConfig(macs=0.5, importance="activation", compensate=False)
+    student = prune.prune_(copy.deepcopy(teacher), config, images[:16])
     return teacher, student, images
 
 

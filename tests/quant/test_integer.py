@@ -10,9 +10,22 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_vit
-from vitslim.quant.integer import (DIV_BITS, EXP_RANGE, FRAC_BITS, NORM_BITS, IntegerGELU, IntegerLayerNorm,
-                                   IntegerSoftmax, calibrating, dyadic, i_layernorm, isqrt_newton, shift_gelu,
-                                   shiftmax, use_integer_ops)
+from vitslim.quant.integer import (
+    DIV_BITS,
+    EXP_RANGE,
+    FRAC_BITS,
+    NORM_BITS,
+    IntegerGELU,
+    IntegerLayerNorm,
+    IntegerSoftmax,
+    calibrating,
+    dyadic,
+    i_layernorm,
+    isqrt_newton,
+    shift_gelu,
+    shiftmax,
+    use_integer_ops,
+)
 
 # ---- deliberately naive references: Python ints, one value at a time, the same formulas ----
 
@@ -251,7 +264,7 @@ def test_integer_ops_inside_a_quantized_model():
 
     model = make_tiny_vit()
     x = torch.randn(16, 3, 32, 32)
-    qmodel = quant.quantize(model, x[:8], "w8a8-int")
+    qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-int"), x[:8])
     integer = use_integer_ops(copy.deepcopy(qmodel))
     assert all(isinstance(b.attn.softmax_op, IntegerSoftmax) for b in integer.blocks)
     with calibrating(integer):

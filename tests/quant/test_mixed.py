@@ -1,5 +1,6 @@
 """Mixed precision (MPTQ-ViT-style): per-block bits from measured sensitivity under a budget."""
 
+import copy
 import itertools
 
 import pytest
@@ -54,8 +55,8 @@ def test_mixed_precision_spends_bits_on_the_sensitive_block_and_beats_uniform():
     config = mixed_precision_config(model, calib, base, average_bits=6, candidates=(4, 6, 8))
     assert config.block_bits[2] == 8
     assert sum(config.block_bits) <= 6 * 4
-    mixed_error = _error(quant.quantize(model, calib, config), model, held_out)
-    uniform_error = _error(quant.quantize(model, calib, base), model, held_out)
+    mixed_error = _error(quant.quantize_(copy.deepcopy(model), config, calib), model, held_out)
+    uniform_error = _error(quant.quantize_(copy.deepcopy(model), base, calib), model, held_out)
     assert mixed_error < 0.7 * uniform_error
 
 
@@ -70,4 +71,4 @@ def test_block_bits_round_trip_and_validation(tmp_path):
         QuantConfig(block_bits=(8, 7))
     model = make_tiny_vit(depth=2)
     with pytest.raises(ConfigError, match="one bit width per block"):
-        quant.quantize(model, torch.randn(8, 3, 32, 32), QuantConfig(block_bits=(8,)))
+        quant.quantize_(copy.deepcopy(model), QuantConfig(block_bits=(8,)), torch.randn(8, 3, 32, 32))

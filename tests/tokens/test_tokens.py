@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import timm
 import torch
@@ -20,7 +22,7 @@ def test_neutral_settings_leave_outputs_identical(method, params):
     model, x = _model(), torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
-        tokens.apply(model, method, **params)
+        tokens.reduce_tokens_(model, tokens.token_config(method, **params))
         assert torch.equal(model(x), before)
         assert tokens.token_state(model).counts == [65, 65, 65]
 
@@ -30,7 +32,7 @@ def test_remove_restores_bit_for_bit(method, params):
     model, x = _model(), torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
-        tokens.apply(model, method, **params)
+        tokens.reduce_tokens_(model, tokens.token_config(method, **params))
         assert not torch.equal(model(x), before)
         tokens.remove(model)
         assert torch.equal(model(x), before)
@@ -39,7 +41,7 @@ def test_remove_restores_bit_for_bit(method, params):
 
 def test_tome_counts_follow_the_schedule():
     model = _model()
-    tokens.apply(model, "tome", r=[5, 0, 12])
+    tokens.reduce_tokens_(model, tokens.ToMeConfig(r=[5, 0, 12]))
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert tokens.token_state(model).counts == [60, 60, 48]
@@ -47,7 +49,7 @@ def test_tome_counts_follow_the_schedule():
 
 def test_evit_counts_keep_rate_plus_fused_token():
     model = _model()
-    tokens.apply(model, "evit", keep_rate=0.5, blocks=[0, 2])
+    tokens.reduce_tokens_(model, tokens.EViTConfig(keep_rate=0.5, blocks=[0, 2]))
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     # block 0: 1 cls + 32 kept + 1 fused = 34; block 2: 1 + ceil(0.5 * 33) + 1 = 19
@@ -71,7 +73,7 @@ def test_distillation_token_is_kept_in_place():
     out = merge(x, "mean")
     assert out.shape == (2, 21, 8) and torch.equal(out[:, :2], x[:, :2])
     model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2).eval()
-    tokens.apply(model, "tome", r=[8, 4])
+    tokens.reduce_tokens_(model, tokens.ToMeConfig(r=[8, 4]))
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert tokens.token_state(model).counts == [10, 6]
@@ -80,7 +82,7 @@ def test_distillation_token_is_kept_in_place():
 def test_ats_adapts_token_count_per_image(reference_model, example_images):
     dataset = load_image_folder(example_images, reference_model, limit=6)
     x = torch.stack([dataset[i][0] for i in range(6)])
-    model = tokens.apply(reference_model, "ats", inplace=False, budget=0.5)
+    model = tokens.reduce_tokens_(copy.deepcopy(reference_model), tokens.ATSConfig(budget=0.5))
     with torch.no_grad():
         batched = model(x)
         counts = tokens.token_state(model).image_counts.tolist()
@@ -94,29 +96,29 @@ def test_ats_adapts_token_count_per_image(reference_model, example_images):
 def test_bad_input_is_named():
     model = _model()
     with pytest.raises(ValueError, match="keep_rate must be in \\(0, 1\\], got 1.5"):
-        tokens.apply(model, "evit", keep_rate=1.5)
+        tokens.EViTConfig(keep_rate=1.5)
     with pytest.raises(ValueError, match="r=40 at block 0 exceeds the 32 tokens"):
-        tokens.apply(model, "tome", r=40)
+        tokens.reduce_tokens_(model, tokens.ToMeConfig(r=40))
     with pytest.raises(ValueError, match="unknown token reduction method 'magic'"):
-        tokens.apply(model, "magic")
+        tokens.token_config("magic")
     with pytest.raises(ValueError, match="unknown knob.*keep_rate.*knobs are \\['r', 'prop_attn'\\]"):
-        tokens.apply(model, "tome", keep_rate=0.5)
+        tokens.token_config("tome", keep_rate=0.5)
     with pytest.raises(ValueError, match="blocks \\[7\\] out of range"):
-        tokens.apply(model, "ats", blocks=[7])
-    tokens.apply(model, "tome", r=2)
+        tokens.reduce_tokens_(model, tokens.ATSConfig(blocks=[7]))
+    tokens.reduce_tokens_(model, tokens.ToMeConfig(r=2))
     with pytest.raises(RuntimeError, match="already has token reduction 'tome'"):
-        tokens.apply(model, "evit")
+        tokens.reduce_tokens_(model, tokens.EViTConfig())
     other = _model()
     other.blocks[1] = torch.nn.Identity()
     with pytest.raises(UnsupportedModelError, match="Identity"):
-        tokens.apply(other, "tome", r=1)
+        tokens.reduce_tokens_(other, tokens.ToMeConfig(r=1))
 
 
 @pytest.mark.parametrize("method,params", ACTIVE[:2])
 def test_fixed_schedules_export_to_onnx(tmp_path, method, params):
     import onnxruntime as ort
 
-    model = tokens.apply(_model(), method, **params)
+    model = tokens.reduce_tokens_(_model(), tokens.token_config(method, **params))
     path = tmp_path / "m.onnx"
     x = torch.randn(2, 3, 64, 64)
     torch.onnx.export(model, (x,), str(path), input_names=["images"], dynamo=True, verbose=False)

@@ -9,5 +9,16 @@ from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, Step, load_recipe,
 from vitslim.compress.report import write_report
 from vitslim.compress.search import CandidateResult, SearchResult, Target, compress
 
-__all__ = ["BUILTIN_RECIPES", "Recipe", "Step", "load_recipe", "recipe_from_dict", "save_recipe",
-           "write_report", "CandidateResult", "SearchResult", "Target", "compress"]
+__all__ = [
+           "BUILTIN_RECIPES",
+           "CandidateResult",
+           "Recipe",
+           "SearchResult",
+           "Step",
+           "Target",
+           "compress",
+           "load_recipe",
+           "recipe_from_dict",
+           "save_recipe",
+           "write_report",
+]

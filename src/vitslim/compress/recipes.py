@@ -1,4 +1,4 @@
-"""Recipes: an ordered list of compression steps, stored as plain data (YAML/JSON).
+"""Recipes: an ordered list of method configs, stored as plain data (YAML/JSON).
 
 A recipe reads as what it does::
 
@@ -9,88 +9,38 @@ A recipe reads as what it does::
       - quantize: {preset: w8a8}
       - export: {format: onnx}
 
-Steps run in a fixed stage order (pruning, token reduction, numeric format, export) because
-each stage consumes what the one before produces: quantizing an exported graph, or reducing
-tokens of an already-quantized model's ONNX file, cannot work. Knobs are checked on load.
+In Python the same recipe is ``Recipe("int8-tome", (PruneConfig(macs=0.7), ToMeConfig(r=8),
+quant.preset("w8a8"), ExportConfig()))``: each step is the config a method family's verb takes
+(``vitslim.registry`` maps one to the other). Steps run in a fixed stage order (pruning, token
+reduction, numeric format, export) because each stage consumes what the one before produces:
+quantizing an exported graph, or reducing tokens of an already-quantized model's ONNX file,
+cannot work. Knobs are checked on load.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from vitslim import registry
 from vitslim.datafile import brief, check_mapping, check_type, read_data_file
+from vitslim.deprecation import warn_deprecated
+from vitslim.dtype import DtypeConfig
 from vitslim.errors import ConfigError
+from vitslim.export.config import ExportConfig
+from vitslim.output import write_text_atomic
+from vitslim.prune import PruneConfig
+from vitslim.quant import preset
+from vitslim.tokens import EViTConfig, ToMeConfig
 
 if TYPE_CHECKING:
     from vitslim.bench import CpuFeatures
 
 MAX_NAME_CHARS = 100
-
-STAGE_NAMES = ("pruning", "token reduction", "numeric format (dtype or quantize)", "export")
-
-
-def _allow(kind: str, knobs: dict, allowed: list[str]) -> None:
-    unknown = sorted(str(k) for k in set(knobs) - set(allowed))
-    if unknown:
-        raise ConfigError(f"step {kind!r}: unknown knob(s) {brief(unknown)}; valid knobs are {sorted(allowed)}")
-
-
-def _check_tokens(knobs: dict) -> None:
-    import inspect
-
-    from vitslim.tokens import METHODS, check_params
-
-    method = knobs.get("method")
-    if not isinstance(method, str) or method not in METHODS:
-        raise ConfigError(f"step 'tokens': method {brief(method)} is not one of {sorted(METHODS)}")
-    params = [p for p in inspect.signature(METHODS[method]).parameters if p != "model"]
-    _allow("tokens", knobs, ["method", *params])
-    check_params(method, {k: v for k, v in knobs.items() if k != "method"})
-
-
-def _check_dtype(knobs: dict) -> None:
-    from vitslim.api import DTYPES
-
-    _allow("dtype", knobs, ["dtype"])
-    if not isinstance(knobs.get("dtype", "bfloat16"), str) or knobs.get("dtype", "bfloat16") not in DTYPES:
-        raise ConfigError(f"step 'dtype': dtype {brief(knobs['dtype'])} is not one of {list(DTYPES)}")
-
-
-def _check_quantize(knobs: dict) -> None:
-    from vitslim.quant.config import PRESETS, QuantConfig
-
-    _allow("quantize", knobs, ["preset", "config", "calib_images"])
-    if ("preset" in knobs) == ("config" in knobs):
-        raise ConfigError("step 'quantize': give exactly one of `preset` (a name) or `config` (a QuantConfig mapping)")
-    if "preset" in knobs and (not isinstance(knobs["preset"], str) or knobs["preset"] not in PRESETS):
-        raise ConfigError(f"step 'quantize': preset {brief(knobs['preset'])} is not one of {sorted(PRESETS)}")
-    if "config" in knobs:
-        QuantConfig.from_dict(knobs["config"])
-    if "calib_images" in knobs and check_type(knobs["calib_images"], int, "calib_images") < 1:
-        raise ConfigError(f"step 'quantize': calib_images must be >= 1, got {knobs['calib_images']}")
-
-
-def _check_prune(knobs: dict) -> None:
-    from vitslim.prune import PruneConfig
-
-    _allow("prune", knobs, list(PruneConfig.__dataclass_fields__))
-    PruneConfig(**knobs)
-
-
-def _check_export(knobs: dict) -> None:
-    _allow("export", knobs, ["format"])
-    if knobs.get("format", "onnx") != "onnx":
-        raise ConfigError(f"step 'export': format {brief(knobs['format'])} is not supported; use 'onnx'")
-
-
-# step kind -> (stage, knob check). The method families check their knobs' values again.
-STEP_KINDS = {"prune": (0, _check_prune), "tokens": (1, _check_tokens), "dtype": (2, _check_dtype),
-              "quantize": (2, _check_quantize), "export": (3, _check_export)}
 
 
 @dataclass(frozen=True)
@@ -106,50 +56,54 @@ class Need:
 # ~7x slower than FP32 eager; with AVX512_BF16 (or AMX) ~2.3x faster.
 DTYPE_NEEDS = {"bfloat16": Need("bf16", "this CPU has no native bfloat16 (no AVX512_BF16/AMX); PyTorch "
                                         "emulates it, ~7x slower than FP32 here")}
-# step kind -> its knobs -> what it needs from the CPU (kinds not listed run anywhere)
-STEP_NEEDS: dict[str, Callable[[dict], Need | None]] = {
-    "dtype": lambda knobs: DTYPE_NEEDS.get(knobs.get("dtype", "bfloat16")),
-}
 
 
-@dataclass(frozen=True)
-class Step:
-    """One step: its kind and knobs, e.g. Step("tokens", {"method": "tome", "r": 8})."""
+def need_of(step: Any) -> Need | None:
+    """What ``step`` needs from the CPU (steps not listed run anywhere)."""
+    return DTYPE_NEEDS.get(step.dtype) if isinstance(step, DtypeConfig) else None
 
-    kind: str
-    knobs: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return {self.kind: dict(self.knobs)}
+def Step(kind: str, knobs: dict[str, Any] | None = None) -> Any:
+    """Deprecated: a step is its config (``ToMeConfig(r=8)``); ``registry.from_step(kind, knobs)``
+    reads the file form."""
+    warn_deprecated("vitslim.compress.Step(kind, knobs)",
+                    "the method's config, e.g. ToMeConfig(r=8), quant.preset('w8a8'), ExportConfig()")
+    return registry.from_step(kind, knobs or {})
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named, validated sequence of steps. An empty sequence is the FP32 original."""
+    """A named, validated sequence of method configs. An empty sequence is the FP32 original."""
 
     name: str
-    steps: tuple[Step, ...] = ()
+    steps: tuple[Any, ...] = ()
     description: str = ""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
         validate_name(self.name)
         validate_steps(self.name, self.steps)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description,
-                "steps": [s.to_dict() for s in self.steps]}
+                "steps": [registry.to_step(s) for s in self.steps]}
 
-    def step(self, kind: str) -> Step | None:
-        return next((s for s in self.steps if s.kind == kind), None)
+    @property
+    def exports(self) -> bool:
+        """Whether the recipe ends in an ONNX file rather than a PyTorch model."""
+        return any(isinstance(s, ExportConfig) for s in self.steps)
 
     def unmet_needs(self, cpu: CpuFeatures) -> list[str]:
         """Why this recipe cannot win on ``cpu``: one reason per step whose need it lacks."""
-        needs = [STEP_NEEDS[s.kind](s.knobs) for s in self.steps if s.kind in STEP_NEEDS]
+        needs = [need_of(s) for s in self.steps]
         return [f"{n.feature}: {n.without}" for n in needs if n and not getattr(cpu, n.feature)]
 
     @property
     def summary(self) -> str:
-        parts = [f"{s.kind}(" + ", ".join(f"{k}={v}" for k, v in s.knobs.items()) + ")" for s in self.steps]
+        parts = []
+        for step in self.steps:
+            (kind, knobs), = registry.to_step(step).items()
+            parts.append(f"{kind}(" + ", ".join(f"{k}={v}" for k, v in knobs.items()) + ")")
         return " → ".join(parts) or "FP32 original"
 
 
@@ -162,24 +116,22 @@ def validate_name(name: Any) -> None:
         raise ConfigError(f"recipe name {brief(name)}: use at most {MAX_NAME_CHARS} printable characters")
 
 
-def validate_steps(name: str, steps: tuple[Step, ...]) -> None:
-    """Unknown steps or knobs, repeated steps, and impossible orders are errors."""
+def validate_steps(name: str, steps: tuple[Any, ...]) -> None:
+    """Steps that are not method configs, repeated stages, and impossible orders are errors."""
     last_stage = -1
     for i, step in enumerate(steps):
-        if step.kind not in STEP_KINDS:
-            raise ConfigError(f"recipe {name!r}: unknown step {step.kind!r}; valid steps are {sorted(STEP_KINDS)}")
-        stage, check = STEP_KINDS[step.kind]
         try:
-            check(step.knobs)
+            method = registry.method_of(step)
         except ConfigError as err:
-            raise ConfigError(f"recipe {name!r}: {err}") from None
+            raise ConfigError(f"recipe {name!r}: step {i + 1}: {err}") from None
+        stage, kind = method.stage, method.step
         if stage == last_stage:
-            raise ConfigError(f"recipe {name!r}: step {i + 1} ({step.kind}) repeats the "
-                              f"{STAGE_NAMES[stage]} stage; use one step per stage")
+            raise ConfigError(f"recipe {name!r}: step {i + 1} ({kind}) repeats the "
+                              f"{registry.STAGES[stage]} stage; use one step per stage")
         if stage < last_stage:
             raise ConfigError(
-                f"recipe {name!r}: step {i + 1} ({step.kind}) comes after a later stage; steps must "
-                f"run in the order {' → '.join(STAGE_NAMES)} (e.g. a model cannot be quantized "
+                f"recipe {name!r}: step {i + 1} ({kind}) comes after a later stage; steps must "
+                f"run in the order {' → '.join(registry.STAGES)} (e.g. a model cannot be quantized "
                 "after it has been exported, and tokens are reduced in the PyTorch model)")
         last_stage = stage
 
@@ -194,16 +146,19 @@ def recipe_from_dict(data: dict) -> Recipe:
         raise ConfigError(f"recipe: unknown field(s) {brief(unknown)}; a recipe has name, description and steps")
     if not isinstance(data["steps"] or [], list):
         raise ConfigError(f"recipe: steps must be a list, got {brief(data['steps'])}")
+    name = data.get("name", "custom")
+    validate_name(name)
     steps = []
     for raw in data["steps"] or []:
         if not isinstance(raw, dict) or len(raw) != 1:
             raise ConfigError(f"each step is a one-key mapping like {{tokens: {{method: tome}}}}, got {brief(raw)}")
         (kind, knobs), = raw.items()
-        if not isinstance(kind, str) or kind not in STEP_KINDS:
-            raise ConfigError(f"unknown step {brief(kind)}; valid steps are {sorted(STEP_KINDS)}")
-        steps.append(Step(kind, dict(check_mapping(knobs or {}, f"step {kind!r}"))))
+        try:
+            steps.append(registry.from_step(kind, knobs))
+        except ConfigError as err:
+            raise ConfigError(f"recipe {name!r}: {err}") from None
     description = check_type(data.get("description") or "", str, "recipe description")
-    return Recipe(data.get("name", "custom"), tuple(steps), description)
+    return Recipe(name, tuple(steps), description)
 
 
 def load_recipe(source: str | Path) -> Recipe:
@@ -223,45 +178,33 @@ def load_recipe(source: str | Path) -> Recipe:
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write a recipe as YAML or JSON (by suffix), atomically."""
-    from vitslim.output import write_text_atomic
-
     data = recipe.to_dict()
     text = json.dumps(data, indent=2) if str(path).endswith(".json") else yaml.safe_dump(data, sort_keys=False)
     write_text_atomic(path, text)
 
 
-def _recipe(name: str, description: str, *steps: tuple[str, dict]) -> Recipe:
-    return Recipe(name, tuple(Step(kind, knobs) for kind, knobs in steps), description)
-
+W8A8_ORT = preset("w8a8-ort")
 
 BUILTIN_RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    _recipe("fp32", "The original model, unchanged: the baseline."),
-    _recipe("bf16", "bfloat16 weights and activations in PyTorch (fast on CPUs with AVX-512 BF16).",
-            ("dtype", {"dtype": "bfloat16"})),
-    _recipe("tome-8", "Token merging, 8 tokens merged per block (ToMe).",
-            ("tokens", {"method": "tome", "r": 8})),
-    _recipe("tome-13", "Token merging, 13 tokens merged per block (ToMe).",
-            ("tokens", {"method": "tome", "r": 13})),
-    _recipe("evit-0.7", "EViT: keep 70% of tokens at 1/4, 1/2, 3/4 depth, fuse the rest.",
-            ("tokens", {"method": "evit", "keep_rate": 0.7})),
-    _recipe("bf16-tome", "Token merging (r=8) in bfloat16.",
-            ("tokens", {"method": "tome", "r": 8}), ("dtype", {"dtype": "bfloat16"})),
-    _recipe("bf16-tome-13", "Token merging (r=13) in bfloat16.",
-            ("tokens", {"method": "tome", "r": 13}), ("dtype", {"dtype": "bfloat16"})),
-    _recipe("int8-fast", "W8A8 post-training quantization, exported to ONNX Runtime integer kernels.",
-            ("quantize", {"preset": "w8a8-ort"}), ("export", {"format": "onnx"})),
-    _recipe("int8-tome", "Token merging (r=8), then W8A8 on ONNX Runtime integer kernels.",
-            ("tokens", {"method": "tome", "r": 8}), ("quantize", {"preset": "w8a8-ort"}),
-            ("export", {"format": "onnx"})),
-    _recipe("int8-tome-13", "Token merging (r=13), then W8A8 on ONNX Runtime integer kernels.",
-            ("tokens", {"method": "tome", "r": 13}), ("quantize", {"preset": "w8a8-ort"}),
-            ("export", {"format": "onnx"})),
-    _recipe("ort-fp32", "The FP32 model exported to ONNX Runtime.", ("export", {"format": "onnx"})),
-    _recipe("prune-0.7", "Structured pruning to 70% of the MACs (Hessian importance, least-squares refit), on ONNX Runtime.",
-            ("prune", {"macs": 0.7}), ("export", {"format": "onnx"})),
-    _recipe("prune-int8-tome", "Pruning to 70% of the MACs, token merging (r=8), W8A8 on ONNX Runtime.",
-            ("prune", {"macs": 0.7}), ("tokens", {"method": "tome", "r": 8}),
-            ("quantize", {"preset": "w8a8-ort"}), ("export", {"format": "onnx"})),
-    _recipe("w4a8-small", "4-bit weights (GPTQ), 8-bit activations: the smallest model (simulated).",
-            ("quantize", {"preset": "w4a8"})),
+    Recipe("fp32", (), "The original model, unchanged: the baseline."),
+    Recipe("bf16", (DtypeConfig("bfloat16"),),
+           "bfloat16 weights and activations in PyTorch (fast on CPUs with AVX-512 BF16)."),
+    Recipe("tome-8", (ToMeConfig(r=8),), "Token merging, 8 tokens merged per block (ToMe)."),
+    Recipe("tome-13", (ToMeConfig(r=13),), "Token merging, 13 tokens merged per block (ToMe)."),
+    Recipe("evit-0.7", (EViTConfig(keep_rate=0.7),), "EViT: keep 70% of tokens at 1/4, 1/2, 3/4 depth, fuse the rest."),
+    Recipe("bf16-tome", (ToMeConfig(r=8), DtypeConfig("bfloat16")), "Token merging (r=8) in bfloat16."),
+    Recipe("bf16-tome-13", (ToMeConfig(r=13), DtypeConfig("bfloat16")), "Token merging (r=13) in bfloat16."),
+    Recipe("int8-fast", (W8A8_ORT, ExportConfig()),
+           "W8A8 post-training quantization, exported to ONNX Runtime integer kernels."),
+    Recipe("int8-tome", (ToMeConfig(r=8), W8A8_ORT, ExportConfig()),
+           "Token merging (r=8), then W8A8 on ONNX Runtime integer kernels."),
+    Recipe("int8-tome-13", (ToMeConfig(r=13), W8A8_ORT, ExportConfig()),
+           "Token merging (r=13), then W8A8 on ONNX Runtime integer kernels."),
+    Recipe("ort-fp32", (ExportConfig(),), "The FP32 model exported to ONNX Runtime."),
+    Recipe("prune-0.7", (PruneConfig(macs=0.7), ExportConfig()),
+           "Structured pruning to 70% of the MACs (Hessian importance, least-squares refit), on ONNX Runtime."),
+    Recipe("prune-int8-tome", (PruneConfig(macs=0.7), ToMeConfig(r=8), W8A8_ORT, ExportConfig()),
+           "Pruning to 70% of the MACs, token merging (r=8), W8A8 on ONNX Runtime."),
+    Recipe("w4a8-small", (preset("w4a8"),),
+           "4-bit weights (GPTQ), 8-bit activations: the smallest model (simulated)."),
 )}

@@ -10,8 +10,7 @@ import re
 import shlex
 from pathlib import Path
 
-from vitslim.compress.search import (EARLY_STOP_MARGIN, EARLY_STOP_ROUNDS, CandidateResult, SearchResult,
-                                     pareto_front)
+from vitslim.compress.search import EARLY_STOP_MARGIN, EARLY_STOP_ROUNDS, CandidateResult, SearchResult, pareto_front
 from vitslim.output import fmt, write_text_atomic
 from vitslim.output import markdown_text as _md
 
@@ -47,7 +46,7 @@ def _status(c: CandidateResult) -> str | None:
     return "; ".join(parts) or None
 
 
-def _row(c: CandidateResult) -> dict:
+def candidate_row(c: CandidateResult) -> dict:
     return {"name": c.name, **{k: getattr(c, k) for k, _ in COLUMNS[1:-1]}, "status": _status(c)}
 
 
@@ -131,7 +130,7 @@ def _summary_lines(result: SearchResult, model_name: str) -> list[str]:
 def write_report(result: SearchResult, out_dir: str | Path, model_name: str) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
-    rows = [_row(c) for c in result.candidates]
+    rows = [candidate_row(c) for c in result.candidates]
     chosen = result.chosen.name if result.chosen else None
     failed = [c for c in result.candidates if c.error]
     summary = _summary_lines(result, model_name)

@@ -8,6 +8,7 @@ temporary file and a rename, so an interrupted search leaves only whole results 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -15,14 +16,16 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 import vitslim
+from vitslim import registry
 from vitslim.bench import CpuFeatures, compare, cpu_features, machine_info
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe
 from vitslim.data import make_loader
@@ -30,6 +33,7 @@ from vitslim.errors import ConfigError, OutputPathError
 from vitslim.evaluate import Outputs, predict
 from vitslim.output import write_json
 from vitslim.progress import progress_bar
+from vitslim.quant import QuantConfig
 
 if TYPE_CHECKING:
     from vitslim.deploy.contract import ModelSource
@@ -38,7 +42,8 @@ TARGET_METRICS = {
     "speedup": "throughput ratio to the FP32 original, at least",
     "fidelity": "feature cosine similarity to the FP32 original, at least",
     "latency_ms": "median batch latency in milliseconds, at most",
-    "accuracy_drop": "top-1 accuracy drop vs the FP32 original in percentage points, at most (labelled images, classifier)",
+    "accuracy_drop": ("top-1 accuracy drop vs the FP32 original in percentage points, at most "
+                      "(labelled images, classifier)"),
 }
 AT_MOST = ("latency_ms", "accuracy_drop")  # the metrics where lower is better
 # Open-closed ranges of sensible targets (NaN and infinities fall outside every one).
@@ -68,7 +73,7 @@ class Target:
                               f"({low}, {high}] ({TARGET_METRICS[self.metric]})")
 
     @classmethod
-    def parse(cls, text: str) -> "Target":
+    def parse(cls, text: str) -> Target:
         name, _, value = text.strip().partition("=")
         if name not in TARGET_METRICS or not value:
             raise ConfigError(f"target {text!r} not understood; use one of "
@@ -79,14 +84,14 @@ class Target:
             raise ConfigError(f"target {text!r}: {value!r} is not a number") from None
         return cls(name, number)
 
-    def met_by(self, c: "CandidateResult") -> bool:
+    def met_by(self, c: CandidateResult) -> bool:
         if c.error or self.measure(c) is None:
             return False
         if self.metric in AT_MOST:
             return self.measure(c) <= self.value
         return self.measure(c) >= self.value
 
-    def measure(self, c: "CandidateResult") -> float | None:
+    def measure(self, c: CandidateResult) -> float | None:
         return {"speedup": c.speedup, "fidelity": c.cosine, "latency_ms": c.latency_ms,
                 "accuracy_drop": c.accuracy_drop}[self.metric]
 
@@ -165,12 +170,10 @@ def fingerprint_files(paths: list[Path]) -> str:
 
 
 def _resolved_steps(recipe: Recipe) -> list[dict]:
-    """The recipe's steps with each quantization preset spelled out as its config, so that a
+    """The recipe's steps with each quantization config spelled out (presets too), so that a
     preset improved in a later version does not reuse results measured with the old one."""
-    from vitslim.quant.config import preset
-
-    return [{"quantize": {**s.knobs, "config": preset(s.knobs["preset"]).to_dict()}}
-            if s.kind == "quantize" and "preset" in s.knobs else s.to_dict() for s in recipe.steps]
+    return [{"quantize": {**registry.to_step(s)["quantize"], "config": replace(s, calib_images=None).to_dict()}}
+            if isinstance(s, QuantConfig) else registry.to_step(s) for s in recipe.steps]
 
 
 def candidate_key(model_fp: str, data_fp: str, recipe: Recipe, settings: dict) -> str:
@@ -211,7 +214,8 @@ class ResultStore:
 
 
 # CandidateResult field -> JSON types it may hold ("inf" strings are how JSON holds ∞ SQNR).
-_NUMBER_FIELDS = {"cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop", "speedup", "throughput", "latency_ms", "size_mb", "seconds"}
+_NUMBER_FIELDS = {"cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop", "speedup", "throughput",
+                  "latency_ms", "size_mb", "seconds"}
 
 
 def _result_from_json(text: str, key: str) -> CandidateResult:
@@ -266,8 +270,8 @@ def evaluate_candidate(
     The fidelity is recorded in the artifact. ``speedup_needed(result)`` (given the measured
     fidelity) is the speedup this candidate must be able to reach to be chosen; its timing
     stops early when it clearly cannot (``clearly_losing``)."""
-    from vitslim.deploy.api import fidelity
     from vitslim.deploy.artifact import artifact_name, build_artifact, load_artifact, write_contract
+    from vitslim.deploy.workflow import fidelity
 
     start = time.perf_counter()
     result = CandidateResult(recipe=recipe.to_dict(), key=key, calib_images=len(calib))
@@ -293,7 +297,7 @@ def evaluate_candidate(
                 stopped_at.append(len(times[recipe.name]))
             return bool(stopped_at)
 
-        base, cand = compare({"FP32": model, recipe.name: artifact.model}, batch_size=batch_size,
+        _, cand = compare({"FP32": model, recipe.name: artifact.model}, batch_size=batch_size,
                              warmup=2, iters=iters, flops=False, stop=losing)
         phase("timing")
         if stopped_at and stopped_at[0] < iters:
@@ -338,7 +342,7 @@ def speedup_to_be_chosen(target: Target, done: list[CandidateResult], candidate:
 
 def recorded_fidelity(c: CandidateResult, data: str) -> dict:
     """A cached candidate's figures in the form artifacts record them."""
-    from vitslim.deploy.api import FIDELITY_VS
+    from vitslim.deploy.workflow import FIDELITY_VS
 
     return {"cosine": c.cosine, "sqnr_db": c.sqnr_db, "top1_agreement": c.top1_agreement, "top1": c.top1,
             "accuracy_drop": c.accuracy_drop, "images": c.eval_images, "data": data, "vs": FIDELITY_VS}
@@ -420,8 +424,8 @@ def compress(
     with the reason as its ``note``. With ``early_stop``, a candidate that clearly cannot be
     chosen is timed no further after a few rounds (``clearly_losing``; ``stopped_early``).
     """
-    from vitslim.deploy.api import calibration_batch, split_images
     from vitslim.deploy.contract import source_of
+    from vitslim.deploy.workflow import calibration_batch, split_images
 
     target = Target.parse(target) if isinstance(target, str) else target
     grid = [BUILTIN_RECIPES[r] if isinstance(r, str) else r for r in (recipes or DEFAULT_GRID)]
@@ -439,7 +443,7 @@ def compress(
                 "batch_size": batch_size, "iters": iters}
     files = [dataset.samples[i][0] for i in calib_set.indices + eval_set.indices]
     model_fp, data_fp = fingerprint_model(model), fingerprint_files(files)
-    store = ResultStore(Path(cache_dir) if cache_dir else _default_cache() / model_fp)
+    store = ResultStore(Path(cache_dir) if cache_dir else default_cache_dir() / model_fp)
     calib = calibration_batch(calib_set)
     calibration = {"data": str(data), "images": len(calib_set), "seed": seed}
     eval_loader = make_loader(eval_set, batch_size=32)
@@ -568,7 +572,7 @@ def _rebuild(model: nn.Module, c: CandidateResult, calib: torch.Tensor, dest: Pa
     write_contract(path, read_contract(path).with_fidelity(recorded_fidelity(c, calibration["data"])))
 
 
-def _default_cache() -> Path:
+def default_cache_dir() -> Path:
     from vitslim.models.reference import cache_dir
 
     return cache_dir() / "compress"
@@ -600,7 +604,7 @@ def block_sensitivity(model: nn.Module, calib: torch.Tensor, images: torch.Tenso
     from vitslim.models import vit_parts
     from vitslim.quant.modules import quantizers, set_mode
 
-    qmodel = quant.quantize(model, calib, preset)
+    qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(preset), calib)
     rows = []
     with torch.no_grad():
         reference = model.forward_head(model.forward_features(images), pre_logits=True)

@@ -7,12 +7,25 @@
 ``vitslim compress`` saves its chosen candidate through the same ``build_artifact``.
 """
 
-from vitslim.deploy.api import apply, split_images
 from vitslim.deploy.artifact import Artifact, build_artifact, load_artifact, read_contract, write_contract
 from vitslim.deploy.contract import Contract, ModelSource, contract_for, source_of
 from vitslim.deploy.predict import Predictions, predict_folder
 from vitslim.deploy.snippet import usage_markdown
+from vitslim.deploy.workflow import apply, split_images
 
-__all__ = ["apply", "split_images", "Artifact", "build_artifact", "load_artifact", "read_contract",
-           "write_contract", "Contract", "ModelSource", "contract_for", "source_of", "Predictions",
-           "predict_folder", "usage_markdown"]
+__all__ = [
+           "Artifact",
+           "Contract",
+           "ModelSource",
+           "Predictions",
+           "apply",
+           "build_artifact",
+           "contract_for",
+           "load_artifact",
+           "predict_folder",
+           "read_contract",
+           "source_of",
+           "split_images",
+           "usage_markdown",
+           "write_contract",
+]

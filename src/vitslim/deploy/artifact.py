@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitslim import registry
 from vitslim.bench import OnnxModel
 from vitslim.compress.recipes import Recipe, recipe_from_dict
 from vitslim.compress.steps import apply_recipe
@@ -31,7 +32,7 @@ from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.output import publish
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "vitslim.json"
-FOLDER_STEPS = ("tokens", "dtype", "quantize")  # steps a saved folder knows how to replay
+FOLDER_STEPS = ("tokens", "dtype", "quantize")  # recipe steps a saved folder knows how to replay
 
 
 @dataclass
@@ -57,24 +58,20 @@ class Artifact:
         return self.model(images.to(dtype)).float()
 
 
-def exports(recipe: Recipe) -> bool:
-    return recipe.step("export") is not None
-
-
 def artifact_name(recipe: Recipe, stem: str = "model") -> str:
     """``model.onnx`` for exported recipes, the folder ``model`` otherwise."""
-    return f"{stem}.onnx" if exports(recipe) else stem
+    return f"{stem}.onnx" if recipe.exports else stem
 
 
 def check_out_path(out: str | Path, recipe: Recipe) -> Path:
     """``out`` must say the format the recipe makes: NAME.onnx when it exports, a folder otherwise."""
     out = Path(out)
-    if exports(recipe) and out.suffix != ".onnx":
+    if recipe.exports and out.suffix != ".onnx":
         raise ConfigError(f"recipe {recipe.name!r} exports to ONNX: give --out NAME.onnx (got {str(out)!r})")
-    if not exports(recipe) and out.suffix == ".onnx":
+    if not recipe.exports and out.suffix == ".onnx":
         raise ConfigError(f"recipe {recipe.name!r} has no export step, so it makes a PyTorch model saved as a "
                           f"folder: give --out DIR (got {str(out)!r}), or add `- export: {{format: onnx}}`")
-    if out.is_dir() and not exports(recipe) and any(out.iterdir()) and not (out / META_FILE).is_file():
+    if out.is_dir() and not recipe.exports and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise ConfigError(f"--out {str(out)!r} is a folder that is not a vitslim artifact; choose a new path")
     return out
 
@@ -84,14 +81,15 @@ def build_artifact(model: nn.Module, recipe: Recipe, calib: torch.Tensor, out: s
     """Apply ``recipe`` to a copy of ``model`` (calibrating on ``calib``) and save the result at
     ``out``: the one code path behind ``vitslim apply`` and every candidate of ``vitslim compress``."""
     out = check_out_path(out, recipe)
-    unsupported = [s.kind for s in recipe.steps if s.kind not in (*FOLDER_STEPS, "export")]
-    if unsupported and not exports(recipe):
+    kinds = [registry.method_of(s).step for s in recipe.steps]
+    unsupported = [k for k in kinds if k not in (*FOLDER_STEPS, "export")]
+    if unsupported and not recipe.exports:
         raise ConfigError(f"recipe {recipe.name!r}: a model after a {unsupported[0]!r} step cannot be saved as a "
                           "folder yet; add an export step to get an ONNX file")
     compressed = apply_recipe(model, recipe, calib)
     contract = contract_for(compressed, source, recipe.to_dict(), calibration, key)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if exports(recipe):
+    if recipe.exports:
         _write_onnx(compressed, out, contract)
     else:
         _write_folder(compressed, out, contract)
@@ -125,7 +123,7 @@ def _write_folder(model: nn.Module, out: Path, contract: Contract) -> None:
     from safetensors.torch import save_file
 
     from vitslim.bench import _dedupe_shared
-    from vitslim.quant.api import CONFIG_ATTR
+    from vitslim.quant.ptq import CONFIG_ATTR
 
     config = getattr(model, CONFIG_ATTR, None)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -233,8 +231,6 @@ def _load_folder(path: Path, contract: Contract) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from vitslim import tokens
-    from vitslim.api import DTYPES
     from vitslim.models.loading import load_state_dict_strict
     from vitslim.quant.config import QuantConfig
     from vitslim.quant.io import restore_quantized
@@ -250,11 +246,9 @@ def _load_folder(path: Path, contract: Contract) -> nn.Module:
                              "re-create the artifact with `vitslim apply`") from None
     loaded = False
     for step in recipe.steps:  # replayed in the recipe's order, as they were applied
-        if step.kind == "tokens":
-            tokens.apply(model, step.knobs["method"], **{k: v for k, v in step.knobs.items() if k != "method"})
-        elif step.kind == "dtype":
-            model.to(DTYPES[step.knobs.get("dtype", "bfloat16")])
-        elif step.kind == "quantize":
+        if not isinstance(step, QuantConfig):  # token reduction, dtype: no calibration, no weights
+            registry.apply_(model, step)
+        else:  # quantization: its calibrated state is in the saved weights
             if meta["quant_config"] is None:
                 raise ModelLoadError(f"{str(path / META_FILE)!r}: a quantize step but no quant_config; "
                                      "re-create the artifact with `vitslim apply`")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -76,7 +77,7 @@ class Contract:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "contract") -> "Contract":
+    def from_dict(cls, data: Any, where: str = "contract") -> Contract:
         """A contract from plain data, checked (types, the preprocessing and output an artifact
         is fed and read by, the recipe); a ``ConfigError`` naming ``where`` otherwise. Keys of
         a newer vitslim are ignored."""
@@ -103,7 +104,7 @@ class Contract:
         return {METADATA_PREFIX + k: json.dumps(v) for k, v in self.to_dict().items()}
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, str], where: str = "contract") -> "Contract":
+    def from_metadata(cls, metadata: dict[str, str], where: str = "contract") -> Contract:
         """The contract in ONNX ``metadata_props`` (JSON values), checked like ``from_dict``."""
         from vitslim.datafile import parse_data_text
 
@@ -111,7 +112,7 @@ class Contract:
                 for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
         return cls.from_dict(data, where)
 
-    def with_fidelity(self, fidelity: dict) -> "Contract":
+    def with_fidelity(self, fidelity: dict) -> Contract:
         return replace(self, fidelity=dict(fidelity))
 
     @property

@@ -11,6 +11,14 @@ from vitslim.models.loading import REFERENCE_NAME, ModelLoadError, load_model, r
 from vitslim.models.reference import load_reference_model
 
 __all__ = [
-    "BlockParts", "ViTParts", "UnsupportedModelError", "register_block_adapter", "vit_parts",
-    "REFERENCE_NAME", "ModelLoadError", "load_model", "read_state_dict", "load_reference_model",
+    "REFERENCE_NAME",
+    "BlockParts",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "ViTParts",
+    "load_model",
+    "load_reference_model",
+    "read_state_dict",
+    "register_block_adapter",
+    "vit_parts",
 ]

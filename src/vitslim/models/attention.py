@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 FLOAT_SITES = {site: nn.Identity() for site in ("q", "k", "softmax", "v")}
 
 

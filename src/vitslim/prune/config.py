@@ -51,7 +51,7 @@ class PruneConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PruneConfig":
+    def from_dict(cls, data: dict) -> PruneConfig:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"unknown PruneConfig field(s) {unknown}; fields are {sorted(cls.__dataclass_fields__)}")

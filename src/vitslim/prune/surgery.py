@@ -36,7 +36,8 @@ def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Ten
 
 def check_prunable(bp: BlockParts) -> None:
     """Refuse blocks whose extra parts would not follow the new shapes, naming the part."""
-    extras = {"attention output norm (scale_norm)": not isinstance(getattr(bp.attn, "norm", nn.Identity()), nn.Identity),
+    extras = {"attention output norm (scale_norm)":
+              not isinstance(getattr(bp.attn, "norm", nn.Identity()), nn.Identity),
               "gated attention": getattr(bp.attn, "gate", None) is not None,
               "non-standard MLP (GLU/SwiGLU)": type(bp.mlp) is not Mlp,
               "MLP hidden norm": not isinstance(getattr(bp.mlp, "norm", nn.Identity()), nn.Identity)}

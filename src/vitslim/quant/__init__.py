@@ -1,7 +1,7 @@
 """Post-training quantization built for vision transformers.
 
     from vitslim import quant
-    qmodel = quant.quantize(model, calib_images, "w4a4")       # or a QuantConfig
+    quant.quantize_(model, quant.preset("w4a4"), calib_images)   # in place; or any QuantConfig
 
 Quantizers for each ViT activation site (uniform; log2, SULQ and AdaLog for post-Softmax and
 post-GELU), LayerNorm reparameterization (RepQ-ViT) or SmoothQuant with bias (MPTQ-ViT), GPTQ
@@ -10,8 +10,11 @@ weights, block reconstruction (I&S-ViT) and per-block mixed precision (MPTQ-ViT)
 Softmax/GELU/LayerNorm are in ``vitslim.quant.integer``.
 """
 
-from vitslim.quant.api import quantize
 from vitslim.quant.config import PRESETS, QuantConfig, SiteConfig, preset
 from vitslim.quant.mixed import mixed_precision_config
+from vitslim.quant.ptq import (
+    quantize,  # noqa: F401 (deprecated: a copying wrapper, for one release)
+    quantize_,
+)
 
-__all__ = ["quantize", "mixed_precision_config", "QuantConfig", "SiteConfig", "PRESETS", "preset"]
+__all__ = ["PRESETS", "QuantConfig", "SiteConfig", "mixed_precision_config", "preset", "quantize_"]

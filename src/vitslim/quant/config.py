@@ -69,13 +69,16 @@ class QuantConfig:
     # Mixed precision: W=A bits of each block, overriding weight_bits and the quantized sites'
     # bits there (None: the same bits everywhere). ``vitslim.quant.mixed`` chooses them.
     block_bits: tuple[int, ...] | None = None
+    # Calibrate on at most this many of the images given (None: all of them); recipes use it
+    # to calibrate one step on fewer images than the others.
+    calib_images: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_bits is not None:  # lists from JSON/YAML become a tuple: configs stay immutable
             object.__setattr__(self, "block_bits", tuple(self.block_bits))
         validate(self)
 
-    def for_block(self, index: int) -> "QuantConfig":
+    def for_block(self, index: int) -> QuantConfig:
         """The config block ``index`` is quantized with: its mixed-precision bits if any."""
         if self.block_bits is None:
             return self
@@ -87,10 +90,13 @@ class QuantConfig:
         return replace(self, weight_bits=bits, block_bits=None, **sites)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.calib_images is None:  # configs saved before the field existed stay byte-identical
+            del data["calib_images"]
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QuantConfig":
+    def from_dict(cls, data: dict) -> QuantConfig:
         """A config from plain data (YAML/JSON): names, types and values checked."""
         check_mapping(data, "quantization config")
         names = {f.name for f in fields(cls)}
@@ -115,7 +121,7 @@ class QuantConfig:
                           else yaml.safe_dump(data, sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> "QuantConfig":
+    def load(cls, path: str | Path) -> QuantConfig:
         """A config from a YAML or JSON (by suffix) file; errors name the file."""
         data = read_data_file(path, "quantization config file")
         try:
@@ -133,7 +139,8 @@ def validate(config: QuantConfig) -> None:
     if config.weight_calibration not in ("minmax", "mse"):
         raise ConfigError(f"weight_calibration={config.weight_calibration!r} is not one of ('minmax', 'mse')")
     if config.gptq_group_size is not None and config.gptq_group_size < 1:
-        raise ConfigError(f"gptq_group_size must be a positive number of input columns or null, got {config.gptq_group_size}")
+        raise ConfigError("gptq_group_size must be a positive number of input columns or null, "
+                          f"got {config.gptq_group_size}")
     if config.ln_reparam and config.smooth_quant:
         raise ConfigError("ln_reparam and smooth_quant both rescale the post-LayerNorm channels; choose one")
     if config.smooth_alpha is not None and not 0 <= config.smooth_alpha <= 1:
@@ -141,6 +148,9 @@ def validate(config: QuantConfig) -> None:
     bad_block_bits = [b for b in config.block_bits or () if b not in VALID_BITS]
     if bad_block_bits:
         raise ConfigError(f"block_bits {bad_block_bits} not supported; valid bit widths are {VALID_BITS}")
+    if config.calib_images is not None and (isinstance(config.calib_images, bool) or
+                                            not isinstance(config.calib_images, int) or config.calib_images < 1):
+        raise ConfigError(f"calib_images must be >= 1 (or null: all), got {config.calib_images!r}")
     if not 0 <= config.reconstruction_iters <= MAX_RECONSTRUCTION_ITERS:
         raise ConfigError(f"reconstruction_iters must be in [0, {MAX_RECONSTRUCTION_ITERS}], "
                           f"got {config.reconstruction_iters}")

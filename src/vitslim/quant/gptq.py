@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitslim.quant.quantizers import uniform_fake_quant
+from vitslim.quant.primitives import int_range, symmetric_scale, uniform_fake_quant
 
 
 def gptq_quantize_weight(
@@ -33,7 +33,7 @@ def gptq_quantize_weight(
     absmax scale is taken for every group of input columns. Returns the dequantized weight,
     on the integer grid.
     """
-    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    qmin, qmax = int_range(bits, signed=True)
     w = weight.detach().clone().float()
     h = hessian.detach().clone().float()
     cols = w.shape[1]
@@ -52,7 +52,7 @@ def gptq_quantize_weight(
             col = i1 + i
             if group_size and col % group_size == 0:
                 group = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size]
-                scale = group.abs().amax(1, keepdim=True).clamp_min(1e-8) / qmax
+                scale = symmetric_scale(group.abs().amax(1, keepdim=True), qmax)
             qc = uniform_fake_quant(w1[:, i : i + 1], scale, 0, qmin, qmax)
             q[:, col : col + 1] = qc
             err = (w1[:, i : i + 1] - qc) / h1[i, i]

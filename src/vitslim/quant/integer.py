@@ -16,12 +16,14 @@ ops as fake-quant modules (float in, float out) so they can be dropped into a Py
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vitslim.quant.primitives import int_range
 
 FRAC_BITS = 12  # fraction bits of the fixed-point exponent inside the exp routine
 EXP_RANGE = 15  # I-ViT's n: exp(x) is clamped below at 2^-n
@@ -39,7 +41,7 @@ def dyadic(scale: float, bits: int = 16) -> tuple[int, int]:
     """
     if scale == 0:
         return 0, 1
-    frac, exp = math.frexp(abs(scale))  # |scale| = frac·2^exp, frac in [0.5, 1)
+    _, exp = math.frexp(abs(scale))  # |scale| = frac·2^exp, frac in [0.5, 1)
     k = max(bits - exp, 1)
     if k > 62:
         return 0, 1
@@ -90,7 +92,7 @@ def shiftmax(q: Tensor, scale: float, out_bits: int = 8, dim: int = -1) -> tuple
     x = q.long()
     e = _exp_of_fixed(_to_fixed(x - x.amax(dim, keepdim=True), scale))
     p = _normalise(e, e.sum(dim, keepdim=True), out_bits)
-    return p.clamp(max=(1 << out_bits) - 1).int(), 2.0**-out_bits
+    return p.clamp(max=int_range(out_bits, signed=False)[1]).int(), 2.0**-out_bits
 
 
 def shift_gelu(q: Tensor, scale: float, out_bits: int = 8) -> tuple[Tensor, float]:
@@ -155,7 +157,7 @@ def i_layernorm(q: Tensor, scale: float, weight: Tensor | None, bias: Tensor | N
     possible, max |γ|·√(C−1) + |β|; pass a calibrated one for accuracy). The input scale cancels
     except in eps. Integers stay < 2^63 for |q| < 2^15. Float only in ``layernorm_constants``.
     """
-    c, lim = int(q.shape[-1]), (1 << (out_bits - 1)) - 1  # int: a plain constant when traced for export
+    c, lim = int(q.shape[-1]), int_range(out_bits, signed=True)[1]  # int: a plain constant when traced for export
     if out_scale is None:
         g = weight.abs() if weight is not None else torch.ones(c)
         bound = g * math.sqrt(c - 1) + (bias.abs() if bias is not None else 0)
@@ -181,7 +183,7 @@ class _IntegerOp(nn.Module):
     def quantize(self, x: Tensor) -> tuple[Tensor, float]:
         if float(self.absmax) == 0:
             raise RuntimeError(f"{type(self).__name__} is not calibrated: run data under calibrating(model)")
-        lim = 2 ** (self.bits - 1) - 1
+        lim = int_range(self.bits, signed=True)[1]
         scale = float(self.absmax) / lim
         return torch.round(x / scale).clamp(-lim, lim).long(), scale
 
@@ -242,7 +244,7 @@ class IntegerLayerNorm(_IntegerOp):
         return out
 
     def integer_op(self, q: Tensor, scale: float) -> tuple[Tensor, float]:
-        out_scale = float(self.out_absmax) / (2 ** (self.out_bits - 1) - 1)
+        out_scale = float(self.out_absmax) / int_range(self.out_bits, signed=True)[1]
         return i_layernorm(q, scale, self.norm.weight, self.norm.bias, self.out_bits, self.norm.eps, out_scale)
 
 

@@ -18,9 +18,9 @@ from torch import nn
 from vitslim.datafile import brief, check_mapping, check_type, read_data_file
 from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.output import atomic_path, write_json
-from vitslim.quant.api import CONFIG_ATTR, install
 from vitslim.quant.config import QuantConfig
 from vitslim.quant.modules import set_mode
+from vitslim.quant.ptq import CONFIG_ATTR, install
 
 STATE_FILE, META_FILE = "model.safetensors", "quant.json"
 META_FORMAT = 1
@@ -151,7 +151,7 @@ def _file_shapes(state_path: Path) -> dict[str, tuple[int, ...]]:
 
     try:
         with safe_open(str(state_path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safetensors handles are not mappings)
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{str(state_path)!r} is not a readable safetensors file ({err}); "
                              "re-create the folder with `vitslim quantize`") from None

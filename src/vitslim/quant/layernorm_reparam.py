@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitslim.quant.primitives import affine_params, int_range
+
 
 def channel_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel asymmetric scale and zero point for ranges [lo, hi]."""
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scale = (hi - lo).clamp_min(1e-8) / (2**bits - 1)
-    return scale, torch.round(-lo / scale)
+    return affine_params(lo, hi, *int_range(bits, signed=False))
 
 
 @torch.no_grad()

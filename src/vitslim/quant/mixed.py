@@ -17,17 +17,19 @@ exactly (a dynamic program over the blocks: the Pareto frontier at the asked bud
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.progress import progress_bar
-from vitslim.errors import ConfigError
 from vitslim.quant.config import VALID_BITS, QuantConfig, preset
 from vitslim.quant.modules import set_mode
+from vitslim.quant.ptq import quantize_
 
 
 @torch.no_grad()
@@ -38,8 +40,6 @@ def block_sensitivity(model: nn.Module, calib_images: torch.Tensor, config: Quan
     One calibration per bit width (statistics are observed on the float model, so a block's
     quantizers do not depend on the others), then one pass per block with the others switched
     off. Reconstruction is skipped here: it is for the final model."""
-    from vitslim.quant.api import quantize
-
     model.eval()
     batches = calib_images.split(batch_size)
     reference = [model.forward_features(b) for b in batches]
@@ -47,7 +47,7 @@ def block_sensitivity(model: nn.Module, calib_images: torch.Tensor, config: Quan
     sensitivity = torch.zeros(num_blocks, len(candidates))
     for j, bits in enumerate(candidates):
         uniform = replace(config, block_bits=(bits,) * num_blocks, reconstruction_iters=0, quantize_head=False)
-        qmodel = quantize(model, calib_images, uniform)
+        qmodel = quantize_(copy.deepcopy(model), uniform, calib_images)
         blocks = [bp.block for bp in vit_parts(qmodel).blocks]
         for i in progress_bar(range(num_blocks), f"sensitivity at {bits} bits"):
             set_mode(qmodel, "off")
@@ -79,7 +79,7 @@ def allocate_bits(sensitivity: torch.Tensor, candidates: tuple[int, ...], averag
             for j, bits in enumerate(candidates):
                 total, new_cost = spent + bits, cost + float(sensitivity[i, j])
                 if total <= budget and (total not in step or new_cost < step[total][0]):
-                    step[total] = (new_cost, chosen + (bits,))
+                    step[total] = (new_cost, (*chosen, bits))
         best = step
     return min(best.values())[1]
 
@@ -89,7 +89,7 @@ def mixed_precision_config(model: nn.Module, calib_images: torch.Tensor, config:
     """``config`` with per-block bits (``block_bits``) chosen for ``model``: the allocation of
     ``candidates`` averaging at most ``average_bits`` per block with the least summed measured
     sensitivity (MPTQ-ViT-style Pareto-frontier mixed precision, 2024). Quantize with it:
-    ``quantize(model, calib_images, mixed_precision_config(model, calib_images, "w4a4", 6))``."""
+    ``quantize_(model, mixed_precision_config(model, calib_images, "w4a4", 6), calib_images)``."""
     config = preset(config) if isinstance(config, str) else config
     bad = [b for b in candidates if b not in VALID_BITS]
     if bad or not candidates:

@@ -43,8 +43,8 @@ class QuantLinear(nn.Module):
         weight = self.linear.weight
         if self.qweight is not None and self.weight_quantizer.mode == "quant":
             weight = self.qweight
-            if getattr(self.weight_quantizer, "for_export", False) and self.weight_quantizer.bits == 8:
-                weight = self.weight_quantizer.onnx_qdq(self.qweight)  # int8 weights in the ONNX file
+            if self.weight_quantizer.lowered is not None:
+                weight = self.weight_quantizer.lowered(self.qweight)  # int8 weights in the ONNX file
         inq = self.input_quantizer
         float_index = getattr(inq, "float_index", None)
         if float_index is None or not float_index.numel() or inq.mode != "quant":
@@ -55,7 +55,8 @@ class QuantLinear(nn.Module):
         lo, hi = inq.saturation()
         outliers = x.index_select(-1, float_index)
         excess = outliers - torch.minimum(torch.maximum(outliers, lo), hi)
-        return F.linear(inq(x), weight, self.linear.bias) + F.linear(excess, self.linear.weight.index_select(1, float_index))
+        outliers = F.linear(excess, self.linear.weight.index_select(1, float_index))
+        return F.linear(inq(x), weight, self.linear.bias) + outliers
 
 
 def make_quantizer(site: SiteConfig, name: str, positive_shift: bool = False) -> nn.Module:
@@ -80,7 +81,8 @@ def install_block(bp: BlockParts, config: QuantConfig, prefix: str) -> None:
     attn.proj = QuantLinear(bp.proj, make_quantizer(config.linear, f"{prefix}.attn.proj.input"), wq("attn.proj"))
     mlp.fc1 = QuantLinear(bp.fc1, make_quantizer(post_ln, f"{prefix}.mlp.fc1.input"), wq("mlp.fc1"))
     # Post-GELU values are ≥ −0.17: log quantizers shift them positive (AdaLog's bias trick).
-    mlp.fc2 = QuantLinear(bp.fc2, make_quantizer(config.post_gelu, f"{prefix}.mlp.fc2.input", positive_shift=True), wq("mlp.fc2"))
+    post_gelu = make_quantizer(config.post_gelu, f"{prefix}.mlp.fc2.input", positive_shift=True)
+    mlp.fc2 = QuantLinear(bp.fc2, post_gelu, wq("mlp.fc2"))
     attn.quant_sites = nn.ModuleDict({
         "q": make_quantizer(config.qk, f"{prefix}.attn.q"),
         "k": make_quantizer(config.qk, f"{prefix}.attn.k"),

@@ -22,12 +22,15 @@ q ∈ [0, 2^bits − 1] (the last code stands for 0), and differ in which parame
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from vitslim.errors import CalibrationError
+from vitslim.quant.primitives import affine_params, int_range, symmetric_scale, uniform_fake_quant
 
 SAMPLE_SIZE = 1 << 16  # values kept per quantizer for the error searches
 # A float (outlier) channel's calibration magnitude exceeds this many times that of the largest
@@ -94,11 +97,6 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------- uniform
 
 
-def uniform_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
-    return (q - zero) * scale
-
-
 class UniformQuantizer(Quantizer):
     """Uniform affine quantizer: per-tensor or per-channel (last dim), symmetric or not, with
     the clipping range from min–max, a percentile, or an MSE search (OMSE-style)."""
@@ -109,7 +107,7 @@ class UniformQuantizer(Quantizer):
         self.symmetric, self.method = symmetric, method
         self.channel_axis = -1 if per_channel else None
         self.signed = symmetric
-        self.qmin, self.qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+        self.qmin, self.qmax = int_range(bits, signed=symmetric)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
         # Outlier channels whose part beyond the range stays in float (LLM.int8()-style
@@ -118,6 +116,7 @@ class UniformQuantizer(Quantizer):
         if float_channels:
             self.register_buffer("float_index", torch.zeros(0, dtype=torch.long))
         self.channel_absmax: torch.Tensor | None = None
+        self.lowered: OnnxQDQ | None = None  # set by ``lowered_for_onnx`` while a model is exported
 
     @property
     def axis(self) -> int | None:
@@ -125,11 +124,9 @@ class UniformQuantizer(Quantizer):
 
     def params_for_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.symmetric:
-            scale = torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8) / self.qmax
+            scale = symmetric_scale(torch.maximum(lo.abs(), hi.abs()), self.qmax)
             return scale, torch.zeros_like(scale)
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = (hi - lo).clamp_min(1e-8) / (self.qmax - self.qmin)
-        return scale, torch.round(-lo / scale).clamp(self.qmin, self.qmax)
+        return affine_params(lo, hi, self.qmin, self.qmax)
 
     def observe(self, x: torch.Tensor) -> None:
         super().observe(x)
@@ -179,19 +176,49 @@ class UniformQuantizer(Quantizer):
         return lo * best, hi * best
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "for_export", False) and self.bits == 8:
-            return self.onnx_qdq(x)
+        if self.lowered is not None:
+            return self.lowered(x)
         return uniform_fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
-    def onnx_qdq(self, x: torch.Tensor) -> torch.Tensor:
-        """The same 8-bit quantize–dequantize through PyTorch's fake-quant ops, which ONNX
-        export turns into QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into
-        int8 kernels. Scales are python numbers / constants: the exporter must not trace them."""
-        if self.scale.numel() == 1:
-            return torch.fake_quantize_per_tensor_affine(x, self.export_scale, self.export_zero, self.qmin, self.qmax)
+
+class OnnxQDQ(nn.Module):
+    """An 8-bit ``UniformQuantizer`` lowered for ONNX export: the same quantize–dequantize
+    through PyTorch's fake-quant ops, which the exporter turns into QuantizeLinear /
+    DequantizeLinear pairs that ONNX Runtime fuses into int8 kernels. A per-tensor scale is a
+    Python number and a per-channel one a buffer: the exporter must not trace them."""
+
+    def __init__(self, quantizer: UniformQuantizer) -> None:
+        super().__init__()
+        self.qmin, self.qmax, self.channel_axis = quantizer.qmin, quantizer.qmax, quantizer.channel_axis
+        self.per_tensor = quantizer.scale.numel() == 1
+        if self.per_tensor:
+            self.scale, self.zero = float(quantizer.scale), int(quantizer.zero_point)
+        else:
+            self.register_buffer("scale", quantizer.scale.detach().flatten().float().clone(), persistent=False)
+            self.register_buffer("zero", quantizer.zero_point.detach().flatten().to(torch.int64).clone(),
+                                 persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_tensor:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, self.qmin, self.qmax)
         axis = x.dim() - 1 if self.channel_axis == -1 else self.channel_axis
-        return torch.fake_quantize_per_channel_affine(x, self.export_scale, self.export_zero.to(torch.int32),
-                                                      axis, self.qmin, self.qmax)
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero.to(torch.int32), axis, self.qmin,
+                                                      self.qmax)
+
+
+@contextlib.contextmanager
+def lowered_for_onnx(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every 8-bit uniform quantizer of ``model`` runs as its ``OnnxQDQ``
+    (sub-8-bit and log-domain quantizers stay float arithmetic, which exports as it is);
+    afterwards the model is as before."""
+    quantizers = [m for m in model.modules() if isinstance(m, UniformQuantizer) and m.bits == 8]
+    for q in quantizers:
+        q.lowered = OnnxQDQ(q)
+    try:
+        yield model
+    finally:
+        for q in quantizers:
+            q.lowered = None
 
 
 class WeightQuantizer(UniformQuantizer):
@@ -203,13 +230,14 @@ class WeightQuantizer(UniformQuantizer):
 
     def calibrate_weight(self, w: torch.Tensor) -> None:
         w = w.detach().float()
-        absmax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+        absmax = w.abs().amax(dim=1, keepdim=True)
         if self.method != "mse":
-            self.scale, self.zero_point = absmax / self.qmax, torch.zeros_like(absmax)
+            self.scale = symmetric_scale(absmax, self.qmax)
+            self.zero_point = torch.zeros_like(self.scale)
             return
-        best_scale, best_err = absmax / self.qmax, None
+        best_scale, best_err = symmetric_scale(absmax, self.qmax), None
         for alpha in torch.linspace(0.5, 1.0, 21).tolist():
-            scale = absmax * alpha / self.qmax
+            scale = symmetric_scale(absmax * alpha, self.qmax)
             err = (uniform_fake_quant(w, scale, 0, self.qmin, self.qmax) - w).pow(2).sum(1, keepdim=True)
             best_scale = scale if best_err is None else torch.where(err < best_err, scale, best_scale)
             best_err = err if best_err is None else torch.minimum(err, best_err)
@@ -223,7 +251,7 @@ def log_fake_quant(x: torch.Tensor, bits: int, base: float | torch.Tensor, scale
                    shift: float | torch.Tensor = 0.0) -> torch.Tensor:
     """x̂ = scale · base^(−q) − shift, q = round(−log_base((x + shift) / scale)) in [0, 2^bits − 2];
     values whose code would be 2^bits − 1 or more (and x + shift ≤ 0) dequantize to −shift."""
-    levels = 2**bits - 1
+    levels = int_range(bits, signed=False)[1]
     y = (x + shift).clamp_min(1e-30) / scale
     q = torch.round(-torch.log(y) / torch.log(torch.as_tensor(base, dtype=y.dtype))).clamp_min(0)
     out = scale * torch.pow(base, -q)

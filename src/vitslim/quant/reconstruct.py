@@ -20,12 +20,8 @@ from torch import nn
 from vitslim.models import vit_parts
 from vitslim.progress import progress_bar
 from vitslim.quant.modules import QuantLinear
+from vitslim.quant.primitives import uniform_fake_quant_ste
 from vitslim.quant.quantizers import UniformQuantizer
-
-
-def _ste_round(x: torch.Tensor) -> torch.Tensor:
-    return (x.round() - x).detach() + x
-
 
 GAMMA, ZETA = -0.1, 1.1  # AdaRound's rectified-sigmoid stretch
 
@@ -56,7 +52,7 @@ class _LearnableBlock:
     def _act_fake_quant(q: UniformQuantizer):
         def fake_quant(x: torch.Tensor) -> torch.Tensor:
             scale = q.log_scale.exp()
-            xq = (torch.clamp(_ste_round(x / scale) + q.zero_point, q.qmin, q.qmax) - q.zero_point) * scale
+            xq = uniform_fake_quant_ste(x, scale, q.zero_point, q.qmin, q.qmax)
             if torch.is_grad_enabled():  # QDrop: keep half of the activations in full precision
                 return torch.where(torch.rand_like(x) < 0.5, x, xq)
             return xq

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitslim.quant.quantizers import uniform_fake_quant
+from vitslim.quant.primitives import affine_params, int_range, symmetric_scale, uniform_fake_quant
 
 ALPHAS = tuple(a / 10 for a in range(0, 11))  # the ratio grid; α = 0 leaves only the bias shift
 
@@ -43,12 +43,11 @@ def _quantized_output_error(x: torch.Tensor, weight: torch.Tensor, scale: torch.
     """Output MSE of the smoothed layer with per-tensor asymmetric inputs and per-channel weights."""
     xs = (x - zero) / scale
     ws = weight * scale
-    lo, hi = xs.min().clamp(max=0), xs.max().clamp(min=0)
-    a_step = (hi - lo).clamp_min(1e-8) / (2**a_bits - 1)
-    xq = uniform_fake_quant(xs, a_step, torch.round(-lo / a_step), 0, 2**a_bits - 1)
-    qmax = 2 ** (w_bits - 1) - 1
-    w_step = ws.abs().amax(1, keepdim=True).clamp_min(1e-8) / qmax
-    wq = uniform_fake_quant(ws, w_step, 0, -qmax - 1, qmax)
+    a_min, a_max = int_range(a_bits, signed=False)
+    a_step, a_zero = affine_params(xs.min(), xs.max(), a_min, a_max)
+    xq = uniform_fake_quant(xs, a_step, a_zero, a_min, a_max)
+    w_min, w_max = int_range(w_bits, signed=True)
+    wq = uniform_fake_quant(ws, symmetric_scale(ws.abs().amax(1, keepdim=True), w_max), 0, w_min, w_max)
     return (xq @ wq.T - xs @ ws.T).pow(2).mean().item()
 
 

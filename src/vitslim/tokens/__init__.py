@@ -1,77 +1,100 @@
 """Token reduction without retraining: fewer tokens in the later blocks of a trained ViT.
 
     from vitslim import tokens
-    tokens.apply(model, "tome", r=8)      # patch in place
-    tokens.remove(model)                  # the original model again, bit for bit
+    tokens.reduce_tokens_(model, tokens.ToMeConfig(r=8))   # patch in place
+    tokens.remove(model)                                   # the original model again, bit for bit
 
-Methods: ``tome`` (Token Merging, 2023), ``evit`` (EViT, 2022), ``ats`` (Adaptive Token
-Sampling, 2022), ``mctf`` (Multi-criteria Token Fusion, 2024). Each patches a timm ViT-family
-model's blocks (see ``vitslim.vit_parts``); class and distillation tokens are never merged or
-dropped.
+Methods, one frozen config each: ``ToMeConfig`` (Token Merging, 2023), ``EViTConfig`` (EViT,
+2022), ``ATSConfig`` (Adaptive Token Sampling, 2022), ``MCTFConfig`` (Multi-criteria Token
+Fusion, 2024). Each patches a timm ViT-family model's blocks (see ``vitslim.vit_parts``); class
+and distillation tokens are never merged or dropped.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
-import math
-import typing
-from typing import Any, Callable
+import dataclasses
+from typing import Any
 
 from torch import nn
 
-from vitslim.datafile import check_type
+from vitslim import registry
+from vitslim.deprecation import warn_deprecated
 from vitslim.errors import ConfigError
-
-from vitslim.tokens.ats import apply_ats
+from vitslim.tokens.ats import ats_
 from vitslim.tokens.common import remove, token_state
-from vitslim.tokens.evit import apply_evit
-from vitslim.tokens.mctf import apply_mctf
-from vitslim.tokens.tome import apply_tome
+from vitslim.tokens.config import (
+    TOKEN_CONFIGS,
+    ATSConfig,
+    EViTConfig,
+    MCTFConfig,
+    TokenConfig,
+    ToMeConfig,
+    token_config,
+)
+from vitslim.tokens.evit import evit_
+from vitslim.tokens.mctf import mctf_
+from vitslim.tokens.tome import tome_
 
-METHODS: dict[str, Callable[..., nn.Module]] = {"tome": apply_tome, "evit": apply_evit, "ats": apply_ats,
-                                                "mctf": apply_mctf}
+__all__ = [
+    "TOKEN_CONFIGS",
+    "ATSConfig",
+    "EViTConfig",
+    "MCTFConfig",
+    "ToMeConfig",
+    "TokenConfig",
+    "ats_",
+    "evit_",
+    "mctf_",
+    "reduce_tokens_",
+    "remove",
+    "token_config",
+    "token_state",
+    "tome_",
+]
 
-__all__ = ["apply", "check_params", "remove", "token_state", "METHODS", "apply_tome", "apply_evit", "apply_ats",
-           "apply_mctf"]
 
-# Ranges that do not depend on the model (r against a block's tokens and block indices are
-# checked when the method is applied).
-FRACTIONS = ("keep_rate", "budget")
-NON_NEGATIVE = ("r", "blocks")
-
-
-def check_params(method: str, params: dict[str, Any]) -> None:
-    """Method name, knob names, types and model-independent ranges: a ``ConfigError`` naming
-    the first wrong one (before any model is loaded)."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown token reduction method {method!r}; choose one of {sorted(METHODS)}")
-    hints = typing.get_type_hints(METHODS[method])
-    knobs = [p for p in inspect.signature(METHODS[method]).parameters if p != "model"]
-    unknown = sorted(str(k) for k in set(params) - set(knobs))
-    if unknown:
-        raise ConfigError(f"{method}: unknown knob(s) {unknown}; its knobs are {knobs}")
-    for name, value in params.items():
-        if name.startswith("tau_"):  # the same wording as apply_mctf's own check
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{method}: {name} must be a finite number >= 0 (0 turns the criterion off), "
-                                  f"got {value!r}")
-            continue
-        value = check_type(value, hints[name], f"{method}: {name}")
-        if value is None:  # the method's default (e.g. blocks=None: 1/4, 1/2, 3/4 depth)
-            continue
-        values = value if isinstance(value, list) else [value]
-        if name in FRACTIONS and not 0 < value <= 1:
-            raise ConfigError(f"{method}: {name} must be in (0, 1], got {value}")
-        negative = [i for i, v in enumerate(values) if v < 0]
-        if name in NON_NEGATIVE and negative:
-            raise ConfigError(f"{method}: {name} must be >= 0, got {values[negative[0]]} at block {negative[0]}"
-                              if name == "r" else f"{method}: {name} must be >= 0, got {value}")
+def reduce_tokens_(model: nn.Module, config: TokenConfig) -> nn.Module:
+    """Patch ``model`` in place with the token-reduction method ``config`` describes and return
+    it. Applying a second method without ``remove`` first is an error."""
+    if not isinstance(config, TOKEN_CONFIGS):
+        raise ConfigError(f"reduce_tokens_ takes one of {[c.__name__ for c in TOKEN_CONFIGS]}, "
+                          f"got {type(config).__name__}")
+    return registry.apply_(model, config)
 
 
 def apply(model: nn.Module, method: str, inplace: bool = True, **params: Any) -> nn.Module:
-    """Patch ``model`` with a token-reduction ``method`` and its knobs (see each method's
-    ``apply_*``); with ``inplace=False`` the original stays untouched and a patched copy is
-    returned. Applying a second method without ``remove`` first is an error."""
-    check_params(method, params)
-    return METHODS[method](model if inplace else copy.deepcopy(model), **params)
+    """Deprecated: ``reduce_tokens_(model, token_config(method, **params))``."""
+    warn_deprecated("vitslim.tokens.apply(model, method, **knobs)",
+                    "vitslim.tokens.reduce_tokens_(model, ToMeConfig(...)) (or EViTConfig, ATSConfig, MCTFConfig)")
+    return reduce_tokens_(model if inplace else copy.deepcopy(model), token_config(method, **params))
+
+
+def check_params(method: str, params: dict[str, Any]) -> None:
+    """Deprecated: building the config checks its knobs (``token_config(method, **params)``)."""
+    warn_deprecated("vitslim.tokens.check_params", "vitslim.tokens.token_config(method, **knobs)")
+    token_config(method, **params)
+
+
+_OLD_VERBS = {"apply_tome": ToMeConfig, "apply_evit": EViTConfig, "apply_ats": ATSConfig, "apply_mctf": MCTFConfig}
+
+
+def __getattr__(name: str) -> Any:
+    """The old per-method functions (``apply_tome(model, r=8)``), with a deprecation warning."""
+    if name == "METHODS":
+        warn_deprecated("vitslim.tokens.METHODS", "vitslim.tokens.TOKEN_CONFIGS")
+        return {c.method: _old_verb(c) for c in TOKEN_CONFIGS}
+    if name in _OLD_VERBS:
+        new = f"vitslim.tokens.reduce_tokens_(model, {_OLD_VERBS[name].__name__}(...))"
+        warn_deprecated(f"vitslim.tokens.{name}", new)
+        return _old_verb(_OLD_VERBS[name])
+    raise AttributeError(f"module 'vitslim.tokens' has no attribute {name!r}")
+
+
+def _old_verb(config_type: type) -> Any:
+    names = [f.name for f in dataclasses.fields(config_type)]
+
+    def apply_method(model: nn.Module, *args: Any, **knobs: Any) -> nn.Module:
+        return reduce_tokens_(model, config_type(**dict(zip(names, args)), **knobs))
+
+    return apply_method

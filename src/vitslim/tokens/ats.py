@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitslim.errors import ConfigError
+from vitslim.registry import register
 from vitslim.tokens.common import TokenState, attn_residual, check_blocks, class_attention, mlp_residual, patch
+from vitslim.tokens.config import ATSConfig
+from vitslim.tokens.evit import default_evit_blocks
 
 
 def ats_sample(x: torch.Tensor, significance: torch.Tensor, budget: float, num_prefix: int,
@@ -54,12 +56,11 @@ def _block_forward(block: nn.Module, x: torch.Tensor, state: TokenState, index: 
     return mlp_residual(block, x)
 
 
-def apply_ats(model: nn.Module, budget: float = 0.5, blocks: list[int] | None = None) -> nn.Module:
-    """Patch ``model`` with ATS (Fayyaz et al., "Adaptive Token Sampling for Efficient Vision
-    Transformers", 2022): at each of ``blocks``, sample at most ``budget`` × the tokens present."""
-    from vitslim.tokens.evit import default_evit_blocks
-
-    if not 0 < budget <= 1:
-        raise ConfigError(f"ats: budget must be a fraction in (0, 1], got {budget}")
-    blocks = check_blocks("ats", model, default_evit_blocks(len(model.blocks)) if blocks is None else blocks)
-    return patch(model, "ats", {"budget": budget, "blocks": blocks}, _block_forward)
+@register(ATSConfig, step="tokens", stage=1, method="ats")
+def ats_(model: nn.Module, config: ATSConfig) -> nn.Module:
+    """Patch ``model`` in place with ATS (Fayyaz et al., "Adaptive Token Sampling for Efficient
+    Vision Transformers", 2022): at each of ``config.blocks``, sample at most ``config.budget``
+    × the tokens present."""
+    blocks = default_evit_blocks(len(model.blocks)) if config.blocks is None else list(config.blocks)
+    blocks = check_blocks("ats", model, blocks)
+    return patch(model, "ats", {"budget": config.budget, "blocks": blocks}, _block_forward)

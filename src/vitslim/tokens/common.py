@@ -12,8 +12,8 @@ quantizer can still wrap them before or after token reduction.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

@@ -14,8 +14,9 @@ import math
 import torch
 from torch import nn
 
-from vitslim.errors import ConfigError
+from vitslim.registry import register
 from vitslim.tokens.common import TokenState, attn_residual, check_blocks, class_attention, mlp_residual, patch
+from vitslim.tokens.config import EViTConfig
 
 
 def evit_keep(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
@@ -46,9 +47,10 @@ def default_evit_blocks(depth: int) -> list[int]:
     return sorted({round(b * depth / 12) for b in (3, 6, 9)})
 
 
-def apply_evit(model: nn.Module, keep_rate: float = 0.7, blocks: list[int] | None = None) -> nn.Module:
-    """Patch ``model`` with EViT (Liang et al., "Not All Patches are What You Need", 2022)."""
-    if not 0 < keep_rate <= 1:
-        raise ConfigError(f"evit: keep_rate must be in (0, 1], got {keep_rate}")
-    blocks = check_blocks("evit", model, default_evit_blocks(len(model.blocks)) if blocks is None else blocks)
-    return patch(model, "evit", {"keep_rate": keep_rate, "blocks": blocks}, _block_forward)
+@register(EViTConfig, step="tokens", stage=1, method="evit")
+def evit_(model: nn.Module, config: EViTConfig) -> nn.Module:
+    """Patch ``model`` in place with EViT (Liang et al., "Not All Patches are What You Need",
+    2022): keep ``config.keep_rate`` of the tokens in ``config.blocks``, fuse the rest."""
+    blocks = default_evit_blocks(len(model.blocks)) if config.blocks is None else list(config.blocks)
+    blocks = check_blocks("evit", model, blocks)
+    return patch(model, "evit", {"keep_rate": config.keep_rate, "blocks": blocks}, _block_forward)

@@ -43,13 +43,12 @@ more (about +0.2 GMACs/image for ViT-S/14 at r = 13).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from vitslim.errors import ConfigError
+from vitslim.registry import register
 from vitslim.tokens.common import TokenState, attn_residual, mlp_residual, patch
+from vitslim.tokens.config import MCTFConfig
 from vitslim.tokens.tome import MergeStep, bipartite_merge, mask_prefix, merge_wavg, prefix_first, tome_schedule
 
 
@@ -143,18 +142,16 @@ def _block_forward(block: nn.Module, x: torch.Tensor, state: TokenState, index: 
     return x
 
 
-def apply_mctf(model: nn.Module, r: int | list[int] = 8, tau_sim: float = 1.0, tau_info: float = 20.0,
-               tau_size: float = 40.0, one_step_ahead: bool = True, bidirectional: bool = True) -> nn.Module:
-    """Patch ``model`` with MCTF (Lee et al., "Multi-criteria Token Fusion with One-step-ahead
-    Attention for Efficient Vision Transformers", 2024): fuse ``r`` tokens per block (or
+@register(MCTFConfig, step="tokens", stage=1, method="mctf")
+def mctf_(model: nn.Module, config: MCTFConfig) -> nn.Module:
+    """Patch ``model`` in place with MCTF (Lee et al., "Multi-criteria Token Fusion with
+    One-step-ahead Attention for Efficient Vision Transformers", 2024): fuse ``config.r`` tokens per block (or
     ``r[i]`` in block ``i``), at most half of the non-prefix tokens a block has. An int ``r``
     fuses in every block, as ToMe does; the paper spares the first block (DeiT-S:
     ``r=[0] + [16] * 11``). ``tau_*`` (>= 0, 0 turns a criterion off) temper the similarity,
     informativeness and size criteria."""
-    for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
-            raise ConfigError(f"mctf: {name} must be a finite number >= 0 (0 turns the criterion off), got {tau!r}")
-    schedule = tome_schedule(model, r, method="mctf")
-    params = {"schedule": schedule, "tau_sim": float(tau_sim), "tau_info": float(tau_info),
-              "tau_size": float(tau_size), "one_step_ahead": bool(one_step_ahead), "bidirectional": bool(bidirectional)}
+    schedule = tome_schedule(model, config.r, method="mctf")
+    params = {"schedule": schedule, "tau_sim": config.tau_sim, "tau_info": config.tau_info,
+              "tau_size": config.tau_size, "one_step_ahead": config.one_step_ahead,
+              "bidirectional": config.bidirectional}
     return patch(model, "mctf", params, _block_forward)

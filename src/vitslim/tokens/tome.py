@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from vitslim.errors import ConfigError
+from vitslim.registry import register
 from vitslim.tokens.common import TokenState, attn_residual, mlp_residual, num_tokens, patch
+from vitslim.tokens.config import ToMeConfig
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int):
@@ -102,7 +104,7 @@ def _block_forward(block: nn.Module, x: torch.Tensor, state: TokenState, index: 
     return mlp_residual(block, x)
 
 
-def tome_schedule(model: nn.Module, r: int | list[int], method: str = "tome") -> list[int]:
+def tome_schedule(model: nn.Module, r: int | tuple[int, ...], method: str = "tome") -> list[int]:
     """Per-block merge counts: a constant ``r`` or an explicit list, checked against the tokens
     each block has (ToMe can merge at most half of the non-prefix tokens per block); errors
     name ``method``."""
@@ -123,8 +125,9 @@ def tome_schedule(model: nn.Module, r: int | list[int], method: str = "tome") ->
     return schedule
 
 
-def apply_tome(model: nn.Module, r: int | list[int] = 8, prop_attn: bool = True) -> nn.Module:
-    """Patch ``model`` with ToMe (Bolya et al., "Token Merging: Your ViT But Faster", 2023):
-    merge ``r`` tokens per block (or ``r[i]`` in block ``i``)."""
-    schedule = tome_schedule(model, r)
-    return patch(model, "tome", {"schedule": schedule, "prop_attn": prop_attn}, _block_forward)
+@register(ToMeConfig, step="tokens", stage=1, method="tome")
+def tome_(model: nn.Module, config: ToMeConfig) -> nn.Module:
+    """Patch ``model`` in place with ToMe (Bolya et al., "Token Merging: Your ViT But Faster",
+    2023): merge ``config.r`` tokens per block (or ``r[i]`` in block ``i``)."""
+    schedule = tome_schedule(model, config.r)
+    return patch(model, "tome", {"schedule": schedule, "prop_attn": config.prop_attn}, _block_forward)

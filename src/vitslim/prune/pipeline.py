@@ -1,4 +1,4 @@
-"""``prune_(model, calib_images, config)``: structured pruning of a ViT, in place."""
+"""``prune_(model, config, calib_images)``: structured pruning of a ViT, in place."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import warnings
 import torch
 from torch import nn
 
+from vitslim.deprecation import warn_deprecated
 from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.prune.allocate import allocate, model_macs
@@ -16,6 +17,7 @@ from vitslim.prune.compensate import compensate_
 from vitslim.prune.config import PruneConfig
 from vitslim.prune.importance import importance_scores
 from vitslim.prune.surgery import SHAPES_ATTR, apply_plan, check_prunable
+from vitslim.registry import register
 
 
 def _check_plain(model: nn.Module) -> None:
@@ -24,7 +26,8 @@ def _check_plain(model: nn.Module) -> None:
                           "(this model is already quantized or token-reduced)")
 
 
-def prune_(model: nn.Module, calib_images: torch.Tensor, config: PruneConfig | float) -> nn.Module:
+@register(PruneConfig, step="prune", stage=0, calibrated=True)
+def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Tensor) -> nn.Module:
     """Remove attention heads, MLP channels and (optionally) whole blocks from a timm ViT,
     in place, keeping ``config.macs`` of its MACs; returns the model, now a smaller dense model.
 
@@ -36,6 +39,9 @@ def prune_(model: nn.Module, calib_images: torch.Tensor, config: PruneConfig | f
     Framework for Transformers", 2022). The shapes and config are kept on
     ``model.vitslim_prune`` for ``vitslim.prune.io.save_pruned``.
     """
+    if isinstance(config, torch.Tensor):  # the order before every verb took (model, config, calib)
+        warn_deprecated("prune_(model, calib_images, config)", "prune_(model, config, calib_images)")
+        config, calib_images = calib_images, config
     config = PruneConfig(macs=config) if isinstance(config, (int, float)) else config
     parts = vit_parts(model)  # names unsupported models before anything changes
     for bp in parts.blocks:
@@ -45,7 +51,8 @@ def prune_(model: nn.Module, calib_images: torch.Tensor, config: PruneConfig | f
         raise ConfigError(f"importance {config.importance!r} with compensate={config.compensate} needs calibration "
                           f"images (got {len(calib_images)}); give 32 or more")
     if len(calib_images) < 16:
-        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more make the scores and refits stabler")
+        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more make the scores and refits stabler",
+                      stacklevel=2)
     start = time.perf_counter()
     model.eval()
     before = model_macs(parts)

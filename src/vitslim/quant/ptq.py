@@ -1,22 +1,28 @@
-"""``quantize(model, calib_images, config)``: post-training quantization of a ViT."""
+"""``quantize_(model, config, calib_images)``: post-training quantization of a ViT, in place."""
 
 from __future__ import annotations
 
 import copy
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from vitslim.datafile import brief, check_type
+from vitslim.deprecation import warn_deprecated
 from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.progress import progress_bar
-from vitslim.quant.config import QuantConfig, preset
+from vitslim.quant.config import PRESETS, QuantConfig, preset
+from vitslim.quant.gptq import HessianCollector, gptq_quantize_linears
 from vitslim.quant.layernorm_reparam import reparameterize
 from vitslim.quant.modules import QuantLinear, install_block, make_quantizer, quant_linears, quantizers, set_mode
 from vitslim.quant.quantizers import WeightQuantizer
+from vitslim.quant.reconstruct import reconstruct_blocks
 from vitslim.quant.smooth import fold_into_norm, fold_into_values, search_alpha, smoothing
+from vitslim.registry import register
 
 CONFIG_ATTR = "vitslim_quant_config"
 
@@ -79,29 +85,27 @@ def _fold_channel_ranges(parts, config: QuantConfig, stats: dict) -> dict[str, f
     return alphas
 
 
-def quantize(
-    model: nn.Module,
-    calib_images: torch.Tensor,
-    config: QuantConfig | str = "w8a8",
-    inplace: bool = False,
-    batch_size: int = 16,
-) -> nn.Module:
-    """Post-training quantization (simulated, fake-quant) of a timm ViT.
+@register(QuantConfig, step="quantize", stage=2, calibrated=True,
+          to_knobs=lambda config: quant_step_knobs(config), from_knobs=lambda knobs: quant_step_config(knobs))
+def quantize_(model: nn.Module, config: QuantConfig, calib_images: torch.Tensor, batch_size: int = 16) -> nn.Module:
+    """Post-training quantization (simulated, fake-quant) of a timm ViT, in place.
 
-    Calibrates on ``calib_images`` (a (N, 3, H, W) tensor of preprocessed images), in order:
-    LayerNorm reparameterization (RepQ-ViT 2023 / I&S-ViT 2023) or SmoothQuant with bias
-    (MPTQ-ViT 2024) if asked, activation
+    Calibrates on ``calib_images`` (a (N, 3, H, W) tensor of preprocessed images; the first
+    ``config.calib_images`` of them when set), in order: LayerNorm reparameterization
+    (RepQ-ViT 2023 / I&S-ViT 2023) or SmoothQuant with bias (MPTQ-ViT 2024) if asked, activation
     statistics, activation quantizers (uniform, log2, SULQ or AdaLog), weights (round to
     nearest, or GPTQ 2022), then block reconstruction (I&S-ViT/BRECQ-style) if asked.
-    Returns the quantized model (a copy unless ``inplace``), with its config attached.
+    Returns ``model``, quantized, with its config attached.
     """
-    config = preset(config) if isinstance(config, str) else config
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"quantize_ takes a QuantConfig (e.g. vitslim.quant.preset('w8a8')), "
+                          f"got {type(config).__name__}")
+    calib_images = calib_images[:config.calib_images]
     if len(calib_images) == 0:
         raise ConfigError("quantize needs at least one calibration image")
     if len(calib_images) < 8:
-        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges")
-    qmodel = model if inplace else copy.deepcopy(model)
-    qmodel.eval()
+        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges", stacklevel=2)
+    qmodel = model.eval()
     parts = vit_parts(qmodel)  # names unsupported block types before anything changes
     start = time.perf_counter()
     fp_model = copy.deepcopy(qmodel) if config.reconstruction_iters else None
@@ -111,26 +115,59 @@ def quantize(
         qmodel.vitslim_smooth_alphas = _fold_channel_ranges(parts, config, stats)
     install(qmodel, config)
     set_mode(qmodel, "observe")
-    hessians = _collect_hessians(qmodel) if config.weight_method == "gptq" else None
+    hessians = HessianCollector(quant_linears(qmodel)) if config.weight_method == "gptq" else None
     _run(qmodel, calib_images, batch_size, "calibration statistics")
     for q in quantizers(qmodel):
         if not isinstance(q, WeightQuantizer):  # weights are calibrated on the weights below
             q.calibrate()
     if hessians is not None:
-        from vitslim.quant.gptq import gptq_quantize_linears
-
         gptq_quantize_linears(hessians.finish(), config.gptq_group_size)
     else:
         for lin in quant_linears(qmodel).values():
             lin.quantize_weight()
     set_mode(qmodel, "quant")
     if config.reconstruction_iters:
-        from vitslim.quant.reconstruct import reconstruct_blocks
-
         reconstruct_blocks(fp_model, qmodel, calib_images, config.reconstruction_iters)
     setattr(qmodel, CONFIG_ATTR, config)
     qmodel.vitslim_calibration_seconds = time.perf_counter() - start
     return qmodel
+
+
+def quantize(model: nn.Module, calib_images: torch.Tensor, config: QuantConfig | str = "w8a8",
+             inplace: bool = False, batch_size: int = 16) -> nn.Module:
+    """Deprecated: ``quantize_(copy.deepcopy(model), config, calib_images)`` (in place, config
+    second, as every vitslim verb)."""
+    warn_deprecated("vitslim.quant.quantize(model, calib, config)",
+                    "vitslim.quant.quantize_(model, config, calib) (in place: deepcopy first to keep the original)")
+    config = preset(config) if isinstance(config, str) else config
+    return quantize_(model if inplace else copy.deepcopy(model), config, calib_images, batch_size)
+
+
+def quant_step_knobs(config: QuantConfig) -> dict:
+    """A quantization config as a recipe step: a preset by name when it is one, else the full
+    config; ``calib_images`` beside it."""
+    base = replace(config, calib_images=None)
+    name = next((n for n, p in PRESETS.items() if p == base), None)
+    knobs: dict = {"preset": name} if name else {"config": base.to_dict()}
+    if config.calib_images is not None:
+        knobs["calib_images"] = config.calib_images
+    return knobs
+
+
+def quant_step_config(knobs: dict) -> QuantConfig:
+    """The config of a recipe's ``quantize`` step: ``{preset: NAME}`` or ``{config: {...}}``,
+    optionally with ``calib_images``."""
+    unknown = sorted(str(k) for k in set(knobs) - {"preset", "config", "calib_images"})
+    if unknown:
+        raise ConfigError(f"unknown knob(s) {brief(unknown)}; valid knobs are ['calib_images', 'config', 'preset']")
+    if ("preset" in knobs) == ("config" in knobs):
+        raise ConfigError("give exactly one of `preset` (a name) or `config` (a QuantConfig mapping)")
+    if "preset" in knobs and (not isinstance(knobs["preset"], str) or knobs["preset"] not in PRESETS):
+        raise ConfigError(f"preset {brief(knobs['preset'])} is not one of {sorted(PRESETS)}")
+    config = preset(knobs["preset"]) if "preset" in knobs else QuantConfig.from_dict(knobs["config"])
+    if "calib_images" not in knobs:
+        return config
+    return replace(config, calib_images=check_type(knobs["calib_images"], int, "calib_images"))
 
 
 def install(model: nn.Module, config: QuantConfig) -> nn.Module:
@@ -142,8 +179,3 @@ def install(model: nn.Module, config: QuantConfig) -> nn.Module:
                                  WeightQuantizer(config.weight_bits, config.weight_calibration, name="head.weight"))
     return model
 
-
-def _collect_hessians(model: nn.Module):
-    from vitslim.quant.gptq import HessianCollector
-
-    return HessianCollector(quant_linears(model))

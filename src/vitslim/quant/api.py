@@ -89,6 +89,7 @@ def quantize(
     """Post-training quantization (simulated, fake-quant) of a timm ViT.
 
     Calibrates on ``calib_images`` (a (N, 3, H, W) tensor of preprocessed images), in order:
+    Hadamard rotations folded into the weights (QuaRot 2024) if asked,
     LayerNorm reparameterization (RepQ-ViT 2023 / I&S-ViT 2023) or SmoothQuant with bias
     (MPTQ-ViT 2024) if asked, activation
     statistics, activation quantizers (uniform, log2, SULQ or AdaLog), weights (round to
@@ -102,6 +103,10 @@ def quantize(
         warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges")
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
+    if config.rotation:
+        from vitslim.quant.rotate import rotate
+
+        rotate(qmodel, config.rotation, config.rotation_seed)
     parts = vit_parts(qmodel)  # names unsupported block types before anything changes
     start = time.perf_counter()
     fp_model = copy.deepcopy(qmodel) if config.reconstruction_iters else None

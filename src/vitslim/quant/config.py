@@ -28,6 +28,7 @@ VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
 ACT_QUANTIZERS = ("uniform", "log2", "sulq", "adalog", "float")  # float: the site is left unquantized
 CALIBRATION = ("minmax", "percentile", "mse")
 WEIGHT_METHODS = ("rtn", "gptq")
+ROTATIONS = ("hadamard", "hadamard-online", "random")  # vitslim.quant.rotate
 SITES = ("post_ln", "linear", "qk", "softmax", "v", "post_gelu")
 MAX_RECONSTRUCTION_ITERS = 100_000  # papers use up to 20k per block; more is a typo, not a plan
 
@@ -69,6 +70,10 @@ class QuantConfig:
     # Mixed precision: W=A bits of each block, overriding weight_bits and the quantized sites'
     # bits there (None: the same bits everywhere). ``vitslim.quant.mixed`` chooses them.
     block_bits: tuple[int, ...] | None = None
+    # Orthogonal rotations folded into the weights before calibration (QuaRot/SpinQuant,
+    # ``vitslim.quant.rotate``): hadamard | hadamard-online | random | None (off).
+    rotation: str | None = None
+    rotation_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.block_bits is not None:  # lists from JSON/YAML become a tuple: configs stay immutable
@@ -138,6 +143,15 @@ def validate(config: QuantConfig) -> None:
         raise ConfigError("ln_reparam and smooth_quant both rescale the post-LayerNorm channels; choose one")
     if config.smooth_alpha is not None and not 0 <= config.smooth_alpha <= 1:
         raise ConfigError(f"smooth_alpha must be in [0, 1] (or null to search it), got {config.smooth_alpha}")
+    if config.rotation is not None:
+        if config.rotation not in ROTATIONS:
+            raise ConfigError(f"rotation={config.rotation!r} is not one of {ROTATIONS} (or null for none)")
+        if config.ln_reparam or config.smooth_quant:
+            raise ConfigError("rotation turns LayerNorm into RMSNorm (its scale folded into the weights): "
+                              "it cannot be combined with ln_reparam or smooth_quant")
+        if config.rotation == "hadamard-online" and config.post_gelu.quantizer not in ("uniform", "float"):
+            raise ConfigError("rotation='hadamard-online' makes fc2's input signed: post_gelu needs the "
+                              f"uniform quantizer, not {config.post_gelu.quantizer!r}")
     bad_block_bits = [b for b in config.block_bits or () if b not in VALID_BITS]
     if bad_block_bits:
         raise ConfigError(f"block_bits {bad_block_bits} not supported; valid bit widths are {VALID_BITS}")
@@ -230,8 +244,9 @@ def describe(config: QuantConfig) -> str:
         return f"{name} {s.bits}-bit {what}" + (f" +{s.float_channels} outlier ch." if s.float_channels else "")
 
     folds = ["LN reparam"] * config.ln_reparam + ["SmoothQuant-bias"] * config.smooth_quant
+    rotation = [f"{config.rotation} rotation (seed {config.rotation_seed})"] * bool(config.rotation)
     recon = [f"reconstruction {config.reconstruction_iters} it/block"] * bool(config.reconstruction_iters)
-    return "; ".join([f"W{config.weight_bits} {config.weight_method}", *map(site, SITES), *folds, *recon])
+    return "; ".join([f"W{config.weight_bits} {config.weight_method}", *rotation, *map(site, SITES), *folds, *recon])
 
 
 def preset(name: str) -> QuantConfig:

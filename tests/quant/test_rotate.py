@@ -90,3 +90,14 @@ def test_rotation_config_errors_name_the_conflict():
         replace(vit_config(4, 4, ln_reparam=False), rotation="hadamard-online")
     with pytest.raises(ConfigError, match="not one of"):
         replace(vit_config(4, 4, ln_reparam=False), rotation="givens")
+
+
+def test_online_rotation_exports_to_onnx_as_graph_ops(tmp_path):
+    """The online Hadamard before fc2 is part of the exported graph (adds, no custom op)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from vitslim.export import export_onnx
+
+    model, x = rotate(tiny_dino(), "hadamard-online"), torch.randn(2, 3, 28, 28)
+    session = onnxruntime.InferenceSession(str(export_onnx(model, tmp_path / "rotated.onnx")))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(out - model(x).detach().numpy()).max() < 1e-4

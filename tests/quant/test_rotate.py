@@ -101,3 +101,11 @@ def test_online_rotation_exports_to_onnx_as_graph_ops(tmp_path):
     session = onnxruntime.InferenceSession(str(export_onnx(model, tmp_path / "rotated.onnx")))
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert abs(out - model(x).detach().numpy()).max() < 1e-4
+
+
+def test_integer_ops_refuse_a_rotated_model():
+    from vitslim.models import UnsupportedModelError
+    from vitslim.quant.integer import use_integer_ops
+
+    with pytest.raises(UnsupportedModelError, match="rotated"):
+        use_integer_ops(rotate(tiny_dino()))

@@ -5,7 +5,7 @@
 
 Quantizers for each ViT activation site (uniform; log2, SULQ and AdaLog for post-Softmax and
 post-GELU), LayerNorm reparameterization (RepQ-ViT) or SmoothQuant with bias (MPTQ-ViT), GPTQ
-weights, block reconstruction (I&S-ViT) and per-block mixed precision (MPTQ-ViT). Simulated
+weights, Hadamard rotations folded into the weights (QuaRot), block reconstruction (I&S-ViT) and per-block mixed precision (MPTQ-ViT). Simulated
 (fake-quant) in PyTorch; scales and zero points are kept for export. I-ViT's integer-only
 Softmax/GELU/LayerNorm are in ``vitslim.quant.integer``.
 """
@@ -13,5 +13,6 @@ Softmax/GELU/LayerNorm are in ``vitslim.quant.integer``.
 from vitslim.quant.api import quantize
 from vitslim.quant.config import PRESETS, QuantConfig, SiteConfig, preset
 from vitslim.quant.mixed import mixed_precision_config
+from vitslim.quant.rotate import rotate
 
-__all__ = ["quantize", "mixed_precision_config", "QuantConfig", "SiteConfig", "PRESETS", "preset"]
+__all__ = ["quantize", "mixed_precision_config", "rotate", "QuantConfig", "SiteConfig", "PRESETS", "preset"]

@@ -17,7 +17,9 @@ SmoothQuant with bias and α search (MPTQ-ViT) in its place, (c) + a
 log-domain quantizer for post-Softmax and post-GELU (log2 / SULQ / AdaLog), (d) + GPTQ weights,
 (e) + block reconstruction (AdaRound-style rounding, replacing GPTQ's; I&S-ViT/BRECQ);
 (f) (d) with mixed precision: each block's W=A bits from 4/5/6/8 averaging the row's bits, chosen
-by measured sensitivity (MPTQ-ViT), at 5 and 6 bits only (at 4 and 8 there is no choice).
+by measured sensitivity (MPTQ-ViT), at 5 and 6 bits only (at 4 and 8 there is no choice);
+(g) (c) with per-tensor MSE ranges and no LN reparam, (h) + Hadamard rotations folded into the
+weights (QuaRot/SpinQuant, ``vitslim.quant.rotate``), (i) + GPTQ, (j) + block reconstruction.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def configs(w: int, a: int, recon_iters: int) -> dict[str, quant.QuantConfig]:
     logs = {v: replace(reparam, softmax=SiteConfig(a, v), post_gelu=SiteConfig(a, v))
             for v in ("log2", "sulq", "adalog")}
     gptq = replace(logs["adalog"], weight_method="gptq")
+    # QuaRot-style rotation instead of LN reparam (LayerNorm becomes RMSNorm, per-tensor ranges).
+    rotated = replace(logs["adalog"], ln_reparam=False, post_ln=SiteConfig(a, calibration="mse"),
+                      linear=SiteConfig(a, calibration="mse"), qk=SiteConfig(a, calibration="mse"),
+                      v=SiteConfig(a, calibration="mse"), rotation="hadamard")
     return {
         "(a) min-max uniform": plain,
         "(b) + LN reparam": reparam,
@@ -57,6 +63,11 @@ def configs(w: int, a: int, recon_iters: int) -> dict[str, quant.QuantConfig]:
         "(d) + GPTQ weights": gptq,
         f"(e) + reconstruction ({recon_iters} it/block)": replace(logs["adalog"], reconstruction_iters=recon_iters),
         "(f) (d) with mixed precision, bits per block": gptq,
+        "(g) (c) with MSE ranges, no LN reparam": replace(rotated, rotation=None),
+        "(h) + Hadamard rotation (QuaRot) instead of LN reparam": rotated,
+        "(i) + GPTQ weights": replace(rotated, weight_method="gptq"),
+        f"(j) + reconstruction ({recon_iters} it/block)": replace(rotated, weight_method="gptq",
+                                                                  reconstruction_iters=recon_iters),
     }
 
 

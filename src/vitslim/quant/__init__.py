@@ -5,8 +5,8 @@
 
 Quantizers for each ViT activation site (uniform; log2, SULQ and AdaLog for post-Softmax and
 post-GELU), LayerNorm reparameterization (RepQ-ViT) or SmoothQuant with bias (MPTQ-ViT), GPTQ
-weights, block reconstruction (I&S-ViT) and per-block mixed precision (MPTQ-ViT). Simulated
-(fake-quant) in PyTorch; scales and zero points are kept for export. I-ViT's integer-only
+weights, Hadamard rotations folded into the weights (QuaRot), block reconstruction (I&S-ViT)
+and per-block mixed precision (MPTQ-ViT). Simulated (fake-quant) in PyTorch; scales and zero points are kept for export. I-ViT's integer-only
 Softmax/GELU/LayerNorm are in ``vitslim.quant.integer``.
 """
 
@@ -16,5 +16,6 @@ from vitslim.quant.ptq import (
     quantize,  # noqa: F401 (deprecated: a copying wrapper, for one release)
     quantize_,
 )
+from vitslim.quant.rotate import rotate
 
-__all__ = ["PRESETS", "QuantConfig", "SiteConfig", "mixed_precision_config", "preset", "quantize_"]
+__all__ = ["PRESETS", "QuantConfig", "SiteConfig", "mixed_precision_config", "preset", "quantize_", "rotate"]

@@ -266,10 +266,13 @@ def use_integer_ops(model: nn.Module, bits: int = 8) -> nn.Module:
     Gu, "I-ViT: Integer-only Quantization for Efficient Vision Transformer Inference", 2023), in
     place; works on float and on vitslim-quantized or token-reduced models. Calibrate their
     input ranges by running images ``with calibrating(model):`` before use."""
-    from vitslim.models import vit_parts
+    from vitslim.models import UnsupportedModelError, vit_parts
     from vitslim.models.attention import route_attention
 
     for bp in vit_parts(model).blocks:
+        if not isinstance(bp.norm1, nn.LayerNorm):
+            raise UnsupportedModelError(f"block {bp.index} has no LayerNorm (a rotated model's norms are RMSNorm); "
+                                        "I-ViT's integer ops need an unrotated model")
         bp.block.norm1, bp.block.norm2 = IntegerLayerNorm(bp.norm1, bits), IntegerLayerNorm(bp.norm2, bits)
         bp.mlp.act = IntegerGELU(bits)
         bp.attn.softmax_op = IntegerSoftmax(bits=bits)

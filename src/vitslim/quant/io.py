@@ -108,7 +108,7 @@ def load_quantized(model_dir: str | Path) -> nn.Module:
     depth = meta["timm_kwargs"].get("depth")
     if isinstance(depth, int) and depth > len(shapes):  # building a model costs time per block
         raise ModelLoadError(f"{META_FILE}: depth={depth} but {str(state_path)!r} holds only {len(shapes)} tensors")
-    probe = _build(meta, torch.device("meta"))
+    probe = _with_rotation(_build(meta, torch.device("meta")), config)
     install(probe, config)
     _check_shapes(probe, shapes, state_path)
     return restore_quantized(_build(meta), config, load_file(str(state_path)), str(state_path))
@@ -117,11 +117,21 @@ def load_quantized(model_dir: str | Path) -> nn.Module:
 def restore_quantized(model: nn.Module, config: QuantConfig, state: dict[str, torch.Tensor],
                       source: str = "saved state") -> nn.Module:
     """Turn a fresh float ``model`` into the quantized one whose state dict is ``state``, in place."""
-    install(model, config)
+    install(_with_rotation(model, config), config)
     _assign(model, state, source)
     set_mode(model, "quant")
     setattr(model, CONFIG_ATTR, config)
     return model.eval()
+
+
+def _with_rotation(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """A rotated model has other modules (RMSNorm, the un-rotating final linear): rebuild them
+    (the saved state then overwrites the weights)."""
+    if config.rotation:
+        from vitslim.quant.rotate import rotate
+
+        rotate(model, config.rotation, config.rotation_seed)
+    return model
 
 
 def _build(meta: dict, device: torch.device | None = None) -> nn.Module:

@@ -91,8 +91,9 @@ def quantize_(model: nn.Module, config: QuantConfig, calib_images: torch.Tensor,
     """Post-training quantization (simulated, fake-quant) of a timm ViT, in place.
 
     Calibrates on ``calib_images`` (a (N, 3, H, W) tensor of preprocessed images; the first
-    ``config.calib_images`` of them when set), in order: LayerNorm reparameterization
-    (RepQ-ViT 2023 / I&S-ViT 2023) or SmoothQuant with bias (MPTQ-ViT 2024) if asked, activation
+    ``config.calib_images`` of them when set), in order: Hadamard rotations folded into the
+    weights (QuaRot 2024) if asked, LayerNorm reparameterization (RepQ-ViT 2023 / I&S-ViT 2023)
+    or SmoothQuant with bias (MPTQ-ViT 2024) if asked, activation
     statistics, activation quantizers (uniform, log2, SULQ or AdaLog), weights (round to
     nearest, or GPTQ 2022), then block reconstruction (I&S-ViT/BRECQ-style) if asked.
     Returns ``model``, quantized, with its config attached.
@@ -106,6 +107,10 @@ def quantize_(model: nn.Module, config: QuantConfig, calib_images: torch.Tensor,
     if len(calib_images) < 8:
         warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges", stacklevel=2)
     qmodel = model.eval()
+    if config.rotation:
+        from vitslim.quant.rotate import rotate
+
+        rotate(qmodel, config.rotation, config.rotation_seed)
     parts = vit_parts(qmodel)  # names unsupported block types before anything changes
     start = time.perf_counter()
     fp_model = copy.deepcopy(qmodel) if config.reconstruction_iters else None

@@ -6,8 +6,9 @@
 Quantizers for each ViT activation site (uniform; log2, SULQ and AdaLog for post-Softmax and
 post-GELU), LayerNorm reparameterization (RepQ-ViT) or SmoothQuant with bias (MPTQ-ViT), GPTQ
 weights, Hadamard rotations folded into the weights (QuaRot), block reconstruction (I&S-ViT)
-and per-block mixed precision (MPTQ-ViT). Simulated (fake-quant) in PyTorch; scales and zero points are kept for export. I-ViT's integer-only
-Softmax/GELU/LayerNorm are in ``vitslim.quant.integer``.
+and per-block mixed precision (MPTQ-ViT). Simulated (fake-quant) in PyTorch; scales and zero
+points are kept for export. I-ViT's integer-only Softmax/GELU/LayerNorm are in
+``vitslim.quant.integer``.
 """
 
 from vitslim.quant.config import PRESETS, QuantConfig, SiteConfig, preset

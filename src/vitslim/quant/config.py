@@ -199,6 +199,14 @@ def _w8a8_ort() -> QuantConfig:
     return replace(base, v=SiteConfig(8, "float"), post_gelu=SiteConfig(8, float_channels=4))
 
 
+def _w4_ort() -> QuantConfig:
+    """4-bit GPTQ weights with a scale per 64 input rows (ONNX Runtime's block size; groups
+    fit the file-size goal, >= 6x smaller than FP32), activations left in float."""
+    float_site = SiteConfig(8, "float")
+    return replace(vit_config(4, 8, weight_method="gptq", ln_reparam=False), gptq_group_size=64,
+                   **dict.fromkeys(SITES, float_site))
+
+
 PRESETS: dict[str, QuantConfig] = {
     # Bit-width presets, each the most faithful config measured at its width (README, PTQ).
     # W8A8 simulated: SULQ for post-Softmax and post-GELU, min-max ranges elsewhere.
@@ -209,6 +217,9 @@ PRESETS: dict[str, QuantConfig] = {
     "w8a8-int": replace(_w8a8_ort(), softmax=SiteConfig(8), v=SiteConfig(8)),
     "w6a6": vit_config(6, 6, softmax="sulq", gelu="sulq", weight_method="gptq"),
     "w4a8": vit_config(4, 8, weight_method="gptq"),
+    # Deployable 4-bit: GPTQ weights only, exported as ONNX Runtime's MatMulNBits (packed codes
+    # and block scales; the kernel quantizes activations to int8 per block itself).
+    "w4-ort": _w4_ort(),
     "w4a4": vit_config(4, 4, weight_method="gptq"),
     "w3a3": vit_config(3, 3, weight_method="gptq"),
     # Method recipes (the papers' settings, for comparison).

@@ -26,12 +26,14 @@ def gptq_quantize_weight(
     group_size: int | None = None,
     damp: float = 0.01,
     block_size: int = 128,
+    group_scales: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Quantize ``weight`` (out, in) column by column with GPTQ error feedback.
 
     ``scale`` (out, 1) is the symmetric per-output-channel step; with ``group_size`` a new
     absmax scale is taken for every group of input columns. Returns the dequantized weight,
-    on the integer grid.
+    on the integer grid; ``group_scales``, if given, receives each group's (out, 1) scale (what
+    a block-wise integer export such as ``vitslim.export.nbits`` stores).
     """
     qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
     w = weight.detach().clone().float()
@@ -53,6 +55,8 @@ def gptq_quantize_weight(
             if group_size and col % group_size == 0:
                 group = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size]
                 scale = group.abs().amax(1, keepdim=True).clamp_min(1e-8) / qmax
+                if group_scales is not None:
+                    group_scales.append(scale.clone())
             qc = uniform_fake_quant(w1[:, i : i + 1], scale, 0, qmin, qmax)
             q[:, col : col + 1] = qc
             err = (w1[:, i : i + 1] - qc) / h1[i, i]
@@ -87,5 +91,8 @@ def gptq_quantize_linears(items: list[tuple[nn.Module, torch.Tensor]], group_siz
     for layer, hessian in items:
         quantizer = layer.weight_quantizer
         quantizer.calibrate_weight(layer.linear.weight)
+        scales: list[torch.Tensor] = []
         layer.qweight = gptq_quantize_weight(layer.linear.weight, hessian, quantizer.scale,
-                                             quantizer.bits, group_size=group_size)
+                                             quantizer.bits, group_size=group_size, group_scales=scales)
+        # (out, groups) steps of a grouped weight, kept for integer export (not saved: derived)
+        layer.qweight_group_scales = torch.cat(scales, 1) if scales else None

@@ -12,6 +12,9 @@ layer the outputs of already-quantized layers; one pass is what fits a 2-core CP
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -35,7 +38,13 @@ def gptq_quantize_weight(
     on the integer grid; ``group_scales``, if given, receives each group's (out, 1) scale (what
     a block-wise integer export such as ``vitslim.export.nbits`` stores).
     """
-    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    with one_thread():
+        return _gptq(weight, hessian, scale, bits, group_size, damp, block_size, group_scales)
+
+
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None,
+          damp: float, block_size: int, group_scales: list[torch.Tensor] | None) -> torch.Tensor:
+    """GPTQ proper (the paper's Algorithm 1 with lazy batch updates); see gptq_quantize_weight."""
     w = weight.detach().clone().float()
     h = hessian.detach().clone().float()
     cols = w.shape[1]
@@ -53,17 +62,33 @@ def gptq_quantize_weight(
         for i in range(i2 - i1):
             col = i1 + i
             if group_size and col % group_size == 0:
-                group = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size]
-                scale = group.abs().amax(1, keepdim=True).clamp_min(1e-8) / qmax
+                scale = _group_scale(torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size], bits)
                 if group_scales is not None:
-                    group_scales.append(scale.clone())
-            qc = uniform_fake_quant(w1[:, i : i + 1], scale, 0, qmin, qmax)
+                    group_scales.append(scale)
+            qc = uniform_fake_quant(w1[:, i : i + 1], scale, 0, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
             q[:, col : col + 1] = qc
             err = (w1[:, i : i + 1] - qc) / h1[i, i]
             w1[:, i:] -= err @ h1[i : i + 1, i:]
             err1[:, i : i + 1] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return q.to(weight.dtype)
+
+
+def _group_scale(group: torch.Tensor, bits: int) -> torch.Tensor:
+    return group.abs().amax(1, keepdim=True).clamp_min(1e-8) / (2 ** (bits - 1) - 1)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run small tensor ops on one thread: each would otherwise wait at a thread barrier, which
+    on a busy 2-core CPU costs more than the op (GPTQ's column loop ~25x, its Cholesky ~7x less
+    wall time under load; on an idle CPU its ops are too small to gain from a second thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class HessianCollector:
@@ -90,7 +115,8 @@ def gptq_quantize_linears(items: list[tuple[nn.Module, torch.Tensor]], group_siz
     """GPTQ for each ``QuantLinear`` with its Hessian; sets its ``qweight``."""
     for layer, hessian in items:
         quantizer = layer.weight_quantizer
-        quantizer.calibrate_weight(layer.linear.weight)
+        with one_thread():  # (see one_thread)
+            quantizer.calibrate_weight(layer.linear.weight)
         scales: list[torch.Tensor] = []
         layer.qweight = gptq_quantize_weight(layer.linear.weight, hessian, quantizer.scale,
                                              quantizer.bits, group_size=group_size, group_scales=scales)

@@ -86,6 +86,10 @@ def _fake_compare(true_speedups: dict[str, float], noise: float, seed: int, log:
     rng = random.Random(seed)
 
     def compare(models, batch_size, warmup, iters, flops, stop):
+        if len(models) == 1:  # the original, timed alone
+            log["FP32 alone"] = iters
+            return [SimpleNamespace(speedup=1.0, throughput=batch_size / 100 * 1e3, latency_ms_median=100,
+                                    size_mb=1.0, runtime="pytorch")]
         name = list(models)[1]
         times = {"FP32": [], name: []}
         for _ in range(iters):
@@ -121,7 +125,7 @@ def test_margin_covers_ten_percent_noise():
 
 @pytest.mark.parametrize("seed", range(2))
 def test_early_stop_stops_losers_never_the_winner(tmp_path, example_images, monkeypatch, seed):
-    # speedup=2: "slow" and "fp32" cannot be chosen; "winner" meets 2× first (then "fast" also
+    # speedup=2: "slow" cannot be chosen ("fp32", the original, is timed alone: 1× by definition); "winner" meets 2× first (then "fast" also
     # meets it at the same cosine, and the first feasible of equal fidelity is kept).
     true = {"fp32": 1.0, "slow": 0.5, "winner": 2.4, "almost": 1.8, "fast": 4.0}
     log: dict[str, int] = {}
@@ -134,8 +138,9 @@ def test_early_stop_stops_losers_never_the_winner(tmp_path, example_images, monk
     stopped = {c.name: c.stopped_early for c in result.candidates}
     # 'almost' (1.8×) is not stopped: 1.8 × 1.25 ≥ 2, it could be 2× within the margin; nor is
     # 'winner' (2.4×: its worst batch ÷ 1.25 may be below 2); 'fast' (4×) clearly meets 2×
-    assert stopped == {"fp32": 3, "slow": 3, "winner": None, "almost": None, "fast": 3}
-    assert log == {"fp32": 3, "slow": 3, "winner": 8, "almost": 8, "fast": 3}
+    assert stopped == {"fp32": None, "slow": 3, "winner": None, "almost": None, "fast": 3}
+    assert log == {"FP32 alone": 8, "slow": 3, "winner": 8, "almost": 8, "fast": 3}
+    assert result.candidates[0].speedup == 1.0
     assert "clearly meets the speed target" in result.candidates[-1].note
     assert result.chosen.name == "winner" and result.met
     unstopped = _search(example_images, tmp_path / "no-stop", ZEN4, recipes=grid, target="speedup=2", iters=8,

@@ -291,13 +291,17 @@ def evaluate_candidate(
         needed, stopped_at = speedup_needed(result), []
 
         def decided(times: dict[str, list[float]]) -> bool:
+            if recipe.name not in times:  # the original: timed alone, nothing to decide
+                return False
             fp32_ms, cand_ms = times["FP32"], times[recipe.name]
             if clearly_meets(fp32_ms, cand_ms, speedup_enough) or clearly_losing(fp32_ms, cand_ms, needed):
                 stopped_at.append(len(cand_ms))
             return bool(stopped_at)
 
-        base, cand = compare({"FP32": model, recipe.name: artifact.model}, batch_size=batch_size,
-                             warmup=2, iters=iters, flops=False, stop=decided)
+        # The original (no steps) is the baseline itself: its speedup is 1 by definition, so it is
+        # timed alone for its img/s and latency rather than against itself.
+        models = {"FP32": model} if not recipe.steps else {"FP32": model, recipe.name: artifact.model}
+        cand = compare(models, batch_size=batch_size, warmup=2, iters=iters, flops=False, stop=decided)[-1]
         phase("timing")
         if stopped_at and stopped_at[0] < iters:
             result.stopped_early = stopped_at[0]

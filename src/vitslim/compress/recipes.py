@@ -265,6 +265,6 @@ BUILTIN_RECIPES: dict[str, Recipe] = {r.name: r for r in (
     _recipe("w4a8-small", "4-bit weights (GPTQ), 8-bit activations: the smallest model (simulated).",
             ("quantize", {"preset": "w4a8"})),
     _recipe("int4-small", "4-bit GPTQ weights packed in ONNX Runtime MatMulNBits (int8 activations in the kernel): "
-                          "a file ~6.7x smaller than FP32.",
+                          "on DINOv2 ViT-S a file 6.4x smaller than FP32.",
             ("quantize", {"preset": "w4-ort"}), ("export", {"format": "onnx"})),
 )}

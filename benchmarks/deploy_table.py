@@ -5,8 +5,10 @@
 Rows per model: PyTorch FP32 eager (the baseline), ORT FP32, ORT ``quantize_static`` INT8 with
 each of its calibrators (MinMax, Entropy, Percentile; QDQ, per-channel weights), ORT
 ``quantize_dynamic`` INT8, vitslim W8A8 on ORT (``w8a8-int``: every site int8; ``w8a8-ort``:
-attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT. All calibrate on the same seeded 32 images;
-fidelity (feature cosine vs PyTorch FP32) is
+attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT; fused graphs (ORT's transformer
+optimizer: SkipLayerNormalization, BiasGelu; ``vitslim.export.fuse``) of ORT FP32 and w8a8-ort;
+4-bit weights in ``MatMulNBits``: vitslim ``w4-ort`` (GPTQ codes, ``vitslim.export.nbits``) and ORT's
+own ``MatMulNBitsQuantizer`` (round to nearest, block 32) as the peer. All calibrate on the same seeded 32 images; fidelity (feature cosine vs PyTorch FP32) is
 measured on --eval other images, and only for the real DINOv2 reference model (DeiT-S has
 random weights here: no hub, so its fidelity would mean nothing). Throughput ratios come from
 one interleaved run per batch size (see ``vitslim.compare``).
@@ -15,7 +17,6 @@ one interleaved run per batch size (see ``vitslim.compare``).
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import tempfile
 import time
@@ -67,6 +68,26 @@ def ort_quantize_dynamic(fp32: Path, out: Path) -> Path:
     return out
 
 
+def ort_matmul_nbits(fp32: Path, out: Path) -> Path:
+    """The peer for 4-bit weights: ORT's own weight-only quantizer (RTN, symmetric, block 32,
+    int8 activations inside the kernel as for vitslim's)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=32, is_symmetric=True, accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out))
+    return out
+
+
+def fused(model: torch.nn.Module, path: Path) -> Path:
+    from vitslim.export.fuse import fuse_transformer
+
+    out = path.with_name(path.stem + "_fused.onnx")
+    fuse_transformer(model, path, out)
+    return out
+
+
 def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: list[int], static: bool = True) -> dict:
     """Every deployment candidate of ``model``, with how long it took to make."""
     made, seconds = {"PyTorch FP32 eager": model}, {}
@@ -79,27 +100,21 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
 
     fp32 = export_onnx(model, tmp / "fp32.onnx")
     made["ORT FP32"] = fp32
+    timed("ORT FP32 fused", lambda: fused(model, fp32))
     for calibrator in ORT_CALIBRATORS if static else ():
         timed(f"ORT quantize_static {calibrator}",
               lambda c=calibrator: ort_quantize_static(fp32, calib, c, tmp / f"static_{c}.onnx"))
     timed("ORT quantize_dynamic", lambda: ort_quantize_dynamic(fp32, tmp / "dynamic.onnx"))
+    qmodels = {}
     for preset in ("w8a8-int", "w8a8-ort"):
-        timed(
-            f"vitslim {preset}",
-            lambda p=preset: export_onnx(
-                quant.quantize_(copy.deepcopy(model), quant.preset(p), calib), tmp / f"{p}.onnx"
-            ),
-        )
+        timed(f"vitslim {preset}", lambda p=preset: export_onnx(qmodels.setdefault(p, quant.quantize(model, calib, p)),
+                                                                tmp / f"{p}.onnx"))
+    timed("vitslim w8a8-ort fused", lambda: fused(qmodels["w8a8-ort"], made["vitslim w8a8-ort"]))
+    timed("vitslim w4-ort (MatMulNBits)", lambda: export_onnx(quant.quantize(model, calib, "w4-ort"), tmp / "w4.onnx"))
+    timed("ORT MatMulNBits RTN b32", lambda: ort_matmul_nbits(fp32, tmp / "ort_nbits.onnx"))
     for r in tome_r:  # merge first, then calibrate on the merged model: what the user would run
-        timed(
-            f"vitslim w8a8-ort + ToMe r={r}",
-            lambda r=r: export_onnx(
-                quant.quantize_(
-                    tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=r)), quant.preset("w8a8-ort"), calib
-                ),
-                tmp / f"tome{r}.onnx",
-            ),
-        )
+        timed(f"vitslim w8a8-ort + ToMe r={r}", lambda r=r: export_onnx(
+            quant.quantize(tokens.apply(model, "tome", inplace=False, r=r), calib, "w8a8-ort"), tmp / f"tome{r}.onnx"))
     return {"models": made, "seconds": seconds}
 
 
@@ -108,34 +123,18 @@ def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args
     with tempfile.TemporaryDirectory() as tmp:
         made = candidates(model, calib, Path(tmp), args.tome_r, not args.skip_static)
         models = made["models"]
-        speed = {
-            b: compare(models, batch_size=b, iters=args.iters * (4 if b == 1 else 1), warmup=2, flops=False)
-            for b in (1, 8)
-        }
+        speed = {b: compare(models, batch_size=b, iters=args.iters * (4 if b == 1 else 1), warmup=2, flops=False)
+                 for b in (1, 8)}
         reference = predict(model, loader, f"{name} FP32") if loader else None
         rows = []
         for i, (cname, candidate) in enumerate(models.items()):
             b8 = speed[8][i]
-            fid = (
-                evaluate(
-                    OnnxModel(candidate) if isinstance(candidate, Path) else candidate, loader, reference=reference
-                )
-                if loader
-                else None
-            )
-            rows.append(
-                {
-                    "model": name,
-                    "name": cname,
-                    "x_b1": speed[1][i].speedup,
-                    "x_b8": speed[8][i].speedup,
-                    "img_s_b8": b8.throughput,
-                    "size_mb": b8.size_mb,
-                    "cosine": fid.cosine if fid else None,
-                    "sqnr_db": fid.sqnr_db if fid else None,
-                    "make_s": made["seconds"].get(cname),
-                }
-            )
+            fid = evaluate(OnnxModel(candidate) if isinstance(candidate, Path) else candidate, loader,
+                           reference=reference) if loader else None
+            rows.append({"model": name, "name": cname, "x_b1": speed[1][i].speedup, "x_b8": speed[8][i].speedup,
+                         "img_s_b8": b8.throughput, "size_mb": b8.size_mb,
+                         "cosine": fid.cosine if fid else None, "sqnr_db": fid.sqnr_db if fid else None,
+                         "make_s": made["seconds"].get(cname)})
     return rows
 
 
@@ -158,31 +157,18 @@ def main() -> None:
         if key == "dinov2":
             model, name = load_reference_model(), "DINOv2 ViT-S/14"
         else:
-            model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-            name = "DeiT-S (random weights)"
+            model, name = timm.create_model("deit_small_patch16_224", pretrained=False).eval(), "DeiT-S (random weights)"
         calib_set, eval_set = calibration_split(load_image_folder(args.images, model), args.calib, seed=0)
         eval_set.indices = eval_set.indices[: args.eval]
         loader = make_loader(eval_set, 32) if key == "dinov2" else None
         rows += measure(name, model, calibration_images(calib_set), loader, args)
     m = machine_info()
-    print_table(
-        "deployment on ONNX Runtime vs PyTorch FP32 eager",
-        rows,
-        {
-            "model": "model",
-            "name": "candidate",
-            "x_b1": "× eager b1",
-            "x_b8": "× eager b8",
-            "img_s_b8": "img/s b8",
-            "size_mb": "size MB",
-            "cosine": "cosine vs FP32",
-            "sqnr_db": "SQNR dB",
-            "make_s": "make s",
-        },
-        caption=f"{m['cpu']}, {m['torch_threads']} threads (PyTorch and ORT), {args.iters} timed batches at batch 8 "
-        f"and {4 * args.iters} at batch 1, interleaved; calibration {args.calib} images, fidelity on "
-        f"{args.eval} others of {args.images}",
-    )
+    print_table("deployment on ONNX Runtime vs PyTorch FP32 eager", rows, {
+        "model": "model", "name": "candidate", "x_b1": "× eager b1", "x_b8": "× eager b8", "img_s_b8": "img/s b8",
+        "size_mb": "size MB", "cosine": "cosine vs FP32", "sqnr_db": "SQNR dB", "make_s": "make s"},
+        caption=f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads (PyTorch and ORT), {args.iters} timed batches at batch 8 "
+                f"and {4 * args.iters} at batch 1, interleaved; calibration {args.calib} images, fidelity on "
+                f"{args.eval} others of {args.images}")
 
 
 if __name__ == "__main__":

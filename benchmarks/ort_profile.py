@@ -1,18 +1,19 @@
 """Where the time goes in ONNX Runtime: per-op-type kernel time of FP32 and vitslim int8 exports.
 
-    uv run python benchmarks/ort_profile.py [--model deit] [--tome-r 13] [--runs 6]
+    uv run python benchmarks/ort_profile.py [--model deit] [--tome-r 13] [--runs 6] [--batch 8] [--fuse]
 
 Exports timm ``deit_small_patch16_224`` (random weights: speed only) or the DINOv2 reference
 model in FP32 and as vitslim ``w8a8-ort`` (+ ToMe r when --tome-r > 0), runs each --runs times at
 batch 8 in ORT with its profiler on (threads as PyTorch's), and prints the kernel time per op
 type per batch and its share. This is the profile behind the deploy table: it shows what int8
 speeds up (the matmuls) and what it leaves (LayerNorm, Softmax, GELU, the Q/DQ around them).
+With --fuse, both graphs again after ORT's transformer fusions (``vitslim.export.fuse``:
+SkipLayerNormalization, BiasGelu), side by side: the profile before/after fusion.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import tempfile
 from collections import defaultdict
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--model", choices=("deit", "dinov2"), default="deit")
     parser.add_argument("--tome-r", type=int, default=13)
     parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--fuse", action="store_true", help="also profile the fused graphs")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -63,45 +66,31 @@ def main() -> None:
     else:
         model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     size = model.patch_embed.img_size
-    calib, batch = torch.randn(8, 3, *size), torch.randn(8, 3, *size)  # speed only: the values do not matter
+    calib, batch = torch.randn(8, 3, *size), torch.randn(args.batch, 3, *size)  # speed only: the values do not matter
     threads = torch.get_num_threads()
     int8_name = "w8a8-ort" + (f" + ToMe r={args.tome_r}" if args.tome_r else "")
     with tempfile.TemporaryDirectory() as tmp:
-        reduced = (
-            tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=args.tome_r)) if args.tome_r else model
-        )
-        paths = {
-            "FP32": export_onnx(model, Path(tmp, "fp32.onnx")),
-            int8_name: export_onnx(
-                quant.quantize_(copy.deepcopy(reduced), quant.preset("w8a8-ort"), calib), Path(tmp, "int8.onnx")
-            ),
-        }
+        reduced = tokens.apply(model, "tome", inplace=False, r=args.tome_r) if args.tome_r else model
+        qmodel = quant.quantize(reduced, calib, "w8a8-ort")
+        paths = {"FP32": export_onnx(model, Path(tmp, "fp32.onnx")), int8_name: export_onnx(qmodel, Path(tmp, "int8.onnx"))}
+        if args.fuse:
+            from vitslim.export.fuse import fuse_transformer
+
+            for name, source in (("FP32", model), (int8_name, qmodel)):
+                out = Path(tmp, f"fused-{len(paths)}.onnx")
+                fuse_transformer(source, paths[name], out)
+                paths[f"{name} fused"] = out
         times = {name: op_times(path, batch, args.runs, threads) for name, path in paths.items()}
     ops = sorted(set().union(*times.values()), key=lambda op: -times[int8_name].get(op, 0))
     totals = {name: sum(t.values()) for name, t in times.items()}
-    rows = [
-        {
-            "op": op,
-            **{f"{name} ms": times[name].get(op, 0.0) for name in times},
-            **{f"{name} %": 100 * times[name].get(op, 0.0) / totals[name] for name in times},
-        }
-        for op in ops
-    ]
-    rows.append(
-        {
-            "op": "all kernels",
-            **{f"{name} ms": totals[name] for name in times},
-            **{f"{name} %": 100.0 for name in times},
-        }
-    )
+    rows = [{"op": op, **{f"{name} ms": times[name].get(op, 0.0) for name in times},
+             **{f"{name} %": 100 * times[name].get(op, 0.0) / totals[name] for name in times}} for op in ops]
+    rows.append({"op": "all kernels", **{f"{name} ms": totals[name] for name in times},
+                 **{f"{name} %": 100.0 for name in times}})
     m = machine_info()
     columns = {"op": "op type", **{f"{n} ms": f"{n} ms/batch" for n in times}, **{f"{n} %": f"{n} %" for n in times}}
-    print_table(
-        f"ONNX Runtime kernel time by op type, {args.model}, batch 8",
-        rows,
-        columns,
-        caption=f"{m['cpu']}, {threads} threads, ORT {ort.__version__}, mean of {args.runs} runs",
-    )
+    print_table(f"ONNX Runtime kernel time by op type, {args.model}, batch {args.batch}", rows, columns,
+                caption=f"{m['cpu']} [{m['cpu_features']}], {threads} threads, ORT {ort.__version__}, mean of {args.runs} runs")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from conftest import make_tiny_vit, tiny_vit_source
 from vitslim.bench import CpuFeatures, cpu_features
 from vitslim.compress import Recipe, compress, load_recipe, write_report
 from vitslim.compress import search as search_mod
-from vitslim.compress.search import clearly_losing
+from vitslim.compress.search import clearly_losing, clearly_meets
 from vitslim.dtype import DtypeConfig
 from vitslim.tokens import ToMeConfig
 
@@ -88,6 +88,10 @@ def _fake_compare(true_speedups: dict[str, float], noise: float, seed: int, log:
     rng = random.Random(seed)
 
     def compare(models, batch_size, warmup, iters, flops, stop):
+        if len(models) == 1:  # the original, timed alone
+            log["FP32 alone"] = iters
+            return [SimpleNamespace(speedup=1.0, throughput=batch_size / 100 * 1e3, latency_ms_median=100,
+                                    size_mb=1.0, runtime="pytorch")]
         name = list(models)[1]
         times = {"FP32": [], name: []}
         for _ in range(iters):
@@ -118,13 +122,17 @@ def test_margin_covers_ten_percent_noise():
 
         assert not clearly_losing(fp32, noisy(needed * rng.uniform(1, 2)), needed)
         assert clearly_losing(fp32, noisy(needed / 2), needed)
+        # and the other way: one below a speed target never passes for clearly meeting it,
+        # one at twice the target always does
+        assert not clearly_meets(fp32, noisy(needed * rng.uniform(0.5, 1)), needed)
+        assert clearly_meets(fp32, noisy(needed * 2), needed)
 
 
 @pytest.mark.parametrize("seed", range(2))
 def test_early_stop_stops_losers_never_the_winner(tmp_path, example_images, monkeypatch, seed):
-    # speedup=2: "slow" and "fp32" cannot be chosen; "winner" meets 2× first (then "fast" also
+    # speedup=2: "slow" cannot be chosen ("fp32", the original, is timed alone: 1× by definition); "winner" meets 2× first (then "fast" also
     # meets it at the same cosine, and the first feasible of equal fidelity is kept).
-    true = {"fp32": 1.0, "slow": 0.5, "winner": 2.4, "almost": 1.8, "fast": 3.0}
+    true = {"fp32": 1.0, "slow": 0.5, "winner": 2.4, "almost": 1.8, "fast": 4.0}
     log: dict[str, int] = {}
     monkeypatch.setattr(search_mod, "compare", _fake_compare(true, noise=0.1, seed=seed, log=log))
     def tome(r, prop=True):
@@ -135,9 +143,12 @@ def test_early_stop_stops_losers_never_the_winner(tmp_path, example_images, monk
             Recipe("fast", tome(1, False))]
     result = _search(example_images, tmp_path, ZEN4, recipes=grid, target="speedup=2", iters=8)
     stopped = {c.name: c.stopped_early for c in result.candidates}
-    # 'almost' (1.8×) is not stopped: 1.8 × 1.25 ≥ 2, it could be 2× within the margin
-    assert stopped == {"fp32": 3, "slow": 3, "winner": None, "almost": None, "fast": None}
-    assert log == {"fp32": 3, "slow": 3, "winner": 8, "almost": 8, "fast": 8}
+    # 'almost' (1.8×) is not stopped: 1.8 × 1.25 ≥ 2, it could be 2× within the margin; nor is
+    # 'winner' (2.4×: its worst batch ÷ 1.25 may be below 2); 'fast' (4×) clearly meets 2×
+    assert stopped == {"fp32": None, "slow": 3, "winner": None, "almost": None, "fast": 3}
+    assert log == {"FP32 alone": 8, "slow": 3, "winner": 8, "almost": 8, "fast": 3}
+    assert result.candidates[0].speedup == 1.0
+    assert "clearly meets the speed target" in result.candidates[-1].note
     assert result.chosen.name == "winner" and result.met
     unstopped = _search(example_images, tmp_path / "no-stop", ZEN4, recipes=grid, target="speedup=2", iters=8,
                         early_stop=False)

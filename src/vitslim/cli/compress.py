@@ -67,7 +67,8 @@ def compress_cmd(
     without native bfloat16, i.e. no AVX512_BF16/AMX: PyTorch emulates it, several times slower
     than FP32); name one with --recipe to run it anyway. A candidate that clearly cannot be
     chosen (its best timed batch still far below the speedup it needs) is timed no further
-    after 3 batches; the report says "stopped early".
+    after 3 batches, and so is one that clearly meets a speed target (its worst batch's ratio
+    / 1.25 at the target: more timing cannot change the choice); the report says "stopped early".
 
     The chosen candidate is saved in OUT ready to deploy: model.onnx (ONNX Runtime) for
     exported recipes, else a model/ folder that `vitslim.deploy.load_artifact` loads. It

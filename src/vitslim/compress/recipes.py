@@ -207,4 +207,7 @@ BUILTIN_RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "Pruning to 70% of the MACs, token merging (r=8), W8A8 on ONNX Runtime."),
     Recipe("w4a8-small", (preset("w4a8"),),
            "4-bit weights (GPTQ), 8-bit activations: the smallest model (simulated)."),
+    Recipe("int4-small", (preset("w4-ort"), ExportConfig()),
+           "4-bit GPTQ weights packed in ONNX Runtime MatMulNBits (int8 activations in the kernel): "
+           "on DINOv2 ViT-S a file 6.4x smaller than FP32."),
 )}

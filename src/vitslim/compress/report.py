@@ -117,7 +117,8 @@ def _summary_lines(result: SearchResult, model_name: str) -> list[str]:
                  f"speed: batch {s.get('batch_size')}, {s.get('iters')} timed batches per candidate, "
                  "interleaved with the FP32 original, fewer for a candidate stopped early (its best batch's "
                  f"ratio to FP32 × {EARLY_STOP_MARGIN} still below what it needed to be chosen, after "
-                 f"{EARLY_STOP_ROUNDS} batches).")
+                 f"{EARLY_STOP_ROUNDS} batches; or, for a speed target, its worst batch's ratio ÷ "
+                 f"{EARLY_STOP_MARGIN} already at the target).")
     lines += [f"Left out on this CPU: {o['name']} ({o['reason']})." for o in result.left_out]
     m = result.machine
     features = f" [{m['cpu_features']}]" if m.get("cpu_features") else ""

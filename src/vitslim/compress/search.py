@@ -264,12 +264,14 @@ def evaluate_candidate(
     source: ModelSource,
     calibration: dict,
     speedup_needed: Callable[[CandidateResult], float | None] = lambda c: None,
+    speedup_enough: float | None = None,
 ) -> CandidateResult:
     """Build ``recipe``'s artifact from ``model`` in ``workdir`` (as ``vitslim apply`` does),
     load it back, and measure the saved artifact: fidelity to FP32, then speed beside FP32.
     The fidelity is recorded in the artifact. ``speedup_needed(result)`` (given the measured
     fidelity) is the speedup this candidate must be able to reach to be chosen; its timing
-    stops early when it clearly cannot (``clearly_losing``)."""
+    stops early when it clearly cannot (``clearly_losing``), and when it clearly reaches
+    ``speedup_enough``, beyond which more timing cannot change the choice (``clearly_meets``)."""
     from vitslim.deploy.artifact import artifact_name, build_artifact, load_artifact, write_contract
     from vitslim.deploy.workflow import fidelity
 
@@ -292,16 +294,24 @@ def evaluate_candidate(
         phase("fidelity")
         needed, stopped_at = speedup_needed(result), []
 
-        def losing(times: dict[str, list[float]]) -> bool:
-            if clearly_losing(times["FP32"], times[recipe.name], needed):
-                stopped_at.append(len(times[recipe.name]))
+        def decided(times: dict[str, list[float]]) -> bool:
+            if recipe.name not in times:  # the original: timed alone, nothing to decide
+                return False
+            fp32_ms, cand_ms = times["FP32"], times[recipe.name]
+            if clearly_meets(fp32_ms, cand_ms, speedup_enough) or clearly_losing(fp32_ms, cand_ms, needed):
+                stopped_at.append(len(cand_ms))
             return bool(stopped_at)
 
-        _, cand = compare({"FP32": model, recipe.name: artifact.model}, batch_size=batch_size,
-                             warmup=2, iters=iters, flops=False, stop=losing)
+        # The original (no steps) is the baseline itself: its speedup is 1 by definition, so it is
+        # timed alone for its img/s and latency rather than against itself.
+        models = {"FP32": model} if not recipe.steps else {"FP32": model, recipe.name: artifact.model}
+        cand = compare(models, batch_size=batch_size, warmup=2, iters=iters, flops=False, stop=decided)[-1]
         phase("timing")
         if stopped_at and stopped_at[0] < iters:
             result.stopped_early = stopped_at[0]
+            if speedup_enough is not None and cand.speedup >= speedup_enough:
+                result.note = (f"clearly meets the speed target: every timed batch ≥ "
+                               f"{speedup_enough * EARLY_STOP_MARGIN:.3g}×")
     except Exception as err:  # a failing candidate is reported, not fatal to the search
         result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
         result.seconds = time.perf_counter() - start
@@ -324,6 +334,17 @@ def clearly_losing(fp32_ms: list[float], candidate_ms: list[float], needed: floa
         return False
     best_round = max(f / c for f, c in zip(fp32_ms, candidate_ms))
     return best_round * margin < needed
+
+
+def clearly_meets(fp32_ms: list[float], candidate_ms: list[float], enough: float | None,
+                  rounds: int = EARLY_STOP_ROUNDS, margin: float = EARLY_STOP_MARGIN) -> bool:
+    """True when, after at least ``rounds`` interleaved rounds, even a candidate's worst round's
+    ratio, lowered by ``margin``, reaches ``enough``: for a speed target, where the candidates
+    that meet it are ranked by fidelity, timing it longer cannot change the choice."""
+    if enough is None or len(candidate_ms) < rounds:
+        return False
+    worst_round = min(f / c for f, c in zip(fp32_ms, candidate_ms))
+    return worst_round / margin >= enough
 
 
 def speedup_to_be_chosen(target: Target, done: list[CandidateResult], candidate: CandidateResult) -> float | None:
@@ -458,8 +479,9 @@ def compress(
             if fresh:
                 reference = reference or predict(model, eval_loader, "FP32 reference")
                 needed = (lambda c: speedup_to_be_chosen(target, results, c)) if early_stop else (lambda c: None)
+                enough = target.value if early_stop and target.metric == "speedup" else None
                 cached = evaluate_candidate(model, recipe, key, calib, eval_loader, reference, batch_size, iters,
-                                            staging / key, source, calibration, needed)
+                                            staging / key, source, calibration, needed, enough)
                 store.put(cached)
             if recipe.name in unmet:  # named explicitly: run, as asked, with the reason it may lose here
                 cached.note = f"run as requested, but {unmet[recipe.name]}"

@@ -63,6 +63,10 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
     quantized = any(hasattr(m, "quant_sites") for m in model.modules())
     with atomic_path(path) as tmp_path:
         _export_to(model, x, str(tmp_path), quantized, dynamic_batch)
+        if quantized:  # 4-bit weights as packed MatMulNBits (see vitslim.export.nbits)
+            from vitslim.export.nbits import store_nbits_weights
+
+            store_nbits_weights(model, tmp_path)
     return path
 
 

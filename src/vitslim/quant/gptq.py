@@ -12,6 +12,9 @@ layer the outputs of already-quantized layers; one pass is what fits a 2-core CP
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -26,13 +29,22 @@ def gptq_quantize_weight(
     group_size: int | None = None,
     damp: float = 0.01,
     block_size: int = 128,
+    group_scales: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Quantize ``weight`` (out, in) column by column with GPTQ error feedback.
 
     ``scale`` (out, 1) is the symmetric per-output-channel step; with ``group_size`` a new
     absmax scale is taken for every group of input columns. Returns the dequantized weight,
-    on the integer grid.
+    on the integer grid; ``group_scales``, if given, receives each group's (out, 1) scale (what
+    a block-wise integer export such as ``vitslim.export.nbits`` stores).
     """
+    with one_thread():
+        return _gptq(weight, hessian, scale, bits, group_size, damp, block_size, group_scales)
+
+
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None,
+          damp: float, block_size: int, group_scales: list[torch.Tensor] | None) -> torch.Tensor:
+    """GPTQ proper (the paper's Algorithm 1 with lazy batch updates); see gptq_quantize_weight."""
     qmin, qmax = int_range(bits, signed=True)
     w = weight.detach().clone().float()
     h = hessian.detach().clone().float()
@@ -53,6 +65,8 @@ def gptq_quantize_weight(
             if group_size and col % group_size == 0:
                 group = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size]
                 scale = symmetric_scale(group.abs().amax(1, keepdim=True), qmax)
+                if group_scales is not None:
+                    group_scales.append(scale)
             qc = uniform_fake_quant(w1[:, i : i + 1], scale, 0, qmin, qmax)
             q[:, col : col + 1] = qc
             err = (w1[:, i : i + 1] - qc) / h1[i, i]
@@ -60,6 +74,19 @@ def gptq_quantize_weight(
             err1[:, i : i + 1] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return q.to(weight.dtype)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run small tensor ops on one thread: each would otherwise wait at a thread barrier, which
+    on a busy 2-core CPU costs more than the op (GPTQ's column loop ~25x, its Cholesky ~7x less
+    wall time under load; on an idle CPU its ops are too small to gain from a second thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class HessianCollector:
@@ -86,6 +113,10 @@ def gptq_quantize_linears(items: list[tuple[nn.Module, torch.Tensor]], group_siz
     """GPTQ for each ``QuantLinear`` with its Hessian; sets its ``qweight``."""
     for layer, hessian in items:
         quantizer = layer.weight_quantizer
-        quantizer.calibrate_weight(layer.linear.weight)
+        with one_thread():  # (see one_thread)
+            quantizer.calibrate_weight(layer.linear.weight)
+        scales: list[torch.Tensor] = []
         layer.qweight = gptq_quantize_weight(layer.linear.weight, hessian, quantizer.scale,
-                                             quantizer.bits, group_size=group_size)
+                                             quantizer.bits, group_size=group_size, group_scales=scales)
+        # (out, groups) steps of a grouped weight, kept for integer export (not saved: derived)
+        layer.qweight_group_scales = torch.cat(scales, 1) if scales else None

@@ -1,0 +1,65 @@
+"""4-bit GPTQ weights exported as ONNX Runtime MatMulNBits (tiny random ViTs: runs, matches)."""
+
+from dataclasses import replace
+
+import onnx
+import pytest
+import torch
+
+from conftest import make_tiny_vit
+from vitslim import quant
+from vitslim.bench import OnnxModel
+from vitslim.errors import ExportError
+from vitslim.export import export_onnx
+from vitslim.export.nbits import pack_layer
+from vitslim.quant.config import SITES, SiteConfig
+
+
+def weight_only_w4(group_size):
+    float_site = SiteConfig(8, "float")
+    return replace(quant.preset("w4-ort"), gptq_group_size=group_size, **{s: float_site for s in SITES})
+
+
+def op_counts(path):
+    counts = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_matmulnbits_file_computes_the_simulated_4bit_model_and_is_small(tmp_path, group_size):
+    model = make_tiny_vit()
+    torch.manual_seed(1)
+    calib, images = torch.randn(8, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    qmodel = quant.quantize(model, calib, weight_only_w4(group_size))
+    path = export_onnx(qmodel, tmp_path / "w4.onnx")
+    assert op_counts(path).get("MatMulNBits") == 8  # 4 linears x 2 blocks, none left as float MatMul weights
+    with torch.no_grad():
+        simulated, original = qmodel(images), model(images)
+    graph = onnx.load(str(path))  # accuracy_level 0: float activations, so only the weights differ
+    for node in graph.graph.node:
+        for attr in node.attribute:
+            if attr.name == "accuracy_level":
+                attr.i = 0
+    onnx.save(graph, str(tmp_path / "exact.onnx"))
+    got = OnnxModel(tmp_path / "exact.onnx")(images)
+    # The file holds the 4-bit weights: it reproduces the simulated model, not the FP32 one.
+    assert (got - simulated).abs().max() < 1e-4 * simulated.abs().max()
+    assert (simulated - original).abs().max() > 100 * (got - simulated).abs().max()
+    # Default (int8 activations inside the kernel): close to the simulated model too.
+    fast = OnnxModel(path)(images)
+    assert torch.nn.functional.cosine_similarity(fast, simulated).min() > 0.99
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    linear_bytes = sum(m.linear.weight.numel() * 4 for m in qmodel.modules() if hasattr(m, "qweight"))
+    # 4-bit codes + scales: the linears' weights take less than a quarter of their FP32 bytes
+    assert path.stat().st_size < fp32_bytes - 0.75 * linear_bytes, (path.stat().st_size, fp32_bytes, linear_bytes)
+
+
+def test_weights_off_their_grid_are_refused():
+    qmodel = quant.quantize(make_tiny_vit(), torch.randn(8, 3, 32, 32), weight_only_w4(None))
+    layer = next(m for m in qmodel.modules() if hasattr(m, "qweight"))
+    pack_layer(layer, None)  # as calibrated: fine
+    layer.qweight = layer.qweight + 0.3 * layer.weight_quantizer.scale  # no longer scale x integer
+    with pytest.raises(ExportError, match="not on its scales' grid"):
+        pack_layer(layer, None)

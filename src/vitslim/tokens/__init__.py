@@ -27,6 +27,7 @@ from vitslim.tokens.ats import apply_ats
 from vitslim.tokens.common import remove, token_state
 from vitslim.tokens.evit import apply_evit
 from vitslim.tokens.mctf import apply_mctf
+from vitslim.tokens.support import refuse_unsupported
 from vitslim.tokens.tome import apply_tome
 
 METHODS: dict[str, Callable[..., nn.Module]] = {"tome": apply_tome, "evit": apply_evit, "ats": apply_ats,
@@ -74,4 +75,5 @@ def apply(model: nn.Module, method: str, inplace: bool = True, **params: Any) ->
     ``apply_*``); with ``inplace=False`` the original stays untouched and a patched copy is
     returned. Applying a second method without ``remove`` first is an error."""
     check_params(method, params)
+    refuse_unsupported(model, method)
     return METHODS[method](model if inplace else copy.deepcopy(model), **params)

@@ -196,7 +196,8 @@ def _trace(model: nn.Module, image: torch.Tensor) -> tuple[list[tuple[str, nn.Mo
 
 def _layer_groups(model: nn.Module, image: torch.Tensor, layers: dict[str, nn.Module]) -> list[_Group]:
     """Group the layers by the tensor they read; a group's norm is the last norm called before
-    it, with nothing but pass-through modules in between, whose output is that tensor."""
+    it with nothing but pass-through modules in between (functional reshapes such as Swin's
+    window partition may be: whether a fold through them is exact is checked later)."""
     calls, keys = _trace(model, image)
     order = [n for n, _ in calls]
     modules = dict(model.named_modules())
@@ -210,7 +211,7 @@ def _layer_groups(model: nn.Module, image: torch.Tensor, layers: dict[str, nn.Mo
         for prev in reversed(order[: order.index(name)]):
             m = modules[prev]
             if _is_norm(m):
-                if keys[prev][1] == in_key and _norm_channels(m) == _in_channels(layers[name]):
+                if _norm_channels(m) == _in_channels(layers[name]):
                     norm = prev
                 break
             if not isinstance(m, PASS_THROUGH) and not (prev in layers and keys[prev][0] == in_key):
@@ -360,30 +361,38 @@ def _fold_channel_scale(model: nn.Module, group: _Group, lo: torch.Tensor, hi: t
 
 @torch.no_grad()
 def _input_stats(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, config: HybridQuantConfig):
-    """Per-channel min/max of each layer's input over all images, and the inputs of the first
-    ``error_images`` images (Linear: up to 2048 rows) for the error measurements."""
+    """Per-channel min/max of each layer's input over all images (``lo``, ``hi``: what is
+    deployed) and over all but the last ``error_images`` (``lo_fit``, ``hi_fit``), and those
+    last images' inputs (``sample``; Linear: up to 2048 rows). The choice fits ranges on the
+    first part and measures on the held-out second: channel-wise ranges fitted on a few images
+    clip unseen ones, and that must count against them."""
     stats: dict[str, dict] = {}
     gen = torch.Generator().manual_seed(0)
+    held = min(config.error_images, max(len(images) // 2, 1))
+    fit_images, error_images = (images[:-held], images[-held:]) if len(images) > 1 else (images, images)
+    phase = {"fit": True}
 
     def hook(name):
         def fn(module, inputs):
             x = inputs[0].detach().float()
             xc = x.movedim(1, -1) if isinstance(module, nn.Conv2d) else x
             flat = xc.reshape(-1, xc.shape[-1])
-            s = stats.setdefault(name, {"lo": flat.amin(0), "hi": flat.amax(0), "sample": []})
-            s["lo"], s["hi"] = torch.minimum(s["lo"], flat.amin(0)), torch.maximum(s["hi"], flat.amax(0))
-            seen = sum(len(t) for t in s["sample"]) if isinstance(module, nn.Conv2d) else len(s["sample"])
-            if seen < config.error_images:
-                if isinstance(module, nn.Conv2d):
-                    s["sample"].append(x[: config.error_images - seen])
-                else:
-                    s["sample"].append(flat[torch.randperm(len(flat), generator=gen)[:2048 // config.error_images]])
+            lo, hi = flat.amin(0), flat.amax(0)
+            s = stats.setdefault(name, {"lo": lo, "hi": hi, "lo_fit": lo, "hi_fit": hi, "sample": []})
+            s["lo"], s["hi"] = torch.minimum(s["lo"], lo), torch.maximum(s["hi"], hi)
+            if phase["fit"]:
+                s["lo_fit"], s["hi_fit"] = torch.minimum(s["lo_fit"], lo), torch.maximum(s["hi_fit"], hi)
+            else:
+                rows = flat[torch.randperm(len(flat), generator=gen)[:2048 // held]]
+                s["sample"].append(x if isinstance(module, nn.Conv2d) else rows)
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
-        for batch in progress_bar(images.split(config.batch_size), "hybrid: layer input ranges"):
+        for batch in progress_bar(fit_images.split(config.batch_size), "hybrid: layer input ranges"):
             model(batch)
+        phase["fit"] = False
+        model(error_images)
     finally:
         for h in handles:
             h.remove()
@@ -424,7 +433,7 @@ def _candidate_errors(layers: list[nn.Module], stats: list[dict], foldable: bool
     layers, of each quantization candidate: ``layer:<range method>`` and ``channel``."""
     s0 = stats[0]
     conv = isinstance(layers[0], nn.Conv2d)
-    x, lo, hi = s0["sample"], s0["lo"], s0["hi"]
+    x, lo, hi = s0["sample"], s0["lo_fit"], s0["hi_fit"]
     refs = [_apply_layer(m, x, m.weight, m.bias) for m in layers]
     norms = [r.pow(2).mean().clamp_min(1e-12) for r in refs]
 
@@ -471,8 +480,6 @@ def quantize_hybrid(model: nn.Module, calib_images: torch.Tensor, config: Hybrid
     config = config or HybridQuantConfig()
     if len(calib_images) == 0:
         raise ConfigError("quantize_hybrid needs at least one calibration image")
-    if len(calib_images) < 8:
-        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges")
     bad = unsupported_modules(model)
     if bad:
         more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
@@ -480,6 +487,8 @@ def quantize_hybrid(model: nn.Module, calib_images: torch.Tensor, config: Hybrid
                                     f"{type(model).__name__} has {', '.join(bad[:4])}{more}")
     if any(isinstance(m, UniformQuantizer) for m in model.modules()):
         raise ConfigError("model is already quantized; pass the FP32 model")
+    if len(calib_images) < 8:
+        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges")
     start = time.perf_counter()
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()

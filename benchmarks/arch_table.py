@@ -114,6 +114,19 @@ def fidelity(model: torch.nn.Module, paths: dict[str, Path], loader) -> dict[str
     return {name: evaluate(OnnxModel(path), loader, reference=reference).cosine for name, path in paths.items()}
 
 
+def print_profile(label: str, paths: dict[str, Path], runs: int, top: int = 8) -> None:
+    """Where ORT spends the time at batch 8, FP32 vs int8 (``benchmarks/ort_profile.py``)."""
+    from ort_profile import op_times  # the sibling script (benchmarks/ is on sys.path when run)
+
+    batch = torch.randn(8, *OnnxModel(paths["int8"]).input_size)
+    times = {name: op_times(path, batch, runs, torch.get_num_threads()) for name, path in paths.items()}
+    ops = sorted(set().union(*times.values()), key=lambda op: -times["int8"].get(op, 0))[:top]
+    rows = [{"op": op, **{name: t.get(op, 0.0) for name, t in times.items()}} for op in ops]
+    rows.append({"op": "all kernels", **{name: sum(t.values()) for name, t in times.items()}})
+    print_table(f"{label}: ORT kernel ms per batch of 8 by op type (top {top})", rows,
+                {"op": "op type", **{name: f"{name} ms" for name in times}})
+
+
 def measure(key: str, args) -> dict:
     model = create(key)
     print(f"{MODELS[key][1]}: quantizing and exporting", flush=True)
@@ -128,6 +141,8 @@ def measure(key: str, args) -> dict:
         speed = {b: compare(runnables, batch_size=b, iters=args.iters * (2 if b == 1 else 1),
                             warmup=2, flops=False) for b in (1, 8)}
         cosines = fidelity(model, paths, make_loader(eval_set, 16)) if real and args.eval else {}
+        if args.profile:
+            print_profile(MODELS[key][1], {"ORT FP32": runnables["ort_fp32"], "int8": paths["int8"]}, args.iters)
     top1, source = PUBLISHED.get(key, (None, "not found"))
     row = {"model": MODELS[key][1], "params_m": count_params(model) / 1e6,
            "gmacs": count_gmacs(model, input_size(model)), "res": input_size(model)[-1],
@@ -147,6 +162,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32, help="calibration images (8 for random-weight models)")
     parser.add_argument("--eval", type=int, default=64, help="DINOv2 fidelity images, disjoint from calibration")
     parser.add_argument("--iters", type=int, default=4, help="timed batches at batch 8 (2x that at batch 1)")
+    parser.add_argument("--profile", action="store_true", help="also print ORT's per-op-type kernel time, FP32 vs int8")
     args = parser.parse_args()
     keys = list(MODELS) if args.models == "all" else args.models.split(",")
     unknown = [k for k in keys if k not in MODELS]

@@ -60,7 +60,7 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
     path = Path(path)
     model = model.eval()
     x = torch.randn(max(batch_size, 2), *input_size(model))
-    quantized = any(hasattr(m, "quant_sites") for m in model.modules())
+    quantized = any(hasattr(m, "quant_sites") or hasattr(m, "weight_quantizer") for m in model.modules())
     with atomic_path(path) as tmp_path:
         _export_to(model, x, str(tmp_path), quantized, dynamic_batch)
         if quantized:  # 4-bit weights as packed MatMulNBits (see vitslim.export.nbits)

@@ -34,6 +34,7 @@ from vitslim.tokens.config import (
 )
 from vitslim.tokens.evit import evit_
 from vitslim.tokens.mctf import mctf_
+from vitslim.tokens.support import refuse_unsupported
 from vitslim.tokens.tome import tome_
 
 __all__ = [
@@ -60,6 +61,7 @@ def reduce_tokens_(model: nn.Module, config: TokenConfig) -> nn.Module:
     if not isinstance(config, TOKEN_CONFIGS):
         raise ConfigError(f"reduce_tokens_ takes one of {[c.__name__ for c in TOKEN_CONFIGS]}, "
                           f"got {type(config).__name__}")
+    refuse_unsupported(model, config.method)
     return registry.apply_(model, config)
 
 

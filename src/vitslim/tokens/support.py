@@ -1,0 +1,35 @@
+"""Which architectures token reduction can patch, and why the others are refused.
+
+ToMe, EViT, ATS and MCTF drop or merge tokens between global-attention blocks: every later block
+must accept any number of tokens in any order. Hierarchical and hybrid models do not: their
+windowed attention, convolutions, pooling and patch merging read tokens as a fixed H×W grid.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vitslim.errors import UnsupportedModelError
+
+WINDOWED = "its windowed attention and patch merging need the full H×W token grid in fixed windows"
+GRID = ("its convolution / pooling / downsampling stages read tokens as a fixed 2D grid, so merged or "
+        "dropped tokens have no place in them")
+# timm class name -> why its token sequence cannot shrink.
+REASONS = {
+    "SwinTransformer": WINDOWED, "SwinTransformerV2": WINDOWED, "SwinTransformerV2Cr": WINDOWED,
+    "TinyVit": "its conv stage and windowed attention need the full H×W token grid",
+    "EfficientFormer": GRID, "EfficientFormerV2": GRID, "ByobNet": GRID, "MobileVitV2": GRID,
+    "EfficientVit": GRID, "EfficientVitMsra": GRID, "EfficientVitLarge": GRID, "NextViT": GRID,
+    "ConvNeXt": GRID, "Levit": GRID, "LevitDistilled": GRID, "FastVit": GRID,
+}
+
+
+def refuse_unsupported(model: nn.Module, method: str) -> None:
+    """Raise ``UnsupportedModelError`` with the reason when ``model`` has no ViT ``blocks``
+    sequence that token reduction could patch."""
+    if isinstance(getattr(model, "blocks", None), nn.Sequential):
+        return
+    name = type(model).__name__
+    reason = REASONS.get(name, "it has no `blocks` sequence of global-attention transformer blocks")
+    raise UnsupportedModelError(f"token reduction ({method}) cannot be applied to {name}: {reason}; "
+                                "compress it with quantization (vitslim.quant.hybrid) instead")

@@ -1,0 +1,109 @@
+"""Hybrid W8A8 (Q-HyViT granularity choice) on tiny random timm models: accuracy where the
+choice matters, exactness of the folds, int8 kernels in ONNX Runtime, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from vitslim import tokens
+from vitslim.errors import UnsupportedModelError
+from vitslim.export import export_onnx, integer_ops, validate_onnx
+from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid
+from vitslim.quant.modules import set_mode
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Many tiny ops: one thread is ~50x faster than two on a loaded 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_swin(depths: tuple[int, ...] = (1, 1)) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, embed_dim=16,
+                             depths=depths, num_heads=(1, 2)[: len(depths)], window_size=4, num_classes=10).eval()
+
+
+def planted_swin() -> nn.Module:
+    """A bridge-like outlier: one LayerNorm output channel ~40x wider than the others, the kind
+    of inter-channel variation a per-tensor scale cannot hold. One stage, and branch outputs
+    as large as the residual (random init makes them ~50x smaller), so the block's error shows."""
+    model = tiny_swin(depths=(1,))
+    block = model.layers[0].blocks[0]
+    with torch.no_grad():
+        for norm in (block.norm1, block.norm2):
+            norm.weight[3], norm.bias[3] = 40.0, 20.0
+        block.attn.proj.weight.mul_(30)
+        block.mlp.fc2.weight.mul_(30)
+    return model
+
+
+def rel_error(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, features: bool = False) -> float:
+    with torch.no_grad():
+        ref, out = (model.forward_features(x), qmodel.forward_features(x)) if features else (model(x), qmodel(x))
+    return ((out - ref).pow(2).mean() / ref.pow(2).mean()).item()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_granularity_choice_wins_on_a_planted_outlier_channel(images):
+    model = planted_swin()
+    calib, held_out = images[:8], images[8:]
+    # Only the two layers the outlier feeds are quantized, so their error is what is compared.
+    keep = ("patch_embed", "layers.0.blocks.0.attn.proj", "layers.0.blocks.0.mlp.fc2", "head")
+    layer = quantize_hybrid(model, calib, HybridQuantConfig(granularity="layer", keep_float=keep))
+    auto = quantize_hybrid(model, calib, HybridQuantConfig(granularity="auto", keep_float=keep))
+    choice = auto.vitslim_hybrid_choices["layers.0.blocks.0.attn.qkv"]
+    assert choice["norm"] == "layers.0.blocks.0.norm1" and choice["choice"] == "channel"
+    assert choice["errors"]["channel"] < 0.3 * min(v for k, v in choice["errors"].items() if k != "channel")
+    assert rel_error(model, auto, held_out, True) < 0.5 * rel_error(model, layer, held_out, True)
+    set_mode(auto, "off")  # the folds alone: the FP32 function is unchanged
+    assert rel_error(model, auto, held_out) < 1e-8
+
+
+def test_swin_exports_to_int8_kernels_matching_the_simulation(images, tmp_path):
+    qmodel = quantize_hybrid(tiny_swin(), images[:8])
+    path = export_onnx(qmodel, tmp_path / "swin.onnx")
+    ops = integer_ops(path)
+    assert ops.get("QLinearConv", 0) >= 1 and ops.get("MatMulIntegerToFloat", 0) >= 8  # patch embed; 4 linears x 2 blocks
+    check = validate_onnx(qmodel, path, images[8:])
+    assert check["cosine"] > 0.999
+
+
+def test_conv_batchnorm_model_folds_bn_and_runs_qlinearconv(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("efficientformer_l1", pretrained=False, depths=(1, 1, 1, 1), embed_dims=(8, 8, 16, 16),
+                              num_vit=1, num_classes=10).eval()
+    x = torch.randn(6, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    qmodel = quantize_hybrid(model, x[:4], HybridQuantConfig(error_images=1))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
+    assert rel_error(model, qmodel, x[4:]) < 1e-2
+    path = export_onnx(qmodel, tmp_path / "ef.onnx")
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert integer_ops(path).get("QLinearConv", 0) == convs
+    assert validate_onnx(qmodel, path, x[4:])["cosine"] > 0.999
+
+
+def test_unsupported_modules_are_named_and_the_model_is_untouched(images):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(2), nn.Conv1d(8, 8, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match=r"2 \(Conv1d\)"):
+        quantize_hybrid(model, images[:2])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    std = nn.Sequential(timm.layers.StdConv2d(3, 8, 3))
+    with pytest.raises(UnsupportedModelError, match="StdConv2d"):
+        quantize_hybrid(std, images[:2])
+
+
+def test_token_reduction_refuses_windowed_attention_with_the_reason():
+    with pytest.raises(UnsupportedModelError, match="windowed attention"):
+        tokens.reduce_tokens_(tiny_swin(), tokens.ToMeConfig(r=2))

@@ -16,9 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+import timm
 import torch
+from safetensors.torch import save_file
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.models.loading import input_size
 
 
@@ -46,10 +51,6 @@ class OnnxModel:
     """An ONNX Runtime session used like a model: takes a float tensor, returns a tensor."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        from vitslim.errors import ModelLoadError
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"ONNX model {str(self.path)!r} does not exist or is not a file")
@@ -79,9 +80,7 @@ class OnnxModel:
 
     def _contract(self):
         """The vitslim contract in the file's metadata (preprocessing, output meaning), if any."""
-        from vitslim.deploy.contract import Contract
-        from vitslim.errors import ConfigError, ModelLoadError
-
+        from vitslim.deploy.contract import Contract  # deferred: deploy imports bench (through export)
         metadata = self.session.get_modelmeta().custom_metadata_map
         if "vitslim.preprocessing" not in metadata:
             return None
@@ -92,8 +91,6 @@ class OnnxModel:
                                  "with `vitslim apply`, `vitslim compress` or `vitslim export`") from None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from vitslim.errors import ModelLoadError
-
         try:
             out = self.session.run(None, {self.input_name: images.float().numpy()})[0]
         except Exception as err:  # e.g. images of another size than the graph takes
@@ -111,16 +108,14 @@ def size_on_disk_mb(model: nn.Module | OnnxModel) -> float:
     """Size of the model file: the ONNX file, or the state dict saved as safetensors."""
     if isinstance(model, OnnxModel):
         return model.path.stat().st_size / 1e6
-    from safetensors.torch import save_file
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(_dedupe_shared(state), str(path))
+        save_file(dedupe_shared_tensors(state), str(path))
         return path.stat().st_size / 1e6
 
 
-def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dedupe_shared_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors sharing memory (tied weights): keep one copy of each."""
     seen, out = set(), {}
     for k, v in state.items():
@@ -134,8 +129,6 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def count_gmacs(model: nn.Module, input_size: tuple[int, ...]) -> float:
     """Multiply-accumulates per image (in G), counted by ``torch.utils.flop_counter``
     (which counts 2 FLOPs per MAC; papers' "GFLOPs" for ViTs are these GMACs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     dtype = next(model.parameters()).dtype
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(torch.randn(1, *input_size, dtype=dtype))
@@ -286,9 +279,6 @@ def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> CpuFeatures:
 
 def machine_info() -> dict:
     """What the figures were measured on."""
-    import onnxruntime
-    import timm
-
     cpu = cpu_features()
     isa = cpu.int8_isa
     return {
@@ -299,5 +289,5 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": ort.__version__,
     }

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -205,8 +206,6 @@ def _class_labels(folders: list[Path]) -> list[int]:
 def model_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
     """The evaluation transform from the model's own pretrained config (timm), at the input
     size the model was actually built for (``img_size=`` may differ from the config's)."""
-    from timm.data import create_transform, resolve_data_config
-
     from vitslim.models.loading import input_size
 
     config = resolve_data_config({}, model=model)

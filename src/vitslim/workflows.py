@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import torch
+from timm.data import create_transform
 from torch import nn
 
 from vitslim.bench import BenchResult, OnnxModel, compare, machine_info
@@ -21,6 +24,7 @@ from vitslim.errors import ConfigError
 from vitslim.evaluate import EvalResult, evaluate
 from vitslim.models import load_model
 from vitslim.models.reference import build_reference, load_reference_model, reference_onnx_path
+from vitslim.prune.io import is_pruned_folder, load_pruned
 
 EXAMPLE_IMAGES = Path(__file__).parent / "assets" / "example_images"
 
@@ -32,8 +36,6 @@ def load_any(spec: str, checkpoint: str | Path | None = None, dtype: str = "floa
     """A model from a CLI spec: timm name, the reference name, an ``.onnx`` file, or a folder
     saved by ``vitslim prune``. ``name@bfloat16`` picks the dtype inside the spec (handy for
     ``bench --compare``)."""
-    from vitslim.prune.io import is_pruned_folder, load_pruned
-
     spec, _, spec_dtype = spec.partition("@")
     dtype = spec_dtype or dtype
     if spec.endswith(".onnx"):
@@ -54,8 +56,6 @@ def preprocessing_for(model: nn.Module | OnnxModel, reference: nn.Module | OnnxM
     for m in (model, reference):
         if getattr(m, "contract", None) is not None:
             return m.contract.transform()
-    from timm.data import create_transform
-
     return create_transform(input_size=model.input_size, crop_pct=0.875, interpolation="bicubic")
 
 
@@ -98,9 +98,6 @@ def bench_side_by_side(
 def verify_reference(data: str | Path, limit: int = 16) -> dict:
     """Compare the converted PyTorch reference with the original ONNX model on real images:
     the backbone's final tokens and the full saliency map."""
-    import onnx
-    import onnxruntime as ort
-
     model = load_reference_model(with_decoder=True)
     images = torch.stack([x for x, _ in load_image_folder(data, model.backbone, limit=limit)])
     graph = onnx.load(str(reference_onnx_path()))

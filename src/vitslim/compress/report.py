@@ -191,7 +191,7 @@ def usage_section(result: SearchResult, model_name: str) -> str:
     """ "How to use this model": the saved artifact, how to reproduce it, a tested snippet."""
     if not result.artifact:
         return ""
-    from vitslim.deploy import read_contract, usage_markdown
+    from vitslim.deploy import read_contract, usage_markdown  # deferred: deploy imports compress
 
     contract = read_contract(result.artifact)
     s, src = result.settings, contract.source

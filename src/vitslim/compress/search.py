@@ -25,15 +25,18 @@ import torch
 from torch import nn
 
 import vitslim
-from vitslim import registry
+from vitslim import metrics, quant, registry
 from vitslim.bench import CpuFeatures, compare, cpu_features, machine_info
-from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe
+from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, recipe_from_dict
 from vitslim.data import make_loader
-from vitslim.errors import ConfigError, OutputPathError
+from vitslim.errors import ConfigError, ModelLoadError, OutputPathError
 from vitslim.evaluate import Outputs, predict
-from vitslim.output import write_json
+from vitslim.models import vit_parts
+from vitslim.models.reference import cache_dir
+from vitslim.output import check_output_dir, safe_filename, write_json
 from vitslim.progress import progress_bar
 from vitslim.quant import QuantConfig
+from vitslim.quant.modules import quantizers, set_mode
 
 if TYPE_CHECKING:
     from vitslim.deploy.contract import ModelSource
@@ -189,8 +192,6 @@ class ResultStore:
     that cannot be read back as a complete result is reported (with its path) and recomputed."""
 
     def __init__(self, root: Path) -> None:
-        from vitslim.output import check_output_dir
-
         self.root = check_output_dir(root, "result cache")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -272,6 +273,7 @@ def evaluate_candidate(
     fidelity) is the speedup this candidate must be able to reach to be chosen; its timing
     stops early when it clearly cannot (``clearly_losing``), and when it clearly reaches
     ``speedup_enough``, beyond which more timing cannot change the choice (``clearly_meets``)."""
+    # deploy imports compress (recipes): imported here, when a search runs, to break the cycle
     from vitslim.deploy.artifact import artifact_name, build_artifact, load_artifact, write_contract
     from vitslim.deploy.workflow import fidelity
 
@@ -545,10 +547,7 @@ def save_artifacts(out: Path, chosen: CandidateResult | None, others: list[Candi
     """Put the chosen candidate's artifact at ``out/model(.onnx)`` and the ``others`` under
     ``out/candidates/``: moved from ``staging`` when built in this run, kept when ``out``
     already holds the same candidate's, rebuilt otherwise. Returns recipe name -> path."""
-    from vitslim.compress.recipes import recipe_from_dict
     from vitslim.deploy.artifact import artifact_name, is_artifact, replace_path
-    from vitslim.output import safe_filename
-
     saved: dict[str, str] = {}
     if chosen is None or chosen.error:
         return saved
@@ -575,8 +574,6 @@ def _recorded_key(artifact: Path) -> str | None:
     """The cache key recorded in a saved artifact; None when its contract is unreadable (it is
     then rebuilt)."""
     from vitslim.deploy.artifact import read_contract
-    from vitslim.errors import ModelLoadError
-
     try:
         return read_contract(artifact).key
     except ModelLoadError:
@@ -586,7 +583,6 @@ def _recorded_key(artifact: Path) -> str | None:
 def _rebuild(model: nn.Module, c: CandidateResult, calib: torch.Tensor, dest: Path, source: ModelSource,
              calibration: dict) -> None:
     """A cached candidate's artifact, built again the same way, with its cached figures."""
-    from vitslim.compress.recipes import recipe_from_dict
     from vitslim.deploy.artifact import build_artifact, read_contract, write_contract
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -595,8 +591,6 @@ def _rebuild(model: nn.Module, c: CandidateResult, calib: torch.Tensor, dest: Pa
 
 
 def default_cache_dir() -> Path:
-    from vitslim.models.reference import cache_dir
-
     return cache_dir() / "compress"
 
 
@@ -622,10 +616,6 @@ def _cached_sensitivity(path: Path) -> list[dict] | None:
 def block_sensitivity(model: nn.Module, calib: torch.Tensor, images: torch.Tensor, preset: str = "w4a4") -> list[dict]:
     """Feature cosine vs FP32 when only block ``i`` is quantized (``preset``), for each block:
     the blocks with the lowest cosine are the ones to keep at higher precision."""
-    from vitslim import metrics, quant
-    from vitslim.models import vit_parts
-    from vitslim.quant.modules import quantizers, set_mode
-
     qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(preset), calib)
     rows = []
     with torch.no_grad():

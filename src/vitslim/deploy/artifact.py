@@ -20,16 +20,27 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitslim import registry
-from vitslim.bench import OnnxModel
+from vitslim.bench import OnnxModel, dedupe_shared_tensors
 from vitslim.compress.recipes import Recipe, recipe_from_dict
 from vitslim.compress.steps import apply_recipe
+from vitslim.datafile import check_mapping, read_data_file
 from vitslim.deploy.contract import Contract, ModelSource, contract_for
 from vitslim.errors import ConfigError, ModelLoadError
-from vitslim.output import publish
+from vitslim.export import export_onnx
+from vitslim.models import REFERENCE_NAME, load_model
+from vitslim.models.loading import load_state_dict_strict
+from vitslim.models.reference import load_reference_model
+from vitslim.output import publish, write_text_atomic
+from vitslim.quant.config import QuantConfig
+from vitslim.quant.io import restore_quantized
+from vitslim.quant.ptq import CONFIG_ATTR
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "vitslim.json"
 FOLDER_STEPS = ("tokens", "dtype", "quantize")  # recipe steps a saved folder knows how to replay
@@ -97,8 +108,6 @@ def build_artifact(model: nn.Module, recipe: Recipe, calib: torch.Tensor, out: s
 
 
 def _write_onnx(model: nn.Module, out: Path, contract: Contract) -> None:
-    from vitslim.export import export_onnx
-
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp.onnx")
     os.close(fd)
     try:
@@ -110,8 +119,6 @@ def _write_onnx(model: nn.Module, out: Path, contract: Contract) -> None:
 
 
 def _set_onnx_metadata(path: Path, contract: Contract) -> None:
-    import onnx
-
     graph = onnx.load(str(path))
     kept = [(p.key, p.value) for p in graph.metadata_props if not p.key.startswith("vitslim.")]
     del graph.metadata_props[:]
@@ -120,15 +127,10 @@ def _set_onnx_metadata(path: Path, contract: Contract) -> None:
 
 
 def _write_folder(model: nn.Module, out: Path, contract: Contract) -> None:
-    from safetensors.torch import save_file
-
-    from vitslim.bench import _dedupe_shared
-    from vitslim.quant.ptq import CONFIG_ATTR
-
     config = getattr(model, CONFIG_ATTR, None)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        state = _dedupe_shared({k: v.detach().contiguous() for k, v in model.state_dict().items()})
+        state = dedupe_shared_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()})
         save_file(state, str(tmp / WEIGHTS_FILE))
         meta = {"contract": contract.to_dict(), "quant_config": config.to_dict() if config else None}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -164,8 +166,6 @@ def read_contract(path: str | Path) -> Contract:
     malformed one is a ``ModelLoadError`` naming the file."""
     path = Path(path)
     if path.suffix == ".onnx" and path.is_file():
-        import onnx
-
         try:
             metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         except Exception as err:  # protobuf reports damaged files as several exception types
@@ -183,8 +183,6 @@ def read_contract(path: str | Path) -> Contract:
 
 def read_folder_meta(path: Path) -> dict:
     """``vitslim.json`` of a saved folder: a mapping with ``contract`` and ``quant_config``."""
-    from vitslim.datafile import check_mapping, read_data_file
-
     meta = check_mapping(read_data_file(path / META_FILE, META_FILE), META_FILE)
     if not isinstance(meta.get("contract"), dict) or not isinstance(meta.get("quant_config"), (dict, type(None))):
         raise ConfigError(f"{META_FILE}: expected the fields 'contract' (a mapping) and 'quant_config'")
@@ -201,8 +199,6 @@ def _checked(read, path: Path) -> Contract:
 
 def write_contract(path: str | Path, contract: Contract) -> None:
     """Replace the contract stored in an artifact, atomically."""
-    from vitslim.output import write_text_atomic
-
     path = Path(path)
     if path.suffix == ".onnx":
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.onnx")
@@ -228,13 +224,6 @@ def load_artifact(path: str | Path, threads: int | None = None) -> Artifact:
 
 
 def _load_folder(path: Path, contract: Contract) -> nn.Module:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from vitslim.models.loading import load_state_dict_strict
-    from vitslim.quant.config import QuantConfig
-    from vitslim.quant.io import restore_quantized
-
     meta = read_folder_meta(path)
     recipe = recipe_from_dict(contract.recipe)
     model = _architecture(ModelSource(contract.source["name"], contract.source.get("checkpoint"),
@@ -260,9 +249,6 @@ def _load_folder(path: Path, contract: Contract) -> nn.Module:
 
 
 def _architecture(source: ModelSource) -> nn.Module:
-    from vitslim.models import REFERENCE_NAME, load_model
-    from vitslim.models.reference import load_reference_model
-
     if source.name == REFERENCE_NAME:
         return load_reference_model()
     return load_model(source.name, pretrained=False, **source.timm_kwargs)

@@ -81,7 +81,7 @@ class Contract:
         """A contract from plain data, checked (types, the preprocessing and output an artifact
         is fed and read by, the recipe); a ``ConfigError`` naming ``where`` otherwise. Keys of
         a newer vitslim are ignored."""
-        from vitslim.compress.recipes import recipe_from_dict
+        from vitslim.compress.recipes import recipe_from_dict  # deferred: compress imports deploy
         from vitslim.datafile import check_fields, check_mapping
 
         data = check_mapping(data, where)

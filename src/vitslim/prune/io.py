@@ -12,9 +12,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vitslim.models import vit_parts
+from vitslim.bench import dedupe_shared_tensors
+from vitslim.models import load_model, vit_parts
 from vitslim.models.loading import ModelLoadError, load_state_dict_strict
 from vitslim.output import write_json
 from vitslim.prune.allocate import Plan
@@ -26,16 +28,12 @@ STATE_FILE, META_FILE = "model.safetensors", "prune.json"
 def save_pruned(model: nn.Module, out_dir: str | Path, model_name: str, timm_kwargs: dict | None = None) -> Path:
     """Write a model pruned by ``prune_`` to ``out_dir``: weights first, then the JSON (each
     atomically), so a folder with a ``prune.json`` is always complete."""
-    from safetensors.torch import save_file
-
-    from vitslim.bench import _dedupe_shared
-
     info = getattr(model, SHAPES_ATTR, None)
     if info is None:
         raise ValueError("this model was not pruned by vitslim.prune (no shapes recorded); nothing to save")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = _dedupe_shared({k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    state = dedupe_shared_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
     os.close(fd)
     save_file(state, tmp)
@@ -61,10 +59,6 @@ def _plan(meta: dict, depth: int, source: str) -> Plan:
 
 def load_pruned(model_dir: str | Path) -> nn.Module:
     """Rebuild a model saved by ``save_pruned``, in eval mode."""
-    from safetensors.torch import load_file
-
-    from vitslim.models import load_model
-
     model_dir = Path(model_dir)
     meta_path = model_dir / META_FILE
     if not meta_path.is_file():

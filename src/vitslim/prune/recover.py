@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -91,8 +92,6 @@ def _signature(model: nn.Module) -> dict:
 
 def _save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                      config: RecoverConfig) -> None:
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.named_parameters()}
     for name, p in model.named_parameters():
@@ -108,8 +107,6 @@ def _save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.O
 def _load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                      config: RecoverConfig) -> int:
     """Restore weights and optimizer state; returns the step to continue from (0: none)."""
-    from safetensors.torch import load_file
-
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         return 0

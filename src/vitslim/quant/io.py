@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vitslim.bench import dedupe_shared_tensors
 from vitslim.datafile import brief, check_mapping, check_type, read_data_file
 from vitslim.errors import ConfigError, ModelLoadError
+from vitslim.models import REFERENCE_NAME, load_model
+from vitslim.models.reference import _create_backbone, load_reference_model
 from vitslim.output import atomic_path, write_json
 from vitslim.quant.config import QuantConfig
 from vitslim.quant.modules import set_mode
@@ -33,12 +38,8 @@ META_FIELDS = {"format": int, "model": str, "timm_kwargs": dict[str, Any], "conf
 
 def save_quantized(model: nn.Module, out_dir: str | Path, model_name: str, timm_kwargs: dict | None = None) -> Path:
     """Write a quantized model to ``out_dir`` (created; files written atomically)."""
-    from safetensors.torch import save_file
-
-    from vitslim.bench import _dedupe_shared
-
     out_dir = Path(out_dir)
-    state = _dedupe_shared({k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    state = dedupe_shared_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     with atomic_path(out_dir / STATE_FILE) as tmp:
         save_file(state, str(tmp))
         weights_sha256 = _file_sha256(tmp)
@@ -95,8 +96,6 @@ def read_meta(model_dir: str | Path) -> dict:
 
 def load_quantized(model_dir: str | Path) -> nn.Module:
     """Rebuild a model saved by ``save_quantized``, ready to run (no calibration needed)."""
-    from safetensors.torch import load_file
-
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     try:
@@ -137,9 +136,6 @@ def _with_rotation(model: nn.Module, config: QuantConfig) -> nn.Module:
 def _build(meta: dict, device: torch.device | None = None) -> nn.Module:
     """The unquantized architecture (on ``device``: ``meta``
     allocates nothing, so a folder naming a huge architecture is refused cheaply)."""
-    from vitslim.models import REFERENCE_NAME, load_model
-    from vitslim.models.reference import _create_backbone, load_reference_model
-
     try:
         with device or torch.device("cpu"):
             if meta["model"] == REFERENCE_NAME:
@@ -157,8 +153,6 @@ def _build(meta: dict, device: torch.device | None = None) -> nn.Module:
 
 def _file_shapes(state_path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, from the safetensors header (no data is read)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(state_path), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safetensors handles are not mappings)

@@ -113,7 +113,8 @@ def int8_candidates(key: str, model: torch.nn.Module, calib: torch.Tensor, tmp: 
         made = {"int8": export_onnx(single_threaded(quant.quantize_, copy.deepcopy(model), w8a8, calib),
                                     tmp / f"{key}.onnx")}
         merged = tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=13))
-        made["int8+ToMe13"] = export_onnx(single_threaded(quant.quantize_, merged, w8a8, calib), tmp / f"{key}_tome.onnx")
+        made["int8+ToMe13"] = export_onnx(single_threaded(quant.quantize_, merged, w8a8, calib),
+                                          tmp / f"{key}_tome.onnx")
         return made
     return {"int8": export_onnx(single_threaded(quantize_hybrid, model, calib), tmp / f"{key}.onnx")}
 
@@ -193,7 +194,8 @@ def main() -> None:
         "int8_x_b1": "int8 × b1", "int8_x_b8": "int8 × b8",
         "int8_vs_ort_b1": "int8 / ORT FP32 b1", "int8_vs_ort_b8": "int8 / ORT FP32 b8",
         "int8+ToMe13_x_b1": "int8+ToMe × b1", "int8+ToMe13_x_b8": "int8+ToMe × b8", "int8_ops": "int8 kernels",
-        "int8_cos": "int8 cos", "int8+ToMe13_cos": "int8+ToMe cos", "top1": "published top-1", "source": "source", "error": "error"},
+        "int8_cos": "int8 cos", "int8+ToMe13_cos": "int8+ToMe cos", "top1": "published top-1", "source": "source",
+        "error": "error"},
         caption=f"{m['cpu']}, {m['torch_threads']} threads; × = ORT int8 throughput / PyTorch FP32 eager, "
                 f"interleaved, {args.iters} timed batches at b8, {2 * args.iters} at b1, measured under load. Random "
                 f"weights except DINOv2 (speed only); cosine: DINOv2 CLS vs FP32 on {args.eval} images of "

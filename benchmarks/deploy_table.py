@@ -7,16 +7,17 @@ each of its calibrators (MinMax, Entropy, Percentile; QDQ, per-channel weights),
 ``quantize_dynamic`` INT8, vitslim W8A8 on ORT (``w8a8-int``: every site int8; ``w8a8-ort``:
 attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT; fused graphs (ORT's transformer
 optimizer: SkipLayerNormalization, BiasGelu; ``vitslim.export.fuse``) of ORT FP32 and w8a8-ort;
-4-bit weights in ``MatMulNBits``: vitslim ``w4-ort`` (GPTQ codes, ``vitslim.export.nbits``) and ORT's
-own ``MatMulNBitsQuantizer`` (round to nearest, block 32) as the peer. All calibrate on the same seeded 32 images; fidelity (feature cosine vs PyTorch FP32) is
-measured on --eval other images, and only for the real DINOv2 reference model (DeiT-S has
-random weights here: no hub, so its fidelity would mean nothing). Throughput ratios come from
-one interleaved run per batch size (see ``vitslim.compare``).
-"""
+4-bit weights in ``MatMulNBits``: vitslim ``w4-ort`` (GPTQ codes, ``vitslim.export.nbits``) and
+ORT's own ``MatMulNBitsQuantizer`` (round to nearest, block 32) as the peer. All calibrate on the
+same seeded 32 images; fidelity (feature cosine vs PyTorch FP32) is measured on --eval other
+images, and only for the real DINOv2 reference model (DeiT-S has random weights here: no hub, so
+its fidelity would mean nothing). Throughput ratios come from one interleaved run per batch size
+(see ``vitslim.compare``)."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import tempfile
 import time
@@ -105,16 +106,19 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
         timed(f"ORT quantize_static {calibrator}",
               lambda c=calibrator: ort_quantize_static(fp32, calib, c, tmp / f"static_{c}.onnx"))
     timed("ORT quantize_dynamic", lambda: ort_quantize_dynamic(fp32, tmp / "dynamic.onnx"))
+    def quantized(preset: str, base: torch.nn.Module = model) -> torch.nn.Module:
+        return quant.quantize_(copy.deepcopy(base), quant.preset(preset), calib)
+
     qmodels = {}
     for preset in ("w8a8-int", "w8a8-ort"):
-        timed(f"vitslim {preset}", lambda p=preset: export_onnx(qmodels.setdefault(p, quant.quantize(model, calib, p)),
-                                                                tmp / f"{p}.onnx"))
+        timed(f"vitslim {preset}", lambda p=preset: export_onnx(qmodels.setdefault(p, quantized(p)), tmp / f"{p}.onnx"))
     timed("vitslim w8a8-ort fused", lambda: fused(qmodels["w8a8-ort"], made["vitslim w8a8-ort"]))
-    timed("vitslim w4-ort (MatMulNBits)", lambda: export_onnx(quant.quantize(model, calib, "w4-ort"), tmp / "w4.onnx"))
+    timed("vitslim w4-ort (MatMulNBits)", lambda: export_onnx(quantized("w4-ort"), tmp / "w4.onnx"))
     timed("ORT MatMulNBits RTN b32", lambda: ort_matmul_nbits(fp32, tmp / "ort_nbits.onnx"))
     for r in tome_r:  # merge first, then calibrate on the merged model: what the user would run
-        timed(f"vitslim w8a8-ort + ToMe r={r}", lambda r=r: export_onnx(
-            quant.quantize(tokens.apply(model, "tome", inplace=False, r=r), calib, "w8a8-ort"), tmp / f"tome{r}.onnx"))
+        merged = tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=r))
+        timed(f"vitslim w8a8-ort + ToMe r={r}",
+              lambda m=merged, r=r: export_onnx(quantized("w8a8-ort", m), tmp / f"tome{r}.onnx"))
     return {"models": made, "seconds": seconds}
 
 
@@ -157,7 +161,8 @@ def main() -> None:
         if key == "dinov2":
             model, name = load_reference_model(), "DINOv2 ViT-S/14"
         else:
-            model, name = timm.create_model("deit_small_patch16_224", pretrained=False).eval(), "DeiT-S (random weights)"
+            model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+            name = "DeiT-S (random weights)"
         calib_set, eval_set = calibration_split(load_image_folder(args.images, model), args.calib, seed=0)
         eval_set.indices = eval_set.indices[: args.eval]
         loader = make_loader(eval_set, 32) if key == "dinov2" else None
@@ -166,7 +171,8 @@ def main() -> None:
     print_table("deployment on ONNX Runtime vs PyTorch FP32 eager", rows, {
         "model": "model", "name": "candidate", "x_b1": "× eager b1", "x_b8": "× eager b8", "img_s_b8": "img/s b8",
         "size_mb": "size MB", "cosine": "cosine vs FP32", "sqnr_db": "SQNR dB", "make_s": "make s"},
-        caption=f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads (PyTorch and ORT), {args.iters} timed batches at batch 8 "
+        caption=f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads (PyTorch and ORT), "
+                f"{args.iters} timed batches at batch 8 "
                 f"and {4 * args.iters} at batch 1, interleaved; calibration {args.calib} images, fidelity on "
                 f"{args.eval} others of {args.images}")
 

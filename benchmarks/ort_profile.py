@@ -14,6 +14,7 @@ SkipLayerNormalization, BiasGelu), side by side: the profile before/after fusion
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 from collections import defaultdict
@@ -70,9 +71,12 @@ def main() -> None:
     threads = torch.get_num_threads()
     int8_name = "w8a8-ort" + (f" + ToMe r={args.tome_r}" if args.tome_r else "")
     with tempfile.TemporaryDirectory() as tmp:
-        reduced = tokens.apply(model, "tome", inplace=False, r=args.tome_r) if args.tome_r else model
-        qmodel = quant.quantize(reduced, calib, "w8a8-ort")
-        paths = {"FP32": export_onnx(model, Path(tmp, "fp32.onnx")), int8_name: export_onnx(qmodel, Path(tmp, "int8.onnx"))}
+        qmodel = copy.deepcopy(model)
+        if args.tome_r:
+            tokens.reduce_tokens_(qmodel, tokens.ToMeConfig(r=args.tome_r))
+        quant.quantize_(qmodel, quant.preset("w8a8-ort"), calib)
+        paths = {"FP32": export_onnx(model, Path(tmp, "fp32.onnx")),
+                 int8_name: export_onnx(qmodel, Path(tmp, "int8.onnx"))}
         if args.fuse:
             from vitslim.export.fuse import fuse_transformer
 
@@ -90,7 +94,8 @@ def main() -> None:
     m = machine_info()
     columns = {"op": "op type", **{f"{n} ms": f"{n} ms/batch" for n in times}, **{f"{n} %": f"{n} %" for n in times}}
     print_table(f"ONNX Runtime kernel time by op type, {args.model}, batch {args.batch}", rows, columns,
-                caption=f"{m['cpu']} [{m['cpu_features']}], {threads} threads, ORT {ort.__version__}, mean of {args.runs} runs")
+                caption=f"{m['cpu']} [{m['cpu_features']}], {threads} threads, ORT {ort.__version__}, "
+                        f"mean of {args.runs} runs")
 
 
 if __name__ == "__main__":

@@ -130,8 +130,9 @@ def test_margin_covers_ten_percent_noise():
 
 @pytest.mark.parametrize("seed", range(2))
 def test_early_stop_stops_losers_never_the_winner(tmp_path, example_images, monkeypatch, seed):
-    # speedup=2: "slow" cannot be chosen ("fp32", the original, is timed alone: 1× by definition); "winner" meets 2× first (then "fast" also
-    # meets it at the same cosine, and the first feasible of equal fidelity is kept).
+    # speedup=2: "slow" cannot be chosen ("fp32", the original, is timed alone: 1× by definition);
+    # "winner" meets 2× first (then "fast" also meets it at the same cosine, and the first
+    # feasible of equal fidelity is kept).
     true = {"fp32": 1.0, "slow": 0.5, "winner": 2.4, "almost": 1.8, "fast": 4.0}
     log: dict[str, int] = {}
     monkeypatch.setattr(search_mod, "compare", _fake_compare(true, noise=0.1, seed=seed, log=log))

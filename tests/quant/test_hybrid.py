@@ -74,7 +74,8 @@ def test_swin_exports_to_int8_kernels_matching_the_simulation(images, tmp_path):
     qmodel = quantize_hybrid(tiny_swin(), images[:8])
     path = export_onnx(qmodel, tmp_path / "swin.onnx")
     ops = integer_ops(path)
-    assert ops.get("QLinearConv", 0) >= 1 and ops.get("MatMulIntegerToFloat", 0) >= 8  # patch embed; 4 linears x 2 blocks
+    # the patch embedding; 4 linears x 2 blocks
+    assert ops.get("QLinearConv", 0) >= 1 and ops.get("MatMulIntegerToFloat", 0) >= 8
     check = validate_onnx(qmodel, path, images[8:])
     assert check["cosine"] > 0.999
 

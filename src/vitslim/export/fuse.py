@@ -31,7 +31,8 @@ def fuse_transformer(model: nn.Module, onnx_path: str | Path, out: str | Path | 
     from vitslim.models import vit_parts
 
     attn = vit_parts(model).blocks[0].attn
-    heads, dim = attn.num_heads, attn.qkv.in_features if hasattr(attn.qkv, "in_features") else attn.qkv.linear.in_features
+    qkv = attn.qkv if hasattr(attn.qkv, "in_features") else attn.qkv.linear  # plain or quantized linear
+    heads, dim = attn.num_heads, qkv.in_features
     level = logging.getLogger("onnxruntime").level
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)  # it logs every pattern it tries
     try:

@@ -28,6 +28,7 @@ only if the FP32 model's output is unchanged by it (checked, not assumed).
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 import warnings
 from dataclasses import dataclass
@@ -224,7 +225,7 @@ def _conv_bn_pairs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, str
     """(conv, batchnorm) pairs where the BatchNorm is called right after the conv on its output."""
     calls, keys = _trace(model, image)
     pairs = []
-    for (a, ma), (b, mb) in zip(calls, calls[1:]):
+    for (a, ma), (b, mb) in itertools.pairwise(calls):
         if (isinstance(ma, nn.Conv2d) and isinstance(mb, nn.modules.batchnorm._BatchNorm) and mb.affine
                 and mb.track_running_stats and keys[b][0] == keys[a][1]):
             pairs.append((a, b))
@@ -488,7 +489,7 @@ def quantize_hybrid(model: nn.Module, calib_images: torch.Tensor, config: Hybrid
     if any(isinstance(m, UniformQuantizer) for m in model.modules()):
         raise ConfigError("model is already quantized; pass the FP32 model")
     if len(calib_images) < 8:
-        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges")
+        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges", stacklevel=2)
     start = time.perf_counter()
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
@@ -538,7 +539,8 @@ def _calibrate(model: nn.Module, images: torch.Tensor, batch_size: int) -> None:
         model(batch)
     for q in quantizers(model):
         if not isinstance(q, WeightQuantizer):
-            q.sample = q.sample[torch.randperm(len(q.sample), generator=torch.Generator().manual_seed(0))[:SEARCH_SAMPLE]]
+            keep = torch.randperm(len(q.sample), generator=torch.Generator().manual_seed(0))[:SEARCH_SAMPLE]
+            q.sample = q.sample[keep]
             q.calibrate()
     for m in model.modules():
         if isinstance(m, (QuantLinear, QuantConv2d)):

@@ -57,33 +57,33 @@ MODELS = {
 }
 DEFAULT_MODELS = "efficientformer_l1,mobilevit_s"
 
-# Published ImageNet-1k top-1 (%) at 224 px unless noted, with where it is reported.
+# ImageNet-1k validation top-1 (%) of each architecture's timm weights, as timm measured them:
+# pytorch-image-models results/results-imagenet.csv (commit aa4b585, 2026-08-08), weight tag and
+# resolution named; DINOv2 has no ImageNet head, so its paper's linear-probe figure is cited.
+TIMM_RESULTS = "timm results-imagenet.csv"
 PUBLISHED = {
-    "deit_s": (79.8, "Touvron et al., Training data-efficient image transformers & distillation through "
-                     "attention, ICML 2021, Table (DeiT-S, no distillation)"),
+    "deit_s": (79.856, f"{TIMM_RESULTS}, deit_small_patch16_224.fb_in1k, 224 px"),
     "dinov2_s": (81.1, "Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, 2023, "
-                       "linear probe ViT-S/14 distilled (this model has no ImageNet head)"),
-    "swin_t": (81.3, "Liu et al., Swin Transformer: Hierarchical Vision Transformer using Shifted Windows, ICCV 2021"),
-    "efficientformer_l1": (79.2, "Li et al., EfficientFormer: Vision Transformers at MobileNet Speed, NeurIPS 2022"),
-    "efficientformer_l3": (82.4, "Li et al., EfficientFormer: Vision Transformers at MobileNet Speed, NeurIPS 2022"),
-    "efficientformerv2_s1": (79.0, "Li et al., Rethinking Vision Transformers for MobileNet Size and Speed "
-                                   "(EfficientFormerV2), ICCV 2023"),
-    "efficientvit_b1": (79.4, "Cai et al., EfficientViT: Multi-Scale Linear Attention for High-Resolution Dense "
-                              "Prediction, ICCV 2023 (B1, r224)"),
-    "efficientvit_m5": (77.1, "Liu et al., EfficientViT: Memory Efficient Vision Transformer with Cascaded Group "
-                              "Attention, CVPR 2023"),
-    "mobilevit_s": (78.4, "Mehta & Rastegari, MobileViT: Light-weight, General-purpose, and Mobile-friendly Vision "
-                          "Transformer, ICLR 2022 (256 px)"),
-    "nextvit_s": (82.5, "Li et al., Next-ViT: Next Generation Vision Transformer for Efficient Deployment in "
-                        "Realistic Industrial Scenarios, 2022"),
-    "tinyvit_11m": (83.2, "Wu et al., TinyViT: Fast Pretraining Distillation for Small Vision Transformers, ECCV "
-                          "2022 (distilled from IN-21k; 81.5 with IN-1k only)"),
-    "convnext_t": (82.1, "Liu et al., A ConvNet for the 2020s, CVPR 2022"),
+                       "ImageNet linear probe of ViT-S/14 distilled, as in the facebookresearch/dinov2 README "
+                       "(this model has no ImageNet head)"),
+    "swin_t": (81.388, f"{TIMM_RESULTS}, swin_tiny_patch4_window7_224.ms_in1k, 224 px"),
+    "efficientformer_l1": (80.502, f"{TIMM_RESULTS}, efficientformer_l1.snap_dist_in1k, 224 px"),
+    "efficientformer_l3": (82.562, f"{TIMM_RESULTS}, efficientformer_l3.snap_dist_in1k, 224 px"),
+    "efficientformerv2_s1": (79.684, f"{TIMM_RESULTS}, efficientformerv2_s1.snap_dist_in1k, 224 px"),
+    "efficientvit_b1": (79.254, f"{TIMM_RESULTS}, efficientvit_b1.r224_in1k, 224 px"),
+    "efficientvit_m5": (77.092, f"{TIMM_RESULTS}, efficientvit_m5.r224_in1k, 224 px"),
+    "mobilevit_s": (78.298, f"{TIMM_RESULTS}, mobilevit_s.cvnets_in1k, 256 px"),
+    "nextvit_s": (82.626, f"{TIMM_RESULTS}, nextvit_small.bd_in1k, 224 px"),
+    "tinyvit_11m": (81.538, f"{TIMM_RESULTS}, tiny_vit_11m_224.in1k, 224 px (83.232 distilled from IN-22k)"),
+    "convnext_t": (82.066, f"{TIMM_RESULTS}, convnext_tiny.fb_in1k, 224 px"),
 }
 
 
 def short_citation(source: str) -> str:
-    """'First author et al., year' for the table; the full citation stays in ``PUBLISHED``."""
+    """'First author et al., year' (or the timm weight tag) for the table; the full source stays
+    in ``PUBLISHED``."""
+    if source.startswith(TIMM_RESULTS):
+        return "timm: " + source.split(", ")[1]
     years = re.findall(r"\b(?:19|20)\d\d\b", source)
     return f"{source.split(',')[0]}, {years[0]}" if years else source
 

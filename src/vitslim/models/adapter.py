@@ -12,7 +12,7 @@ theirs in ``vitslim.models.hf``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,7 +26,9 @@ class BlockParts:
 
     The softmax and GELU "sites" are where post-Softmax / post-GELU activations appear:
     ``attn`` owns the softmax (see ``vitslim.models.adapter.attention_softmax_site``),
-    ``act`` is the GELU module between ``fc1`` and ``fc2``.
+    ``act`` is the GELU module between ``fc1`` and ``fc2``. A block computes
+    ``x + drop_path1(ls1(attn(norm1(x))))`` then ``x + drop_path2(ls2(mlp(norm2(x))))``: methods that
+    run a block themselves (token reduction) compose these parts.
     """
 
     index: int
@@ -42,6 +44,8 @@ class BlockParts:
     act: nn.Module
     fc2: nn.Linear
     ls2: nn.Module
+    drop_path1: nn.Module = field(default_factory=nn.Identity)  # stochastic depth (training only)
+    drop_path2: nn.Module = field(default_factory=nn.Identity)
 
     @property
     def num_heads(self) -> int:
@@ -110,6 +114,8 @@ def _timm_vit_block(index: int, block: nn.Module) -> BlockParts:
         act=block.mlp.act,
         fc2=block.mlp.fc2,
         ls2=block.ls2,
+        drop_path1=block.drop_path1,
+        drop_path2=block.drop_path2,
     )
 
 
@@ -135,6 +141,12 @@ def register_model_adapter(model_type: type) -> Callable:
     return wrap
 
 
+def parts_of_block(index: int, block: nn.Module) -> BlockParts:
+    """``BlockParts`` of one block of a known type (read afresh: methods may have swapped its
+    modules, e.g. quantized linears or rotated norms)."""
+    return _BLOCK_ADAPTERS[type(block)](index, block)
+
+
 def block_parts(blocks: nn.Module, model_name: str) -> list[BlockParts]:
     """``BlockParts`` of every block; ``UnsupportedModelError`` naming unknown block types, so a
     method never silently acts on part of a model."""
@@ -150,7 +162,7 @@ def block_parts(blocks: nn.Module, model_name: str) -> list[BlockParts]:
         raise UnsupportedModelError(
             f"unsupported block type(s) {unknown} in {model_name}; vitslim has adapters for {known}."
         )
-    return [_BLOCK_ADAPTERS[type(b)](i, b) for i, b in enumerate(blocks)]
+    return [parts_of_block(i, b) for i, b in enumerate(blocks)]
 
 
 def _timm_vit(model: nn.Module) -> ViTParts:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitslim.models import BlockParts, vit_parts
 from vitslim.registry import register
 from vitslim.tokens.common import TokenState, attn_residual, check_blocks, class_attention, mlp_residual, patch
 from vitslim.tokens.config import ATSConfig
@@ -47,13 +48,13 @@ def ats_sample(x: torch.Tensor, significance: torch.Tensor, budget: float, num_p
     return torch.cat([x[:, :num_prefix], tokens], 1), torch.cat([prefix_mask, kept], 1)
 
 
-def _block_forward(block: nn.Module, x: torch.Tensor, state: TokenState, index: int) -> torch.Tensor:
-    x, q, k, v = attn_residual(block, x, state, prop_attn=False)
-    if index in state.params["blocks"] and state.params["budget"] < 1:
-        cls_attn = class_attention(q, k, block.attn.scale, state.pad_mask)  # (B, H, N)
+def _block_forward(bp: BlockParts, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    x, q, k, v = attn_residual(bp, x, state, prop_attn=False)
+    if bp.index in state.params["blocks"] and state.params["budget"] < 1:
+        cls_attn = class_attention(q, k, bp.attn.scale, state.pad_mask)  # (B, H, N)
         significance = (cls_attn * v.norm(dim=-1)).sum(1)
         x, state.pad_mask = ats_sample(x, significance, state.params["budget"], state.num_prefix, state.pad_mask)
-    return mlp_residual(block, x)
+    return mlp_residual(bp, x)
 
 
 @register(ATSConfig, step="tokens", stage=1, method="ats")
@@ -61,6 +62,6 @@ def ats_(model: nn.Module, config: ATSConfig) -> nn.Module:
     """Patch ``model`` in place with ATS (Fayyaz et al., "Adaptive Token Sampling for Efficient
     Vision Transformers", 2022): at each of ``config.blocks``, sample at most ``config.budget``
     × the tokens present."""
-    blocks = default_evit_blocks(len(model.blocks)) if config.blocks is None else list(config.blocks)
+    blocks = default_evit_blocks(len(vit_parts(model).blocks)) if config.blocks is None else list(config.blocks)
     blocks = check_blocks("ats", model, blocks)
     return patch(model, "ats", {"budget": config.budget, "blocks": blocks}, _block_forward)

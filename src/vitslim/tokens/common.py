@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from vitslim.errors import ConfigError
-from vitslim.models import vit_parts
+from vitslim.models import BlockParts, vit_parts
+from vitslim.models.adapter import parts_of_block
 from vitslim.models.attention import attention_forward
 
 STATE_ATTR = "_vitslim_tokens"
@@ -68,11 +69,11 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, pad_mask: to
     return logits.softmax(-1)[:, :, 0]
 
 
-BlockForward = Callable[[nn.Module, torch.Tensor, TokenState, int], torch.Tensor]
+BlockForward = Callable[[BlockParts, torch.Tensor, TokenState], torch.Tensor]
 
 
 def patch(model: nn.Module, method: str, params: dict, block_forward: BlockForward) -> nn.Module:
-    """Give every block ``block_forward`` (with its index and the shared state).
+    """Give every block ``block_forward`` (with its parts, from the adapter, and the shared state).
 
     The patch is plain attributes and bound methods, so ``copy.deepcopy`` of a patched model
     gives an independent patched copy (quantization deep-copies models)."""
@@ -93,7 +94,7 @@ def patch(model: nn.Module, method: str, params: dict, block_forward: BlockForwa
 
 def _patched_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     state = block.vitslim_token_state
-    out = state.block_forward(block, x, state, block.vitslim_token_index)
+    out = state.block_forward(parts_of_block(block.vitslim_token_index, block), x, state)
     state.counts.append(out.shape[1])
     state.image_counts = (state.pad_mask.sum(1) if state.pad_mask is not None
                           else torch.full((out.shape[0],), out.shape[1]))
@@ -105,9 +106,9 @@ def remove(model: nn.Module) -> nn.Module:
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         return model
-    for block in model.blocks:
+    for bp in vit_parts(model).blocks:
         for attr in ("forward", "vitslim_token_index", "vitslim_token_state"):
-            block.__dict__.pop(attr, None)
+            bp.block.__dict__.pop(attr, None)
     state.hook.remove()
     delattr(model, STATE_ATTR)
     return model
@@ -118,14 +119,14 @@ def token_state(model: nn.Module) -> TokenState | None:
     return getattr(model, STATE_ATTR, None)
 
 
-def mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+def mlp_residual(bp: BlockParts, x: torch.Tensor) -> torch.Tensor:
+    return x + bp.drop_path2(bp.ls2(bp.mlp(bp.norm2(x))))
 
 
-def attn_residual(block: nn.Module, x: torch.Tensor, state: TokenState, prop_attn: bool) -> tuple[torch.Tensor, ...]:
+def attn_residual(bp: BlockParts, x: torch.Tensor, state: TokenState, prop_attn: bool) -> tuple[torch.Tensor, ...]:
     """The block's attention half: (x + attention, q, k, v)."""
-    out, q, k, v = attention(block.attn, block.norm1(x), state, prop_attn)
-    return x + block.drop_path1(block.ls1(out)), q, k, v
+    out, q, k, v = attention(bp.attn, bp.norm1(x), state, prop_attn)
+    return x + bp.drop_path1(bp.ls1(out)), q, k, v
 
 
 def num_tokens(model: nn.Module) -> int:
@@ -135,7 +136,7 @@ def num_tokens(model: nn.Module) -> int:
 
 def check_blocks(method: str, model: nn.Module, blocks: list[int]) -> list[int]:
     """Validate the block indices a method acts in."""
-    depth = len(model.blocks)
+    depth = len(vit_parts(model).blocks)
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
         raise ConfigError(f"{method}: blocks {bad} out of range for a {depth}-block model (0..{depth - 1})")

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from vitslim.models import BlockParts, vit_parts
 from vitslim.registry import register
 from vitslim.tokens.common import TokenState, attn_residual, check_blocks, class_attention, mlp_residual, patch
 from vitslim.tokens.config import EViTConfig
@@ -31,15 +32,15 @@ def evit_keep(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, num_prefix: in
     return torch.cat([x[:, :num_prefix], gather(top), fused], dim=1)
 
 
-def _block_forward(block: nn.Module, x: torch.Tensor, state: TokenState, index: int) -> torch.Tensor:
-    x, q, k, _ = attn_residual(block, x, state, prop_attn=False)
-    if index in state.params["blocks"]:
+def _block_forward(bp: BlockParts, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    x, q, k, _ = attn_residual(bp, x, state, prop_attn=False)
+    if bp.index in state.params["blocks"]:
         n = x.shape[1] - state.num_prefix
         keep = math.ceil(state.params["keep_rate"] * n)
         if keep < n - 1:  # fusing a single token into "the rest" would change nothing
-            cls_attn = class_attention(q, k, block.attn.scale, None).mean(1)
+            cls_attn = class_attention(q, k, bp.attn.scale, None).mean(1)
             x = evit_keep(x, cls_attn, keep, state.num_prefix)
-    return mlp_residual(block, x)
+    return mlp_residual(bp, x)
 
 
 def default_evit_blocks(depth: int) -> list[int]:
@@ -51,6 +52,6 @@ def default_evit_blocks(depth: int) -> list[int]:
 def evit_(model: nn.Module, config: EViTConfig) -> nn.Module:
     """Patch ``model`` in place with EViT (Liang et al., "Not All Patches are What You Need",
     2022): keep ``config.keep_rate`` of the tokens in ``config.blocks``, fuse the rest."""
-    blocks = default_evit_blocks(len(model.blocks)) if config.blocks is None else list(config.blocks)
+    blocks = default_evit_blocks(len(vit_parts(model).blocks)) if config.blocks is None else list(config.blocks)
     blocks = check_blocks("evit", model, blocks)
     return patch(model, "evit", {"keep_rate": config.keep_rate, "blocks": blocks}, _block_forward)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitslim.models import BlockParts
 from vitslim.registry import register
 from vitslim.tokens.common import TokenState, attn_residual, mlp_residual, patch
 from vitslim.tokens.config import MCTFConfig
@@ -118,27 +119,27 @@ def fuse(merge, x: torch.Tensor, size: torch.Tensor, weight: torch.Tensor) -> tu
     return x, merge(size, "sum")
 
 
-def _fuse_tokens(block: nn.Module, x: torch.Tensor, metric: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+def _fuse_tokens(bp: BlockParts, x: torch.Tensor, metric: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  state: TokenState, r: int) -> torch.Tensor:
     p = state.params
     if state.size is None:
         state.size = torch.ones_like(x[..., :1])
-    received = attention_received(q, k, block.attn.scale, state.size)
+    received = attention_received(q, k, bp.attn.scale, state.size)
     scores = mctf_scores(metric, received, state.size, p["tau_sim"], p["tau_info"], p["tau_size"])
     merge = mctf_merge(scores, r, state.num_prefix, p["bidirectional"])
     x, state.size = fuse(merge, x, state.size, received[..., None])
     return x
 
 
-def _block_forward(block: nn.Module, x: torch.Tensor, state: TokenState, index: int) -> torch.Tensor:
-    r, ahead = state.params["schedule"][index], state.params["one_step_ahead"]
+def _block_forward(bp: BlockParts, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    r, ahead = state.params["schedule"][bp.index], state.params["one_step_ahead"]
     tokens_in = x
-    x, q, k, _ = attn_residual(block, x, state, prop_attn=True)
+    x, q, k, _ = attn_residual(bp, x, state, prop_attn=True)
     if r and ahead:  # scored on the tokens entering the block and this block's attention over them
-        x = _fuse_tokens(block, x, tokens_in, q, k, state, r)
-    x = mlp_residual(block, x)
+        x = _fuse_tokens(bp, x, tokens_in, q, k, state, r)
+    x = mlp_residual(bp, x)
     if r and not ahead:  # scored on the tokens leaving the block and the attention they went through
-        x = _fuse_tokens(block, x, x, q, k, state, r)
+        x = _fuse_tokens(bp, x, x, q, k, state, r)
     return x
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vitslim.errors import ConfigError
+from vitslim.models import BlockParts, vit_parts
 from vitslim.registry import register
 from vitslim.tokens.common import TokenState, attn_residual, mlp_residual, num_tokens, patch
 from vitslim.tokens.config import ToMeConfig
@@ -92,23 +93,23 @@ def merge_wavg(merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor
     return x / size, size
 
 
-def _block_forward(block: nn.Module, x: torch.Tensor, state: TokenState, index: int) -> torch.Tensor:
+def _block_forward(bp: BlockParts, x: torch.Tensor, state: TokenState) -> torch.Tensor:
     prop_attn = state.params["prop_attn"]
-    x, _, k, _ = attn_residual(block, x, state, prop_attn)
-    r = state.params["schedule"][index]
+    x, _, k, _ = attn_residual(bp, x, state, prop_attn)
+    r = state.params["schedule"][bp.index]
     if r > 0:
         if state.size is None:
             state.size = torch.ones_like(x[..., :1])
         merge = bipartite_soft_matching(k.mean(1), r, state.num_prefix)
         x, state.size = merge_wavg(merge, x, state.size)
-    return mlp_residual(block, x)
+    return mlp_residual(bp, x)
 
 
 def tome_schedule(model: nn.Module, r: int | tuple[int, ...], method: str = "tome") -> list[int]:
     """Per-block merge counts: a constant ``r`` or an explicit list, checked against the tokens
     each block has (ToMe can merge at most half of the non-prefix tokens per block); errors
     name ``method``."""
-    depth = len(model.blocks)
+    depth = len(vit_parts(model).blocks)
     schedule = [r] * depth if isinstance(r, int) else list(r)
     if len(schedule) != depth:
         raise ConfigError(f"{method}: schedule has {len(schedule)} entries but the model has {depth} blocks")

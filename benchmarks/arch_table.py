@@ -7,7 +7,7 @@ Per model: params, GMACs, PyTorch FP32 eager throughput at batch 1 and 8, and th
 over it of ONNX Runtime FP32 and of vitslim W8A8 in ONNX Runtime (interleaved in one run,
 ``vitslim.compare``; int8 over ORT FP32 is what quantization itself buys): for the
 ViTs (DeiT-S, DINOv2-S) the ``w8a8-ort`` preset and ``w8a8-ort`` + ToMe r=13; for the hybrid
-and hierarchical models ``vitslim.quant.hybrid.quantize_hybrid`` (token reduction does not
+and hierarchical models ``vitslim.quant.hybrid.quantize_hybrid_`` (token reduction does not
 apply to them: ``vitslim.tokens`` says why). The int8 kernels ORT runs are counted. Next to
 them, each architecture's published ImageNet-1k top-1 with its source (``PUBLISHED``).
 
@@ -35,7 +35,7 @@ from vitslim.export import export_onnx, integer_ops
 from vitslim.models import load_reference_model
 from vitslim.models.loading import input_size
 from vitslim.output import print_table
-from vitslim.quant.hybrid import quantize_hybrid
+from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "example_images"
@@ -116,7 +116,8 @@ def int8_candidates(key: str, model: torch.nn.Module, calib: torch.Tensor, tmp: 
         made["int8+ToMe13"] = export_onnx(single_threaded(quant.quantize_, merged, w8a8, calib),
                                           tmp / f"{key}_tome.onnx")
         return made
-    return {"int8": export_onnx(single_threaded(quantize_hybrid, model, calib), tmp / f"{key}.onnx")}
+    qmodel = single_threaded(quantize_hybrid_, copy.deepcopy(model), HybridQuantConfig(), calib)
+    return {"int8": export_onnx(qmodel, tmp / f"{key}.onnx")}
 
 
 def fidelity(model: torch.nn.Module, paths: dict[str, Path], loader) -> dict[str, float]:

@@ -3,6 +3,8 @@ choice matters, exactness of the folds, int8 kernels in ONNX Runtime, clear refu
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 from vitslim import tokens
 from vitslim.errors import UnsupportedModelError
 from vitslim.export import export_onnx, integer_ops, validate_onnx
-from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid
+from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
 from vitslim.quant.modules import set_mode
 
 
@@ -60,8 +62,8 @@ def test_granularity_choice_wins_on_a_planted_outlier_channel(images):
     calib, held_out = images[:8], images[8:]
     # Only the two layers the outlier feeds are quantized, so their error is what is compared.
     keep = ("patch_embed", "layers.0.blocks.0.attn.proj", "layers.0.blocks.0.mlp.fc2", "head")
-    layer = quantize_hybrid(model, calib, HybridQuantConfig(granularity="layer", keep_float=keep))
-    auto = quantize_hybrid(model, calib, HybridQuantConfig(granularity="auto", keep_float=keep))
+    layer = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(granularity="layer", keep_float=keep), calib)
+    auto = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(granularity="auto", keep_float=keep), calib)
     choice = auto.vitslim_hybrid_choices["layers.0.blocks.0.attn.qkv"]
     assert choice["norm"] == "layers.0.blocks.0.norm1" and choice["choice"] == "channel"
     assert choice["errors"]["channel"] < 0.3 * min(v for k, v in choice["errors"].items() if k != "channel")
@@ -71,7 +73,7 @@ def test_granularity_choice_wins_on_a_planted_outlier_channel(images):
 
 
 def test_swin_exports_to_int8_kernels_matching_the_simulation(images, tmp_path):
-    qmodel = quantize_hybrid(tiny_swin(), images[:8])
+    qmodel = quantize_hybrid_(tiny_swin(), HybridQuantConfig(), images[:8])
     path = export_onnx(qmodel, tmp_path / "swin.onnx")
     ops = integer_ops(path)
     # the patch embedding; 4 linears x 2 blocks
@@ -85,7 +87,7 @@ def test_conv_batchnorm_model_folds_bn_and_runs_qlinearconv(tmp_path):
     model = timm.create_model("efficientformer_l1", pretrained=False, depths=(1, 1, 1, 1), embed_dims=(8, 8, 16, 16),
                               num_vit=1, num_classes=10).eval()
     x = torch.randn(6, 3, 224, 224, generator=torch.Generator().manual_seed(2))
-    qmodel = quantize_hybrid(model, x[:4], HybridQuantConfig(error_images=1))
+    qmodel = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(error_images=1), x[:4])
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
     assert rel_error(model, qmodel, x[4:]) < 1e-2
     path = export_onnx(qmodel, tmp_path / "ef.onnx")
@@ -98,13 +100,24 @@ def test_unsupported_modules_are_named_and_the_model_is_untouched(images):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(2), nn.Conv1d(8, 8, 1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UnsupportedModelError, match=r"2 \(Conv1d\)"):
-        quantize_hybrid(model, images[:2])
+        quantize_hybrid_(model, HybridQuantConfig(), images[:2])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     std = nn.Sequential(timm.layers.StdConv2d(3, 8, 3))
     with pytest.raises(UnsupportedModelError, match="StdConv2d"):
-        quantize_hybrid(std, images[:2])
+        quantize_hybrid_(std, HybridQuantConfig(), images[:2])
 
 
 def test_token_reduction_refuses_windowed_attention_with_the_reason():
     with pytest.raises(UnsupportedModelError, match="windowed attention"):
         tokens.reduce_tokens_(tiny_swin(), tokens.ToMeConfig(r=2))
+
+
+def test_hybrid_quantization_is_a_registered_verb(images):
+    from vitslim import registry
+
+    model = tiny_swin()
+    direct = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(granularity="layer"), images[:4])
+    via_registry = registry.apply_(copy.deepcopy(model), HybridQuantConfig(granularity="layer"), images[:4])
+    with torch.no_grad():
+        assert torch.equal(direct(images[4:6]), via_registry(images[4:6]))
+        assert not torch.equal(direct(images[4:6]), model(images[4:6]))  # it did quantize

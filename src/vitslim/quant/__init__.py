@@ -12,6 +12,7 @@ points are kept for export. I-ViT's integer-only Softmax/GELU/LayerNorm are in
 """
 
 from vitslim.quant.config import PRESETS, QuantConfig, SiteConfig, preset
+from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
 from vitslim.quant.mixed import mixed_precision_config
 from vitslim.quant.ptq import (
     quantize,  # noqa: F401 (deprecated: a copying wrapper, for one release)
@@ -19,4 +20,5 @@ from vitslim.quant.ptq import (
 )
 from vitslim.quant.rotate import rotate
 
-__all__ = ["PRESETS", "QuantConfig", "SiteConfig", "mixed_precision_config", "preset", "quantize_", "rotate"]
+__all__ = ["PRESETS", "HybridQuantConfig", "QuantConfig", "SiteConfig", "mixed_precision_config", "preset", "quantize_",
+           "quantize_hybrid_", "rotate"]

@@ -1,8 +1,8 @@
 """W8A8 for any conv/attention model (Swin, EfficientFormer, MobileViT, EfficientViT, ...) that
 exports to ONNX Runtime's int8 kernels, with Q-HyViT's per-layer granularity choice.
 
-    from vitslim.quant.hybrid import quantize_hybrid
-    qmodel = quantize_hybrid(model, calib_images)        # HybridQuantConfig() defaults
+    from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
+    quantize_hybrid_(model, HybridQuantConfig(), calib_images)   # in place
     vitslim.export.export_onnx(qmodel, "model.int8.onnx")
 
 What is quantized: the input and weight of every ``nn.Linear`` and ``nn.Conv2d`` (int8 weights
@@ -42,6 +42,7 @@ from vitslim.progress import progress_bar
 from vitslim.quant.layernorm_reparam import channel_params
 from vitslim.quant.modules import QuantLinear, quantizers, set_mode
 from vitslim.quant.quantizers import UniformQuantizer, WeightQuantizer
+from vitslim.registry import register
 
 RANGE_METHODS = ("minmax", "percentile", "mse")
 GRANULARITIES = ("auto", "layer", "channel")
@@ -464,8 +465,8 @@ def _quantizable_layers(model: nn.Module, config: HybridQuantConfig) -> dict[str
             and not any(n == p or n.startswith(p + ".") for p in config.keep_float)}
 
 
-def quantize_hybrid(model: nn.Module, calib_images: torch.Tensor, config: HybridQuantConfig | None = None,
-                    inplace: bool = False) -> nn.Module:
+@register(HybridQuantConfig, step="quantize_hybrid", stage=2, calibrated=True)
+def quantize_hybrid_(model: nn.Module, config: HybridQuantConfig, calib_images: torch.Tensor) -> nn.Module:
     """W8A8 post-training quantization of any timm conv/attention model (Swin, EfficientFormer(V2),
     MobileViT, EfficientViT, Next-ViT, TinyViT, ConvNeXt, ...) for ONNX Runtime's int8 kernels.
 
@@ -476,11 +477,13 @@ def quantize_hybrid(model: nn.Module, calib_images: torch.Tensor, config: Hybrid
     every int8 kernel keeps one input scale. Steps: name unsupported modules (error), choose and
     fold, fold BatchNorms into their convs, wrap every Linear/Conv2d, calibrate the activation
     ranges on ``calib_images`` ((N, 3, H, W), preprocessed) and round the weights. The choice per
-    group is stored in ``qmodel.vitslim_hybrid_choices``. Returns a copy unless ``inplace``.
+    group is stored in ``model.vitslim_hybrid_choices``. In place (every vitslim verb is): the
+    model is returned, quantized.
     """
-    config = config or HybridQuantConfig()
+    if not isinstance(config, HybridQuantConfig):
+        raise ConfigError(f"quantize_hybrid_ takes a HybridQuantConfig, got {type(config).__name__}")
     if len(calib_images) == 0:
-        raise ConfigError("quantize_hybrid needs at least one calibration image")
+        raise ConfigError("quantize_hybrid_ needs at least one calibration image")
     bad = unsupported_modules(model)
     if bad:
         more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
@@ -491,8 +494,7 @@ def quantize_hybrid(model: nn.Module, calib_images: torch.Tensor, config: Hybrid
     if len(calib_images) < 8:
         warnings.warn(f"only {len(calib_images)} calibration images; 32 or more give stabler ranges", stacklevel=2)
     start = time.perf_counter()
-    qmodel = model if inplace else copy.deepcopy(model)
-    qmodel.eval()
+    qmodel = model.eval()
     probe = calib_images[:2]
     layers = _quantizable_layers(qmodel, config)
     groups = _layer_groups(qmodel, calib_images[:1], layers)

@@ -165,3 +165,16 @@ def test_quantized_hugging_face_model_exports_to_int8_kernels(tmp_path):
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         assert abs(out - q(x).numpy()).max() < 1e-2 * q(x).abs().max().item()
+
+
+def test_empty_hugging_face_spec_and_file_as_output_folder_are_named(tmp_path):
+    from vitslim.errors import OutputPathError
+    from vitslim.models.hf import save_reference_hf
+
+    with pytest.raises(ModelLoadError, match="needs a Hugging Face model id"):
+        load_model("hf:")
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    with pytest.raises(OutputPathError, match="is a file"):
+        save_reference_hf(not_a_folder)
+    assert not_a_folder.read_text() == "x"

@@ -222,6 +222,9 @@ def load_hf_model(source: str, pretrained: bool = True) -> HFVisionTransformer:
     except ImportError as err:
         raise ModelLoadError("Hugging Face models need `transformers`: pip install 'vitslim[hf]'") from err
     source = source.removeprefix(HF_PREFIX)
+    if not source.strip():
+        raise ModelLoadError("hf: needs a Hugging Face model id or a folder written by save_pretrained, "
+                             "e.g. hf:facebook/dinov2-small or hf:path/to/folder")
     try:
         config = AutoConfig.from_pretrained(source)
         auto = AutoModelForImageClassification if any(
@@ -274,6 +277,8 @@ def save_reference_hf(folder: str | Path) -> Path:
     from vitslim.models.reference import load_reference_model
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{str(folder)!r} is a file; --hf-out takes a folder to create")
     if folder.exists() and any(folder.iterdir()):
         raise OutputPathError(f"{str(folder)!r} exists and is not empty; choose a new folder")
     timm_model = load_reference_model()

@@ -35,6 +35,7 @@ from vitslim.export import export_onnx, integer_ops
 from vitslim.models import load_reference_model
 from vitslim.models.loading import input_size
 from vitslim.output import print_table
+from vitslim.quant.gptq import one_thread
 from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -96,27 +97,17 @@ def create(key: str) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False).eval()
 
 
-def single_threaded(fn, *args, **kwargs):
-    """Calibration is many small ops: on a loaded 2-core machine one thread is far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def int8_candidates(key: str, model: torch.nn.Module, calib: torch.Tensor, tmp: Path) -> dict[str, Path]:
     """vitslim's int8 ONNX exports of ``model``: W8A8 (and W8A8 + ToMe r=13 for the ViTs)."""
     if MODELS[key][2] == "vit":
         w8a8 = quant.preset("w8a8-ort")
-        made = {"int8": export_onnx(single_threaded(quant.quantize_, copy.deepcopy(model), w8a8, calib),
-                                    tmp / f"{key}.onnx")}
-        merged = tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=13))
-        made["int8+ToMe13"] = export_onnx(single_threaded(quant.quantize_, merged, w8a8, calib),
-                                          tmp / f"{key}_tome.onnx")
-        return made
-    qmodel = single_threaded(quantize_hybrid_, copy.deepcopy(model), HybridQuantConfig(), calib)
+        with one_thread():  # calibration is many small ops: on a loaded 2-core machine one thread is far faster
+            qmodel = quant.quantize_(copy.deepcopy(model), w8a8, calib)
+            merged = quant.quantize_(tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=13)), w8a8, calib)
+        return {"int8": export_onnx(qmodel, tmp / f"{key}.onnx"),
+                "int8+ToMe13": export_onnx(merged, tmp / f"{key}_tome.onnx")}
+    with one_thread():
+        qmodel = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(), calib)
     return {"int8": export_onnx(qmodel, tmp / f"{key}.onnx")}
 
 

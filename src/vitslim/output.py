@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -133,6 +134,37 @@ def publish(tmp: str | Path, path: str | Path) -> None:
     created one would have (temporary files are private to their owner)."""
     os.chmod(tmp, (0o777 if Path(tmp).is_dir() else 0o666) & ~_umask())
     os.replace(tmp, path)
+
+
+def replace_path(src: Path, dst: Path) -> None:
+    """Move ``src`` (file or folder) to ``dst``, replacing what is there; ``dst`` is never
+    half-written (a file is replaced in one rename; an old folder is moved aside first)."""
+    src, dst = Path(src), Path(dst)
+    if src.is_file() and (dst.is_file() or not dst.exists()):
+        publish(src, dst)
+        return
+    aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, aside)
+    publish(src, dst)
+    if aside.is_dir():
+        shutil.rmtree(aside)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to fill; on success it replaces ``path`` in one move
+    (``replace_path``). On any error nothing appears under ``path`` and the temporary is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        replace_path(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

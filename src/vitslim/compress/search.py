@@ -33,7 +33,7 @@ from vitslim.errors import ConfigError, ModelLoadError, OutputPathError
 from vitslim.evaluate import Outputs, predict
 from vitslim.models import vit_parts
 from vitslim.models.reference import cache_dir
-from vitslim.output import check_output_dir, safe_filename, write_json
+from vitslim.output import check_output_dir, replace_path, safe_filename, write_json
 from vitslim.progress import progress_bar
 from vitslim.quant import QuantConfig
 from vitslim.quant.modules import quantizers, set_mode
@@ -547,7 +547,7 @@ def save_artifacts(out: Path, chosen: CandidateResult | None, others: list[Candi
     """Put the chosen candidate's artifact at ``out/model(.onnx)`` and the ``others`` under
     ``out/candidates/``: moved from ``staging`` when built in this run, kept when ``out``
     already holds the same candidate's, rebuilt otherwise. Returns recipe name -> path."""
-    from vitslim.deploy.artifact import artifact_name, is_artifact, replace_path
+    from vitslim.deploy.artifact import artifact_name, is_artifact
     saved: dict[str, str] = {}
     if chosen is None or chosen.error:
         return saved

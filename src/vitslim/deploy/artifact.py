@@ -37,7 +37,7 @@ from vitslim.export import export_onnx
 from vitslim.models import REFERENCE_NAME, load_model
 from vitslim.models.loading import load_state_dict_strict
 from vitslim.models.reference import load_reference_model
-from vitslim.output import publish, write_text_atomic
+from vitslim.output import atomic_dir, publish, write_text_atomic
 from vitslim.quant.config import QuantConfig
 from vitslim.quant.io import restore_quantized
 from vitslim.quant.ptq import CONFIG_ATTR
@@ -128,32 +128,11 @@ def _set_onnx_metadata(path: Path, contract: Contract) -> None:
 
 def _write_folder(model: nn.Module, out: Path, contract: Contract) -> None:
     config = getattr(model, CONFIG_ATTR, None)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         state = dedupe_shared_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()})
         save_file(state, str(tmp / WEIGHTS_FILE))
         meta = {"contract": contract.to_dict(), "quant_config": config.to_dict() if config else None}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        replace_path(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_path(src: Path, dst: Path) -> None:
-    """Move ``src`` (file or folder) to ``dst``, replacing what is there; ``dst`` is never
-    half-written (a file is replaced in one rename; an old folder is moved aside first)."""
-    src, dst = Path(src), Path(dst)
-    if src.is_file() and (dst.is_file() or not dst.exists()):
-        publish(src, dst)
-        return
-    aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, aside)
-    publish(src, dst)
-    if aside.is_dir():
-        shutil.rmtree(aside)
-    else:
-        aside.unlink(missing_ok=True)
 
 
 def is_artifact(path: str | Path) -> bool:

@@ -16,8 +16,6 @@ so quantization, token reduction, pruning and export act on it as on a timm ViT.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -28,7 +26,7 @@ from torch import nn
 
 from vitslim.errors import ModelLoadError, OutputPathError, UnsupportedModelError
 from vitslim.models.adapter import ViTParts, block_parts, register_model_adapter
-from vitslim.output import publish
+from vitslim.output import atomic_dir
 
 HF_PREFIX = "hf:"
 SUPPORTED_TYPES = ("vit", "deit", "dinov2")
@@ -291,14 +289,7 @@ def save_reference_hf(folder: str | Path) -> Path:
     processor = BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
                                   resample=3, do_center_crop=True, image_mean=list(timm_model.pretrained_cfg["mean"]),
                                   image_std=list(timm_model.pretrained_cfg["std"]), do_convert_rgb=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_dir(folder) as tmp:
         hf_model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if folder.exists():
-            folder.rmdir()  # the empty folder checked above
-        publish(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

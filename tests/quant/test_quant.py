@@ -157,6 +157,52 @@ def test_grouped_gptq_helps_when_input_columns_differ_in_scale():
     assert err(grouped) < 0.5 * err(per_channel), (err(grouped), err(per_channel))
 
 
+def _correlated_inputs_with_hot_channels(seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    x = torch.randn(2048, 16) @ torch.randn(16, 128) + 0.05 * torch.randn(2048, 128)
+    x[:, torch.randperm(128)[:8]] *= 20  # a few very active input channels, as after LayerNorm in ViTs
+    return x
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_gptq_act_order_helps_when_a_few_inputs_dominate(group_size):
+    wins = []
+    for seed in range(3):
+        x = _correlated_inputs_with_hot_channels(seed)
+        w = torch.randn(64, 128)
+        wq = WeightQuantizer(4, method="minmax")
+        wq.calibrate_weight(w)
+        h = 2 * x.T @ x / len(x)
+        err = lambda wh: (x @ (w - wh).T).pow(2).mean().item()  # noqa: E731
+        natural = gptq_quantize_weight(w, h, wq.scale, 4, group_size=group_size)
+        scales: list[torch.Tensor] = []
+        ordered = gptq_quantize_weight(w, h, wq.scale, 4, group_size=group_size, act_order=True,
+                                       group_scales=scales)
+        wins.append(err(ordered) < 0.6 * err(natural))
+        if group_size:  # static groups: each natural group of columns is on its own scale's grid
+            steps = torch.cat(scales, 1).repeat_interleave(group_size, 1)
+            assert len(scales) == 128 // group_size
+            assert torch.allclose(ordered / steps, (ordered / steps).round(), atol=1e-4)
+    assert all(wins)
+
+
+def test_searched_group_scales_beat_absmax_on_heavy_tailed_weights():
+    x = _correlated_inputs_with_hot_channels(0)
+    h = 2 * x.T @ x / len(x)
+    ratios = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        w = torch.randn(64, 128)
+        w = w * (1 + 5 * (torch.rand_like(w) < 0.02))  # a few large weights stretch absmax ranges
+        wq = WeightQuantizer(4, method="minmax")
+        wq.calibrate_weight(w)
+        err = lambda wh, w=w: (x @ (w - wh).T).pow(2).mean().item()  # noqa: E731
+        absmax = gptq_quantize_weight(w, h, wq.scale, 4, group_size=32)
+        searched = gptq_quantize_weight(w, h, wq.scale, 4, group_size=32, search_group_scales=True)
+        ratios.append(err(searched) / err(absmax))
+    assert max(ratios) < 0.97 and sum(ratios) / len(ratios) < 0.85, ratios
+
+
 def test_reconstruction_lowers_block_error():
     from vitslim.quant.reconstruct import reconstruct_blocks
 

@@ -47,6 +47,8 @@ class SiteConfig:
     # integer matmul (LLM.int8()-style decomposition).
     float_channels: int = 0
 
+# Fields added after configs were first saved, with the default a missing one takes.
+ADDED_FIELDS = {"calib_images": None, "gptq_act_order": False}
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -56,6 +58,7 @@ class QuantConfig:
     weight_calibration: str = "mse"  # minmax | mse (per-output-channel, symmetric)
     weight_method: str = "rtn"  # rtn (round to nearest) | gptq
     gptq_group_size: int | None = None  # GPTQ: a scale per group of input columns (None: per channel)
+    gptq_act_order: bool = False  # GPTQ: round the most active input columns first
     post_ln: SiteConfig = field(default_factory=SiteConfig)
     linear: SiteConfig = field(default_factory=SiteConfig)
     qk: SiteConfig = field(default_factory=SiteConfig)
@@ -96,8 +99,9 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if self.calib_images is None:  # configs saved before the field existed stay byte-identical
-            del data["calib_images"]
+        for name, default in ADDED_FIELDS.items():  # configs saved before a field existed stay byte-identical
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod

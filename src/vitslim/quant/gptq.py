@@ -13,12 +13,12 @@ layer the outputs of already-quantized layers; one pass is what fits a 2-core CP
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from vitslim.quant.primitives import int_range, symmetric_scale, uniform_fake_quant
+from vitslim.quant.primitives import int_range, mse_symmetric_scale, symmetric_scale, uniform_fake_quant
 
 
 def gptq_quantize_weight(
@@ -30,20 +30,35 @@ def gptq_quantize_weight(
     damp: float = 0.01,
     block_size: int = 128,
     group_scales: list[torch.Tensor] | None = None,
+    act_order: bool = False,
+    search_group_scales: bool = False,
 ) -> torch.Tensor:
     """Quantize ``weight`` (out, in) column by column with GPTQ error feedback.
 
     ``scale`` (out, 1) is the symmetric per-output-channel step; with ``group_size`` a new
-    absmax scale is taken for every group of input columns. Returns the dequantized weight,
-    on the integer grid; ``group_scales``, if given, receives each group's (out, 1) scale (what
+    scale is taken for every group of input columns (absmax, or with ``search_group_scales``
+    the clipped range of least rounding error, ``mse_symmetric_scale``). Returns the dequantized
+    weight, on the integer grid; ``group_scales``, if given, receives each group's (out, 1) scale (what
     a block-wise integer export such as ``vitslim.export.nbits`` stores).
+
+    ``act_order`` rounds the columns with the largest Hessian diagonal (the most active inputs)
+    first, while most columns are left to absorb their error (the GPTQ authors' "act-order");
+    groups then keep their natural columns, with scales taken from the weight before any
+    update ("static groups"), so the stored layout is the same as without it.
     """
     with one_thread():
-        return _gptq(weight, hessian, scale, bits, group_size, damp, block_size, group_scales)
+        group_scale = mse_symmetric_scale if search_group_scales else _absmax_scale
+        return _gptq(weight, hessian, scale, bits, group_size, damp, block_size, group_scales, act_order,
+                     group_scale)
+
+
+def _absmax_scale(group: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    return symmetric_scale(group.abs().amax(1, keepdim=True), qmax)
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None,
-          damp: float, block_size: int, group_scales: list[torch.Tensor] | None) -> torch.Tensor:
+          damp: float, block_size: int, group_scales: list[torch.Tensor] | None, act_order: bool,
+          group_scale: Callable[[torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
     """GPTQ proper (the paper's Algorithm 1 with lazy batch updates); see gptq_quantize_weight."""
     qmin, qmax = int_range(bits, signed=True)
     w = weight.detach().clone().float()
@@ -52,6 +67,11 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    static = [group_scale(g, qmin, qmax) for g in w.split(group_size, 1)] if group_size and act_order else None
+    if static is not None and group_scales is not None:
+        group_scales.extend(static)
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    w, h = w[:, order], h[order][:, order]
     h += damp * torch.diag(h).mean() * torch.eye(cols)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
@@ -62,9 +82,11 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
             col = i1 + i
-            if group_size and col % group_size == 0:
+            if static is not None:
+                scale = static[int(order[col]) // group_size]
+            elif group_size and col % group_size == 0:
                 group = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size]
-                scale = symmetric_scale(group.abs().amax(1, keepdim=True), qmax)
+                scale = group_scale(group, qmin, qmax)
                 if group_scales is not None:
                     group_scales.append(scale)
             qc = uniform_fake_quant(w1[:, i : i + 1], scale, 0, qmin, qmax)
@@ -73,7 +95,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits
             w1[:, i:] -= err @ h1[i : i + 1, i:]
             err1[:, i : i + 1] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q.to(weight.dtype)
+    return q[:, torch.argsort(order)].to(weight.dtype)
 
 
 @contextlib.contextmanager
@@ -109,7 +131,8 @@ class HessianCollector:
         return [(m, self.h[id(m)] / max(self.n[id(m)], 1)) for m in self.layers]
 
 
-def gptq_quantize_linears(items: list[tuple[nn.Module, torch.Tensor]], group_size: int | None = None) -> None:
+def gptq_quantize_linears(items: list[tuple[nn.Module, torch.Tensor]], group_size: int | None = None,
+                          act_order: bool = False) -> None:
     """GPTQ for each ``QuantLinear`` with its Hessian; sets its ``qweight``."""
     for layer, hessian in items:
         quantizer = layer.weight_quantizer
@@ -117,6 +140,7 @@ def gptq_quantize_linears(items: list[tuple[nn.Module, torch.Tensor]], group_siz
             quantizer.calibrate_weight(layer.linear.weight)
         scales: list[torch.Tensor] = []
         layer.qweight = gptq_quantize_weight(layer.linear.weight, hessian, quantizer.scale,
-                                             quantizer.bits, group_size=group_size, group_scales=scales)
+                                             quantizer.bits, group_size=group_size, group_scales=scales,
+                                             act_order=act_order, search_group_scales=quantizer.method == "mse")
         # (out, groups) steps of a grouped weight, kept for integer export (not saved: derived)
         layer.qweight_group_scales = torch.cat(scales, 1) if scales else None

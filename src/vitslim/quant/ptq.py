@@ -126,7 +126,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calib_images: torch.Tensor,
         if not isinstance(q, WeightQuantizer):  # weights are calibrated on the weights below
             q.calibrate()
     if hessians is not None:
-        gptq_quantize_linears(hessians.finish(), config.gptq_group_size)
+        gptq_quantize_linears(hessians.finish(), config.gptq_group_size, config.gptq_act_order)
     else:
         for lin in quant_linears(qmodel).values():
             lin.quantize_weight()

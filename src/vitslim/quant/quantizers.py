@@ -30,7 +30,13 @@ import torch
 from torch import nn
 
 from vitslim.errors import CalibrationError
-from vitslim.quant.primitives import affine_params, int_range, symmetric_scale, uniform_fake_quant
+from vitslim.quant.primitives import (
+    affine_params,
+    int_range,
+    mse_symmetric_scale,
+    symmetric_scale,
+    uniform_fake_quant,
+)
 
 SAMPLE_SIZE = 1 << 16  # values kept per quantizer for the error searches
 # A float (outlier) channel's calibration magnitude exceeds this many times that of the largest
@@ -230,18 +236,11 @@ class WeightQuantizer(UniformQuantizer):
 
     def calibrate_weight(self, w: torch.Tensor) -> None:
         w = w.detach().float()
-        absmax = w.abs().amax(dim=1, keepdim=True)
-        if self.method != "mse":
-            self.scale = symmetric_scale(absmax, self.qmax)
-            self.zero_point = torch.zeros_like(self.scale)
-            return
-        best_scale, best_err = symmetric_scale(absmax, self.qmax), None
-        for alpha in torch.linspace(0.5, 1.0, 21).tolist():
-            scale = symmetric_scale(absmax * alpha, self.qmax)
-            err = (uniform_fake_quant(w, scale, 0, self.qmin, self.qmax) - w).pow(2).sum(1, keepdim=True)
-            best_scale = scale if best_err is None else torch.where(err < best_err, scale, best_scale)
-            best_err = err if best_err is None else torch.minimum(err, best_err)
-        self.scale, self.zero_point = best_scale, torch.zeros_like(best_scale)
+        if self.method == "mse":
+            self.scale = mse_symmetric_scale(w, self.qmin, self.qmax)
+        else:
+            self.scale = symmetric_scale(w.abs().amax(dim=1, keepdim=True), self.qmax)
+        self.zero_point = torch.zeros_like(self.scale)
 
 
 # ---------------------------------------------------------------------------- log domain

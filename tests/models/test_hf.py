@@ -268,7 +268,7 @@ def test_pruning_a_beit_head_removes_its_relative_position_bias_column(tmp_path)
 def test_beit_refusals_are_named(tmp_path):
     torch.manual_seed(0)
     model = load_model(_save(_beit(**BEIT_VARIANTS["per-layer bias, mean pooling"]), tmp_path / "beit"))
-    with pytest.raises(UnsupportedModelError, match="relative position bias"):
+    with pytest.raises(UnsupportedModelError, match="BeitForImageClassification: .*relative position bias"):
         tokens.reduce_tokens_(model, tokens.ToMeConfig(r=2))
     wide = transformers.BeitModel(transformers.BeitConfig(**SMALL, image_size=[32, 48], patch_size=8,
                                                           use_relative_position_bias=True))

@@ -36,7 +36,7 @@ def refuse_unsupported(model: nn.Module, method: str) -> None:
     """Raise ``UnsupportedModelError`` with the reason when ``model`` has no ViT ``blocks``
     sequence that token reduction could patch, or its attention is tied to the full token grid."""
     blocks = getattr(model, "blocks", None)
-    name = type(model).__name__
+    name = getattr(model, "hf_class", None) or type(model).__name__  # the Hugging Face class a wrapper holds
     if isinstance(blocks, nn.Sequential):
         if not _has_position_bias(blocks):
             return

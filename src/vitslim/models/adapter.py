@@ -6,7 +6,7 @@ proj and the softmax site), the MLP (fc1, the GELU site, fc2), the norms and lay
 Two registries make a new architecture pluggable: ``register_block_adapter`` maps a block
 class to its ``BlockParts``; ``register_model_adapter`` maps a model class to its
 ``ViTParts`` (timm's ``VisionTransformer`` layout is the default; Hugging Face models register
-theirs in ``vitslim.models.hf``).
+theirs in ``vitslim.models.hf``, timm's BEiT in ``vitslim.models.beit``).
 """
 
 from __future__ import annotations
@@ -153,8 +153,8 @@ def block_parts(blocks: nn.Module, model_name: str) -> list[BlockParts]:
     if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         raise UnsupportedModelError(
             f"{model_name} has no `blocks` sequence of transformer blocks; vitslim supports timm "
-            "VisionTransformer models (ViT, DeiT, DINOv2) and Hugging Face ViT, DeiT and DINOv2 "
-            "models (hf:<id or folder>) for now."
+            "VisionTransformer models (ViT, DeiT, DINOv2), timm BEiT and Hugging Face ViT, DeiT, DINOv2 "
+            "and BEiT models (hf:<id or folder>) for now."
         )
     unknown = sorted({type(b).__name__ for b in blocks if type(b) not in _BLOCK_ADAPTERS})
     if unknown:
@@ -170,8 +170,8 @@ def _timm_vit(model: nn.Module) -> ViTParts:
     if not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
         raise UnsupportedModelError(
             f"{type(model).__name__} has transformer blocks but not timm's VisionTransformer embedding "
-            "(patch_embed + _pos_embed); supported: timm ViT, DeiT, DINOv2 and Hugging Face ViT, DeiT, "
-            "DINOv2 (hf:<id or folder>).")
+            "(patch_embed + _pos_embed); supported: timm ViT, DeiT, DINOv2, BEiT and Hugging Face ViT, DeiT, "
+            "DINOv2, BEiT (hf:<id or folder>).")
 
     def embed(images: torch.Tensor) -> torch.Tensor:  # VisionTransformer.forward_features' start
         return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))

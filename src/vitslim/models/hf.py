@@ -1,6 +1,6 @@
 """Hugging Face ``transformers`` ViTs as vitslim models: ``hf:<model id or local folder>``.
 
-``load_hf_model`` loads a ViT, DeiT or DINOv2 checkpoint with ``transformers`` (its own
+``load_hf_model`` loads a ViT, DeiT, DINOv2 or BEiT checkpoint with ``transformers`` (its own
 loading code: the hub when reachable, or a folder written by ``save_pretrained``) and wraps it
 in ``HFVisionTransformer``: the same computation, seen through the interface every vitslim
 method uses (``forward_features``/``forward_head``, a ``blocks`` sequence, ``vit_parts``).
@@ -8,14 +8,18 @@ method uses (``forward_features``/``forward_head``, a ``blocks`` sequence, ``vit
 What is kept from the Hugging Face model: its embeddings (patch projection, class and
 distillation tokens, position embeddings with their interpolation), LayerNorms, linear
 layers, layer scales, final norm, pooler and classifier heads (same semantics per class:
-DINOv2's classifier reads [CLS, mean of patches], DeiT-with-teacher averages two heads), and its
-image processor's preprocessing. What changes: each layer is re-wired into vitslim's block
-layout, with q/k/v fused into one linear (exactly the same products, one GEMM instead of three),
-so quantization, token reduction, pruning and export act on it as on a timm ViT.
+DINOv2's classifier reads [CLS, mean of patches], BEiT's reads the LayerNorm of the mean of
+patches), and its image processor's preprocessing. What changes: each layer is re-wired into
+vitslim's block layout, with q/k/v fused into one linear (exactly the same products, one GEMM
+instead of three; BEiT's key has no bias, so its part of the fused bias is zero), so
+quantization, token reduction, pruning and export act on it as on a timm ViT. BEiT's relative
+position bias (per layer, shared, or both) becomes each block's ``RelativePositionBias``
+(``vitslim.models.attention``), added to the attention logits on every attention path.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -26,25 +30,31 @@ from torch import nn
 
 from vitslim.errors import ModelLoadError, OutputPathError, UnsupportedModelError
 from vitslim.models.adapter import ViTParts, block_parts, register_model_adapter
+from vitslim.models.attention import RelativePositionBias, route_attention
 from vitslim.output import atomic_dir
 
 HF_PREFIX = "hf:"
-SUPPORTED_TYPES = ("vit", "deit", "dinov2")
+SUPPORTED_TYPES = ("vit", "deit", "dinov2", "beit")
 GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # HF name -> nn.GELU approximate
 RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in image processor configs
 
 
-def _cls_head(x: torch.Tensor, head: nn.Module, pre_logits: bool) -> torch.Tensor:
-    return x[:, 0] if pre_logits else head(x[:, 0])
+def _cls_head(model: HFVisionTransformer, x: torch.Tensor, pre_logits: bool) -> torch.Tensor:
+    return x[:, 0] if pre_logits else model.head(x[:, 0])
 
 
-def _pooler_head(x: torch.Tensor, pooler: nn.Module, pre_logits: bool) -> torch.Tensor:
-    return x[:, 0] if pre_logits else pooler(x)  # ViT/DeiT poolers read the CLS token themselves
+def _pooler_head(model: HFVisionTransformer, x: torch.Tensor, pre_logits: bool) -> torch.Tensor:
+    return x[:, 0] if pre_logits else model.head(x)  # ViT/DeiT poolers read the CLS token themselves
 
 
-def _cls_mean_head(x: torch.Tensor, head: nn.Module, pre_logits: bool) -> torch.Tensor:
+def _cls_mean_head(model: HFVisionTransformer, x: torch.Tensor, pre_logits: bool) -> torch.Tensor:
     features = torch.cat([x[:, 0], x[:, 1:].mean(dim=1)], dim=1)  # Dinov2ForImageClassification
-    return features if pre_logits else head(features)
+    return features if pre_logits else model.head(features)
+
+
+def _pooled_head(model: HFVisionTransformer, x: torch.Tensor, pre_logits: bool) -> torch.Tensor:
+    features = model.pool(x)  # BeitPooler: LayerNorm(mean of patches) with use_mean_pooling, else CLS
+    return features if pre_logits else model.head(features)
 
 
 # What each Hugging Face class computes after its final norm: (module holding the head, head
@@ -53,14 +63,16 @@ HEADS: dict[str, tuple[str | None, str | None, Callable]] = {
     "ViTModel": ("base", "pooler", _pooler_head),
     "DeiTModel": ("base", "pooler", _pooler_head),
     "Dinov2Model": (None, None, _cls_head),
+    "BeitModel": (None, None, _pooled_head),
     "ViTForImageClassification": ("top", "classifier", _cls_head),
     "DeiTForImageClassification": ("top", "classifier", _cls_head),
     "Dinov2ForImageClassification": ("top", "classifier", _cls_mean_head),
+    "BeitForImageClassification": ("top", "classifier", _pooled_head),
 }
 
 
 class HFVisionTransformer(nn.Module):
-    """A Hugging Face ViT / DeiT / DINOv2 model in vitslim's block layout (see module doc).
+    """A Hugging Face ViT / DeiT / DINOv2 / BEiT model in vitslim's block layout (see module doc).
 
     ``forward(images)`` returns what the Hugging Face model's main output is: logits for
     ``*ForImageClassification``, the pooled feature for base models (``pooler_output``).
@@ -74,17 +86,25 @@ class HFVisionTransformer(nn.Module):
             raise UnsupportedModelError(
                 f"Hugging Face {kind} ({config.model_type}) is not supported; vitslim wraps "
                 f"{sorted(HEADS)}. Other architectures need an adapter (vitslim.models.adapter).")
+        if config.model_type == "beit":
+            _check_beit(config, pretrained_cfg)
         base = hf_model.base_model
         self.hf_class = kind
         self.hf_config = config
         self.embeddings = base.embeddings
-        self.blocks = nn.Sequential(*(vitslim_block(layer, config) for layer in _layers(base)))
+        shared_bias = getattr(base, "shared_position_bias", None)  # BEiT's use_shared_relative_position_bias
+        self.blocks = nn.Sequential(*(vitslim_block(layer, config, shared_bias) for layer in _layers(base)))
         self.norm = base.layernorm
         owner, attr, self._read_head = HEADS[kind]
         holder = {"base": base, "top": hf_model, None: None}[owner]
         head = getattr(holder, attr, None) if holder is not None else None
-        if head is None:  # a base model saved without its pooler
-            head, self._read_head = nn.Identity(), _cls_head
+        if head is None:  # no head module: the pooled feature (BEiT) or the CLS token is the output
+            head = nn.Identity()
+            self._read_head = _cls_head if self._read_head is _pooler_head else self._read_head
+        if self._read_head is _pooled_head:
+            self.pool = base.pooler
+            if self.pool is None:  # BeitModel built without its pooler: HF returns no pooled output
+                self._read_head = _cls_head
         self.head = head
         self.num_prefix_tokens = 2 if config.model_type == "deit" else 1  # DeiT: CLS + distillation
         self.num_classes = getattr(self.head, "out_features", 0) if owner == "top" else 0
@@ -97,7 +117,7 @@ class HFVisionTransformer(nn.Module):
         return self.norm(self.blocks(self.embeddings(images)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self._read_head(x, self.head, pre_logits)
+        return self._read_head(self, x, pre_logits)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
@@ -142,9 +162,47 @@ def fuse_linears(*linears: nn.Linear) -> nn.Linear:
     return fused
 
 
-def vitslim_block(layer: nn.Module, config: Any) -> nn.Module:
-    """A Hugging Face ViT/DeiT/DINOv2 layer re-wired as a vitslim (timm-layout) block that
-    reuses the layer's own norms, linears and layer scales; q/k/v are fused into ``qkv``."""
+def _check_beit(config: Any, pretrained_cfg: dict[str, Any]) -> None:
+    """Refuse BEiT settings whose relative position bias vitslim would not reproduce exactly."""
+    image = _pair(config.image_size)
+    if image[0] != image[1]:
+        raise UnsupportedModelError(f"BEiT with a non-square image_size {image} is not supported: Hugging Face "
+                                    "resizes its relative position table for it; use a square size")
+    if tuple(pretrained_cfg["input_size"][1:]) != image and (
+            config.use_relative_position_bias or config.use_shared_relative_position_bias):
+        raise UnsupportedModelError(
+            f"BEiT image processor size {tuple(pretrained_cfg['input_size'][1:])} differs from the model's "
+            f"image_size {image}: its relative position bias would need resizing; give a processor at {image}")
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
+        raise UnsupportedModelError(f"BEiT head_dim {head_dim} × {config.num_attention_heads} heads ≠ hidden_size "
+                                    f"{config.hidden_size} is not supported")
+
+
+def _position_bias(layer: nn.Module, shared: nn.Module | None, config: Any) -> RelativePositionBias | None:
+    """A BEiT layer's relative position bias, plus the model's shared one when both are on: the
+    same index reads both tables, so their sum is one table."""
+    modules = [m for m in (getattr(layer, "relative_position_bias", None), shared) if m is not None]
+    if not modules:
+        return None
+    window = modules[0].window_size
+    index = type(modules[0]).generate_relative_position_index(tuple(window))
+    return RelativePositionBias(sum(m.relative_position_bias_table.detach() for m in modules), index)
+
+
+def _layer_scales(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter] | None:
+    """(gamma1, gamma2): DINOv2's layer_scale1/2.lambda1 or BEiT's lambda_1/2 (a float 1.0 when off)."""
+    if hasattr(layer, "layer_scale1"):
+        return layer.layer_scale1.lambda1, layer.layer_scale2.lambda1
+    if isinstance(getattr(layer, "lambda_1", None), nn.Parameter):
+        return layer.lambda_1, layer.lambda_2
+    return None
+
+
+def vitslim_block(layer: nn.Module, config: Any, shared_bias: nn.Module | None = None) -> nn.Module:
+    """A Hugging Face ViT/DeiT/DINOv2/BEiT layer re-wired as a vitslim (timm-layout) block that
+    reuses the layer's own norms, linears and layer scales; q/k/v are fused into ``qkv``, and a
+    BEiT relative position bias goes on the attention (``attn.position_bias``)."""
     from timm.models.vision_transformer import Block
 
     if getattr(config, "use_swiglu_ffn", False):
@@ -152,12 +210,12 @@ def vitslim_block(layer: nn.Module, config: Any) -> nn.Module:
     if config.hidden_act not in GELUS:
         raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported; vitslim knows {sorted(GELUS)}")
     attn = layer.attention
-    layer_scale = hasattr(layer, "layer_scale1")
+    layer_scale = _layer_scales(layer)
     block = Block(
         config.hidden_size, config.num_attention_heads,
         mlp_ratio=config.intermediate_size / config.hidden_size,
         qkv_bias=attn.q_proj.bias is not None,
-        init_values=1.0 if layer_scale else None,
+        init_values=1.0 if layer_scale is not None else None,
         act_layer=partial(nn.GELU, approximate=GELUS[config.hidden_act]),
         norm_layer=partial(nn.LayerNorm, eps=config.layer_norm_eps),
     )
@@ -167,9 +225,12 @@ def vitslim_block(layer: nn.Module, config: Any) -> nn.Module:
     block.attn.proj = attn.o_proj
     block.attn.scale = attn.scaling
     block.mlp.fc1, block.mlp.fc2 = layer.mlp.fc1, layer.mlp.fc2
-    if layer_scale:
-        block.ls1.gamma = layer.layer_scale1.lambda1
-        block.ls2.gamma = layer.layer_scale2.lambda1
+    if layer_scale is not None:
+        block.ls1.gamma, block.ls2.gamma = layer_scale
+    position_bias = _position_bias(layer, shared_bias, config)
+    if position_bias is not None:
+        block.attn.position_bias = position_bias
+        route_attention(block.attn)  # timm's own forward would not add it
     return block.eval()
 
 
@@ -184,7 +245,7 @@ def processor_config(processor: dict[str, Any], config: Any) -> dict[str, Any]:
         out = (crop["height"], crop["width"])
         crop_pct, crop_mode = out[0] / size["shortest_edge"], "center"
     elif "height" in size:
-        out, crop_pct, crop_mode = (size["height"], size["width"]), 1.0, "squash"
+        out, crop_pct, crop_mode = _squash_then_crop((size["height"], size["width"]), crop)
     else:
         raise UnsupportedModelError(f"image processor size {size} without a center crop is not supported")
     normalize = processor.get("do_normalize", True)
@@ -196,6 +257,20 @@ def processor_config(processor: dict[str, Any], config: Any) -> dict[str, Any]:
         "crop_pct": crop_pct,
         "crop_mode": crop_mode,
     }
+
+
+def _squash_then_crop(resized: tuple[int, int], crop: dict[str, int] | None) -> tuple[tuple[int, int], float, str]:
+    """(output size, crop_pct, "squash"): timm's squash mode resizes each edge to size / crop_pct
+    then center-crops, which is the processor's resize to (height, width) then crop when the
+    crop keeps the same fraction of both edges (BEiT's 256 → 224)."""
+    if not crop:
+        return resized, 1.0, "squash"
+    out = (crop["height"], crop["width"])
+    crop_pct = out[0] / resized[0]
+    if tuple(math.floor(o / crop_pct) for o in out) != resized:
+        raise UnsupportedModelError(f"image processor resize {resized} then center crop {out} keeps different "
+                                    "fractions of height and width; vitslim needs the same fraction")
+    return out, crop_pct, "squash"
 
 
 def _read_processor(source: str) -> dict[str, Any]:

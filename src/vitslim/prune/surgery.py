@@ -3,7 +3,8 @@
 Heads: the q, k and v rows of each removed head leave ``qkv``, its columns leave ``proj``, and
 the attention's ``num_heads``/``attn_dim`` follow (timm's ``Attention.forward`` reshapes with
 them; ``head_dim`` and the softmax scale are unchanged). MLP channels: ``fc1`` rows and
-``fc2`` columns. Blocks: dropped from ``model.blocks``. LayerScale (DINOv2) and the norms act
+``fc2`` columns (and a relative position bias table its head columns, BEiT). Blocks: dropped
+from ``model.blocks``. LayerScale (DINOv2) and the norms act
 on the embedding dimension, which pruning keeps, so they stay valid as they are.
 """
 
@@ -57,6 +58,8 @@ def prune_heads(bp: BlockParts, keep: list[int]) -> None:
     attn.proj = _sliced(bp.proj, cols=channels)
     attn.num_heads = len(keep)
     attn.head_dim = head_dim
+    if getattr(attn, "position_bias", None) is not None:  # BEiT: one bias column per head
+        attn.position_bias.keep_heads(keep)
     if hasattr(attn, "attn_dim"):
         attn.attn_dim = len(keep) * head_dim
     else:  # older timm reshapes with the input width: use vitslim's attention path

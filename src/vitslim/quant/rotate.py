@@ -126,6 +126,10 @@ class OnlineRotation(nn.Module):
 
 
 def _check_supported(model: nn.Module) -> None:
+    if not (hasattr(model, "patch_embed") and hasattr(model, "cls_token")):
+        raise UnsupportedModelError(f"rotation folds into timm's ViT layout (patch_embed, cls_token, pos_embed); "
+                                    f"{type(model).__name__} (e.g. a Hugging Face model) has not got it: use a "
+                                    "preset without rotation (w8a8, w8a8-ort, w4-ort, repq-w4a4)")
     for name in ("norm_pre", "fc_norm"):
         if not isinstance(getattr(model, name, nn.Identity()), nn.Identity):
             raise UnsupportedModelError(f"rotation needs {name} to be Identity (a class-token ViT with a final "

@@ -90,24 +90,16 @@ def _units(parts: ViTParts, scores: Scores, config: PruneConfig) -> list[_Unit]:
     return units
 
 
-def _floors(widths: list[tuple[int, int]], config: PruneConfig) -> list[tuple[int, int]]:
-    """Fewest heads and channels each block keeps: ``min_heads`` / one channel group, and
-    ``min_width`` of the block's unpruned width."""
-    return [(max(config.min_heads, math.ceil(config.min_width * h)),
-             max(config.channel_group, math.ceil(config.min_width * c))) for h, c in widths]
-
-
-def allocate(parts: ViTParts, scores: Scores, config: PruneConfig,
-             widths: list[tuple[int, int]] | None = None) -> Plan:
+def allocate(parts: ViTParts, scores: Scores, config: PruneConfig) -> Plan:
     """Remove the units with the least score per MAC until at most ``config.macs`` of the
     model's MACs remain; every kept block keeps ``min_heads`` heads, one channel group and
-    ``min_width`` of its unpruned (``widths``: heads, channels per block; default the current
-    ones) heads and channels."""
+    ``min_width`` of its heads and channels."""
     total = model_macs(parts)
     target = (1 - config.macs) * total
     heads = {b: set(range(bp.num_heads)) for b, bp in enumerate(parts.blocks)}
     channels = {b: set(range(bp.fc1.out_features)) for b, bp in enumerate(parts.blocks)}
-    floors = _floors(widths or [(len(heads[b]), len(channels[b])) for b in heads], config)
+    floors = {b: (max(config.min_heads, math.ceil(config.min_width * len(heads[b]))),
+                  max(config.channel_group, math.ceil(config.min_width * len(channels[b])))) for b in heads}
     costs = block_costs(parts)
     removed_blocks: set[int] = set()
     removed, taken = 0, []

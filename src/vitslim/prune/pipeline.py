@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -57,29 +56,14 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
     start = time.perf_counter()
     model.eval()
     before = model_macs(parts)
-    widths = [(bp.num_heads, bp.fc1.out_features) for bp in parts.blocks]
     teacher = copy.deepcopy(model) if config.compensate else None
-    for step in range(1, config.rounds + 1):
-        _prune_round(model, teacher, calib_images, config, before * config.macs ** (step / config.rounds), widths)
+    scores = importance_scores(model, calib_images, config.importance, config.batch_size, config.probes)
+    plan = allocate(parts, scores, config)
+    apply_plan(model, plan)
+    if teacher is not None:
+        compensate_(model, teacher, calib_images, plan)
     info = getattr(model, SHAPES_ATTR)
     info["config"] = config.to_dict()
     info["macs_kept"] = model_macs(vit_parts(model)) / before
     model.vitslim_prune_seconds = time.perf_counter() - start
     return model
-
-
-def _prune_round(model: nn.Module, teacher: nn.Module | None, calib_images: torch.Tensor, config: PruneConfig,
-                 macs: float, widths: list[tuple[int, int]]) -> None:
-    """Score ``model`` as it is now, prune it to ``macs`` MACs and refit it towards ``teacher``."""
-    parts = vit_parts(model)
-    fraction = macs / model_macs(parts)
-    if fraction >= 1:
-        return
-    kept = getattr(model, SHAPES_ATTR, {}).get("blocks", range(len(widths)))  # original indices
-    scores = importance_scores(model, calib_images, config.importance, config.batch_size, config.probes)
-    plan = allocate(parts, scores, replace(config, macs=fraction),
-                    [widths[b] for b in kept])
-    apply_plan(model, plan)
-    if teacher is not None:
-        original = getattr(model, SHAPES_ATTR)["blocks"]
-        compensate_(model, teacher, calib_images, replace(plan, blocks=tuple(original)))

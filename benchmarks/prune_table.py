@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.3,0.1,0.2,0.4,0.5",
                     help="Fractions of MACs removed (first is measured first).")
     ap.add_argument("--importances", default="hessian,activation,magnitude")
-    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--eval", type=int, default=128)
     ap.add_argument("--recover-steps", type=int, default=120)
     ap.add_argument("--recover-at", type=float, default=0.3)

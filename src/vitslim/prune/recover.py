@@ -7,9 +7,10 @@ its gradient's size (the update is m/√v ≈ sign of the gradient), and DINOv2'
 5e-5 on the noisy gradient of 8 images moves whole layers coherently. Measured on the 30 %
 pruned DINOv2 ViT-S/14: one such step took the held-out CLS cosine from 0.928 to 0.797 (the
 patch embedding and fc2 weights alone to 0.880 and 0.892; LayerScale and LayerNorm steps did
-nothing), while one step of 2e-6 to 5e-6 left it about unchanged (0.927-0.929). Even at 1e-6, training every parameter (the patch
-embedding included) lowered the held-out cosine for 20 steps, while training only the blocks'
-linear layers (qkv, proj, fc1, fc2: the layers pruning changed) at 3e-6 raised it. So recovery
+nothing), while one step of 2e-6 to 5e-6 left it about unchanged (0.927-0.929). Even at 1e-6,
+training every parameter (the patch embedding included) lowered the held-out cosine for 20
+steps, while training only the blocks' linear layers (qkv, proj, fc1, fc2: the layers pruning
+changed) at 3e-6 raised it. So recovery
 trains those layers and leaves the embeddings, norms and LayerScale as the teacher has them.
 
 Resumable: with ``checkpoint_dir``, the weights, the optimizer state and the step are saved

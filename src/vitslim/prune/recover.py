@@ -10,8 +10,8 @@ patch embedding and fc2 weights alone to 0.880 and 0.892; LayerScale and LayerNo
 nothing), while one step of 2e-6 to 5e-6 left it about unchanged (0.927-0.929). Even at 1e-6,
 training every parameter (the patch embedding included) lowered the held-out cosine for 20
 steps, while training only the blocks' linear layers (qkv, proj, fc1, fc2: the layers pruning
-changed) at 3e-6 raised it. So recovery
-trains those layers and leaves the embeddings, norms and LayerScale as the teacher has them.
+changed) at 3e-6 raised it. So recovery trains those layers and leaves the embeddings, norms
+and LayerScale as the teacher has them.
 
 Resumable: with ``checkpoint_dir``, the weights, the optimizer state and the step are saved
 every ``checkpoint_every`` steps (safetensors + JSON, written atomically); calling ``recover_``

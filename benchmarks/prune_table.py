@@ -83,12 +83,17 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.3,0.1,0.2,0.4,0.5",
                     help="Fractions of MACs removed (first is measured first).")
     ap.add_argument("--importances", default="hessian,activation,magnitude")
-    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--eval", type=int, default=128)
     ap.add_argument("--recover-steps", type=int, default=120)
     ap.add_argument("--recover-at", type=float, default=0.3)
     ap.add_argument("--tome", type=int, default=8)
     ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--stages", default="fidelity,peer,speed,recovery,composition",
+                    help="Which parts to run (fidelity is always run: the others use its models).")
+    ap.add_argument("--min-width", type=float, default=0.0, help="PruneConfig.min_width for the vitslim rows.")
+    ap.add_argument("--recover-images", type=int, default=0,
+                    help="Recovery images (0: every image not held out for evaluation).")
     ap.add_argument("--json", type=Path, default=Path("prune_table.json"))
     args = ap.parse_args()
     removed = [float(b) for b in args.budgets.split(",")]
@@ -113,7 +118,7 @@ def main() -> None:
                 start = time.perf_counter()
                 scores[importance] = importance_scores(fp32, calib, importance)
                 score_seconds[importance] = time.perf_counter() - start
-            config = PruneConfig(macs=1 - budget_removed, importance=importance)
+            config = PruneConfig(macs=1 - budget_removed, importance=importance, min_width=args.min_width)
             plan = allocate(parts, scores[importance], config)
             model = apply_plan(copy.deepcopy(fp32), plan)
             raw = cosine(model, eval_images, reference)
@@ -128,6 +133,8 @@ def main() -> None:
                                     "mlp": model.vitslim_prune["mlp"]})
             print(out["fidelity"][-1], flush=True)
             save()
+        if "peer" not in stages:
+            return
         start = time.perf_counter()
         model = torch_pruning_model(fp32, 1 - budget_removed, base_gmacs)
         models[("tp", budget_removed)] = model
@@ -154,10 +161,12 @@ def main() -> None:
         save()
 
     def recovery_rows() -> None:
-        recover_images = Subset(dataset, train_set.indices)
+        recover_images = Subset(dataset, train_set.indices[:args.recover_images or None])
         config = RecoverConfig(steps=args.recover_steps, batch_size=8)
         for key, name in ((("hessian", args.recover_at), "vitslim hessian"),
                           (("tp", args.recover_at), "Torch-Pruning magnitude")):
+            if key not in models:
+                continue
             model = models[key]
             report = recover_(model, fp32, recover_images, config)
             out["recovery"].append({"removed": args.recover_at, "method": name, "steps": config.steps,
@@ -181,15 +190,19 @@ def main() -> None:
         print(out["composition"][-1], flush=True)
         save()
 
+    stages = set(args.stages.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         fidelity_rows(removed[0])
-        speed_row(removed[0], Path(tmp))
-        if args.recover_steps:
+        if "speed" in stages:
+            speed_row(removed[0], Path(tmp))
+        if args.recover_steps and "recovery" in stages:
             recovery_rows()
-        composition_row(Path(tmp))
+        if "composition" in stages:
+            composition_row(Path(tmp))
         for budget_removed in removed[1:]:
             fidelity_rows(budget_removed)
-            speed_row(budget_removed, Path(tmp))
+            if "speed" in stages:
+                speed_row(budget_removed, Path(tmp))
     out["score_seconds"] = score_seconds
     save()
     print_table("pruning: DINOv2 ViT-S/14", out["fidelity"], {

@@ -158,6 +158,26 @@ def test_hessian_sees_layer_scale_that_magnitude_ignores():
     assert errors["hessian"] < 0.5 * errors["magnitude"], errors
 
 
+def test_min_width_keeps_a_floor_in_the_block_the_scores_would_strip():
+    """Block 0 matters least (tiny LayerScale on both branches): without a floor the global
+    ranking strips it to one head and one channel group; ``min_width`` keeps half of its heads
+    and channels and takes the MACs from the other blocks, still within the budget."""
+    model, x = _model(), _images()
+    with torch.no_grad():
+        model.blocks[0].ls1.gamma.fill_(1e-4)
+        model.blocks[0].ls2.gamma.fill_(1e-4)
+    before = count_gmacs(model, SIZE)
+    shapes = {}
+    for floor in (0.0, 0.5):
+        pruned = prune.prune_(copy.deepcopy(model), prune.PruneConfig(
+            macs=0.6, importance="hessian", compensate=False, min_width=floor), x)
+        shapes[floor] = (pruned.vitslim_prune["heads"], pruned.vitslim_prune["mlp"])
+        assert count_gmacs(pruned, SIZE) / before <= 0.6 + 1e-6
+    assert shapes[0.0][0][0] == 1 and shapes[0.0][1][0] == 8, shapes
+    heads, mlp = shapes[0.5]
+    assert min(heads) >= 2 and min(mlp) >= 128, shapes  # 4 heads, 256 channels per block
+
+
 def test_least_squares_refit_recovers_a_damaged_layer_on_held_out_data():
     gen = torch.Generator().manual_seed(0)
     true = torch.nn.Linear(24, 8)

@@ -48,7 +48,13 @@ def prune_cmd(
     ),
     recover_batch: int = typer.Option(8, "--recover-batch", min=1, help="Images per recovery step."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
-    calib_images: int = typer.Option(32, "--calib-images", min=2, help="Calibration images (seeded random draw)."),
+    calib_images: int = typer.Option(
+        128,
+        "--calib-images",
+        min=2,
+        help="Calibration images (seeded random draw). The refits fit what they see: on DINOv2 at 30 %, 128 gave "
+        "held-out cosine 0.955 where 32 gave 0.940, for about 4x the time.",
+    ),
     eval_images: int = typer.Option(
         64, "--eval-images", min=0, help="Images held out from calibration and recovery, to measure fidelity."
     ),

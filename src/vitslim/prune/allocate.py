@@ -8,6 +8,7 @@ so a layer that matters little loses more than one that matters a lot.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -91,11 +92,14 @@ def _units(parts: ViTParts, scores: Scores, config: PruneConfig) -> list[_Unit]:
 
 def allocate(parts: ViTParts, scores: Scores, config: PruneConfig) -> Plan:
     """Remove the units with the least score per MAC until at most ``config.macs`` of the
-    model's MACs remain; every kept block keeps ``min_heads`` heads and one channel group."""
+    model's MACs remain; every kept block keeps ``min_heads`` heads, one channel group and
+    ``min_width`` of its heads and channels."""
     total = model_macs(parts)
     target = (1 - config.macs) * total
     heads = {b: set(range(bp.num_heads)) for b, bp in enumerate(parts.blocks)}
     channels = {b: set(range(bp.fc1.out_features)) for b, bp in enumerate(parts.blocks)}
+    floors = {b: (max(config.min_heads, math.ceil(config.min_width * len(heads[b]))),
+                  max(config.channel_group, math.ceil(config.min_width * len(channels[b])))) for b in heads}
     costs = block_costs(parts)
     removed_blocks: set[int] = set()
     removed, taken = 0, []
@@ -108,11 +112,11 @@ def allocate(parts: ViTParts, scores: Scores, config: PruneConfig) -> Plan:
         if unit.kind == "block":
             removed_blocks.add(b)
             removed += costs[b][0] * len(heads[b]) + costs[b][1] * len(channels[b])
-        elif unit.kind == "head" and len(heads[b]) > config.min_heads:
+        elif unit.kind == "head" and len(heads[b]) > floors[b][0]:
             heads[b] -= set(unit.members)
             removed += unit.cost
             taken.append(unit)
-        elif unit.kind == "channels" and len(channels[b]) - len(unit.members) >= config.channel_group:
+        elif unit.kind == "channels" and len(channels[b]) - len(unit.members) >= floors[b][1]:
             channels[b] -= set(unit.members)
             removed += unit.cost
             taken.append(unit)

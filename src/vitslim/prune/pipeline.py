@@ -51,7 +51,7 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
         raise ConfigError(f"importance {config.importance!r} with compensate={config.compensate} needs calibration "
                           f"images (got {len(calib_images)}); give 32 or more")
     if len(calib_images) < 16:
-        warnings.warn(f"only {len(calib_images)} calibration images; 32 or more make the scores and refits stabler",
+        warnings.warn(f"only {len(calib_images)} calibration images; the refits overfit few images: give 128 or more",
                       stacklevel=2)
     start = time.perf_counter()
     model.eval()

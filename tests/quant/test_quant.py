@@ -173,7 +173,7 @@ def test_gptq_act_order_helps_when_a_few_inputs_dominate(group_size):
         wq = WeightQuantizer(4, method="minmax")
         wq.calibrate_weight(w)
         h = 2 * x.T @ x / len(x)
-        err = lambda wh: (x @ (w - wh).T).pow(2).mean().item()  # noqa: E731
+        err = lambda wh, x=x, w=w: (x @ (w - wh).T).pow(2).mean().item()  # noqa: E731
         natural = gptq_quantize_weight(w, h, wq.scale, 4, group_size=group_size)
         scales: list[torch.Tensor] = []
         ordered = gptq_quantize_weight(w, h, wq.scale, 4, group_size=group_size, act_order=True,

@@ -15,9 +15,10 @@ from vitslim.export.nbits import pack_layer
 from vitslim.quant.config import SITES, SiteConfig
 
 
-def weight_only_w4(group_size):
+def weight_only_w4(group_size, act_order=False):
     float_site = SiteConfig(8, "float")
-    return replace(quant.preset("w4-ort"), gptq_group_size=group_size, **{s: float_site for s in SITES})
+    return replace(quant.preset("w4-ort"), gptq_group_size=group_size, gptq_act_order=act_order,
+                   **{s: float_site for s in SITES})
 
 
 def op_counts(path):
@@ -27,12 +28,12 @@ def op_counts(path):
     return counts
 
 
-@pytest.mark.parametrize("group_size", [None, 32])
-def test_matmulnbits_file_computes_the_simulated_4bit_model_and_is_small(tmp_path, group_size):
+@pytest.mark.parametrize(("group_size", "act_order"), [(None, False), (32, False), (32, True)])
+def test_matmulnbits_file_computes_the_simulated_4bit_model_and_is_small(tmp_path, group_size, act_order):
     model = make_tiny_vit()
     torch.manual_seed(1)
     calib, images = torch.randn(8, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    qmodel = quant.quantize(model, calib, weight_only_w4(group_size))
+    qmodel = quant.quantize(model, calib, weight_only_w4(group_size, act_order))
     path = export_onnx(qmodel, tmp_path / "w4.onnx")
     assert op_counts(path).get("MatMulNBits") == 8  # 4 linears x 2 blocks, none left as float MatMul weights
     with torch.no_grad():

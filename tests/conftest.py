@@ -53,6 +53,22 @@ def reference_model() -> torch.nn.Module:
 TINY_VIT_ARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
 
 
+def assert_int8_export_runs_like(qmodel: torch.nn.Module, path: Path, image_size: int) -> None:
+    """``qmodel`` (W8A8) exports to ``path`` with every block's qkv/proj/fc1/fc2 on int8 kernels
+    (2 blocks), and ONNX Runtime computes what the quantized PyTorch model computes."""
+    import onnxruntime as ort
+
+    from vitslim.export import export_onnx, integer_ops
+
+    export_onnx(qmodel, path)
+    assert sum(integer_ops(path).values()) >= 4 * 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, image_size, image_size)
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert abs(out - qmodel(x).numpy()).max() < 1e-2 * qmodel(x).abs().max().item()
+
+
 def make_tiny_vit(**kwargs) -> torch.nn.Module:
     """A 2-block random ViT on 32x32 inputs: fast enough for unit tests."""
     torch.manual_seed(0)

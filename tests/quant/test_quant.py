@@ -426,5 +426,5 @@ def test_describe_names_what_a_preset_does():
     text = describe(quant.preset("w8a8-ort"))
     assert text.startswith("W8 gptq") and "softmax float" in text and "v float" in text
     assert "post_gelu 8-bit uniform minmax +4 outlier ch." in text and "LN reparam" in text
-    assert "W4 gptq g64" in describe(quant.preset("w4a4")) and "adalog" in describe(quant.preset("w4a4"))
+    assert "W4 gptq g32 act-order" in describe(quant.preset("w4a4")) and "adalog" in describe(quant.preset("w4a4"))
     assert "hadamard-online rotation" in describe(quant.preset("w4a4"))

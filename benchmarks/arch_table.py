@@ -28,6 +28,7 @@ from pathlib import Path
 import timm
 import torch
 
+from _common import DEFAULT_IMAGES
 from vitslim import calibration_split, compare, evaluate, load_image_folder, make_loader, predict, quant, tokens
 from vitslim.bench import OnnxModel, count_gmacs, count_params, machine_info
 from vitslim.data import calibration_images
@@ -37,9 +38,6 @@ from vitslim.models.loading import input_size
 from vitslim.output import print_table
 from vitslim.quant.gptq import one_thread
 from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-BUNDLED = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "example_images"
 
 # key -> (timm name, label, family). "reference" is vitslim's real DINOv2 ViT-S/14.
 MODELS = {
@@ -162,7 +160,7 @@ def measure(key: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list or 'all' of {', '.join(MODELS)}")
-    parser.add_argument("--images", type=Path, default=SHARED if SHARED.is_dir() else BUNDLED)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--calib", type=int, default=32, help="calibration images (8 for random-weight models)")
     parser.add_argument("--eval", type=int, default=64, help="DINOv2 fidelity images, disjoint from calibration")
     parser.add_argument("--iters", type=int, default=4, help="timed batches at batch 8 (2x that at batch 1)")

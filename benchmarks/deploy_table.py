@@ -26,6 +26,7 @@ from pathlib import Path
 import timm
 import torch
 
+from _common import DEFAULT_IMAGES
 from vitslim import calibration_split, compare, evaluate, load_image_folder, make_loader, predict, quant, tokens
 from vitslim.bench import OnnxModel, machine_info
 from vitslim.data import calibration_images
@@ -33,8 +34,6 @@ from vitslim.export import export_onnx
 from vitslim.models import load_reference_model
 from vitslim.output import print_table
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-BUNDLED = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "example_images"
 ORT_CALIBRATORS = ("MinMax", "Entropy", "Percentile")
 
 
@@ -144,7 +143,7 @@ def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, default=SHARED if SHARED.is_dir() else BUNDLED)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--eval", type=int, default=128)
     parser.add_argument("--iters", type=int, default=8, help="timed batches at batch 8 (4x that at batch 1)")

@@ -17,6 +17,7 @@ import copy
 import tempfile
 from pathlib import Path
 
+from _common import DEFAULT_IMAGES
 from vitslim import calibration_split, compare, evaluate, load_image_folder, make_loader, predict, quant, tokens
 from vitslim.bench import OnnxModel, machine_info
 from vitslim.data import calibration_images
@@ -25,13 +26,10 @@ from vitslim.models import load_model, load_reference_model
 from vitslim.models.hf import save_reference_hf
 from vitslim.output import print_table
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-BUNDLED = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "example_images"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, default=SHARED if SHARED.is_dir() else BUNDLED)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--eval", type=int, default=128)
     parser.add_argument("--tome-r", type=int, default=13)

@@ -24,14 +24,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from _common import DEFAULT_IMAGES
 from vitslim import load_image_folder
 from vitslim.bench import machine_info
 from vitslim.models import load_reference_model
 from vitslim.output import print_table
 from vitslim.quant.integer import IntegerGELU, IntegerLayerNorm, IntegerSoftmax, calibrating
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-BUNDLED = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "example_images"
 
 
 @torch.no_grad()
@@ -84,7 +82,7 @@ def ort_runner(module: nn.Module, x: torch.Tensor, path: Path, threads: int):
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, default=SHARED if SHARED.is_dir() else BUNDLED)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from _common import SHARED_IMAGES
 from vitslim import compare, quant, tokens
 from vitslim.bench import count_gmacs, count_params, machine_info
 from vitslim.data import calibration_images, calibration_split, load_image_folder
@@ -38,7 +39,6 @@ from vitslim.prune.compensate import compensate_
 from vitslim.prune.importance import importance_scores
 from vitslim.prune.surgery import apply_plan
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 SIZE = (3, 224, 224)
 
 
@@ -79,7 +79,7 @@ def torch_pruning_model(fp32, budget: float, base_gmacs: float):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=Path, default=SHARED)
+    ap.add_argument("--images", type=Path, default=SHARED_IMAGES)
     ap.add_argument("--budgets", default="0.3,0.1,0.2,0.4,0.5",
                     help="Fractions of MACs removed (first is measured first).")
     ap.add_argument("--importances", default="hessian,activation,magnitude")

@@ -32,15 +32,13 @@ from pathlib import Path
 
 import torch
 
+from _common import DEFAULT_IMAGES
 from vitslim import calibration_split, evaluate, load_image_folder, make_loader, predict, quant
 from vitslim.bench import machine_info
 from vitslim.data import calibration_images
 from vitslim.models import load_reference_model
 from vitslim.output import print_table
 from vitslim.quant.config import SiteConfig, uniform_config
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-BUNDLED = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "example_images"
 
 
 def configs(w: int, a: int, recon_iters: int) -> dict[str, quant.QuantConfig]:
@@ -181,7 +179,7 @@ def method_rows(model, dataset, args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=("presets", "methods"))
-    parser.add_argument("--images", type=Path, default=SHARED if SHARED.is_dir() else BUNDLED)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--eval", type=int, default=128)
     parser.add_argument("--presets", default="w8a8-ort,w8a8,w6a6,w4a8,w4a4,w3a3", help="presets: comma list")

@@ -17,6 +17,7 @@ from pathlib import Path
 import timm
 import torch
 
+from _common import DEFAULT_IMAGES
 from vitslim import compare, evaluate, load_image_folder, make_loader, predict, tokens
 from vitslim.bench import machine_info
 from vitslim.models import load_reference_model
@@ -26,8 +27,6 @@ SETTINGS = [("tome", {"r": 4}), ("tome", {"r": 8}), ("tome", {"r": 13}), ("tome"
             ("mctf", {"r": 8}), ("mctf", {"r": 13}), ("mctf", {"r": 15}),
             ("evit", {"keep_rate": 0.9}), ("evit", {"keep_rate": 0.7}), ("evit", {"keep_rate": 0.5}),
             ("ats", {"budget": 0.7}), ("ats", {"budget": 0.5}), ("ats", {"budget": 0.3})]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-BUNDLED = Path(__file__).resolve().parents[1] / "src" / "vitslim" / "assets" / "example_images"
 
 
 def label(method: str, params: dict) -> str:
@@ -83,7 +82,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, default=SHARED if SHARED.is_dir() else BUNDLED)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--n", type=int, default=128, help="images for fidelity (first N, sorted)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=6)

@@ -47,8 +47,10 @@ class SiteConfig:
     # integer matmul (LLM.int8()-style decomposition).
     float_channels: int = 0
 
+
 # Fields added after configs were first saved, with the default a missing one takes.
 ADDED_FIELDS = {"calib_images": None, "gptq_act_order": False}
+
 
 @dataclass(frozen=True)
 class QuantConfig:

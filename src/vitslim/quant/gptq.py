@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from vitslim.quant.primitives import int_range, mse_symmetric_scale, symmetric_scale, uniform_fake_quant
+from vitslim.quant.primitives import absmax_symmetric_scale, int_range, mse_symmetric_scale, uniform_fake_quant
 
 
 def gptq_quantize_weight(
@@ -47,13 +47,9 @@ def gptq_quantize_weight(
     update ("static groups"), so the stored layout is the same as without it.
     """
     with one_thread():
-        group_scale = mse_symmetric_scale if search_group_scales else _absmax_scale
+        group_scale = mse_symmetric_scale if search_group_scales else absmax_symmetric_scale
         return _gptq(weight, hessian, scale, bits, group_size, damp, block_size, group_scales, act_order,
                      group_scale)
-
-
-def _absmax_scale(group: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    return symmetric_scale(group.abs().amax(1, keepdim=True), qmax)
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None,

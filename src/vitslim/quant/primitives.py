@@ -47,6 +47,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+def absmax_symmetric_scale(w: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Per-row symmetric step of ``w`` (rows, cols) that holds the row's largest magnitude."""
+    return symmetric_scale(w.abs().amax(dim=1, keepdim=True), qmax)
+
+
 def mse_symmetric_scale(w: torch.Tensor, qmin: int, qmax: int, steps: int = 21) -> torch.Tensor:
     """Per-row symmetric step of ``w`` (rows, cols) whose clipping range (50-100 % of the row's
     absmax) gives the least squared rounding error: at 4 bits clipping a few large weights

@@ -31,6 +31,7 @@ from torch import nn
 
 from vitslim.errors import CalibrationError
 from vitslim.quant.primitives import (
+    absmax_symmetric_scale,
     affine_params,
     int_range,
     mse_symmetric_scale,
@@ -236,10 +237,8 @@ class WeightQuantizer(UniformQuantizer):
 
     def calibrate_weight(self, w: torch.Tensor) -> None:
         w = w.detach().float()
-        if self.method == "mse":
-            self.scale = mse_symmetric_scale(w, self.qmin, self.qmax)
-        else:
-            self.scale = symmetric_scale(w.abs().amax(dim=1, keepdim=True), self.qmax)
+        scale_of = mse_symmetric_scale if self.method == "mse" else absmax_symmetric_scale
+        self.scale = scale_of(w, self.qmin, self.qmax)
         self.zero_point = torch.zeros_like(self.scale)
 
 

@@ -3,11 +3,13 @@
 What runs in integer: every 8-bit uniform quantizer (linear inputs, weights, q/k/v) becomes a
 Q/DQ pair with vitslim's scale and zero point (nothing is re-calibrated by ONNX Runtime), and
 ORT's graph optimizer fuses Q/DQ around MatMul/Gemm into int8 kernels (QLinearMatMul,
-MatMulIntegerToFloat, QGemm), which use AVX-512 VNNI here. What stays in float: LayerNorm,
-Softmax, GELU, residual adds, and the non-uniform quantizers (log2, SULQ, AdaLog) and
-sub-8-bit uniform quantizers, which are exported as their float quantize–dequantize arithmetic
-so the ONNX model computes what the PyTorch model does. Token-reduced models (ToMe, EViT)
-export with their fixed schedules; ATS (data-dependent token counts) does not export.
+MatMulIntegerToFloat, QGemm), which use AVX-512 VNNI here; each int8 linear is written as one
+``MatMulIntegerToFloat`` with its bias and layer scale inside (``vitslim.export.int8_linear``).
+What stays in float: LayerNorm, Softmax, GELU, residual adds, and the non-uniform quantizers
+(log2, SULQ, AdaLog) and sub-8-bit uniform quantizers, which are exported as their float
+quantize–dequantize arithmetic so the ONNX model computes what the PyTorch model does.
+Token-reduced models (ToMe, EViT) export with their fixed schedules; ATS (data-dependent token
+counts) does not export.
 """
 
 from __future__ import annotations
@@ -63,10 +65,12 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
     quantized = any(hasattr(m, "quant_sites") or hasattr(m, "weight_quantizer") for m in model.modules())
     with atomic_path(path) as tmp_path:
         _export_to(model, x, str(tmp_path), quantized, dynamic_batch)
-        if quantized:  # 4-bit weights as packed MatMulNBits (see vitslim.export.nbits)
+        if quantized:  # 4-bit weights as packed MatMulNBits, int8 linears as one kernel with their bias
+            from vitslim.export.int8_linear import fuse_int8_linears
             from vitslim.export.nbits import store_nbits_weights
 
             store_nbits_weights(model, tmp_path)
+            fuse_int8_linears(tmp_path)
     return path
 
 

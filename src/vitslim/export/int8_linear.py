@@ -1,0 +1,136 @@
+"""One ONNX Runtime int8 kernel per quantized linear, bias and per-channel output scale included.
+
+The exporter writes a quantized linear as ``DQ(x_q) @ Transpose(DQ(W_q)) + b`` (then, on DINOv2,
+``× γ`` for the layer scale). ONNX Runtime fuses the Q/DQ matmul into ``MatMulIntegerToFloat``
+but leaves the bias and the layer scale as separate float passes over the activations (and
+fuses fc1's bias into ``BiasGelu``, which is slower than ``Gelu`` here). This pass writes the
+contrib op ``com.microsoft.MatMulIntegerToFloat`` directly with the same int8 codes and scales
+and its bias input, which the kernel adds in the GEMM epilogue; a following multiplication by a
+constant per-output vector γ is folded in exactly as ``(x W + b) γ = x (W diag γ) + b γ``
+(the weight scale and the bias times γ; the int8 codes are unchanged). The file then needs
+ONNX Runtime, as ``MatMulNBits`` (``vitslim.export.nbits``) does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def _read_names(node: onnx.NodeProto) -> list[str]:
+    """What ``node`` reads, including outer-scope names read inside its subgraphs (the If
+    branches of a token-reduced export)."""
+    names = list(node.input)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            names += [name for inner in sub.node for name in _read_names(inner)]
+            names += [out.name for out in sub.output]
+    return names
+
+
+class _Graph:
+    """Producers, consumers and constant values of an ONNX graph's tensors."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in set(_read_names(node)):
+                self.consumers[name].append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Identity":  # the exporter's shared copies of equal constants
+            return self.const(node.input[0])
+        if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def made_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def only_consumer(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+    def other_input(self, node: onnx.NodeProto, name: str) -> np.ndarray | None:
+        others = [i for i in node.input if i != name]
+        return self.const(others[0]) if len(others) == 1 else None
+
+
+def _int8_linear(g: _Graph, matmul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.TensorProto], list] | None:
+    """The fused node (and its new initializers, and the nodes it replaces) for one
+    ``DQ(x) @ Transpose(DQ(W int8)) + b [× γ]``, or None when ``matmul`` is not one."""
+    act = g.made_by(matmul.input[0], "DequantizeLinear")
+    transpose = g.made_by(matmul.input[1], "Transpose")
+    weight = g.made_by(transpose.input[0], "DequantizeLinear") if transpose is not None else None
+    add = g.only_consumer(matmul.output[0], "Add")
+    if act is None or weight is None or add is None or weight.input[0] not in g.initializers:
+        return None
+    codes, w_scale, w_zero = (g.const(name) for name in weight.input[:3])
+    x_scale, x_zero = (g.const(name) for name in act.input[1:3])
+    bias = g.other_input(add, matmul.output[0])
+    if any(v is None for v in (w_scale, w_zero, x_scale, x_zero, bias)) or codes.ndim != 2 or x_scale.size != 1:
+        return None
+    if bias.shape != (codes.shape[0],) or w_scale.shape != (codes.shape[0],):
+        return None  # per-output-channel weight scales and a bias vector only
+    replaced, last = [matmul, add], add
+    mul = g.only_consumer(add.output[0], "Mul")
+    gamma = g.other_input(mul, add.output[0]) if mul is not None else None
+    if gamma is not None and gamma.shape == bias.shape:  # layer scale folded into the output scale
+        w_scale, bias, last = w_scale * gamma, bias * gamma, mul
+        replaced.append(mul)
+    name = matmul.name or matmul.output[0]
+    tensors = {"w": np.ascontiguousarray(codes.T), "x_scale": x_scale.astype(np.float32).reshape(()),
+               "w_scale": w_scale.astype(np.float32), "x_zero": x_zero.reshape(()), "w_zero": w_zero,
+               "bias": bias.astype(np.float32)}
+    inits = [numpy_helper.from_array(v, f"{name}/int8_{k}") for k, v in tensors.items()]
+    node = helper.make_node("MatMulIntegerToFloat", [act.input[0], *(i.name for i in inits)], [last.output[0]],
+                            name=f"{name}/int8", domain="com.microsoft")
+    return node, inits, replaced
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    while True:  # nodes whose outputs nothing reads (the replaced DQ/Transpose chains), then initializers
+        used = {name for node in graph.node for name in _read_names(node)} | {out.name for out in graph.output}
+        dead = [node for node in graph.node if not any(out in used for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def fuse_int8_linears(path: str | Path) -> int:
+    """Rewrite each Q/DQ int8 linear of the ONNX file at ``path`` as one
+    ``MatMulIntegerToFloat`` with its bias (and a following per-channel scale), in place.
+    Returns how many were fused; anything else in the graph is left as it is."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    g = _Graph(graph)
+    fused = 0
+    for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
+        found = _int8_linear(g, matmul)
+        if found is None:
+            continue
+        node, inits, replaced = found
+        graph.node.insert(list(graph.node).index(replaced[-1]), node)
+        for old in replaced:
+            graph.node.remove(old)
+        graph.initializer.extend(inits)
+        fused += 1
+    if fused:
+        _drop_unused(graph)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        onnx.save(model, str(path))
+    return fused

@@ -96,6 +96,25 @@ def test_conv_batchnorm_model_folds_bn_and_runs_qlinearconv(tmp_path):
     assert validate_onnx(qmodel, path, x[4:])["cosine"] > 0.999
 
 
+def test_batchnorm_with_its_activation_inside_is_folded_too():
+    """timm's ConvNormAct puts the activation inside the norm (BatchNormAct2d), as MobileViT and
+    EfficientFormerV2 do; a norm left unfolded costs ORT a float BatchNormalization per conv."""
+    torch.manual_seed(0)
+    model = nn.Sequential(timm.layers.ConvNormAct(3, 8, 3, act_layer=nn.GELU),
+                          timm.layers.ConvNormAct(8, 8, 3, act_layer=nn.GELU),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # trained-looking statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    qmodel = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(error_images=1), x[:8])
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
+    assert sum(isinstance(m, nn.GELU) for m in qmodel.modules()) == 2  # the activations stay
+    assert rel_error(model, qmodel, x[8:]) < 2e-2
+
+
 def test_unsupported_modules_are_named_and_the_model_is_untouched(images):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(2), nn.Conv1d(8, 8, 1))
     before = {k: v.clone() for k, v in model.state_dict().items()}

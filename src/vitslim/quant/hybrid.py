@@ -225,6 +225,10 @@ def _layer_groups(model: nn.Module, image: torch.Tensor, layers: dict[str, nn.Mo
 def _conv_bn_pairs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, str]]:
     """(conv, batchnorm) pairs where the BatchNorm is called right after the conv on its output."""
     calls, keys = _trace(model, image)
+    # timm's BatchNormAct2d runs its act/drop children inside its forward, so their hooks fire
+    # before the norm's own: leave them out, or the conv would never be followed by its norm.
+    norms = [n for n, m in calls if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    calls = [(n, m) for n, m in calls if not any(n.startswith(f"{norm}.") for norm in norms)]
     pairs = []
     for (a, ma), (b, mb) in itertools.pairwise(calls):
         if (isinstance(ma, nn.Conv2d) and isinstance(mb, nn.modules.batchnorm._BatchNorm) and mb.affine

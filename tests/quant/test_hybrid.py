@@ -13,7 +13,7 @@ from torch import nn
 from vitslim import tokens
 from vitslim.errors import UnsupportedModelError
 from vitslim.export import export_onnx, integer_ops, validate_onnx
-from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
+from vitslim.quant.hybrid import HybridQuantConfig, QuantSiLU, quantize_hybrid_
 from vitslim.quant.modules import set_mode
 
 
@@ -113,6 +113,22 @@ def test_batchnorm_with_its_activation_inside_is_folded_too():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
     assert sum(isinstance(m, nn.GELU) for m in qmodel.modules()) == 2  # the activations stay
     assert rel_error(model, qmodel, x[8:]) < 2e-2
+
+
+def test_silu_after_an_int8_conv_stays_on_int8_kernels(tmp_path):
+    """MobileViT's conv blocks: conv → SiLU → conv. With the sigmoid on an 8-bit grid ORT runs
+    QLinearSigmoid + QLinearMul between the QLinearConvs instead of float Sigmoid and Mul."""
+    torch.manual_seed(0)
+    model = nn.Sequential(timm.layers.ConvNormAct(3, 8, 3, act_layer=nn.SiLU),
+                          timm.layers.ConvNormAct(8, 8, 3, act_layer=nn.SiLU),
+                          nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(10, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    qmodel = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(error_images=1), x[:8])
+    assert sum(isinstance(m, QuantSiLU) for m in qmodel.modules()) == 2
+    assert rel_error(model, qmodel, x[8:]) < 1e-2
+    ops = integer_ops(export_onnx(qmodel, tmp_path / "silu.onnx"))
+    assert ops.get("QLinearSigmoid", 0) == 2 and ops.get("QLinearMul", 0) == 2, ops
+    assert validate_onnx(qmodel, tmp_path / "silu.onnx", x[8:])["cosine"] > 0.999
 
 
 def test_unsupported_modules_are_named_and_the_model_is_untouched(images):

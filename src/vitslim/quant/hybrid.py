@@ -8,8 +8,9 @@ exports to ONNX Runtime's int8 kernels, with Q-HyViT's per-layer granularity cho
 What is quantized: the input and weight of every ``nn.Linear`` and ``nn.Conv2d`` (int8 weights
 per output channel, symmetric; uint8 activations per tensor, asymmetric), and every conv's
 output (ORT fuses DequantizeLinear → Conv → QuantizeLinear into QLinearConv only with that
-output Q). BatchNorms that follow a conv are folded into it first. Attention's activation–
-activation matmuls, norms, softmax and activations stay in float.
+output Q). BatchNorms that follow a conv are folded into it first, and a SiLU that follows a
+conv gets its sigmoid on an 8-bit grid (``QuantSiLU``) so the chain stays int8 in ORT.
+Attention's activation–activation matmuls, norms, softmax and other activations stay in float.
 
 Granularity (Li et al., "Q-HyViT: Post-Training Quantization of Hybrid Vision Transformers With
 Bridge Block Reconstruction for IoT Systems", 2023/2024): hybrid models' bridge and conv blocks
@@ -222,19 +223,37 @@ def _layer_groups(model: nn.Module, image: torch.Tensor, layers: dict[str, nn.Mo
     return list(groups.values())
 
 
-def _conv_bn_pairs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv, batchnorm) pairs where the BatchNorm is called right after the conv on its output."""
+def _adjacent_pairs(model: nn.Module, image: torch.Tensor, first: type, second: type) -> list[tuple[str, str]]:
+    """(a, b) module pairs, a of type ``first`` and b of type ``second``, where b is called
+    right after a on a's output (identities between them skipped)."""
     calls, keys = _trace(model, image)
     # timm's BatchNormAct2d runs its act/drop children inside its forward, so their hooks fire
     # before the norm's own: leave them out, or the conv would never be followed by its norm.
     norms = [n for n, m in calls if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    calls = [(n, m) for n, m in calls if not any(n.startswith(f"{norm}.") for norm in norms)]
-    pairs = []
-    for (a, ma), (b, mb) in itertools.pairwise(calls):
-        if (isinstance(ma, nn.Conv2d) and isinstance(mb, nn.modules.batchnorm._BatchNorm) and mb.affine
-                and mb.track_running_stats and keys[b][0] == keys[a][1]):
-            pairs.append((a, b))
-    return pairs
+    calls = [(n, m) for n, m in calls
+             if not isinstance(m, PASS_THROUGH) and not any(n.startswith(f"{norm}.") for norm in norms)]
+    return [(a, b) for (a, ma), (b, mb) in itertools.pairwise(calls)
+            if isinstance(ma, first) and isinstance(mb, second) and keys[b][0] == keys[a][1]]
+
+
+def _conv_bn_pairs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv, batchnorm) pairs where the BatchNorm is called right after the conv on its output."""
+    return [(a, b) for a, b in _adjacent_pairs(model, image, nn.Conv2d, nn.modules.batchnorm._BatchNorm)
+            if model.get_submodule(b).affine and model.get_submodule(b).track_running_stats]
+
+
+class QuantSiLU(nn.Module):
+    """SiLU, x·σ(x), with σ(x) on an 8-bit grid. After an int8 conv (MobileViT's conv blocks),
+    ONNX Runtime then runs it as QLinearSigmoid + QLinearMul and the chain to the next conv
+    stays int8, instead of leaving it for a float Sigmoid and Mul between DequantizeLinear and
+    QuantizeLinear (and the layout transposes around them)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.gate_quantizer = UniformQuantizer(8, name=f"{name}.gate")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate_quantizer(torch.sigmoid(x))
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -517,7 +536,10 @@ def quantize_hybrid_(model: nn.Module, config: HybridQuantConfig, calib_images: 
             c["choice"] = min((k for k in c["errors"] if k != "channel"), key=c["errors"].get, default="layer:minmax")
     pairs = [(a, b) for a, b in _conv_bn_pairs(qmodel, calib_images[:1]) if a in layers]
     _keep_exact(qmodel, probe, pairs, lambda p: _fold_bn_into_conv(qmodel, *p))
+    silus = [b for a, b in _adjacent_pairs(qmodel, calib_images[:1], nn.Conv2d, nn.SiLU) if a in layers]
     _install(qmodel, layers, choices, config)
+    for name in silus:
+        _set_module(qmodel, name, QuantSiLU(name))
     _calibrate(qmodel, calib_images, config.batch_size)
     qmodel.vitslim_hybrid_choices = {",".join(k): v for k, v in choices.items()}
     setattr(qmodel, CONFIG_ATTR, config)

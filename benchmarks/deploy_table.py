@@ -5,8 +5,9 @@
 Rows per model: PyTorch FP32 eager (the baseline), ORT FP32, ORT ``quantize_static`` INT8 with
 each of its calibrators (MinMax, Entropy, Percentile; QDQ, per-channel weights), ORT
 ``quantize_dynamic`` INT8, vitslim W8A8 on ORT (``w8a8-int``: every site int8; ``w8a8-ort``:
-attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT; fused graphs (ORT's transformer
-optimizer: SkipLayerNormalization, BiasGelu; ``vitslim.export.fuse``) of ORT FP32 and w8a8-ort;
+attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT; ``w8a8-ort`` also with plain Q/DQ
+linears (``fuse_linears=False``: what writing each int8 linear as one ``MatMulIntegerToFloat``
+with its bias buys, ``vitslim.export.int8_linear``);
 4-bit weights in ``MatMulNBits``: vitslim ``w4-ort`` (GPTQ codes, ``vitslim.export.nbits``) and
 ORT's own ``MatMulNBitsQuantizer`` (round to nearest, block 32) as the peer. All calibrate on the
 same seeded 32 images; fidelity (feature cosine vs PyTorch FP32) is measured on --eval other
@@ -80,14 +81,6 @@ def ort_matmul_nbits(fp32: Path, out: Path) -> Path:
     return out
 
 
-def fused(model: torch.nn.Module, path: Path) -> Path:
-    from vitslim.export.fuse import fuse_transformer
-
-    out = path.with_name(path.stem + "_fused.onnx")
-    fuse_transformer(model, path, out)
-    return out
-
-
 def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: list[int], static: bool = True) -> dict:
     """Every deployment candidate of ``model``, with how long it took to make."""
     made, seconds = {"PyTorch FP32 eager": model}, {}
@@ -100,7 +93,6 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
 
     fp32 = export_onnx(model, tmp / "fp32.onnx")
     made["ORT FP32"] = fp32
-    timed("ORT FP32 fused", lambda: fused(model, fp32))
     for calibrator in ORT_CALIBRATORS if static else ():
         timed(f"ORT quantize_static {calibrator}",
               lambda c=calibrator: ort_quantize_static(fp32, calib, c, tmp / f"static_{c}.onnx"))
@@ -111,7 +103,8 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
     qmodels = {}
     for preset in ("w8a8-int", "w8a8-ort"):
         timed(f"vitslim {preset}", lambda p=preset: export_onnx(qmodels.setdefault(p, quantized(p)), tmp / f"{p}.onnx"))
-    timed("vitslim w8a8-ort fused", lambda: fused(qmodels["w8a8-ort"], made["vitslim w8a8-ort"]))
+    timed("vitslim w8a8-ort, plain Q/DQ linears",
+          lambda: export_onnx(qmodels["w8a8-ort"], tmp / "w8a8-ort-qdq.onnx", fuse_linears=False))
     timed("vitslim w4-ort (MatMulNBits)", lambda: export_onnx(quantized("w4-ort"), tmp / "w4.onnx"))
     timed("ORT MatMulNBits RTN b32", lambda: ort_matmul_nbits(fp32, tmp / "ort_nbits.onnx"))
     for r in tome_r:  # merge first, then calibrate on the merged model: what the user would run

@@ -1,14 +1,15 @@
 """Where the time goes in ONNX Runtime: per-op-type kernel time of FP32 and vitslim int8 exports.
 
-    uv run python benchmarks/ort_profile.py [--model deit] [--tome-r 13] [--runs 6] [--batch 8] [--fuse]
+    uv run python benchmarks/ort_profile.py [--model deit] [--tome-r 13] [--runs 6] [--batch 8]
 
 Exports timm ``deit_small_patch16_224`` (random weights: speed only) or the DINOv2 reference
 model in FP32 and as vitslim ``w8a8-ort`` (+ ToMe r when --tome-r > 0), runs each --runs times at
 batch 8 in ORT with its profiler on (threads as PyTorch's), and prints the kernel time per op
 type per batch and its share. This is the profile behind the deploy table: it shows what int8
 speeds up (the matmuls) and what it leaves (LayerNorm, Softmax, GELU, the Q/DQ around them).
-With --fuse, both graphs again after ORT's transformer fusions (``vitslim.export.fuse``:
-SkipLayerNormalization, BiasGelu), side by side: the profile before/after fusion.
+The int8 model is profiled twice: as exported (each int8 linear one ``MatMulIntegerToFloat``
+with its bias and layer scale, ``vitslim.export.int8_linear``) and with plain Q/DQ linears
+(``fuse_linears=False``), side by side: the profile before/after fusion.
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ def main() -> None:
     parser.add_argument("--tome-r", type=int, default=13)
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--fuse", action="store_true", help="also profile the fused graphs")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -76,14 +76,8 @@ def main() -> None:
             tokens.reduce_tokens_(qmodel, tokens.ToMeConfig(r=args.tome_r))
         quant.quantize_(qmodel, quant.preset("w8a8-ort"), calib)
         paths = {"FP32": export_onnx(model, Path(tmp, "fp32.onnx")),
+                 f"{int8_name} Q/DQ": export_onnx(qmodel, Path(tmp, "int8-qdq.onnx"), fuse_linears=False),
                  int8_name: export_onnx(qmodel, Path(tmp, "int8.onnx"))}
-        if args.fuse:
-            from vitslim.export.fuse import fuse_transformer
-
-            for name, source in (("FP32", model), (int8_name, qmodel)):
-                out = Path(tmp, f"fused-{len(paths)}.onnx")
-                fuse_transformer(source, paths[name], out)
-                paths[f"{name} fused"] = out
         times = {name: op_times(path, batch, args.runs, threads) for name, path in paths.items()}
     ops = sorted(set().union(*times.values()), key=lambda op: -times[int8_name].get(op, 0))
     totals = {name: sum(t.values()) for name, t in times.items()}

@@ -17,7 +17,7 @@ def ops(path):
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
-def test_int8_linears_carry_bias_and_layer_scale_with_the_same_outputs(tmp_path, monkeypatch):
+def test_int8_linears_carry_bias_and_layer_scale_with_the_same_outputs(tmp_path):
     torch.manual_seed(0)
     model = make_tiny_vit(init_values=0.1)  # layer scale, as DINOv2
     for block in model.blocks:  # distinct layer scales and nonzero biases, so a wrong fold shows
@@ -26,9 +26,7 @@ def test_int8_linears_carry_bias_and_layer_scale_with_the_same_outputs(tmp_path,
         for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
             linear.bias.data.normal_(0, 0.5)
     qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-ort"), torch.randn(8, 3, 32, 32))
-    monkeypatch.setattr("vitslim.export.int8_linear.fuse_int8_linears", lambda path: 0)
-    plain = export_onnx(qmodel, tmp_path / "plain.onnx")
-    monkeypatch.undo()
+    plain = export_onnx(qmodel, tmp_path / "plain.onnx", fuse_linears=False)
     fused = tmp_path / "fused.onnx"
     shutil.copy(plain, fused)
 
@@ -38,6 +36,9 @@ def test_int8_linears_carry_bias_and_layer_scale_with_the_same_outputs(tmp_path,
     assert after.count("MatMulIntegerToFloat") == linears
     assert before.count("Add") - after.count("Add") == linears  # every bias inside the kernel
     assert before.count("Mul") - after.count("Mul") == 2 * len(model.blocks)  # both layer scales folded
+    # GELU as one op (opset 20): ORT cannot re-fuse the Erf pattern once its input is split into
+    # a DequantizeLinear per consumer, as it is after an int8 conv in hybrid models
+    assert "Erf" not in after and after.count("Gelu") == len(model.blocks)
     graph = onnx.load(str(fused)).graph
     assert all(len(n.input) == 7 for n in graph.node if n.op_type == "MatMulIntegerToFloat")  # bias input set
 

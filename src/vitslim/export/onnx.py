@@ -52,9 +52,12 @@ def export_mode(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic_batch: bool = True) -> Path:
+def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic_batch: bool = True,
+                fuse_linears: bool = True) -> Path:
     """Export ``model`` (FP32, vitslim-quantized and/or token-reduced) to an ONNX file,
-    written atomically. The graph takes (batch, 3, H, W) images."""
+    written atomically. The graph takes (batch, 3, H, W) images. ``fuse_linears=False`` keeps
+    int8 linears as standard Q/DQ + MatMul + Add (for runtimes other than ONNX Runtime, and to
+    measure what the fusion buys)."""
     state = token_state(model)
     if state is not None and state.method == "ats":
         raise ExportError("ATS keeps a data-dependent number of tokens per image, which a static ONNX graph "
@@ -70,7 +73,8 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
             from vitslim.export.nbits import store_nbits_weights
 
             store_nbits_weights(model, tmp_path)
-            fuse_int8_linears(tmp_path)
+            if fuse_linears:
+                fuse_int8_linears(tmp_path)
     return path
 
 
@@ -79,7 +83,7 @@ def _export_to(model: nn.Module, x: torch.Tensor, tmp: str, quantized: bool, dyn
         with export_mode(model), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             if quantized:  # the TorchScript exporter maps fake-quant ops to Q/DQ; torch.export cannot
-                torch.onnx.export(model, (x,), tmp, input_names=["images"], output_names=["output"], opset_version=17,
+                torch.onnx.export(model, (x,), tmp, input_names=["images"], output_names=["output"], opset_version=20,
                                   dynamo=False, dynamic_axes={"images": {0: "batch"}} if dynamic_batch else None)
             else:
                 shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None

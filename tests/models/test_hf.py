@@ -101,6 +101,26 @@ def test_quantized_hugging_face_model_saves_and_reloads(tmp_path):
         assert torch.equal(load_quantized(tmp_path / "q")(x), q(x))
 
 
+def test_rotated_low_bit_presets_on_a_hugging_face_model_match_the_timm_path(tmp_path):
+    from vitslim.quant.io import load_quantized, save_quantized
+    from vitslim.quant.rotate import rotate
+
+    timm_model, hf_model = _tiny_dinov2_pair(tmp_path)
+    calib, x = torch.randn(8, 3, 56, 56), torch.randn(4, 3, 56, 56)
+    with torch.no_grad():
+        ref = hf_model(x)
+        rotated = rotate(copy.deepcopy(hf_model), "hadamard-online")
+        assert (rotated(x) - ref).abs().max() < 1e-4 * ref.abs().max()  # exact in real arithmetic
+        assert not torch.equal(rotated.embeddings.cls_token, hf_model.embeddings.cls_token)
+        outs = [quant.quantize_(copy.deepcopy(m), quant.preset("w4a4"), calib)(x) for m in (timm_model, hf_model)]
+    assert (outs[0] - outs[1]).abs().max() < 1e-3 * outs[0].abs().max()
+    assert (outs[1] - ref).abs().max() > 1e-3  # 4-bit did change the model
+    q = quant.quantize_(copy.deepcopy(hf_model), quant.preset("w4a4"), calib)
+    save_quantized(q, tmp_path / "q", f"hf:{tmp_path / 'hf-model'}")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q")(x), q(x))
+
+
 def test_pruning_a_hugging_face_model_matches_the_timm_path(tmp_path):
     from vitslim import prune
 
@@ -253,8 +273,8 @@ def test_beit_refusals_are_named(tmp_path):
     model = load_model(_save(_beit(**BEIT_VARIANTS["per-layer bias, mean pooling"]), tmp_path / "beit"))
     with pytest.raises(UnsupportedModelError, match="BeitForImageClassification: .*relative position bias"):
         tokens.reduce_tokens_(model, tokens.ToMeConfig(r=2))
-    with pytest.raises(UnsupportedModelError, match="rotation folds into timm's ViT layout"):
-        quant.quantize_(model, quant.preset("w4a4"), torch.randn(8, 3, 32, 32))  # QuaRot presets: timm layout only
+    with pytest.raises(UnsupportedModelError, match="rotation needs a LayerNorm final norm"):
+        quant.quantize_(model, quant.preset("w4a4"), torch.randn(8, 3, 32, 32))  # it normalizes after pooling
     wide = transformers.BeitModel(transformers.BeitConfig(**SMALL, image_size=[32, 48], patch_size=8,
                                                           use_relative_position_bias=True))
     with pytest.raises(UnsupportedModelError, match="non-square"):

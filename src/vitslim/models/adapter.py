@@ -58,7 +58,9 @@ class ViTParts:
 
     ``embed(images)`` gives the tokens entering the first block (prefix tokens first);
     ``patch_proj`` is the patch embedding's convolution (for MAC counts); ``num_patches`` is
-    the patch-token count at the model's input size.
+    the patch-token count at the model's input size; ``stream_tensors`` are the parameters the
+    embedding adds to the token stream besides ``patch_proj`` (class, register, distillation
+    and mask tokens, position embeddings): what a rotation of the stream must rotate too.
     """
 
     model: nn.Module
@@ -69,6 +71,7 @@ class ViTParts:
     norm: nn.Module
     head: nn.Module
     num_prefix_tokens: int
+    stream_tensors: tuple[nn.Parameter, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -147,6 +150,11 @@ def parts_of_block(index: int, block: nn.Module) -> BlockParts:
     return _BLOCK_ADAPTERS[type(block)](index, block)
 
 
+def present_tensors(owner: nn.Module, names: tuple[str, ...]) -> tuple[nn.Parameter, ...]:
+    """The named parameters ``owner`` has (None or absent ones left out)."""
+    return tuple(t for t in (getattr(owner, name, None) for name in names) if t is not None)
+
+
 def block_parts(blocks: nn.Module, model_name: str) -> list[BlockParts]:
     """``BlockParts`` of every block; ``UnsupportedModelError`` naming unknown block types, so a
     method never silently acts on part of a model."""
@@ -185,6 +193,7 @@ def _timm_vit(model: nn.Module) -> ViTParts:
         norm=model.norm,
         head=model.head,
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
+        stream_tensors=present_tensors(model, ("cls_token", "reg_token", "pos_embed")),
     )
 
 

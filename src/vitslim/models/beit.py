@@ -25,6 +25,7 @@ from vitslim.models.adapter import (
     ViTParts,
     _timm_vit_block,
     block_parts,
+    present_tensors,
     register_block_adapter,
     register_model_adapter,
 )
@@ -118,4 +119,5 @@ def _beit_parts(model: Beit) -> ViTParts:
         norm=model.norm,
         head=model.head,
         num_prefix_tokens=model.num_prefix_tokens,
+        stream_tensors=present_tensors(model, ("cls_token", "pos_embed")),
     )

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from vitslim.errors import ModelLoadError, OutputPathError, UnsupportedModelError
-from vitslim.models.adapter import ViTParts, block_parts, register_model_adapter
+from vitslim.models.adapter import ViTParts, block_parts, present_tensors, register_model_adapter
 from vitslim.models.attention import RelativePositionBias, route_attention
 from vitslim.output import atomic_dir
 
@@ -134,6 +134,8 @@ def _hf_parts(model: HFVisionTransformer) -> ViTParts:
         norm=model.norm,
         head=model.head,
         num_prefix_tokens=model.num_prefix_tokens,
+        stream_tensors=present_tensors(model.embeddings, ("cls_token", "distillation_token", "register_tokens",
+                                                          "mask_token", "position_embeddings")),
     )
 
 

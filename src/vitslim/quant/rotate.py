@@ -126,17 +126,23 @@ class OnlineRotation(nn.Module):
 
 
 def _check_supported(model: nn.Module) -> None:
-    if not (hasattr(model, "patch_embed") and hasattr(model, "cls_token")):
-        raise UnsupportedModelError(f"rotation folds into timm's ViT layout (patch_embed, cls_token, pos_embed); "
-                                    f"{type(model).__name__} (e.g. a Hugging Face model) has not got it: use a "
-                                    "preset without rotation (w8a8, w8a8-ort, w4-ort, repq-w4a4)")
+    parts = vit_parts(model)  # names the model when no adapter knows it
+    if getattr(model, "norm", None) is not parts.norm:
+        raise UnsupportedModelError(f"rotation replaces the final norm as {type(model).__name__}.norm, which "
+                                    "is not the norm its adapter names")
     for name in ("norm_pre", "fc_norm"):
         if not isinstance(getattr(model, name, nn.Identity()), nn.Identity):
             raise UnsupportedModelError(f"rotation needs {name} to be Identity (a class-token ViT with a final "
                                         f"norm, like DINOv2/DeiT); {type(model).__name__}.{name} is not")
-    if not isinstance(model.norm, nn.LayerNorm) or not isinstance(model.patch_embed.norm, nn.Identity):
-        raise UnsupportedModelError("rotation needs a LayerNorm final norm and a patch embedding without norm")
-    for bp in vit_parts(model).blocks:
+    patch_norm = getattr(getattr(model, "patch_embed", None), "norm", nn.Identity())
+    if not isinstance(parts.norm, nn.LayerNorm) or not isinstance(patch_norm, nn.Identity):
+        raise UnsupportedModelError(f"rotation needs a LayerNorm final norm and a patch embedding without norm; "
+                                    f"{type(model).__name__} has a {type(parts.norm).__name__} final norm (BEiT "
+                                    "with mean pooling normalizes after pooling): use a preset without rotation")
+    if not isinstance(parts.patch_proj, nn.Conv2d):
+        raise UnsupportedModelError(f"rotation needs a convolutional patch embedding; {type(model).__name__} has "
+                                    f"{type(parts.patch_proj).__name__}")
+    for bp in parts.blocks:
         if not (isinstance(bp.norm1, nn.LayerNorm) and isinstance(bp.norm2, nn.LayerNorm)):
             raise UnsupportedModelError(f"block {bp.index}: rotation needs LayerNorm norms (already rotated?)")
 
@@ -181,7 +187,8 @@ def _rotate_heads(bp, h: torch.Tensor) -> None:
 
 @torch.no_grad()
 def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> nn.Module:
-    """Fold orthogonal rotations into a timm ViT, in place (QuaRot 2024 / SpinQuant 2024 on
+    """Fold orthogonal rotations into a ViT (timm or Hugging Face, through the model adapter),
+    in place (QuaRot 2024 / SpinQuant 2024 on
     SliceGPT's 2024 LayerNorm→RMSNorm form); FP32 outputs are unchanged. ``kind``: ``hadamard``
     (residual stream + per-head q/k/v), ``hadamard-online`` (also an online Hadamard before
     fc2), ``random`` (a Haar-random residual rotation + per-head Hadamard)."""
@@ -189,16 +196,14 @@ def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> nn.Module
         raise ConfigError(f"rotation={kind!r} is not one of {ROTATIONS}")
     _check_supported(model)
     parts = vit_parts(model)
-    dim = model.cls_token.shape[-1]
-    device = model.cls_token.device  # "meta" when io.py only checks shapes
+    dim = parts.patch_proj.out_channels
+    device = parts.patch_proj.weight.device  # "meta" when io.py only checks shapes
     q = rotation_matrix(dim, kind, seed).to(device)
     # Everything that writes into the stream: centred (LayerNorm → RMSNorm), then rotated.
-    _center_rows(model.patch_embed.proj)  # conv: mean over output channels of weight and bias
-    _rotate_output(model.patch_embed.proj, q)
-    for name in ("cls_token", "reg_token", "pos_embed"):
-        t = getattr(model, name, None)
-        if t is not None:
-            t.copy_((t.double() - t.double().mean(-1, keepdim=True)) @ q)
+    _center_rows(parts.patch_proj)  # conv: mean over output channels of weight and bias
+    _rotate_output(parts.patch_proj, q)
+    for t in parts.stream_tensors:  # tokens and position embeddings (interpolation acts per channel)
+        t.copy_((t.double() - t.double().mean(-1, keepdim=True)) @ q)
     for bp in parts.blocks:
         for linear, ls in ((bp.proj, bp.ls1), (bp.fc2, bp.ls2)):
             _fold_layer_scale(linear, ls)
@@ -217,8 +222,8 @@ def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> nn.Module
             online = OnlineRotation(bp.act, bp.fc2.in_features, seed + 1000 + bp.index)
             bp.fc2.weight.copy_(bp.fc2.weight.double() @ online.rotation.matrix().to(device))
             bp.mlp.act = online.to(device)
-    final = UnrotatedNorm(dim, model.norm.eps).to(device)
-    final.unrotate.weight.copy_(model.norm.weight.double()[:, None] * q)  # diag(g)·Q
-    final.unrotate.bias.copy_(model.norm.bias)
-    model.norm = final
+    final = UnrotatedNorm(dim, parts.norm.eps).to(device)
+    final.unrotate.weight.copy_(parts.norm.weight.double()[:, None] * q)  # diag(g)·Q
+    final.unrotate.bias.copy_(parts.norm.bias)
+    model.norm = final  # timm and Hugging Face wrappers alike read their final norm as ``model.norm``
     return model

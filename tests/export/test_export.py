@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import onnxruntime as ort
 import torch
 
 from conftest import make_tiny_vit
@@ -52,7 +53,7 @@ def test_float_attention_probabilities_keep_int8_kernels_and_fidelity(tmp_path, 
     assert sum(integer_ops(path).values()) >= 60  # 4 linears + q·kᵀ per block, 12 blocks
 
 
-def test_quantized_and_token_reduced_export(tmp_path):
+def test_quantized_and_token_reduced_export(tmp_path, capfd):
     model = make_tiny_vit(img_size=64, depth=3)
     qmodel = tokens.reduce_tokens_(
         quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-int"), torch.randn(8, 3, 64, 64)),
@@ -62,6 +63,9 @@ def test_quantized_and_token_reduced_export(tmp_path):
     x = torch.randn(3, 3, 64, 64)  # another batch size than the export's
     assert validate_onnx(qmodel, path, x)["cosine"] > 0.99
     assert integer_ops(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # as a user would run it
+    session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert "VerifyOutputSizes" not in capfd.readouterr().err  # no shape warning from ORT on every run
 
 
 def test_ats_export_is_refused_with_a_reason(tmp_path):

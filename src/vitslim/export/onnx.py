@@ -98,6 +98,20 @@ def _export_to(model: nn.Module, x: torch.Tensor, tmp: str, quantized: bool, dyn
             leftover.unlink()
     if quantized:
         store_int8_weights(tmp)
+        drop_branch_output_shapes(tmp)
+
+
+def drop_branch_output_shapes(path: str | Path) -> None:
+    """Forget the declared shapes of If-branch outputs, in place. The TorchScript exporter gives
+    both branches of its ``scatter_reduce`` guard (ToMe's merge) shapes of different ranks, and
+    ONNX Runtime then warns on every run that the branch taken does not match; types are kept."""
+    model = onnx.load(str(path))
+    branches = [attr.g for node in model.graph.node if node.op_type == "If" for attr in node.attribute]
+    for branch in branches:
+        for out in branch.output:
+            out.type.tensor_type.ClearField("shape")
+    if branches:
+        onnx.save(model, str(path))
 
 
 def store_int8_weights(path: str | Path) -> int:

@@ -1,7 +1,7 @@
 import copy
 
-import pytest
 import onnxruntime as ort
+import pytest
 import torch
 
 from conftest import make_tiny_vit

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -308,6 +309,11 @@ def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
     session = OnnxModel(tmp_path / "q.onnx")
     assert session.num_classes == 10  # from the contract; the output width alone says nothing
     assert torch.equal(preprocessing_for(session, None)(image), contract.transform()(image))
+    # --portable: standard ONNX ops only for the int8 linears (the default uses ORT's contrib op)
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "q"), "--out", str(tmp_path / "p.onnx"), "--portable"])
+    assert res.exit_code == 0, res.output
+    domains = {path: {n.domain for n in onnx.load(str(tmp_path / path)).graph.node} for path in ("q.onnx", "p.onnx")}
+    assert "com.microsoft" in domains["q.onnx"] and "com.microsoft" not in domains["p.onnx"]
 
 
 @pytest.mark.parametrize("damage", ["json", "input_size", "std", "missing", "recipe"])

@@ -34,6 +34,11 @@ def export_cmd(
     verify: Optional[Path] = typer.Option(
         None, "--verify", help="Check ONNX Runtime against PyTorch on images from this folder."
     ),
+    portable: bool = typer.Option(
+        False, "--portable", help="Int8 linears as standard Q/DQ ops only, for runtimes other than ONNX Runtime "
+        "(by default each is one ORT MatMulIntegerToFloat with its bias: faster in ORT). 4-bit weights stay "
+        "ORT's MatMulNBits."
+    ),
 ) -> None:
     """Export to ONNX. vitslim's own 8-bit scales become QuantizeLinear/DequantizeLinear pairs
     that ONNX Runtime fuses into int8 matmuls; log-domain and sub-8-bit quantizers are exported
@@ -54,7 +59,7 @@ def export_cmd(
         merging = ToMeConfig(r=tome)
         reduce_tokens_(torch_model, merging)
         steps = [merging, *steps]
-    path = export_onnx(torch_model, out)
+    path = export_onnx(torch_model, out, fuse_linears=not portable)
     recipe = Recipe(f"export of {Path(model).name}", (*steps, ExportConfig()))
     contract = contract_for(torch_model, source, recipe.to_dict())
     console.print(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -139,7 +140,7 @@ def measure(key: str, args) -> dict:
         ops = integer_ops(paths["int8"])
         runnables = {"fp32": model, "ort_fp32": export_onnx(model, Path(tmp) / "fp32.onnx"), **paths}
         speed = {b: compare(runnables, batch_size=b, iters=args.iters * (2 if b == 1 else 1),
-                            warmup=2, flops=False) for b in (1, 8)}
+                            warmup=2, flops=False, warm_each=args.warm) for b in (1, 8)}
         cosines = fidelity(model, paths, make_loader(eval_set, 16)) if real and args.eval else {}
         if args.profile:
             print_profile(MODELS[key][1], {"ORT FP32": runnables["ort_fp32"], "int8": paths["int8"]}, args.iters)
@@ -164,6 +165,9 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32, help="calibration images (8 for random-weight models)")
     parser.add_argument("--eval", type=int, default=64, help="DINOv2 fidelity images, disjoint from calibration")
     parser.add_argument("--iters", type=int, default=4, help="timed batches at batch 8 (2x that at batch 1)")
+    parser.add_argument("--warm", action="store_true",
+                        help="run each model once, untimed, before each of its timed batches (vitslim.compare's "
+                             "warm_each)")
     parser.add_argument("--profile", action="store_true", help="also print ORT's per-op-type kernel time, FP32 vs int8")
     args = parser.parse_args()
     keys = list(MODELS) if args.models == "all" else args.models.split(",")
@@ -187,7 +191,8 @@ def main() -> None:
         "int8_cos": "int8 cos", "int8+ToMe13_cos": "int8+ToMe cos", "top1": "published top-1", "source": "source",
         "error": "error"},
         caption=f"{m['cpu']}, {m['torch_threads']} threads; × = ORT int8 throughput / PyTorch FP32 eager, "
-                f"interleaved, {args.iters} timed batches at b8, {2 * args.iters} at b1, measured under load. Random "
+                f"interleaved{', each warm' if args.warm else ''}, {args.iters} timed batches at b8, "
+                f"{2 * args.iters} at b1, load average {os.getloadavg()[0]:.1f} at the end. Random "
                 f"weights except DINOv2 (speed only); cosine: DINOv2 CLS vs FP32 on {args.eval} images of "
                 f"{args.images} not used for calibration.")
 

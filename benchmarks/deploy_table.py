@@ -119,8 +119,8 @@ def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args
     with tempfile.TemporaryDirectory() as tmp:
         made = candidates(model, calib, Path(tmp), args.tome_r, not args.skip_static)
         models = made["models"]
-        speed = {b: compare(models, batch_size=b, iters=args.iters * (4 if b == 1 else 1), warmup=2, flops=False)
-                 for b in (1, 8)}
+        speed = {b: compare(models, batch_size=b, iters=args.iters * (4 if b == 1 else 1), warmup=2, flops=False,
+                            warm_each=args.warm) for b in (1, 8)}
         reference = predict(model, loader, f"{name} FP32") if loader else None
         rows = []
         for i, (cname, candidate) in enumerate(models.items()):
@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--eval", type=int, default=128)
     parser.add_argument("--iters", type=int, default=8, help="timed batches at batch 8 (4x that at batch 1)")
+    parser.add_argument("--warm", action="store_true",
+                        help="run each model once, untimed, before each of its timed batches (caches as a one-model "
+                             "service has them; vitslim.compare's warm_each)")
     parser.add_argument("--tome-r", default="8,13", help="comma list of ToMe merge counts")
     parser.add_argument("--models", default="dinov2,deit")
     parser.add_argument("--skip-static", action="store_true", help="leave out ORT quantize_static (3 calibrators)")
@@ -165,7 +168,8 @@ def main() -> None:
         "size_mb": "size MB", "cosine": "cosine vs FP32", "sqnr_db": "SQNR dB", "make_s": "make s"},
         caption=f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads (PyTorch and ORT), "
                 f"{args.iters} timed batches at batch 8 "
-                f"and {4 * args.iters} at batch 1, interleaved; calibration {args.calib} images, fidelity on "
+                f"and {4 * args.iters} at batch 1, interleaved{', each warm' if args.warm else ''}; "
+                f"calibration {args.calib} images, fidelity on "
                 f"{args.eval} others of {args.images}")
 
 

@@ -22,3 +22,23 @@ def test_compare_pytorch_and_onnx_side_by_side(tmp_path):
     assert eager.speedup == 1.0 and eager.runtime == "pytorch" and ort.runtime == "onnxruntime"
     assert ort.speedup == ort.throughput / eager.throughput
     assert ort.threads == 1 and eager.gmacs_per_image > 0 and ort.size_mb > 0
+
+
+def test_warm_each_runs_every_model_once_right_before_each_of_its_timed_batches():
+    calls = []
+
+    class Named(torch.nn.Linear):
+        def __init__(self, name):
+            super().__init__(4, 2)
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return super().forward(x.flatten(1)[:, :4])
+
+    models = {"a": Named("a"), "b": Named("b")}
+    compare(models, batch_size=1, warmup=1, iters=2, input_size=(4,), flops=False)
+    assert calls == ["a", "b"] + ["a", "b"] * 2  # warm-up, then round robin
+    calls.clear()
+    compare(models, batch_size=1, warmup=1, iters=2, input_size=(4,), flops=False, warm_each=True)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2  # the untimed call sits right before the timed one

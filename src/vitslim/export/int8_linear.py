@@ -80,7 +80,8 @@ def _int8_linear(g: _Graph, matmul: onnx.NodeProto) -> tuple[onnx.NodeProto, lis
     bias = g.other_input(add, matmul.output[0])
     if any(v is None for v in (w_scale, w_zero, x_scale, x_zero, bias)) or codes.ndim != 2 or x_scale.size != 1:
         return None
-    if bias.shape != (codes.shape[0],) or w_scale.shape != (codes.shape[0],):
+    axis = next((a.i for a in weight.attribute if a.name == "axis"), 1)
+    if axis != 0 or bias.shape != (codes.shape[0],) or w_scale.shape != (codes.shape[0],):
         return None  # per-output-channel weight scales and a bias vector only
     replaced, last = [matmul, add], add
     mul = g.only_consumer(add.output[0], "Mul")

@@ -2,8 +2,9 @@
 
     uv run python benchmarks/deploy_table.py [--images DIR] [--eval 128] [--models dinov2,deit]
 
-Rows per model: PyTorch FP32 eager (the baseline), ORT FP32, ORT ``quantize_static`` INT8 with
-each of its calibrators (MinMax, Entropy, Percentile; QDQ, per-channel weights), ORT
+Rows per model: PyTorch FP32 eager (the baseline), ``torch.compile`` FP32, ORT FP32, ORT
+``quantize_static`` INT8 with each of its calibrators (MinMax, Entropy, Percentile; QDQ,
+per-channel weights), ORT
 ``quantize_dynamic`` INT8, vitslim W8A8 on ORT (``w8a8-int``: every site int8; ``w8a8-ort``:
 attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT; ``w8a8-ort`` also with plain Q/DQ
 linears (``fuse_linears=False``: what writing each int8 linear as one ``MatMulIntegerToFloat``
@@ -91,6 +92,7 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
         seconds[name] = time.perf_counter() - start
         print(f"  made {name} in {seconds[name]:.1f} s", flush=True)
 
+    made["torch.compile FP32"] = torch.compile(model)  # compiles on its first call (the untimed warm-up)
     fp32 = export_onnx(model, tmp / "fp32.onnx")
     made["ORT FP32"] = fp32
     for calibrator in ORT_CALIBRATORS if static else ():

@@ -15,7 +15,7 @@ from vitslim.models import vit_parts
 from vitslim.prune.allocate import allocate, model_macs
 from vitslim.prune.compensate import compensate_
 from vitslim.prune.config import PruneConfig
-from vitslim.prune.importance import importance_scores
+from vitslim.prune.importance import compensated_scores, importance_scores
 from vitslim.prune.surgery import SHAPES_ATTR, apply_plan, check_prunable
 from vitslim.registry import register
 
@@ -47,9 +47,9 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
     for bp in parts.blocks:
         check_prunable(bp)
     _check_plain(model)
-    if (config.importance != "magnitude" or config.compensate) and len(calib_images) < 2:
-        raise ConfigError(f"importance {config.importance!r} with compensate={config.compensate} needs calibration "
-                          f"images (got {len(calib_images)}); give 32 or more")
+    if (config.importance != "magnitude" or config.compensate or config.refit_aware) and len(calib_images) < 2:
+        raise ConfigError(f"importance {config.importance!r} with compensate={config.compensate}, refit_aware="
+                          f"{config.refit_aware} needs calibration images (got {len(calib_images)}); give 32 or more")
     if len(calib_images) < 16:
         warnings.warn(f"only {len(calib_images)} calibration images; the refits overfit few images: give 128 or more",
                       stacklevel=2)
@@ -58,6 +58,8 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
     before = model_macs(parts)
     teacher = copy.deepcopy(model) if config.compensate else None
     scores = importance_scores(model, calib_images, config.importance, config.batch_size, config.probes)
+    if config.refit_aware:
+        scores = compensated_scores(model, parts, calib_images, scores, config.batch_size)
     plan = allocate(parts, scores, config)
     apply_plan(model, plan)
     if teacher is not None:

@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--stages", default="fidelity,peer,speed,recovery,composition",
                     help="Which parts to run (fidelity is always run: the others use its models).")
     ap.add_argument("--min-width", type=float, default=0.0, help="PruneConfig.min_width for the vitslim rows.")
-    ap.add_argument("--refit-aware", action=argparse.BooleanOptionalAction, default=False,
+    ap.add_argument("--refit-aware", action=argparse.BooleanOptionalAction, default=True,
                     help="PruneConfig.refit_aware for the vitslim rows (OBS ranking of heads and channels).")
     ap.add_argument("--recover-refit", action=argparse.BooleanOptionalAction, default=True,
                     help="RecoverConfig.refit: least-squares refits again on the recovery images first.")

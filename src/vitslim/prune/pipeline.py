@@ -34,7 +34,8 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
     Every unit is scored on the unlabeled ``calib_images`` ((N, 3, H, W), preprocessed) against
     the model's own outputs (``config.importance``), units are removed globally by least score
     per MAC (NViT, "Global Vision Transformer Pruning with Hessian-Aware Saliency", Yang et al.
-    2023), the shapes change for real (``vitslim.prune.surgery``), and the layers consuming the
+    2023; with ``refit_aware``, scored by what they cost after the refit: greedy OBS per layer as
+    in ZipLM, Kurtić et al. 2023), the shapes change for real (``vitslim.prune.surgery``), and the layers consuming the
     removed units are refit by least squares (Kwon et al., "A Fast Post-Training Pruning
     Framework for Transformers", 2022). The shapes and config are kept on
     ``model.vitslim_prune`` for ``vitslim.prune.io.save_pruned``.
@@ -47,9 +48,9 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
     for bp in parts.blocks:
         check_prunable(bp)
     _check_plain(model)
-    if (config.importance != "magnitude" or config.compensate or config.refit_aware) and len(calib_images) < 2:
-        raise ConfigError(f"importance {config.importance!r} with compensate={config.compensate}, refit_aware="
-                          f"{config.refit_aware} needs calibration images (got {len(calib_images)}); give 32 or more")
+    if (config.importance != "magnitude" or config.compensate) and len(calib_images) < 2:
+        raise ConfigError(f"importance {config.importance!r} with compensate={config.compensate} needs calibration "
+                          f"images (got {len(calib_images)}); give 32 or more")
     if len(calib_images) < 16:
         warnings.warn(f"only {len(calib_images)} calibration images; the refits overfit few images: give 128 or more",
                       stacklevel=2)
@@ -58,7 +59,7 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
     before = model_macs(parts)
     teacher = copy.deepcopy(model) if config.compensate else None
     scores = importance_scores(model, calib_images, config.importance, config.batch_size, config.probes)
-    if config.refit_aware:
+    if config.refit_aware and config.compensate:  # costs after a refit only hold if the refit is made
         scores = compensated_scores(model, parts, calib_images, scores, config.batch_size)
     plan = allocate(parts, scores, config)
     apply_plan(model, plan)

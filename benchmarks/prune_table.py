@@ -36,7 +36,7 @@ from vitslim.output import print_table, write_json
 from vitslim.prune import PruneConfig, RecoverConfig, recover_
 from vitslim.prune.allocate import allocate
 from vitslim.prune.compensate import compensate_
-from vitslim.prune.importance import importance_scores
+from vitslim.prune.importance import compensated_scores, importance_scores
 from vitslim.prune.surgery import apply_plan
 
 SIZE = (3, 224, 224)
@@ -92,6 +92,10 @@ def main() -> None:
     ap.add_argument("--stages", default="fidelity,peer,speed,recovery,composition",
                     help="Which parts to run (fidelity is always run: the others use its models).")
     ap.add_argument("--min-width", type=float, default=0.0, help="PruneConfig.min_width for the vitslim rows.")
+    ap.add_argument("--refit-aware", action=argparse.BooleanOptionalAction, default=True,
+                    help="PruneConfig.refit_aware for the vitslim rows (OBS ranking of heads and channels).")
+    ap.add_argument("--recover-refit", action=argparse.BooleanOptionalAction, default=True,
+                    help="RecoverConfig.refit: least-squares refits again on the recovery images first.")
     ap.add_argument("--recover-images", type=int, default=0,
                     help="Recovery images (0: every image not held out for evaluation).")
     ap.add_argument("--json", type=Path, default=Path("prune_table.json"))
@@ -117,8 +121,11 @@ def main() -> None:
             if importance not in scores:
                 start = time.perf_counter()
                 scores[importance] = importance_scores(fp32, calib, importance)
+                if args.refit_aware:
+                    scores[importance] = compensated_scores(fp32, parts, calib, scores[importance], 8)
                 score_seconds[importance] = time.perf_counter() - start
-            config = PruneConfig(macs=1 - budget_removed, importance=importance, min_width=args.min_width)
+            config = PruneConfig(macs=1 - budget_removed, importance=importance, min_width=args.min_width,
+                                 refit_aware=args.refit_aware)
             plan = allocate(parts, scores[importance], config)
             model = apply_plan(copy.deepcopy(fp32), plan)
             raw = cosine(model, eval_images, reference)
@@ -162,14 +169,15 @@ def main() -> None:
 
     def recovery_rows() -> None:
         recover_images = Subset(dataset, train_set.indices[:args.recover_images or None])
-        config = RecoverConfig(steps=args.recover_steps, batch_size=8)
+        config = RecoverConfig(steps=args.recover_steps, batch_size=8, refit=args.recover_refit)
         for key, name in ((("hessian", args.recover_at), "vitslim hessian"),
                           (("tp", args.recover_at), "Torch-Pruning magnitude")):
             if key not in models:
                 continue
             model = models[key]
             report = recover_(model, fp32, recover_images, config)
-            out["recovery"].append({"removed": args.recover_at, "method": name, "steps": config.steps,
+            out["recovery"].append({"removed": args.recover_at, "method": name, "refit": config.refit,
+                                    "steps": config.steps,
                                     "batch": config.batch_size, "images": len(recover_images),
                                     "cosine": cosine(model, eval_images, reference), "seconds": report.seconds})
             print(out["recovery"][-1], flush=True)
@@ -195,7 +203,7 @@ def main() -> None:
         fidelity_rows(removed[0])
         if "speed" in stages:
             speed_row(removed[0], Path(tmp))
-        if args.recover_steps and "recovery" in stages:
+        if (args.recover_steps or args.recover_refit) and "recovery" in stages:
             recovery_rows()
         if "composition" in stages:
             composition_row(Path(tmp))

@@ -12,6 +12,7 @@ from vitslim.models import UnsupportedModelError, vit_parts
 from vitslim.models.loading import ModelLoadError
 from vitslim.prune.allocate import block_costs, model_macs
 from vitslim.prune.compensate import refit_linear_
+from vitslim.prune.importance import compensated_scores, importance_scores, removal_order
 
 IMPORTANCES = ["magnitude", "activation", "hessian"]
 SIZE = (3, 64, 64)
@@ -212,3 +213,50 @@ def test_recipe_prune_step_runs_first_and_checks_its_knobs():
     out = apply_recipe(model, recipe, _images(8))
     assert count_gmacs(out, SIZE) < 0.6 * count_gmacs(model, SIZE)  # pruned, then merged
     assert [b.attn.num_heads for b in model.blocks] == [4, 4, 4]  # the original is untouched
+
+
+@pytest.mark.parametrize("width,step", [(1, 1), (1, 3), (4, 1)])
+def test_obs_removal_order_removes_a_duplicate_first_and_its_costs_are_least_squares_errors(width, step):
+    """Greedy OBS removal (``removal_order``, ZipLM-style): a group duplicating another is
+    removed first at no cost however large its weights (also when several go per full update),
+    and the costs added up are the output error that an explicit least-squares refit of the
+    remaining columns and the bias leaves."""
+    gen = torch.Generator().manual_seed(0)
+    n_in, n_out, rows = 12 * width, 5, 400
+    x = torch.randn(rows, n_in, generator=gen, dtype=torch.float64) + 0.3
+    x[:, width:2 * width] = x[:, :width]  # group 1 duplicates group 0
+    weight = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+    weight[:, width:2 * width] *= 10  # ... and has the largest weights
+    xb = torch.cat([x, torch.ones(rows, 1, dtype=torch.float64)], 1)
+    groups = torch.arange(n_in).reshape(-1, width)
+    order, added = removal_order(weight, xb.T @ xb / rows, groups, torch.ones(len(groups)), step, damp=1e-9)
+    assert sorted(order.tolist()) == list(range(len(groups)))
+    assert order[0] in (0, 1) and added[0] < 1e-6
+    assert added[1] > 1e-2  # the other one of the pair is not free any more
+    y = x @ weight.T
+    for k in range(1, len(groups)):
+        keep = torch.cat([groups[i] for i in order[k:]])
+        xs = torch.cat([x[:, keep], torch.ones(rows, 1, dtype=torch.float64)], 1)
+        residual = xs @ torch.linalg.lstsq(xs, y).solution - y
+        torch.testing.assert_close(added[:k].sum(), residual.pow(2).sum() / rows, rtol=1e-5, atol=1e-6)
+
+
+def test_refit_aware_scores_free_one_of_two_identical_heads_and_charge_the_other():
+    """Two identical heads with large output weights: the plain Hessian score calls both
+    important; once ``proj`` is refit one of them is free to remove (the other takes its
+    output), and the survivor then carries both, so the refit-aware (OBS) score is tiny for one
+    and large for the other."""
+    model = _model()
+    calib = _images(32)
+    parts = vit_parts(model)
+    bp = parts.blocks[2]
+    d = bp.attn.head_dim
+    with torch.no_grad():
+        bp.qkv.weight.view(3, 4, d, -1)[:, 2] = bp.qkv.weight.view(3, 4, d, -1)[:, 1]
+        bp.qkv.bias.view(3, 4, d)[:, 2] = bp.qkv.bias.view(3, 4, d)[:, 1]
+        bp.proj.weight.view(-1, 4, d)[:, 1:3] *= 3
+    plain = importance_scores(model, calib, "hessian")
+    aware = compensated_scores(model, parts, calib, plain, batch_size=8)
+    ratio = (aware.heads[2] / plain.heads[2])[1:3].sort().values
+    assert ratio[0] < 0.05 and ratio[1] > 0.5, (plain.heads[2], aware.heads[2])
+    assert plain.heads[2][1:3].min() > plain.heads[2].max() / 3  # the plain score keeps both

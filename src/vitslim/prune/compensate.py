@@ -25,6 +25,7 @@ from torch import nn
 from vitslim.models import BlockParts, vit_parts
 from vitslim.prune.allocate import Plan
 from vitslim.prune.importance import layer_scale
+from vitslim.prune.surgery import SHAPES_ATTR
 
 RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # × mean diagonal of the Gram matrix
 FOLDS = 4
@@ -121,6 +122,15 @@ def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan
             fuse = False
         x_t = t_out
     return model
+
+
+@torch.no_grad()
+def refit_pruned_(model: nn.Module, teacher: nn.Module, images: torch.Tensor) -> nn.Module:
+    """``compensate_`` again for a model ``prune_`` made (the kept blocks read from
+    ``model.vitslim_prune``), on other or more ``images``: the refits start from the current
+    weights (the ridge's prior) and see every image given."""
+    plan = Plan(tuple(getattr(model, SHAPES_ATTR)["blocks"]), {}, {})
+    return compensate_(model, teacher, images, plan)
 
 
 def _compensate_block(sb: BlockParts, tb: BlockParts, x: torch.Tensor, t_mid: torch.Tensor,

@@ -25,7 +25,12 @@ class PruneConfig:
     with ``min_width`` at least that fraction of every kept block's heads and channels (the
     Hessian ranking otherwise strips DINOv2's first blocks to one head; a floor of 0.25 raised
     the held-out CLS cosine at 30 % fewer MACs from 0.937 to 0.940 on 244 ImageNet-sample images
-    not used for calibration).
+    not used for calibration). ``refit_aware`` (with ``compensate``) ranks heads and channels
+    by what removing them costs after the consuming layer is refit (greedy Optimal Brain
+    Surgeon per layer, scaled by ``importance``), so a unit others can stand in for goes
+    first: at 30 % fewer MACs on DINOv2 ViT-S/14 (hessian, 128 calibration images) it raised
+    the CLS cosine on 96 held-out ImageNet-sample images from 0.961 to 0.969 and from 0.958 to
+    0.969 on two disjoint folds.
     """
 
     macs: float
@@ -39,6 +44,7 @@ class PruneConfig:
     probes: int = 2
     batch_size: int = 8
     min_width: float = 0.25
+    refit_aware: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.macs, (int, float)) or not 0 < self.macs < 1:

@@ -168,6 +168,122 @@ def hessian_scores(model: nn.Module, parts: ViTParts, images: torch.Tensor, batc
     return Scores(totals[:n], totals[n:2 * n], totals[2 * n])
 
 
+@torch.no_grad()
+def input_grams(model: nn.Module, parts: ViTParts, images: torch.Tensor,
+                batch_size: int) -> dict[nn.Linear, torch.Tensor]:
+    """E[x̃ x̃ᵀ] over the calibration tokens of every ``proj`` and ``fc2`` input, x̃ = (x, 1)
+    (the ones column stands for the bias the refit also fits), in float64."""
+    layers = [m for bp in parts.blocks for m in (bp.proj, bp.fc2)]
+    sums: dict[nn.Linear, torch.Tensor] = {}
+    count = [0]
+
+    def hook(module, inputs):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        x = torch.cat([x, torch.ones(len(x), 1)], 1)
+        sums[module] = sums.get(module, 0) + (x.T @ x).double()
+        if module is layers[0]:
+            count[0] += len(x)
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        for batch in progress_bar(_batches(images, batch_size), "input statistics"):
+            model.forward_features(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: g / count[0] for m, g in sums.items()}
+
+
+def _group_costs(w: torch.Tensor, hinv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Output error each group of columns would add if removed now (OBS: ‖W_g (H⁻¹_gg)⁻¹ W_gᵀ‖)."""
+    wg = w[:, groups].permute(1, 2, 0)  # (k, g, out)
+    if groups.shape[1] == 1:  # single columns: the g × g solve is a division
+        solved = wg / hinv[groups[:, 0], groups[:, 0]][:, None, None]
+    else:
+        solved = torch.linalg.solve(hinv[groups[:, :, None], groups[:, None, :]], wg)
+    return (wg * solved).sum((1, 2))
+
+
+def _obs_remove_(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> None:
+    """Remove columns ``cols``: the others and the bias absorb their output (OBS update)."""
+    solved = torch.linalg.solve(hinv[cols[:, None], cols[None, :]], hinv[cols])
+    w -= w[:, cols] @ solved
+    hinv -= hinv[:, cols] @ solved
+    w[:, cols] = 0
+
+
+def removal_order(weight: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, gain: torch.Tensor,
+                  step: int = 1, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy Optimal-Brain-Surgeon removal of input groups (rows of ``groups``, column
+    indices) of a layer with output weight ``weight`` (out × in, LayerScale folded in) and
+    input second moments ``gram`` ((in+1)², last = bias): each time, the group whose removal,
+    after the least-squares update of the remaining columns and the bias, adds least output
+    error × ``gain`` (loss per unit of output error) goes, and the weights and inverse Hessian
+    are updated as OBS does (``damp`` × the inputs' mean square: the ridge of the update). For speed the
+    full update runs every ``step`` removals; in between, the choice is exact among the
+    4 × ``step`` cheapest groups. Returns the groups in removal order and the error each added."""
+    n = gram.shape[0]
+    scale = gram.diagonal()[:-1].mean()  # the inputs' own scale: the bias's constant 1 left out
+    hinv = torch.linalg.inv(gram + damp * scale * torch.eye(n, dtype=gram.dtype))
+    w = torch.cat([weight.double(), torch.zeros(weight.shape[0], 1, dtype=gram.dtype)], 1)
+    gain = gain.double()
+    alive = torch.ones(len(groups), dtype=torch.bool)
+    order, added = [], []
+    while alive.any():
+        units = alive.nonzero()[:, 0]
+        units = units[(_group_costs(w, hinv, groups[units]) * gain[units]).argsort()[:4 * step]]
+        cols = groups[units].reshape(-1)  # the candidates' columns, renumbered 0.. in a sub-problem
+        sub_w, sub_hinv = w[:, cols].clone(), hinv[cols[:, None], cols[None, :]].clone()
+        sub_groups = torch.arange(len(cols)).reshape(len(units), -1)
+        left = torch.ones(len(units), dtype=torch.bool)
+        for _ in range(min(step, len(units))):
+            cost = _group_costs(sub_w, sub_hinv, sub_groups[left]) * gain[units[left]]
+            pick = int(left.nonzero()[int(cost.argmin()), 0])
+            order.append(int(units[pick]))
+            added.append(float(cost.min()))
+            left[pick] = False
+            _obs_remove_(sub_w, sub_hinv, sub_groups[pick])
+        picked = units[~left]
+        alive[picked] = False
+        _obs_remove_(w, hinv, groups[picked].reshape(-1))
+    return torch.tensor(order), torch.tensor(added, dtype=torch.float64)
+
+
+def compensated_scores(model: nn.Module, parts: ViTParts, images: torch.Tensor, scores: Scores,
+                       batch_size: int, channel_step: int = 32) -> Scores:
+    """Scores of removing heads and channels when the consuming layer is refit afterwards
+    (the compensation ``prune_`` applies): a unit whose output the remaining units can
+    reproduce is cheap to remove even when its own output matters.
+
+    Per layer (``proj`` for heads, ``fc2`` for channels), units are removed greedily by the
+    Optimal Brain Surgeon rule (Hassibi & Stork, "Second order derivatives for network pruning:
+    Optimal Brain Surgeon", 1993) applied to structures as in ZipLM (Kurtić et al., "ZipLM:
+    Inference-Aware Structured Pruning of Language Models", 2023) and Kwon et al.'s mask
+    rearrangement ("A Fast Post-Training Pruning Framework for Transformers", 2022): the cost of
+    a removal is the layer's output error left after the least-squares update of the others,
+    converted to the final-feature loss by the unit's own ratio of ``scores`` (Hessian
+    saliency) to its uncompensated output energy (``channel_step``: channels per full OBS
+    update, see ``removal_order``). Block scores are kept."""
+    grams = input_grams(model, parts, images, batch_size)
+    heads, channels = [], []
+    for bp in parts.blocks:
+        for layer, ls, width, step, out in ((bp.proj, bp.ls1, bp.proj.in_features // bp.num_heads, 1, heads),
+                                            (bp.fc2, bp.ls2, 1, channel_step, channels)):
+            score = (scores.heads if out is heads else scores.channels)[bp.index]
+            weight = layer_scale(ls, layer.out_features)[:, None] * layer.weight.detach()
+            groups = torch.arange(layer.in_features).reshape(-1, width)
+            gram = grams[layer]
+            blocks = gram[groups[:, :, None], groups[:, None, :]]
+            wg = weight.double()[:, groups].permute(1, 0, 2)
+            energy = torch.einsum("kog,kgh,koh->k", wg, blocks, wg)
+            gain = torch.where(energy > 0, score.double() / energy.clamp_min(1e-30), torch.zeros_like(energy))
+            order, added = removal_order(weight, gram, groups, gain, step)
+            # increasing along the removal order, so that sorting by score reproduces it
+            rising = added.cummax(0).values * (1 + 1e-6 * torch.arange(len(added)) / len(added))
+            out.append(torch.empty(len(order)).index_put_((order,), rising.float()))
+    return Scores(heads, channels, scores.blocks)
+
+
 def importance_scores(model: nn.Module, images: torch.Tensor, importance: str, batch_size: int = 8,
                       probes: int = 2) -> Scores:
     """Scores of ``importance`` (magnitude, activation or hessian) for every unit of ``model``."""

@@ -15,7 +15,7 @@ from vitslim.models import vit_parts
 from vitslim.prune.allocate import allocate, model_macs
 from vitslim.prune.compensate import compensate_
 from vitslim.prune.config import PruneConfig
-from vitslim.prune.importance import importance_scores
+from vitslim.prune.importance import compensated_scores, importance_scores
 from vitslim.prune.surgery import SHAPES_ATTR, apply_plan, check_prunable
 from vitslim.registry import register
 
@@ -34,7 +34,8 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
     Every unit is scored on the unlabeled ``calib_images`` ((N, 3, H, W), preprocessed) against
     the model's own outputs (``config.importance``), units are removed globally by least score
     per MAC (NViT, "Global Vision Transformer Pruning with Hessian-Aware Saliency", Yang et al.
-    2023), the shapes change for real (``vitslim.prune.surgery``), and the layers consuming the
+    2023; with ``refit_aware``, scored by what they cost after the refit: greedy OBS per layer as
+    in ZipLM, Kurtić et al. 2023), the shapes change for real (``vitslim.prune.surgery``), and the layers consuming the
     removed units are refit by least squares (Kwon et al., "A Fast Post-Training Pruning
     Framework for Transformers", 2022). The shapes and config are kept on
     ``model.vitslim_prune`` for ``vitslim.prune.io.save_pruned``.
@@ -58,6 +59,8 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
     before = model_macs(parts)
     teacher = copy.deepcopy(model) if config.compensate else None
     scores = importance_scores(model, calib_images, config.importance, config.batch_size, config.probes)
+    if config.refit_aware and config.compensate:  # costs after a refit only hold if the refit is made
+        scores = compensated_scores(model, parts, calib_images, scores, config.batch_size)
     plan = allocate(parts, scores, config)
     apply_plan(model, plan)
     if teacher is not None:

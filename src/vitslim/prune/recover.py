@@ -34,11 +34,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from vitslim.data import calibration_images
 from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.output import write_json
 from vitslim.progress import progress_bar
+from vitslim.prune.compensate import refit_pruned_
 from vitslim.prune.importance import token_weights
+from vitslim.prune.surgery import SHAPES_ATTR
 
 STATE_FILE, META_FILE = "recover.safetensors", "recover.json"
 
@@ -55,7 +58,10 @@ class RecoverConfig:
     tokens, the same weights). ``augment``: ``crop`` (random resized crops of 35-100 % of the
     image and horizontal flips, so a few hundred images give many different views), ``flip``
     or ``none``. ``train_all`` also trains the patch embedding, position and class embeddings,
-    norms and LayerScale (by default only the blocks' linear layers learn)."""
+    norms and LayerScale (by default only the blocks' linear layers learn). ``refit``: before
+    the first step, a model ``prune_`` made gets its least-squares refits again on every
+    recovery image (``vitslim.prune.compensate.refit_pruned_``): the refits overfit the few
+    calibration images, and more images is what they need most."""
 
     steps: int = 200
     batch_size: int = 8
@@ -66,6 +72,7 @@ class RecoverConfig:
     train_all: bool = False
     checkpoint_every: int = 20
     seed: int = 0
+    refit: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1 or not self.lr > 0:
@@ -204,6 +211,8 @@ def recover_(model: nn.Module, teacher: nn.Module, images: torch.Tensor | Datase
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start = _load_checkpoint(directory, model, optimizer, config) if directory else 0
     began = time.perf_counter()
+    if config.refit and start == 0 and getattr(model, SHAPES_ATTR, None):
+        refit_pruned_(model, teacher, images if isinstance(images, torch.Tensor) else calibration_images(images))
     weights, loss = None, None
     model.eval()  # dropout or stochastic depth would make it chase a teacher that has neither
     try:

@@ -49,7 +49,7 @@ class SiteConfig:
 
 
 # Fields added after configs were first saved, with the default a missing one takes.
-ADDED_FIELDS = {"calib_images": None, "gptq_act_order": False, "gptq_asymmetric": False}
+ADDED_FIELDS = {"calib_images": None, "gptq_act_order": False}
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,6 @@ class QuantConfig:
     weight_method: str = "rtn"  # rtn (round to nearest) | gptq
     gptq_group_size: int | None = None  # GPTQ: a scale per group of input columns (None: per channel)
     gptq_act_order: bool = False  # GPTQ: round the most active input columns first
-    # GPTQ: fit each weight to the quantized model's inputs, layer by layer (``quant.asymmetric``)
-    gptq_asymmetric: bool = False
     post_ln: SiteConfig = field(default_factory=SiteConfig)
     linear: SiteConfig = field(default_factory=SiteConfig)
     qk: SiteConfig = field(default_factory=SiteConfig)
@@ -154,11 +152,6 @@ def validate(config: QuantConfig) -> None:
     if config.gptq_group_size is not None and config.gptq_group_size < 1:
         raise ConfigError("gptq_group_size must be a positive number of input columns or null, "
                           f"got {config.gptq_group_size}")
-    if config.gptq_asymmetric and config.weight_method != "gptq":
-        raise ConfigError("gptq_asymmetric needs weight_method='gptq'")
-    if config.gptq_asymmetric and any(getattr(config, s).float_channels for s in SITES):
-        raise ConfigError("gptq_asymmetric fits weights to the quantized inputs; float_channels adds a float "
-                          "part beside them: use one or the other")
     if config.ln_reparam and config.smooth_quant:
         raise ConfigError("ln_reparam and smooth_quant both rescale the post-LayerNorm channels; choose one")
     if config.smooth_alpha is not None and not 0 <= config.smooth_alpha <= 1:
@@ -317,7 +310,6 @@ def describe(config: QuantConfig) -> str:
     recon = [f"reconstruction {config.reconstruction_iters} it/block"] * bool(config.reconstruction_iters)
     group = f" g{config.gptq_group_size}" if config.gptq_group_size and config.weight_method == "gptq" else ""
     order = " act-order" if config.gptq_act_order and config.weight_method == "gptq" else ""
-    order += " asymmetric" if config.gptq_asymmetric else ""
     weights = f"W{config.weight_bits} {config.weight_method}{group}{order}"
     return "; ".join([weights, *rotation, *map(site, SITES), *folds, *recon])
 

@@ -127,24 +127,16 @@ class HessianCollector:
         return [(m, self.h[id(m)] / max(self.n[id(m)], 1)) for m in self.layers]
 
 
-def gptq_quantize_layer(layer: nn.Module, hessian: torch.Tensor, group_size: int | None = None,
-                        act_order: bool = False, weight: torch.Tensor | None = None) -> None:
-    """GPTQ of a ``QuantLinear``'s weight (or of ``weight`` in its place) with ``hessian``; sets
-    its ``qweight`` (and the group scales a block-wise integer export stores)."""
-    quantizer = layer.weight_quantizer
-    weight = layer.linear.weight if weight is None else weight
-    with one_thread():  # (see one_thread)
-        quantizer.calibrate_weight(weight)
-    scales: list[torch.Tensor] = []
-    layer.qweight = gptq_quantize_weight(weight, hessian, quantizer.scale, quantizer.bits, group_size=group_size,
-                                         group_scales=scales, act_order=act_order,
-                                         search_group_scales=quantizer.method == "mse")
-    # (out, groups) steps of a grouped weight, kept for integer export (not saved: derived)
-    layer.qweight_group_scales = torch.cat(scales, 1) if scales else None
-
-
 def gptq_quantize_linears(items: list[tuple[nn.Module, torch.Tensor]], group_size: int | None = None,
                           act_order: bool = False) -> None:
     """GPTQ for each ``QuantLinear`` with its Hessian; sets its ``qweight``."""
     for layer, hessian in items:
-        gptq_quantize_layer(layer, hessian, group_size, act_order)
+        quantizer = layer.weight_quantizer
+        with one_thread():  # (see one_thread)
+            quantizer.calibrate_weight(layer.linear.weight)
+        scales: list[torch.Tensor] = []
+        layer.qweight = gptq_quantize_weight(layer.linear.weight, hessian, quantizer.scale,
+                                             quantizer.bits, group_size=group_size, group_scales=scales,
+                                             act_order=act_order, search_group_scales=quantizer.method == "mse")
+        # (out, groups) steps of a grouped weight, kept for integer export (not saved: derived)
+        layer.qweight_group_scales = torch.cat(scales, 1) if scales else None

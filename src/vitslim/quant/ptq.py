@@ -15,7 +15,6 @@ from vitslim.deprecation import warn_deprecated
 from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.progress import progress_bar
-from vitslim.quant.asymmetric import asymmetric_gptq_blocks
 from vitslim.quant.config import PRESETS, QuantConfig, preset
 from vitslim.quant.gptq import HessianCollector, gptq_quantize_linears
 from vitslim.quant.layernorm_reparam import reparameterize
@@ -96,8 +95,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calib_images: torch.Tensor,
     weights (QuaRot 2024) if asked, LayerNorm reparameterization (RepQ-ViT 2023 / I&S-ViT 2023)
     or SmoothQuant with bias (MPTQ-ViT 2024) if asked, activation
     statistics, activation quantizers (uniform, log2, SULQ or AdaLog), weights (round to
-    nearest, or GPTQ 2022, optionally on the asymmetric objective of GPTAQ 2025), then block
-    reconstruction (I&S-ViT/BRECQ-style) if asked.
+    nearest, or GPTQ 2022), then block reconstruction (I&S-ViT/BRECQ-style) if asked.
     Returns ``model``, quantized, with its config attached.
     """
     if not isinstance(config, QuantConfig):
@@ -115,28 +113,19 @@ def quantize_(model: nn.Module, config: QuantConfig, calib_images: torch.Tensor,
         rotate(qmodel, config.rotation, config.rotation_seed)
     parts = vit_parts(qmodel)  # names unsupported block types before anything changes
     start = time.perf_counter()
+    fp_model = copy.deepcopy(qmodel) if config.reconstruction_iters else None
     if config.ln_reparam or config.smooth_quant:
         linears = [m for bp in parts.blocks for m in (bp.qkv, bp.fc1, bp.proj)]
         stats = _input_stats(qmodel, linears, calib_images, batch_size)
         qmodel.vitslim_smooth_alphas = _fold_channel_ranges(parts, config, stats)
-    # The FP32 model (folds included) that later stages fit the quantized layers to.
-    fp_model = copy.deepcopy(qmodel) if config.reconstruction_iters or config.gptq_asymmetric else None
     install(qmodel, config)
     set_mode(qmodel, "observe")
-    plain_gptq = config.weight_method == "gptq" and not config.gptq_asymmetric
-    hessians = HessianCollector(quant_linears(qmodel)) if plain_gptq else None
+    hessians = HessianCollector(quant_linears(qmodel)) if config.weight_method == "gptq" else None
     _run(qmodel, calib_images, batch_size, "calibration statistics")
     for q in quantizers(qmodel):
         if not isinstance(q, WeightQuantizer):  # weights are calibrated on the weights below
             q.calibrate()
-    if config.gptq_asymmetric:
-        set_mode(qmodel, "quant")  # activations quantized, weights float until each is rounded
-        asymmetric_gptq_blocks(fp_model, qmodel, calib_images, config.gptq_group_size, config.gptq_act_order,
-                               batch_size)
-        for lin in quant_linears(qmodel).values():
-            if lin.qweight is None:  # outside the blocks (the head): round to nearest
-                lin.quantize_weight()
-    elif hessians is not None:
+    if hessians is not None:
         gptq_quantize_linears(hessians.finish(), config.gptq_group_size, config.gptq_act_order)
     else:
         for lin in quant_linears(qmodel).values():

@@ -143,18 +143,14 @@ class _LearnableBlock:
 
 
 @torch.no_grad()
-def block_inputs(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The input of every block for ``images``: (blocks, images, tokens, width), one FP pass."""
-    captured: list[torch.Tensor] = []
-    hooks = [bp.block.register_forward_pre_hook(lambda m, a: captured.append(a[0])) for bp in vit_parts(model).blocks]
-    try:
-        for batch in images.split(batch_size):
-            model.forward_features(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    blocks = len(hooks)
-    return torch.cat([torch.stack(captured[i:i + blocks]) for i in range(0, len(captured), blocks)], 1)
+def _block_inputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The input of every block for ``images``."""
+    captured = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: captured.append(a[0])) for b in model.blocks]
+    model.forward_features(images)
+    for h in hooks:
+        h.remove()
+    return captured
 
 
 def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, iters: int,
@@ -167,7 +163,7 @@ def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, images: torch.Ten
     unquantized during tuning."""
     start = time.perf_counter()
     fp_blocks, q_blocks = vit_parts(fp_model).blocks, vit_parts(qmodel).blocks
-    fp_in = block_inputs(fp_model, images, batch_size)
+    fp_in = torch.cat([torch.stack(_block_inputs(fp_model, b)) for b in images.split(batch_size)], 1)
     q_in = fp_in[0]
     for i, (fp_bp, q_bp) in enumerate(progress_bar(list(zip(fp_blocks, q_blocks)), "block reconstruction")):
         with torch.no_grad():

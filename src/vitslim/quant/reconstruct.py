@@ -55,13 +55,12 @@ class _LearnableBlock:
     """Makes a block's quantizer steps (and optionally its weight rounding) learnable, and
     hardens them back into plain quantizer parameters with ``freeze``."""
 
-    def __init__(self, block: nn.Module, learn_rounding: bool, drop_prob: float, gen: torch.Generator,
-                 learn_bias: bool = False) -> None:
+    def __init__(self, block: nn.Module, learn_rounding: bool, drop_prob: float, gen: torch.Generator) -> None:
         sites = [m for m in block.modules() if isinstance(m, Quantizer) and not isinstance(m, WeightQuantizer)
                  and m.mode == "quant"]
         self.sites, self.acts = sites, [q for q in sites if isinstance(q, UniformQuantizer)]
         self.linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.qweight is not None]
-        self.step_params, self.round_params, self.bias_params = [], [], []
+        self.step_params, self.round_params = [], []
         for q in sites:
             if q in self.acts:
                 q.log_scale = nn.Parameter(q.scale.detach().clamp_min(1e-8).log())
@@ -71,8 +70,6 @@ class _LearnableBlock:
             steps = weight_steps(lin)
             lin.log_step_gain = nn.Parameter(torch.zeros_like(steps))
             self.step_params.append(lin.log_step_gain)
-            if learn_bias and lin.linear.bias is not None:
-                self.bias_params.append(lin.linear.bias)
             wq, step = lin.weight_quantizer, _per_column(steps, lin.linear.in_features)
             if learn_rounding:
                 scaled = lin.linear.weight.detach() / step
@@ -155,7 +152,7 @@ def _block_inputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
 
 def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, iters: int,
                        lr: float = 1e-2, batch_size: int = 8, penalty: float = 0.01,
-                       learn_rounding: bool = False, drop_prob: float = 0.5, learn_bias: bool = False) -> float:
+                       learn_rounding: bool = False, drop_prob: float = 0.5) -> float:
     """Tune every block of ``qmodel`` for ``iters`` Adam steps against ``fp_model``'s blocks
     on ``images``, ``batch_size`` images a step; returns the seconds it took. With
     ``learn_rounding`` the weight rounding is learned afresh (AdaRound, replacing GPTQ's codes)
@@ -169,9 +166,8 @@ def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, images: torch.Ten
         with torch.no_grad():
             target = torch.cat([fp_bp.block(x) for x in fp_in[i].split(batch_size)])
         gen = torch.Generator().manual_seed(i)
-        learn = _LearnableBlock(q_bp.block, learn_rounding, drop_prob, gen, learn_bias)
-        opt = torch.optim.Adam([{"params": learn.round_params + learn.step_params},
-                                {"params": learn.bias_params, "lr": lr / 10}], lr=lr)
+        learn = _LearnableBlock(q_bp.block, learn_rounding, drop_prob, gen)
+        opt = torch.optim.Adam(learn.round_params + learn.step_params, lr=lr)
         for step in range(iters):
             idx = torch.randperm(len(q_in), generator=gen)[:batch_size]
             learn.weights()

@@ -62,7 +62,7 @@ def test_learned_rounding_ends_on_the_grid_and_lowers_the_error():
     torch.manual_seed(0)
     model, calib, plain, error = _setup()
     tuned = copy.deepcopy(plain)
-    reconstruct_blocks(model, tuned, calib, iters=100, learn_rounding=True)
+    reconstruct_blocks(model, tuned, calib, iters=100, batch_size=8, learn_rounding=True)
     before, after = _codes(plain), _codes(tuned)
     for name, codes in after.items():
         assert torch.allclose(codes, codes.round(), atol=1e-3), name

@@ -151,7 +151,7 @@ def _block_inputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
 
 
 def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, iters: int,
-                       lr: float = 1e-2, batch_size: int = 8, penalty: float = 0.01,
+                       lr: float = 1e-2, batch_size: int = 4, penalty: float = 0.01,
                        learn_rounding: bool = False, drop_prob: float = 0.5) -> float:
     """Tune every block of ``qmodel`` for ``iters`` Adam steps against ``fp_model``'s blocks
     on ``images``, ``batch_size`` images a step; returns the seconds it took. With

@@ -231,7 +231,8 @@ def test_deit_small_quantizes_at_a_low_bit_preset():
     import timm
 
     model = timm.create_model("deit_small_patch16_224", pretrained=False, depth=2).eval()
-    qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w4a4"), torch.randn(4, 3, 224, 224))
+    config = replace(quant.preset("w4a4"), reconstruction_iters=2)  # (reconstruction: test_reconstruct.py)
+    qmodel = quant.quantize_(copy.deepcopy(model), config, torch.randn(4, 3, 224, 224))
     with torch.no_grad():
         assert torch.isfinite(qmodel(torch.randn(2, 3, 224, 224))).all()
 

@@ -168,16 +168,17 @@ def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, images: torch.Ten
         gen = torch.Generator().manual_seed(i)
         learn = _LearnableBlock(q_bp.block, learn_rounding, drop_prob, gen)
         opt = torch.optim.Adam(learn.round_params + learn.step_params, lr=lr)
-        for step in range(iters):
-            idx = torch.randperm(len(q_in), generator=gen)[:batch_size]
-            learn.weights()
-            loss = (q_bp.block(q_in[idx]) - target[idx]).pow(2).mean()
-            if learn.round_params and step >= iters // 5:  # AdaRound: warm-up, then β from 20 to 2
-                beta = 20 - 18 * (step - iters // 5) / max(1, iters - iters // 5)
-                loss = loss + penalty * learn.rounding_penalty(beta) / sum(p.numel() for p in learn.round_params)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        with torch.enable_grad():  # also when quantize_ is called under torch.no_grad()
+            for step in range(iters):
+                idx = torch.randperm(len(q_in), generator=gen)[:batch_size]
+                learn.weights()
+                loss = (q_bp.block(q_in[idx]) - target[idx]).pow(2).mean()
+                if learn.round_params and step >= iters // 5:  # AdaRound: warm-up, then β from 20 to 2
+                    beta = 20 - 18 * (step - iters // 5) / max(1, iters - iters // 5)
+                    loss = loss + penalty * learn.rounding_penalty(beta) / sum(p.numel() for p in learn.round_params)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
         learn.freeze()
         with torch.no_grad():
             q_in = torch.cat([q_bp.block(x) for x in q_in.split(batch_size)])

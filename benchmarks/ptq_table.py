@@ -15,7 +15,7 @@ cumulative, as the papers build them:
 (a) min–max uniform everywhere, (b) + LayerNorm reparameterization (RepQ-ViT) — or (b')
 SmoothQuant with bias and α search (MPTQ-ViT) in its place, (c) + a
 log-domain quantizer for post-Softmax and post-GELU (log2 / SULQ / AdaLog), (d) + GPTQ weights,
-(e) + block reconstruction (AdaRound-style rounding, replacing GPTQ's; I&S-ViT/BRECQ);
+(e) + block reconstruction (learned activation and weight steps, QDrop; I&S-ViT/BRECQ);
 (f) (d) with mixed precision: each block's W=A bits from 4/5/6/8 averaging the row's bits, chosen
 by measured sensitivity (MPTQ-ViT), at 5 and 6 bits only (at 4 and 8 there is no choice);
 (g) (c) with per-tensor MSE ranges and no LN reparam, (h) + Hadamard rotations folded into the

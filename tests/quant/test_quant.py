@@ -8,7 +8,7 @@ from conftest import make_tiny_vit
 from vitslim import quant, tokens
 from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.models import UnsupportedModelError
-from vitslim.quant.config import QuantConfig, SiteConfig, vit_config
+from vitslim.quant.config import QuantConfig, SiteConfig
 from vitslim.quant.gptq import gptq_quantize_weight
 from vitslim.quant.layernorm_reparam import reparameterize
 from vitslim.quant.modules import set_mode
@@ -203,22 +203,6 @@ def test_searched_group_scales_beat_absmax_on_heavy_tailed_weights():
     assert max(ratios) < 0.97 and sum(ratios) / len(ratios) < 0.85, ratios
 
 
-def test_reconstruction_lowers_block_error():
-    from vitslim.quant.reconstruct import reconstruct_blocks
-
-    model = make_tiny_vit(depth=1, img_size=64)
-    calib = torch.randn(32, 3, 64, 64)
-    plain = quant.quantize_(copy.deepcopy(model), vit_config(3, 3), calib)
-    tuned = copy.deepcopy(plain)
-    seconds = reconstruct_blocks(model, tuned, calib, iters=300)
-    assert seconds > 0
-    x = torch.randn(32, 3, 64, 64)
-    with torch.no_grad():
-        ref = model.forward_features(x)
-        err = lambda m: mse(m.forward_features(x), ref)  # noqa: E731
-        assert err(tuned) < 0.9 * err(plain), (err(plain), err(tuned))
-
-
 @pytest.mark.parametrize("name", sorted(quant.PRESETS))
 def test_every_preset_quantizes_and_runs(name):
     model = make_tiny_vit(img_size=32)
@@ -247,7 +231,8 @@ def test_deit_small_quantizes_at_a_low_bit_preset():
     import timm
 
     model = timm.create_model("deit_small_patch16_224", pretrained=False, depth=2).eval()
-    qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w4a4"), torch.randn(4, 3, 224, 224))
+    config = replace(quant.preset("w4a4"), reconstruction_iters=2)  # (reconstruction: test_reconstruct.py)
+    qmodel = quant.quantize_(copy.deepcopy(model), config, torch.randn(4, 3, 224, 224))
     with torch.no_grad():
         assert torch.isfinite(qmodel(torch.randn(2, 3, 224, 224))).all()
 

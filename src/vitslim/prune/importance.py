@@ -8,7 +8,7 @@ outputs). No labels are used anywhere.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,34 +61,44 @@ def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
 
 
+def _input_sums(model: nn.Module, layers: list[nn.Module], images: torch.Tensor, batch_size: int,
+                stat: Callable[[torch.Tensor], torch.Tensor], label: str) -> tuple[dict, int]:
+    """Σ of ``stat(x)`` over the calibration tokens x (rows: tokens) entering each of
+    ``layers``, and how many tokens that is."""
+    sums: dict[nn.Module, torch.Tensor] = {}
+    tokens = [0]
+
+    def hook(module, inputs):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        sums[module] = sums.get(module, 0) + stat(x)
+        if module is layers[0]:
+            tokens[0] += len(x)
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        for batch in progress_bar(_batches(images, batch_size), label):
+            model.forward_features(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums, tokens[0]
+
+
 @torch.no_grad()
 def activation_scores(model: nn.Module, parts: ViTParts, images: torch.Tensor, batch_size: int) -> Scores:
     """Output energy of each unit: Σ over its input channels c of ‖γ ⊙ W[:, c]‖² · E[x_c²] for
     the layer consuming it (proj for heads, fc2 for MLP channels), γ the LayerScale.
     Wanda's weight × activation-norm score ("A Simple and Effective Pruning Approach for Large
     Language Models", Sun et al. 2023), per structure as in FLAP (An et al. 2024)."""
-    sums = {bp.proj: 0.0 for bp in parts.blocks} | {bp.fc2: 0.0 for bp in parts.blocks}
-    tokens = [0]
-
-    def hook(module, inputs):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1])
-        sums[module] = sums[module] + x.pow(2).sum(0)
-        if module is parts.blocks[0].proj:
-            tokens[0] += len(x)
-
-    handles = [m.register_forward_pre_hook(hook) for m in sums]
-    try:
-        for batch in progress_bar(_batches(images, batch_size), "activation importance"):
-            model.forward_features(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    layers = [m for bp in parts.blocks for m in (bp.proj, bp.fc2)]
+    sums, tokens = _input_sums(model, layers, images, batch_size, lambda x: x.pow(2).sum(0),
+                               "activation importance")
     heads, channels = [], []
     for bp in parts.blocks:
         dim = bp.proj.out_features
         for layer, ls, out in ((bp.proj, bp.ls1, heads), (bp.fc2, bp.ls2, channels)):
             weight = (layer_scale(ls, dim)[:, None] * layer.weight).pow(2).sum(0)
-            out.append(weight * sums[layer] / tokens[0])
+            out.append(weight * sums[layer] / tokens)
     heads = [_head_sum(h, bp.num_heads) for h, bp in zip(heads, parts.blocks)]
     return _with_blocks(heads, channels)
 
@@ -174,24 +184,13 @@ def input_grams(model: nn.Module, parts: ViTParts, images: torch.Tensor,
     """E[x̃ x̃ᵀ] over the calibration tokens of every ``proj`` and ``fc2`` input, x̃ = (x, 1)
     (the ones column stands for the bias the refit also fits), in float64."""
     layers = [m for bp in parts.blocks for m in (bp.proj, bp.fc2)]
-    sums: dict[nn.Linear, torch.Tensor] = {}
-    count = [0]
 
-    def hook(module, inputs):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+    def gram(x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x, torch.ones(len(x), 1)], 1)
-        sums[module] = sums.get(module, 0) + (x.T @ x).double()
-        if module is layers[0]:
-            count[0] += len(x)
+        return (x.T @ x).double()
 
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
-    try:
-        for batch in progress_bar(_batches(images, batch_size), "input statistics"):
-            model.forward_features(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {m: g / count[0] for m, g in sums.items()}
+    sums, tokens = _input_sums(model, layers, images, batch_size, gram, "input statistics")
+    return {m: g / tokens for m, g in sums.items()}
 
 
 def _group_costs(w: torch.Tensor, hinv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

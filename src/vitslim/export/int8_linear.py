@@ -32,7 +32,7 @@ def _read_names(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-class _Graph:
+class GraphIndex:
     """Producers, consumers and constant values of an ONNX graph's tensors."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
@@ -66,7 +66,7 @@ class _Graph:
         return self.const(others[0]) if len(others) == 1 else None
 
 
-def _int8_linear(g: _Graph, matmul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.TensorProto], list] | None:
+def _int8_linear(g: GraphIndex, matmul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.TensorProto], list] | None:
     """The fused node (and its new initializers, and the nodes it replaces) for one
     ``DQ(x) @ Transpose(DQ(W int8)) + b [× γ]``, or None when ``matmul`` is not one."""
     act = g.made_by(matmul.input[0], "DequantizeLinear")
@@ -117,7 +117,7 @@ def fuse_int8_linears(path: str | Path) -> int:
     Returns how many were fused; anything else in the graph is left as it is."""
     model = onnx.load(str(path))
     graph = model.graph
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     fused = 0
     for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
         found = _int8_linear(g, matmul)

@@ -30,6 +30,7 @@ from torch import nn
 from vitslim import metrics
 from vitslim.bench import OnnxModel
 from vitslim.errors import ExportError
+from vitslim.export.int8_linear import GraphIndex, fuse_int8_linears
 from vitslim.models.loading import input_size
 from vitslim.output import atomic_path
 from vitslim.quant.quantizers import lowered_for_onnx
@@ -69,7 +70,6 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
     with atomic_path(path) as tmp_path:
         _export_to(model, x, str(tmp_path), quantized, dynamic_batch)
         if quantized:  # 4-bit weights as packed MatMulNBits, int8 linears as one kernel with their bias
-            from vitslim.export.int8_linear import fuse_int8_linears
             from vitslim.export.nbits import store_nbits_weights
 
             store_nbits_weights(model, tmp_path)
@@ -124,16 +124,11 @@ def store_int8_weights(path: str | Path) -> int:
     """
     model = onnx.load(str(path))
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                 if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
-
-    def value(name: str):
-        return numpy_helper.to_array(inits[name]) if name in inits else constants.get(name)
-
+    index = GraphIndex(graph)
+    value = index.const
     folded = []
     for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in index.initializers:
             continue
         w, scale, zero = value(node.input[0]), value(node.input[1]), value(node.input[2])
         if scale is None or zero is None:

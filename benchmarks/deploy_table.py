@@ -7,7 +7,7 @@ Rows per model: PyTorch FP32 eager (the baseline), ``torch.compile`` FP32, ORT F
 per-channel weights), ORT
 ``quantize_dynamic`` INT8, vitslim W8A8 on ORT (``w8a8-int``: every site int8; ``w8a8-ort``:
 attn·v left in float), and vitslim ``w8a8-ort`` + ToMe on ORT; ``w8a8-ort`` also with plain Q/DQ
-linears (``fuse_linears=False``: what writing each int8 linear as one ``MatMulIntegerToFloat``
+linears (``ort_kernels=False``: what writing each int8 linear as one ``MatMulIntegerToFloat``
 with its bias buys, ``vitslim.export.int8_linear``);
 4-bit weights in ``MatMulNBits``: vitslim ``w4-ort`` (GPTQ codes, ``vitslim.export.nbits``) and
 ORT's own ``MatMulNBitsQuantizer`` (round to nearest, block 32) as the peer. All calibrate on the
@@ -106,7 +106,7 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
     for preset in ("w8a8-int", "w8a8-ort"):
         timed(f"vitslim {preset}", lambda p=preset: export_onnx(qmodels.setdefault(p, quantized(p)), tmp / f"{p}.onnx"))
     timed("vitslim w8a8-ort, plain Q/DQ linears",
-          lambda: export_onnx(qmodels["w8a8-ort"], tmp / "w8a8-ort-qdq.onnx", fuse_linears=False))
+          lambda: export_onnx(qmodels["w8a8-ort"], tmp / "w8a8-ort-qdq.onnx", ort_kernels=False))
     timed("vitslim w4-ort (MatMulNBits)", lambda: export_onnx(quantized("w4-ort"), tmp / "w4.onnx"))
     timed("ORT MatMulNBits RTN b32", lambda: ort_matmul_nbits(fp32, tmp / "ort_nbits.onnx"))
     for r in tome_r:  # merge first, then calibrate on the merged model: what the user would run

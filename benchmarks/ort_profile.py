@@ -9,7 +9,7 @@ type per batch and its share. This is the profile behind the deploy table: it sh
 speeds up (the matmuls) and what it leaves (LayerNorm, Softmax, GELU, the Q/DQ around them).
 The int8 model is profiled twice: as exported (each int8 linear one ``MatMulIntegerToFloat``
 with its bias and layer scale, ``vitslim.export.int8_linear``) and with plain Q/DQ linears
-(``fuse_linears=False``), side by side: the profile before/after fusion.
+(``ort_kernels=False``), side by side: the profile before/after fusion.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
             tokens.reduce_tokens_(qmodel, tokens.ToMeConfig(r=args.tome_r))
         quant.quantize_(qmodel, quant.preset("w8a8-ort"), calib)
         paths = {"FP32": export_onnx(model, Path(tmp, "fp32.onnx")),
-                 f"{int8_name} Q/DQ": export_onnx(qmodel, Path(tmp, "int8-qdq.onnx"), fuse_linears=False),
+                 f"{int8_name} Q/DQ": export_onnx(qmodel, Path(tmp, "int8-qdq.onnx"), ort_kernels=False),
                  int8_name: export_onnx(qmodel, Path(tmp, "int8.onnx"))}
         times = {name: op_times(path, batch, args.runs, threads) for name, path in paths.items()}
     ops = sorted(set().union(*times.values()), key=lambda op: -times[int8_name].get(op, 0))

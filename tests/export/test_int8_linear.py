@@ -26,7 +26,7 @@ def test_int8_linears_carry_bias_and_layer_scale_with_the_same_outputs(tmp_path)
         for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
             linear.bias.data.normal_(0, 0.5)
     qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-ort"), torch.randn(8, 3, 32, 32))
-    plain = export_onnx(qmodel, tmp_path / "plain.onnx", fuse_linears=False)
+    plain = export_onnx(qmodel, tmp_path / "plain.onnx", ort_kernels=False)
     fused = tmp_path / "fused.onnx"
     shutil.copy(plain, fused)
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import copy
 
+import onnx
 import pytest
 import timm
 import torch
 from torch import nn
 
 from vitslim import tokens
+from vitslim.bench import OnnxModel
 from vitslim.errors import UnsupportedModelError
 from vitslim.export import export_onnx, integer_ops, validate_onnx
-from vitslim.quant.hybrid import HybridQuantConfig, QuantSiLU, quantize_hybrid_
+from vitslim.export.int8_gates import integer_hardswish_gates
+from vitslim.quant.hybrid import HybridQuantConfig, QuantHardswish, QuantSiLU, quantize_hybrid_
 from vitslim.quant.modules import set_mode
 
 
@@ -129,6 +132,36 @@ def test_silu_after_an_int8_conv_stays_on_int8_kernels(tmp_path):
     ops = integer_ops(export_onnx(qmodel, tmp_path / "silu.onnx"))
     assert ops.get("QLinearSigmoid", 0) == 2 and ops.get("QLinearMul", 0) == 2, ops
     assert validate_onnx(qmodel, tmp_path / "silu.onnx", x[8:])["cosine"] > 0.999
+
+
+def test_hardswish_after_an_int8_conv_runs_as_integer_add_and_mul(tmp_path):
+    """EfficientViT's conv blocks: conv → Hardswish → conv. The gate sits on the [0, 1] grid,
+    the export writes it as one QLinearAdd (ORT has no quantized HardSigmoid) with the same
+    outputs as the standard-ops file, and ORT runs the product as QLinearMul."""
+    torch.manual_seed(0)
+    model = nn.Sequential(timm.layers.ConvNormAct(3, 8, 3, act_layer=nn.Hardswish),
+                          timm.layers.ConvNormAct(8, 8, 3, act_layer=nn.Hardswish),
+                          nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(10, 3, 224, 224, generator=torch.Generator().manual_seed(1)) * 2
+    qmodel = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(error_images=1), x[:8])
+    gates = [m.gate_quantizer for m in qmodel.modules() if isinstance(m, QuantHardswish)]
+    assert len(gates) == 2 and all(torch.allclose(torch.stack(q.saturation()), torch.tensor([0.0, 1.0])) for q in gates)
+    assert rel_error(model, qmodel, x[8:]) < 1e-2
+
+    fast = export_onnx(qmodel, tmp_path / "fast.onnx")
+    portable = export_onnx(qmodel, tmp_path / "portable.onnx", ort_kernels=False)
+    assert [n.op_type for n in onnx.load(str(fast)).graph.node].count("HardSigmoid") == 0
+    ops = integer_ops(fast)
+    assert ops.get("QLinearAdd", 0) == 2 and ops.get("QLinearMul", 0) == 2, ops
+    assert integer_ops(portable).get("QLinearMul", 0) == 2 and "QLinearAdd" not in integer_ops(portable)
+    with torch.no_grad():
+        quantization_error = (OnnxModel(portable)(x[8:]) - model(x[8:])).abs().max()
+    assert (OnnxModel(fast)(x[8:]) - OnnxModel(portable)(x[8:])).abs().max() < 0.25 * quantization_error
+    assert validate_onnx(qmodel, fast, x[8:])["cosine"] > 0.999
+
+    gates[0].scale.mul_(0.9)  # a grid that ends below 1 saturates elsewhere than the clip: left as it is
+    off_grid = export_onnx(qmodel, tmp_path / "off_grid.onnx", ort_kernels=False)
+    assert integer_hardswish_gates(off_grid) == 1
 
 
 def test_unsupported_modules_are_named_and_the_model_is_untouched(images):

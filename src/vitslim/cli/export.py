@@ -35,14 +35,15 @@ def export_cmd(
         None, "--verify", help="Check ONNX Runtime against PyTorch on images from this folder."
     ),
     portable: bool = typer.Option(
-        False, "--portable", help="Int8 linears as standard Q/DQ ops only, for runtimes other than ONNX Runtime "
-        "(by default each is one ORT MatMulIntegerToFloat with its bias: faster in ORT). 4-bit weights stay "
-        "ORT's MatMulNBits."
+        False, "--portable", help="Standard Q/DQ ops only, for runtimes other than ONNX Runtime (by default each "
+        "int8 linear is one ORT MatMulIntegerToFloat with its bias, and a Hardswish gate after an int8 conv one "
+        "QLinearAdd: faster in ORT). 4-bit weights stay ORT's MatMulNBits."
     ),
 ) -> None:
     """Export to ONNX. vitslim's own 8-bit scales become QuantizeLinear/DequantizeLinear pairs
     that ONNX Runtime fuses into int8 matmuls, and each int8 linear is written as one ORT
-    MatMulIntegerToFloat with its bias (--portable: standard ops only); log-domain and
+    MatMulIntegerToFloat with its bias, each Hardswish gate after an int8 conv one QLinearAdd
+    (--portable: standard ops only); log-domain and
     sub-8-bit quantizers are exported as float arithmetic (accurate, not faster).
 
     The file carries its contract (input preprocessing, output meaning, recipe) in its
@@ -60,7 +61,7 @@ def export_cmd(
         merging = ToMeConfig(r=tome)
         reduce_tokens_(torch_model, merging)
         steps = [merging, *steps]
-    path = export_onnx(torch_model, out, fuse_linears=not portable)
+    path = export_onnx(torch_model, out, ort_kernels=not portable)
     recipe = Recipe(f"export of {Path(model).name}", (*steps, ExportConfig()))
     contract = contract_for(torch_model, source, recipe.to_dict())
     console.print(

@@ -13,57 +13,13 @@ ONNX Runtime, as ``MatMulNBits`` (``vitslim.export.nbits``) does.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-
-def _read_names(node: onnx.NodeProto) -> list[str]:
-    """What ``node`` reads, including outer-scope names read inside its subgraphs (the If
-    branches of a token-reduced export)."""
-    names = list(node.input)
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-            names += [name for inner in sub.node for name in _read_names(inner)]
-            names += [out.name for out in sub.output]
-    return names
-
-
-class GraphIndex:
-    """Producers, consumers and constant values of an ONNX graph's tensors."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            for name in set(_read_names(node)):
-                self.consumers[name].append(node)
-        self.initializers = {init.name: init for init in graph.initializer}
-
-    def const(self, name: str) -> np.ndarray | None:
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Identity":  # the exporter's shared copies of equal constants
-            return self.const(node.input[0])
-        if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
-
-    def made_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
-        node = self.producer.get(name)
-        return node if node is not None and node.op_type == op_type else None
-
-    def only_consumer(self, name: str, op_type: str) -> onnx.NodeProto | None:
-        users = self.consumers.get(name, [])
-        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
-
-    def other_input(self, node: onnx.NodeProto, name: str) -> np.ndarray | None:
-        others = [i for i in node.input if i != name]
-        return self.const(others[0]) if len(others) == 1 else None
+from vitslim.export.graph import GraphIndex, drop_unused, use_contrib_domain
 
 
 def _int8_linear(g: GraphIndex, matmul: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.TensorProto], list] | None:
@@ -99,18 +55,6 @@ def _int8_linear(g: GraphIndex, matmul: onnx.NodeProto) -> tuple[onnx.NodeProto,
     return node, inits, replaced
 
 
-def _drop_unused(graph: onnx.GraphProto) -> None:
-    while True:  # nodes whose outputs nothing reads (the replaced DQ/Transpose chains), then initializers
-        used = {name for node in graph.node for name in _read_names(node)} | {out.name for out in graph.output}
-        dead = [node for node in graph.node if not any(out in used for out in node.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
-
-
 def fuse_int8_linears(path: str | Path) -> int:
     """Rewrite each Q/DQ int8 linear of the ONNX file at ``path`` as one
     ``MatMulIntegerToFloat`` with its bias (and a following per-channel scale), in place.
@@ -130,8 +74,7 @@ def fuse_int8_linears(path: str | Path) -> int:
         graph.initializer.extend(inits)
         fused += 1
     if fused:
-        _drop_unused(graph)
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        drop_unused(graph)
+        use_contrib_domain(model)
         onnx.save(model, str(path))
     return fused

@@ -89,6 +89,8 @@ def store_nbits_weights(model: nn.Module, path: str | Path, accuracy_level: int 
     import onnx
     from onnx import helper, numpy_helper
 
+    from vitslim.export.graph import drop_unused, use_contrib_domain
+
     if accuracy_level not in ACCURACY_LEVELS:
         raise ExportError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
     layers = nbits_layers(model)
@@ -121,10 +123,7 @@ def store_nbits_weights(model: nn.Module, path: str | Path, accuracy_level: int 
     if len(replaced) != len({id(m) for m in layers}):
         raise ExportError(f"found {len(replaced)} of the {len(layers)} 4-bit weights in the exported graph; "
                           "MatMulNBits export needs each as a constant MatMul weight")
-    used = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
-    if not any(o.domain == "com.microsoft" for o in graph_model.opset_import):
-        graph_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    drop_unused(graph)
+    use_contrib_domain(graph_model)
     onnx.save(graph_model, str(path))
     return len(replaced)

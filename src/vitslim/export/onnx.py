@@ -30,7 +30,9 @@ from torch import nn
 from vitslim import metrics
 from vitslim.bench import OnnxModel
 from vitslim.errors import ExportError
-from vitslim.export.int8_linear import GraphIndex, fuse_int8_linears
+from vitslim.export.graph import GraphIndex, drop_unused
+from vitslim.export.int8_gates import integer_hardswish_gates
+from vitslim.export.int8_linear import fuse_int8_linears
 from vitslim.models.loading import input_size
 from vitslim.output import atomic_path
 from vitslim.quant.quantizers import lowered_for_onnx
@@ -54,11 +56,12 @@ def export_mode(model: nn.Module) -> Iterator[None]:
 
 
 def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic_batch: bool = True,
-                fuse_linears: bool = True) -> Path:
+                ort_kernels: bool = True) -> Path:
     """Export ``model`` (FP32, vitslim-quantized and/or token-reduced) to an ONNX file,
-    written atomically. The graph takes (batch, 3, H, W) images. ``fuse_linears=False`` keeps
-    int8 linears as standard Q/DQ + MatMul + Add (for runtimes other than ONNX Runtime, and to
-    measure what the fusion buys)."""
+    written atomically. The graph takes (batch, 3, H, W) images. By default int8 linears and
+    Hardswish gates are written as ONNX Runtime contrib kernels (``vitslim.export.int8_linear``,
+    ``vitslim.export.int8_gates``); ``ort_kernels=False`` keeps standard Q/DQ + MatMul + Add and
+    HardSigmoid (for runtimes other than ONNX Runtime, and to measure what the rewrite buys)."""
     state = token_state(model)
     if state is not None and state.method == "ats":
         raise ExportError("ATS keeps a data-dependent number of tokens per image, which a static ONNX graph "
@@ -73,8 +76,9 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
             from vitslim.export.nbits import store_nbits_weights
 
             store_nbits_weights(model, tmp_path)
-            if fuse_linears:
+            if ort_kernels:
                 fuse_int8_linears(tmp_path)
+                integer_hardswish_gates(tmp_path)
     return path
 
 
@@ -145,9 +149,7 @@ def store_int8_weights(path: str | Path) -> int:
         folded.append(node)
     for node in folded:
         graph.node.remove(node)
-    used = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    drop_unused(graph)
     onnx.save(model, str(path))
     return len(folded)
 

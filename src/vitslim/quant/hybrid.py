@@ -8,8 +8,9 @@ exports to ONNX Runtime's int8 kernels, with Q-HyViT's per-layer granularity cho
 What is quantized: the input and weight of every ``nn.Linear`` and ``nn.Conv2d`` (int8 weights
 per output channel, symmetric; uint8 activations per tensor, asymmetric), and every conv's
 output (ORT fuses DequantizeLinear → Conv → QuantizeLinear into QLinearConv only with that
-output Q). BatchNorms that follow a conv are folded into it first, and a SiLU that follows a
-conv gets its sigmoid on an 8-bit grid (``QuantSiLU``) so the chain stays int8 in ORT.
+output Q). BatchNorms that follow a conv are folded into it first, and a SiLU or Hardswish that
+follows a conv gets its gate on an 8-bit grid (``QuantSiLU``, ``QuantHardswish``) so the chain
+stays int8 in ORT.
 Attention's activation–activation matmuls, norms, softmax and other activations stay in float.
 
 Granularity (Li et al., "Q-HyViT: Post-Training Quantization of Hybrid Vision Transformers With
@@ -242,18 +243,45 @@ def _conv_bn_pairs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, str
             if model.get_submodule(b).affine and model.get_submodule(b).track_running_stats]
 
 
-class QuantSiLU(nn.Module):
-    """SiLU, x·σ(x), with σ(x) on an 8-bit grid. After an int8 conv (MobileViT's conv blocks),
-    ONNX Runtime then runs it as QLinearSigmoid + QLinearMul and the chain to the next conv
-    stays int8, instead of leaving it for a float Sigmoid and Mul between DequantizeLinear and
+class _QuantGated(nn.Module):
+    """x · q(gate(x)): an activation whose gate sits on an 8-bit grid, so that after an int8
+    conv ONNX Runtime runs it on integer kernels (the product as QLinearMul) and the chain to
+    the next conv stays int8, instead of a float gate and Mul between DequantizeLinear and
     QuantizeLinear (and the layout transposes around them)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, gate_quantizer: UniformQuantizer) -> None:
         super().__init__()
-        self.gate_quantizer = UniformQuantizer(8, name=f"{name}.gate")
+        self.gate_quantizer = gate_quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate_quantizer(torch.sigmoid(x))
+        return x * self.gate_quantizer(self.gate(x))
+
+
+class QuantSiLU(_QuantGated):
+    """SiLU, x·σ(x) (MobileViT's conv blocks): ORT runs σ as QLinearSigmoid."""
+
+    gate = staticmethod(torch.sigmoid)
+
+    def __init__(self, name: str) -> None:
+        super().__init__(UniformQuantizer(8, name=f"{name}.gate"))
+
+
+class _UnitGridQuantizer(UniformQuantizer):
+    """8-bit unsigned grid fixed on [0, 1], a hard gate's whole range, whatever calibration saw."""
+
+    def calibrate(self) -> None:
+        self.scale, self.zero_point = self.params_for_range(torch.tensor(0.0), torch.tensor(1.0))
+
+
+class QuantHardswish(_QuantGated):
+    """Hardswish, x·hardsigmoid(x) (EfficientViT's, MobileNetV3's): on the [0, 1] grid the gate's
+    codes are x + 3 on a grid 6× as coarse, which the exporter writes as one QLinearAdd
+    (``vitslim.export.int8_gates``; ORT has no quantized HardSigmoid)."""
+
+    gate = staticmethod(F.hardsigmoid)
+
+    def __init__(self, name: str) -> None:
+        super().__init__(_UnitGridQuantizer(8, name=f"{name}.gate"))
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -536,10 +564,11 @@ def quantize_hybrid_(model: nn.Module, config: HybridQuantConfig, calib_images: 
             c["choice"] = min((k for k in c["errors"] if k != "channel"), key=c["errors"].get, default="layer:minmax")
     pairs = [(a, b) for a, b in _conv_bn_pairs(qmodel, calib_images[:1]) if a in layers]
     _keep_exact(qmodel, probe, pairs, lambda p: _fold_bn_into_conv(qmodel, *p))
-    silus = [b for a, b in _adjacent_pairs(qmodel, calib_images[:1], nn.Conv2d, nn.SiLU) if a in layers]
+    gated = {b: gate for act, gate in ((nn.SiLU, QuantSiLU), (nn.Hardswish, QuantHardswish))
+             for a, b in _adjacent_pairs(qmodel, calib_images[:1], nn.Conv2d, act) if a in layers}
     _install(qmodel, layers, choices, config)
-    for name in silus:
-        _set_module(qmodel, name, QuantSiLU(name))
+    for name, gate in gated.items():
+        _set_module(qmodel, name, gate(name))
     _calibrate(qmodel, calib_images, config.batch_size)
     qmodel.vitslim_hybrid_choices = {",".join(k): v for k, v in choices.items()}
     setattr(qmodel, CONFIG_ATTR, config)

@@ -118,6 +118,29 @@ def test_batchnorm_with_its_activation_inside_is_folded_too():
     assert rel_error(model, qmodel, x[8:]) < 2e-2
 
 
+class ScaledResidual(nn.Module):
+    """EfficientFormer(V2)'s MLP branch: x + γ · conv(x), γ per channel (timm's LayerScale2d)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = timm.layers.ConvNormAct(dim, dim, 1, apply_act=False)
+        self.ls = timm.layers.LayerScale2d(dim)
+        self.ls.gamma.data.uniform_(-1.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ls(self.conv(x))
+
+
+def test_layer_scale_after_a_conv_is_folded_into_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), ScaledResidual(8), ScaledResidual(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    qmodel = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(error_images=1), x[:8])
+    assert not any(isinstance(m, timm.layers.LayerScale2d) for m in qmodel.modules())
+    assert rel_error(model, qmodel, x[8:]) < 2e-2
+
+
 def test_silu_after_an_int8_conv_stays_on_int8_kernels(tmp_path):
     """MobileViT's conv blocks: conv → SiLU → conv. With the sigmoid on an 8-bit grid ORT runs
     QLinearSigmoid + QLinearMul between the QLinearConvs instead of float Sigmoid and Mul."""

@@ -8,9 +8,9 @@ exports to ONNX Runtime's int8 kernels, with Q-HyViT's per-layer granularity cho
 What is quantized: the input and weight of every ``nn.Linear`` and ``nn.Conv2d`` (int8 weights
 per output channel, symmetric; uint8 activations per tensor, asymmetric), and every conv's
 output (ORT fuses DequantizeLinear → Conv → QuantizeLinear into QLinearConv only with that
-output Q). BatchNorms that follow a conv are folded into it first, and a SiLU or Hardswish that
-follows a conv gets its gate on an 8-bit grid (``QuantSiLU``, ``QuantHardswish``) so the chain
-stays int8 in ORT.
+output Q). BatchNorms and layer scales that follow a conv are folded into it first, and a SiLU
+or Hardswish that follows a conv gets its gate on an 8-bit grid (``QuantSiLU``,
+``QuantHardswish``) so the chain stays int8 in ORT.
 Attention's activation–activation matmuls, norms, softmax and other activations stay in float.
 
 Granularity (Li et al., "Q-HyViT: Post-Training Quantization of Hybrid Vision Transformers With
@@ -352,6 +352,29 @@ def _fold_bn_into_conv(model: nn.Module, conv_name: str, bn_name: str):
     return undo
 
 
+def _is_channel_scale(m: nn.Module) -> bool:
+    """timm's LayerScale2d (EfficientFormer(V2)): x · γ per channel, γ its only parameter."""
+    return type(m).__name__ == "LayerScale2d" and [n for n, _ in m.named_parameters()] == ["gamma"]
+
+
+@torch.no_grad()
+def _fold_channel_scale_into_conv(model: nn.Module, conv_name: str, scale_name: str):
+    """conv(x) · γ = conv with weight and bias scaled by γ per output channel: the float Mul
+    between the int8 conv and the residual add goes."""
+    conv, layer_scale = model.get_submodule(conv_name), model.get_submodule(scale_name)
+    undo_params = _snapshot(conv)
+    gamma = layer_scale.gamma.detach()
+    conv.weight.mul_(gamma.view(-1, 1, 1, 1))
+    if conv.bias is not None:
+        conv.bias.mul_(gamma)
+    _set_module(model, scale_name, nn.Identity())
+
+    def undo():
+        _set_module(model, scale_name, layer_scale)
+        undo_params()
+    return undo
+
+
 def _input_index(layer: nn.Module) -> torch.Tensor:
     """For each weight entry's input position, the input channel it reads (grouped convs)."""
     if isinstance(layer, nn.Linear):
@@ -564,6 +587,9 @@ def quantize_hybrid_(model: nn.Module, config: HybridQuantConfig, calib_images: 
             c["choice"] = min((k for k in c["errors"] if k != "channel"), key=c["errors"].get, default="layer:minmax")
     pairs = [(a, b) for a, b in _conv_bn_pairs(qmodel, calib_images[:1]) if a in layers]
     _keep_exact(qmodel, probe, pairs, lambda p: _fold_bn_into_conv(qmodel, *p))
+    scales = [(a, b) for a, b in _adjacent_pairs(qmodel, calib_images[:1], nn.Conv2d, nn.Module)
+              if a in layers and _is_channel_scale(qmodel.get_submodule(b))]
+    _keep_exact(qmodel, probe, scales, lambda p: _fold_channel_scale_into_conv(qmodel, *p))
     gated = {b: gate for act, gate in ((nn.SiLU, QuantSiLU), (nn.Hardswish, QuantHardswish))
              for a, b in _adjacent_pairs(qmodel, calib_images[:1], nn.Conv2d, act) if a in layers}
     _install(qmodel, layers, choices, config)

@@ -126,6 +126,7 @@ class ScaledResidual(nn.Module):
         self.conv = timm.layers.ConvNormAct(dim, dim, 1, apply_act=False)
         self.ls = timm.layers.LayerScale2d(dim)
         self.ls.gamma.data.uniform_(-1.5, 1.5)
+        self.conv.bn.bias.data.uniform_(-0.5, 0.5)  # a nonzero bias, which the fold must scale too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.ls(self.conv(x))

@@ -224,8 +224,9 @@ def _layer_groups(model: nn.Module, image: torch.Tensor, layers: dict[str, nn.Mo
     return list(groups.values())
 
 
-def _adjacent_pairs(model: nn.Module, image: torch.Tensor, first: type, second: type) -> list[tuple[str, str]]:
-    """(a, b) module pairs, a of type ``first`` and b of type ``second``, where b is called
+def _adjacent_pairs(model: nn.Module, image: torch.Tensor, first: type,
+                    second: type | tuple[type, ...]) -> list[tuple[str, str]]:
+    """(a, b) module pairs, a of type ``first`` and b of type(s) ``second``, where b is called
     right after a on a's output (identities between them skipped)."""
     calls, keys = _trace(model, image)
     # timm's BatchNormAct2d runs its act/drop children inside its forward, so their hooks fire
@@ -282,6 +283,10 @@ class QuantHardswish(_QuantGated):
 
     def __init__(self, name: str) -> None:
         super().__init__(_UnitGridQuantizer(8, name=f"{name}.gate"))
+
+
+# Activations whose gate goes on an 8-bit grid when they follow a conv.
+GATED: dict[type, type] = {nn.SiLU: QuantSiLU, nn.Hardswish: QuantHardswish}
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -590,11 +595,10 @@ def quantize_hybrid_(model: nn.Module, config: HybridQuantConfig, calib_images: 
     scales = [(a, b) for a, b in _adjacent_pairs(qmodel, calib_images[:1], nn.Conv2d, nn.Module)
               if a in layers and _is_channel_scale(qmodel.get_submodule(b))]
     _keep_exact(qmodel, probe, scales, lambda p: _fold_channel_scale_into_conv(qmodel, *p))
-    gated = {b: gate for act, gate in ((nn.SiLU, QuantSiLU), (nn.Hardswish, QuantHardswish))
-             for a, b in _adjacent_pairs(qmodel, calib_images[:1], nn.Conv2d, act) if a in layers}
+    gated = [b for a, b in _adjacent_pairs(qmodel, calib_images[:1], nn.Conv2d, tuple(GATED)) if a in layers]
     _install(qmodel, layers, choices, config)
-    for name, gate in gated.items():
-        _set_module(qmodel, name, gate(name))
+    for name in gated:
+        _set_module(qmodel, name, GATED[type(qmodel.get_submodule(name))](name))
     _calibrate(qmodel, calib_images, config.batch_size)
     qmodel.vitslim_hybrid_choices = {",".join(k): v for k, v in choices.items()}
     setattr(qmodel, CONFIG_ATTR, config)

@@ -1,16 +1,19 @@
-"""Each int8 linear becomes one MatMulIntegerToFloat carrying its bias and layer scale."""
+"""Each int8 linear (MatMul or classifier-head Gemm) becomes one MatMulIntegerToFloat carrying its
+bias and layer scale."""
 
 import copy
 import shutil
 
 import onnx
 import torch
+from torch import nn
 
 from conftest import make_tiny_vit
 from vitslim import quant
 from vitslim.bench import OnnxModel
-from vitslim.export import export_onnx
+from vitslim.export import export_onnx, integer_ops
 from vitslim.export.int8_linear import fuse_int8_linears
+from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
 
 
 def ops(path):
@@ -55,3 +58,20 @@ def test_float_linears_and_graphs_without_int8_are_left_alone(tmp_path):
     path = export_onnx(make_tiny_vit(), tmp_path / "fp32.onnx")
     before = path.read_bytes()
     assert fuse_int8_linears(path) == 0 and path.read_bytes() == before
+
+
+def test_a_classifier_head_gemm_becomes_one_int8_kernel(tmp_path):
+    """A Linear on pooled (2-D) features exports as Gemm, which ORT runs in float with its int8
+    weight dequantized on every run; the pass makes it one MatMulIntegerToFloat."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16)).eval()
+    model[-1].bias.data.normal_(0, 0.5)
+    x = torch.randn(10, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    qmodel = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(error_images=1), x[:8])
+    plain = export_onnx(qmodel, tmp_path / "plain.onnx", ort_kernels=False)
+    fused = export_onnx(qmodel, tmp_path / "fused.onnx")
+    assert ops(plain).count("Gemm") == 1 and "Gemm" not in ops(fused)
+    assert integer_ops(fused).get("MatMulIntegerToFloat", 0) == 1 and "MatMulIntegerToFloat" not in integer_ops(plain)
+    with torch.no_grad():
+        quantization_error = (OnnxModel(plain)(x[8:]) - model(x[8:])).abs().max()
+    assert (OnnxModel(fused)(x[8:]) - OnnxModel(plain)(x[8:])).abs().max() < 0.25 * quantization_error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 
@@ -43,7 +44,8 @@ COMMANDS = {
     "predict": deploy.predict_cmd,
 }
 for _name, _command in COMMANDS.items():
-    app.command(_name)(_command)
+    # The listing's one-liner: the docstring's first paragraph, reflowed (typer keeps its line breaks).
+    app.command(_name, short_help=" ".join(inspect.getdoc(_command).split("\n\n")[0].split()))(_command)
 
 
 def main() -> None:

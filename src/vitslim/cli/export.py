@@ -43,8 +43,8 @@ def export_cmd(
     """Export to ONNX. vitslim's own 8-bit scales become QuantizeLinear/DequantizeLinear pairs
     that ONNX Runtime fuses into int8 matmuls, and each int8 linear is written as one ORT
     MatMulIntegerToFloat with its bias, each Hardswish gate after an int8 conv one QLinearAdd
-    (--portable: standard ops only); log-domain and
-    sub-8-bit quantizers are exported as float arithmetic (accurate, not faster).
+    (--portable: standard ops only); log-domain and sub-8-bit quantizers are exported as float
+    arithmetic (accurate, not faster).
 
     The file carries its contract (input preprocessing, output meaning, recipe) in its
     metadata, so `vitslim predict` can run it.

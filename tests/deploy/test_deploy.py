@@ -365,3 +365,24 @@ def test_malformed_contract_is_a_one_line_error(tmp_path, example_images, damage
         read_contract(onnx_path)
     with pytest.raises(ModelLoadError, match="unusable vitslim contract"):
         load_artifact(onnx_path)
+
+
+def test_a_hybrid_model_is_refused_by_vit_methods_with_the_recipe_that_takes_it(tmp_path, example_images):
+    """A timm model without ViT blocks: the ViT presets name `int8-hybrid`, and that recipe makes
+    an ONNX file on integer kernels that carries its contract and fidelity."""
+    import timm
+
+    from vitslim.deploy import ModelSource
+    from vitslim.errors import UnsupportedModelError
+    from vitslim.export import integer_ops
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientvit_b0", pretrained=False, num_classes=10).eval()
+    with pytest.raises(UnsupportedModelError, match="vitslim apply int8-hybrid MODEL"):
+        apply(model, "int8-fast", example_images, tmp_path / "vit.onnx", ModelSource("efficientvit_b0"), n_calib=2)
+    assert not (tmp_path / "vit.onnx").exists()
+    artifact, figures = apply(model, "int8-hybrid", example_images, tmp_path / "m.onnx",
+                              ModelSource("efficientvit_b0"), n_calib=4, n_eval=4)
+    assert integer_ops(artifact.path).get("QLinearConv", 0) > 10
+    assert [next(iter(step)) for step in artifact.contract.recipe["steps"]] == ["quantize_hybrid", "export"]
+    assert figures["images"] == 4 and figures["cosine"] > 0.9

@@ -34,7 +34,7 @@ from vitslim.errors import ConfigError
 from vitslim.export.config import ExportConfig
 from vitslim.output import write_text_atomic
 from vitslim.prune import PruneConfig
-from vitslim.quant import preset
+from vitslim.quant import HybridQuantConfig, preset
 from vitslim.tokens import EViTConfig, ToMeConfig
 
 if TYPE_CHECKING:
@@ -207,6 +207,9 @@ BUILTIN_RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "Pruning to 70% of the MACs, token merging (r=8), W8A8 on ONNX Runtime."),
     Recipe("w4a8-small", (preset("w4a8"),),
            "4-bit weights (GPTQ), 8-bit activations: the smallest model (simulated)."),
+    Recipe("int8-hybrid", (HybridQuantConfig(), ExportConfig()),
+           "W8A8 for timm models that are not plain ViTs (Swin, EfficientFormer, MobileViT, EfficientViT, "
+           "...): Q-HyViT granularity choice, ONNX Runtime integer kernels."),
     Recipe("int4-small", (preset("w4-ort"), ExportConfig()),
            "4-bit GPTQ weights packed in ONNX Runtime MatMulNBits (int8 activations in the kernel): "
            "on DINOv2 ViT-S a file 6.4x smaller than FP32."),

@@ -162,7 +162,9 @@ def block_parts(blocks: nn.Module, model_name: str) -> list[BlockParts]:
         raise UnsupportedModelError(
             f"{model_name} has no `blocks` sequence of transformer blocks; vitslim supports timm "
             "VisionTransformer models (ViT, DeiT, DINOv2), timm BEiT and Hugging Face ViT, DeiT, DINOv2 "
-            "and BEiT models (hf:<id or folder>) for now."
+            "and BEiT models (hf:<id or folder>); other timm models (Swin, EfficientFormer, MobileViT, "
+            "EfficientViT, ...) get W8A8 for ONNX Runtime with `vitslim apply int8-hybrid MODEL --data DIR "
+            "--out model.onnx`."
         )
     unknown = sorted({type(b).__name__ for b in blocks if type(b) not in _BLOCK_ADAPTERS})
     if unknown:

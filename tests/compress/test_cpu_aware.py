@@ -156,3 +156,24 @@ def test_early_stop_stops_losers_never_the_winner(tmp_path, example_images, monk
     assert unstopped.chosen.name == "winner" and all(c.stopped_early is None for c in unstopped.candidates)
     _, md = write_report(result, tmp_path / "report", "tiny")
     assert "stopped early: " in md.read_text() and "× after 3 batches" in md.read_text()
+
+
+def test_a_model_without_vit_blocks_gets_the_candidates_that_apply(tmp_path, example_images):
+    """EfficientViT has no ViT blocks: the default grid tries only what applies to any timm model
+    (int8 via the hybrid quantizer) and the report says which ViT candidates were not tried."""
+    import timm
+    import torch
+
+    from vitslim.deploy import ModelSource
+
+    kwargs = {"num_classes": 10, "pretrained_cfg_overlay": {"input_size": [3, 96, 96]}}  # small and quick
+    torch.manual_seed(0)
+    model = timm.create_model("efficientvit_b0", pretrained=False, **kwargs).eval()
+    result = compress(model, example_images, "fidelity=0.5", n_calib=4, n_eval=4, batch_size=2, iters=1,
+                      cache_dir=tmp_path / "cache", source=ModelSource("efficientvit_b0", timm_kwargs=kwargs),
+                      sensitivity_preset=None, cpu=AVX2_ONLY)
+    assert [c.name for c in result.candidates] == ["fp32", "ort-fp32", "int8-hybrid"]
+    assert all(c.error is None for c in result.candidates), [c.error for c in result.candidates]
+    assert "int8-fast" in result.not_applicable and "tome-8" in result.not_applicable
+    html, _ = write_report(result, tmp_path / "report", "effvit")
+    assert "Not tried: tome-8" in html.read_text()

@@ -10,7 +10,7 @@ import typer
 
 from vitslim.compress import BUILTIN_RECIPES, Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
 from vitslim.compress.report import COLUMNS, candidate_row
-from vitslim.compress.search import default_cache_dir
+from vitslim.compress.search import NOT_A_VIT, default_cache_dir
 from vitslim.data import list_images
 from vitslim.deploy import ModelSource
 from vitslim.models import REFERENCE_NAME
@@ -107,6 +107,8 @@ def compress_cmd(
     if not quiet:
         rows = [candidate_row(c) for c in result.candidates]
         print_table(f"vitslim compress {model} --target {target}", rows, dict(COLUMNS))
+    if result.not_applicable:
+        console.print(f"not tried: {', '.join(result.not_applicable)} ({NOT_A_VIT})", highlight=False)
     for left in result.left_out:
         console.print(
             f"left out on this CPU: {left['name']} ({left['reason']}); name it with --recipe to run it anyway",

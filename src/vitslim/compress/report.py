@@ -10,7 +10,14 @@ import re
 import shlex
 from pathlib import Path
 
-from vitslim.compress.search import EARLY_STOP_MARGIN, EARLY_STOP_ROUNDS, CandidateResult, SearchResult, pareto_front
+from vitslim.compress.search import (
+    EARLY_STOP_MARGIN,
+    EARLY_STOP_ROUNDS,
+    NOT_A_VIT,
+    CandidateResult,
+    SearchResult,
+    pareto_front,
+)
 from vitslim.output import fmt, write_text_atomic
 from vitslim.output import markdown_text as _md
 
@@ -120,6 +127,8 @@ def _summary_lines(result: SearchResult, model_name: str) -> list[str]:
                  f"{EARLY_STOP_ROUNDS} batches; or, for a speed target, its worst batch's ratio ÷ "
                  f"{EARLY_STOP_MARGIN} already at the target).")
     lines += [f"Left out on this CPU: {o['name']} ({o['reason']})." for o in result.left_out]
+    if result.not_applicable:
+        lines.append(f"Not tried: {', '.join(result.not_applicable)} ({NOT_A_VIT}).")
     m = result.machine
     features = f" [{m['cpu_features']}]" if m.get("cpu_features") else ""
     lines.append(f"Machine: {m.get('cpu')}{features}, {m.get('cores')} cores, {m.get('torch_threads')} threads; "

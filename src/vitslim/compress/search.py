@@ -58,6 +58,18 @@ EARLY_STOP_ROUNDS = 3
 EARLY_STOP_MARGIN = 1.25
 DEFAULT_GRID = ("fp32", "bf16", "tome-8", "tome-13", "evit-0.7", "bf16-tome", "bf16-tome-13", "ort-fp32",
                 "int8-fast", "int8-tome", "int8-tome-13")
+# For models the ViT adapter does not know (Swin, EfficientFormer, MobileViT, ...): what applies to any.
+HYBRID_GRID = ("fp32", "bf16", "ort-fp32", "int8-hybrid")
+NOT_A_VIT = "the model has no plain ViT blocks, so token reduction and the ViT quantizers do not apply"
+
+
+def default_grid(model: nn.Module) -> tuple[str, ...]:
+    """The default candidates for ``model``: the ViT grid, or what applies to any timm model."""
+    try:
+        vit_parts(model)
+    except UnsupportedModelError:
+        return HYBRID_GRID
+    return DEFAULT_GRID
 
 
 @dataclass(frozen=True)
@@ -145,13 +157,15 @@ class SearchResult:
     artifact: str | None = None  # the chosen candidate, saved ready to deploy
     artifacts: dict[str, str] = field(default_factory=dict)  # recipe name -> saved artifact
     left_out: list[dict] = field(default_factory=list)  # {"name", "reason"}: not run on this CPU
+    not_applicable: list[str] = field(default_factory=list)  # default candidates this architecture cannot take
 
     def to_dict(self) -> dict:
         return {"target": asdict(self.target), "met": self.met, "reason": self.reason,
                 "chosen": asdict(self.chosen) if self.chosen else None,
                 "candidates": [asdict(c) for c in self.candidates], "settings": self.settings,
                 "machine": self.machine, "sensitivity": self.sensitivity, "data": self.data,
-                "artifact": self.artifact, "artifacts": self.artifacts, "left_out": self.left_out}
+                "artifact": self.artifact, "artifacts": self.artifacts, "left_out": self.left_out,
+                "not_applicable": self.not_applicable}
 
 
 def fingerprint_model(model: nn.Module) -> str:
@@ -159,7 +173,7 @@ def fingerprint_model(model: nn.Module) -> str:
     h = hashlib.sha256(type(model).__name__.encode())
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return h.hexdigest()[:16]
 
 
@@ -451,7 +465,9 @@ def compress(
     from vitslim.deploy.workflow import calibration_batch, split_images
 
     target = Target.parse(target) if isinstance(target, str) else target
-    grid = [BUILTIN_RECIPES[r] if isinstance(r, str) else r for r in (recipes or DEFAULT_GRID)]
+    names = recipes or default_grid(model)
+    not_applicable = [] if recipes else [n for n in DEFAULT_GRID if n not in names]
+    grid = [BUILTIN_RECIPES[r] if isinstance(r, str) else r for r in names]
     cpu = cpu or cpu_features()
     unmet = {r.name: "; ".join(r.unmet_needs(cpu)) for r in grid if r.unmet_needs(cpu)}
     left_out = [] if recipes else [{"name": r.name, "reason": unmet[r.name]} for r in grid if r.name in unmet]
@@ -515,7 +531,7 @@ def compress(
                 sensitivity = []
     return SearchResult(target, chosen, met, reason, results, settings, machine_info(), sensitivity,
                         data=str(data), artifact=saved.get(chosen.name) if chosen else None, artifacts=saved,
-                        left_out=left_out)
+                        left_out=left_out, not_applicable=not_applicable)
 
 
 def _check_target(target: Target, model: nn.Module, eval_labels: list[int]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Collection
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -72,3 +74,32 @@ def use_contrib_domain(model: onnx.ModelProto) -> None:
     """Declare ONNX Runtime's ``com.microsoft`` operator domain (its contrib kernels)."""
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+# A rewrite's match: for a node, None or (the new node, its new initializers, the nodes it replaces).
+Match = Callable[[GraphIndex, onnx.NodeProto], tuple[onnx.NodeProto, list[onnx.TensorProto], list] | None]
+
+
+def rewrite_nodes(path: str | Path, op_types: Collection[str], match: Match) -> int:
+    """In the ONNX file at ``path``, in place: for each node of ``op_types`` that ``match``
+    rewrites, put the new node where the last replaced one was, then drop what nothing reads
+    and declare the contrib domain. Returns how many were rewritten (0: the file is untouched)."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    g = GraphIndex(graph)
+    rewritten = 0
+    for node in [n for n in graph.node if n.op_type in op_types]:
+        found = match(g, node)
+        if found is None:
+            continue
+        new, inits, replaced = found
+        graph.node.insert(list(graph.node).index(replaced[-1]), new)
+        for old in replaced:
+            graph.node.remove(old)
+        graph.initializer.extend(inits)
+        rewritten += 1
+    if rewritten:
+        drop_unused(graph)
+        use_contrib_domain(model)
+        onnx.save(model, str(path))
+    return rewritten

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from vitslim.export.graph import GraphIndex, drop_unused, use_contrib_domain
+from vitslim.export.graph import GraphIndex, rewrite_nodes
 
 
 def _spans_unit_interval(scale: np.ndarray, zero: np.ndarray) -> bool:
@@ -29,8 +29,8 @@ def _spans_unit_interval(scale: np.ndarray, zero: np.ndarray) -> bool:
     return lo == 0 and abs(hi - 1) < 1e-6
 
 
-def _integer_gate(g: GraphIndex, hardsigmoid: onnx.NodeProto) -> tuple[onnx.NodeProto, list, onnx.NodeProto] | None:
-    """The ``QLinearAdd`` (its constant initializers, and the Q it replaces) computing the
+def _integer_gate(g: GraphIndex, hardsigmoid: onnx.NodeProto) -> tuple[onnx.NodeProto, list, list] | None:
+    """The ``QLinearAdd`` (its constant initializers, and the nodes it replaces) computing the
     quantized ``hardsigmoid``, or None when it is not Q(HardSigmoid(DQ(x_q))) on a [0, 1] grid."""
     attrs = {a.name: a.f for a in hardsigmoid.attribute}
     dq = g.made_by(hardsigmoid.input[0], "DequantizeLinear")
@@ -51,28 +51,10 @@ def _integer_gate(g: GraphIndex, hardsigmoid: onnx.NodeProto) -> tuple[onnx.Node
     inits = [numpy_helper.from_array(v, f"{name}/int8_{k}") for k, v in tensors.items()]
     node = helper.make_node("QLinearAdd", [*dq.input[:3], *(i.name for i in inits)], [q.output[0]],
                             name=f"{name}/int8", domain="com.microsoft")
-    return node, inits, q
+    return node, inits, [hardsigmoid, q]
 
 
 def integer_hardswish_gates(path: str | Path) -> int:
     """Rewrite each ``Q(HardSigmoid(DQ(x_q)))`` gate on a [0, 1] grid of the ONNX file at
     ``path`` as one ``QLinearAdd``, in place. Returns how many; the rest of the graph is kept."""
-    model = onnx.load(str(path))
-    graph = model.graph
-    g = GraphIndex(graph)
-    rewritten = 0
-    for hardsigmoid in [n for n in graph.node if n.op_type == "HardSigmoid"]:
-        found = _integer_gate(g, hardsigmoid)
-        if found is None:
-            continue
-        node, inits, q = found
-        graph.node.insert(list(graph.node).index(q), node)
-        graph.node.remove(q)
-        graph.node.remove(hardsigmoid)
-        graph.initializer.extend(inits)
-        rewritten += 1
-    if rewritten:
-        drop_unused(graph)
-        use_contrib_domain(model)
-        onnx.save(model, str(path))
-    return rewritten
+    return rewrite_nodes(path, ("HardSigmoid",), _integer_gate)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from vitslim.export.graph import GraphIndex, drop_unused, use_contrib_domain
+from vitslim.export.graph import GraphIndex, rewrite_nodes
 
 
 def _matmul_parts(g: GraphIndex, matmul: onnx.NodeProto) -> tuple | None:
@@ -85,22 +85,4 @@ def fuse_int8_linears(path: str | Path) -> int:
     """Rewrite each Q/DQ int8 linear of the ONNX file at ``path`` as one
     ``MatMulIntegerToFloat`` with its bias (and a following per-channel scale), in place.
     Returns how many were fused; anything else in the graph is left as it is."""
-    model = onnx.load(str(path))
-    graph = model.graph
-    g = GraphIndex(graph)
-    fused = 0
-    for linear in [n for n in graph.node if n.op_type in LINEAR_PATTERNS]:
-        found = _int8_linear(g, linear)
-        if found is None:
-            continue
-        node, inits, replaced = found
-        graph.node.insert(list(graph.node).index(replaced[-1]), node)
-        for old in replaced:
-            graph.node.remove(old)
-        graph.initializer.extend(inits)
-        fused += 1
-    if fused:
-        drop_unused(graph)
-        use_contrib_domain(model)
-        onnx.save(model, str(path))
-    return fused
+    return rewrite_nodes(path, LINEAR_PATTERNS, _int8_linear)

@@ -61,7 +61,16 @@ class RecoverConfig:
     norms and LayerScale (by default only the blocks' linear layers learn). ``refit``: before
     the first step, a model ``prune_`` made gets its least-squares refits again on every
     recovery image (``vitslim.prune.compensate.refit_pruned_``): the refits overfit the few
-    calibration images, and more images is what they need most."""
+    calibration images, and more images is what they need most. ``block_iters``: then, block by
+    block, ``block_iters`` Adam steps at ``block_lr`` teach each pruned block (qkv, proj, fc1,
+    fc2) to output the FP32 residual stream on the pruned model's own input (block
+    reconstruction), before the end-to-end steps.
+
+    Measured (DINOv2 ViT-S/14 pruned 30 %, refit-aware Hessian, prune11's fold 0: calibrated on
+    128 imagenet-sample images, recovery on 185, CLS cosine on 96 others, 2 shared cores under
+    load average 5-8): block reconstruction, 40 iterations a block at 1e-4: 0.9691 → 0.9711 in
+    903 s (at 1e-5 each block's error fell only 1-4 %); end-to-end steps after the refit at lr
+    1e-5: 0.9653 after 25 steps, 0.9675 after 50 (13-17 s a step), below the start."""
 
     steps: int = 200
     batch_size: int = 8
@@ -73,7 +82,7 @@ class RecoverConfig:
     checkpoint_every: int = 20
     seed: int = 0
     refit: bool = True
-    block_iters: int = 0
+    block_iters: int = 40
     block_lr: float = 1e-4
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,9 +157,9 @@ def _random_resized_crop(image: torch.Tensor, gen: torch.Generator, scale: tuple
                                            align_corners=False)[0]
 
 
-def _stream(blocks, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _stream(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([blocks(part) for part in x.split(batch_size)])
+        return torch.cat([layer(part) for part in x.split(batch_size)])
 
 
 def _reconstruct_blocks(model: nn.Module, teacher: nn.Module, images: torch.Tensor, iters: int,

@@ -96,6 +96,8 @@ def main() -> None:
                     help="PruneConfig.refit_aware for the vitslim rows (OBS ranking of heads and channels).")
     ap.add_argument("--recover-refit", action=argparse.BooleanOptionalAction, default=True,
                     help="RecoverConfig.refit: least-squares refits again on the recovery images first.")
+    ap.add_argument("--recover-block-iters", type=int, default=RecoverConfig.block_iters,
+                    help="RecoverConfig.block_iters: block reconstruction steps per block after the refit.")
     ap.add_argument("--recover-images", type=int, default=0,
                     help="Recovery images (0: every image not held out for evaluation).")
     ap.add_argument("--json", type=Path, default=Path("prune_table.json"))
@@ -169,7 +171,8 @@ def main() -> None:
 
     def recovery_rows() -> None:
         recover_images = Subset(dataset, train_set.indices[:args.recover_images or None])
-        config = RecoverConfig(steps=args.recover_steps, batch_size=8, refit=args.recover_refit)
+        config = RecoverConfig(steps=args.recover_steps, batch_size=8, refit=args.recover_refit,
+                               block_iters=args.recover_block_iters)
         for key, name in ((("hessian", args.recover_at), "vitslim hessian"),
                           (("tp", args.recover_at), "Torch-Pruning magnitude")):
             if key not in models:
@@ -177,7 +180,7 @@ def main() -> None:
             model = models[key]
             report = recover_(model, fp32, recover_images, config)
             out["recovery"].append({"removed": args.recover_at, "method": name, "refit": config.refit,
-                                    "steps": config.steps,
+                                    "block_iters": config.block_iters, "steps": config.steps,
                                     "batch": config.batch_size, "images": len(recover_images),
                                     "cosine": cosine(model, eval_images, reference), "seconds": report.seconds})
             print(out["recovery"][-1], flush=True)
@@ -203,7 +206,7 @@ def main() -> None:
         fidelity_rows(removed[0])
         if "speed" in stages:
             speed_row(removed[0], Path(tmp))
-        if (args.recover_steps or args.recover_refit) and "recovery" in stages:
+        if (args.recover_steps or args.recover_refit or args.recover_block_iters) and "recovery" in stages:
             recovery_rows()
         if "composition" in stages:
             composition_row(Path(tmp))

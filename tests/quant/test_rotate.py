@@ -10,7 +10,7 @@ import torch
 from vitslim import quant
 from vitslim.errors import ConfigError
 from vitslim.quant.config import describe, vit_config
-from vitslim.quant.rotate import HadamardRotation, rotate, rotation_matrix
+from vitslim.quant.rotate import HadamardRotation, rotate, rotation_matrix, sylvester_hadamard
 
 # DINOv2-like: LayerScale, LayerNorm with bias, class token + position embedding; width
 # 96 = 3·32 (not a power of two, like 384 = 3·128), head dim 32.
@@ -48,6 +48,21 @@ def test_kronecker_hadamard_is_orthogonal_and_online_equals_dense():
         assert torch.allclose(q @ q.T, torch.eye(dim, dtype=q.dtype), atol=1e-6)
     rot, x = HadamardRotation(96, seed=1), torch.randn(5, 96)
     assert torch.allclose(rot(x).double(), x.double() @ rot.matrix(), atol=1e-5)
+
+
+def test_hadamard_rotation_is_its_documented_matrix():
+    # Rotated models are saved as signs and mixes, so Q must stay diag(signs)·(M ⊗ H_p)/√p with
+    # H_p Sylvester's: entry (i, j) = (-1)^popcount(i & j).
+    for n in (1, 2, 8, 32, 512):
+        i = torch.arange(n)
+        expected = 1 - 2 * (torch.tensor([bin(v).count("1") for v in (i[:, None] & i).flatten()]) % 2)
+        assert torch.equal(sylvester_hadamard(n), expected.reshape(n, n).float())
+    for dim in (384, 1536, 64):
+        rot = HadamardRotation(dim, seed=2).double()
+        p = dim & -dim
+        q = torch.diag(rot.signs) @ torch.kron(rot.mix.contiguous(), sylvester_hadamard(p, torch.float64)) / p ** 0.5
+        x = torch.randn(2, 5, dim, dtype=torch.float64)
+        assert torch.allclose(rot(x), x @ q)
 
 
 def test_rotation_makes_w4a4_survive_planted_outlier_channels():

@@ -109,7 +109,7 @@ def test_rotation_config_errors_name_the_conflict():
 
 
 def test_online_rotation_exports_to_onnx_as_graph_ops(tmp_path):
-    """The online Hadamard before fc2 is part of the exported graph (adds, no custom op)."""
+    """The online Hadamard before fc2 is part of the exported graph (matmuls, no custom op)."""
     onnxruntime = pytest.importorskip("onnxruntime")
     from vitslim.export import export_onnx
 

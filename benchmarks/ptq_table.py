@@ -7,7 +7,9 @@
 calibrate on a seeded 32 of one half of the images, evaluate on --eval of the other half, then
 swap); each row gives the mean and the worst fold. Peers in the same run on the same images:
 naive min-max W8A8 (per-tensor linear inputs, per-channel weights, softmax and attention
-matmuls in float) and ONNX Runtime ``quantize_dynamic``; presets that export to int8 kernels are
+matmuls in float), ONNX Runtime ``quantize_dynamic`` and ``quantize_static``, and with the
+``peers`` extra (``uv run --extra peers python benchmarks/ptq_table.py presets``) NNCF in
+OpenVINO at its default SmoothQuant strength and at 0.5; presets that export to int8 kernels are
 also measured as the ONNX Runtime model itself.
 
 ``methods``: one seeded split (32 calibration images, the first --eval of the rest), rows
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -88,6 +91,48 @@ def ort_dynamic(model: torch.nn.Module, tmp: Path) -> Path:
     return out
 
 
+def ort_static(model: torch.nn.Module, calib: torch.Tensor, tmp: Path) -> Path:
+    """ONNX Runtime's own ``quantize_static``: QDQ int8, per-channel weights, activation ranges
+    by its default min-max calibration on the same calibration images."""
+    from onnxruntime.quantization import CalibrationDataReader, quant_pre_process, quantize_static
+
+    from vitslim.bench import OnnxModel
+    from vitslim.export import export_onnx
+
+    fp32, prepared, out = export_onnx(model, tmp / "fp32.onnx"), tmp / "prep-static.onnx", tmp / "static.onnx"
+    quant_pre_process(str(fp32), str(prepared))
+    name = OnnxModel(fp32).input_name
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{name: b.numpy()} for b in calib.split(8)])
+
+        def get_next(self) -> dict | None:
+            return next(self.feeds, None)
+
+    quantize_static(str(prepared), str(out), Batches(), per_channel=True)
+    return out
+
+
+def nncf_openvino(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, alpha: float):
+    """NNCF's INT8 PTQ for transformers (``ModelType.TRANSFORMER``, mixed preset, SmoothQuant
+    with migration strength ``alpha`` on matmuls; NNCF's default is 0.95) on the exported model,
+    run in OpenVINO with float ops kept in FP32 (no bf16 hint). Needs the ``peers`` extra."""
+    import nncf
+    import openvino as ov
+
+    from vitslim.export import export_onnx
+
+    fp32 = export_onnx(model, tmp / "fp32.onnx")
+    params = nncf.AdvancedQuantizationParameters(smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=alpha))
+    quantized = nncf.quantize(ov.convert_model(str(fp32)), nncf.Dataset(list(calib.split(8)), lambda b: b.numpy()),
+                              preset=nncf.QuantizationPreset.MIXED, model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(calib), advanced_parameters=params)
+    compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    return lambda x: torch.from_numpy(compiled(x.numpy())[0])
+
+
 def preset_rows(model, dataset, args) -> list[dict]:
     """Every candidate on every fold; one row per candidate with the mean and worst fold."""
     import tempfile
@@ -118,6 +163,14 @@ def preset_rows(model, dataset, args) -> list[dict]:
                 lambda c=calib: quant.quantize_(copy.deepcopy(model), naive_w8a8(), c),
             )
             record("peer: ONNX Runtime quantize_dynamic", lambda: ort_dynamic(model, Path(tmp)))
+            record("peer: ONNX Runtime quantize_static (QDQ, per-channel)",
+                   lambda c=calib: ort_static(model, c, Path(tmp)))
+            if importlib.util.find_spec("nncf") and importlib.util.find_spec("openvino"):
+                for alpha in (0.95, 0.5):
+                    record(f"peer: NNCF INT8 transformer preset, SmoothQuant α {alpha}, in OpenVINO",
+                           lambda c=calib, a=alpha: nncf_openvino(model, c, Path(tmp), a))
+            elif fold == 0:
+                print("NNCF rows skipped: install the peers extra (uv run --extra peers ...)", flush=True)
             for name in args.presets.split(","):
                 qmodel = record(
                     f"vitslim --preset {name}",

@@ -410,6 +410,7 @@ def test_describe_names_what_a_preset_does():
 
     text = describe(quant.preset("w8a8-ort"))
     assert text.startswith("W8 gptq") and "softmax float" in text and "v float" in text
-    assert "post_gelu 8-bit uniform minmax +4 outlier ch." in text and "LN reparam" in text
+    assert "post_gelu 8-bit uniform minmax +4 outlier ch." in text and "SmoothQuant-bias α 0.5" in text
     assert "W4 gptq g32 act-order" in describe(quant.preset("w4a4")) and "adalog" in describe(quant.preset("w4a4"))
     assert "hadamard-online rotation" in describe(quant.preset("w4a4"))
+    assert "LN reparam" in describe(quant.preset("w8a8")) and "α searched" in describe(quant.preset("mptq-w4a4"))

@@ -126,7 +126,7 @@ def test_smoothquant_folds_leave_the_float_model_unchanged():
         torch.testing.assert_close(qmodel(x), model(x), atol=1e-4, rtol=1e-4)
     assert {"blocks.1.proj", "blocks.1.qkv", "blocks.1.fc1"} <= set(qmodel.vitslim_smooth_alphas)
     with pytest.raises(ConfigError, match="choose one"):
-        replace(quant.preset("w8a8"), smooth_quant=True)
+        replace(quant.preset("w8a8"), ln_reparam=True)
 
 
 def test_gptq_beats_round_to_nearest_on_correlated_inputs():
@@ -255,12 +255,14 @@ def test_config_round_trip_and_validation(tmp_path):
         QuantConfig.from_dict({"bitz": 4})
 
 
-def test_nan_calibration_names_the_site():
+@pytest.mark.parametrize("preset, named", [("minmax-w8a8", "activations at blocks.1.mlp.fc2.input"),
+                                           ("w8a8", "weights of blocks.1.fc1")])  # w8a8 folds into fc1
+def test_nan_calibration_names_the_site(preset, named):
     model = make_tiny_vit(img_size=32)
     with torch.no_grad():
         model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
-    with pytest.raises(CalibrationError, match="blocks.1.mlp.fc2.input"):
-        quant.quantize_(copy.deepcopy(model), quant.preset("w8a8"), torch.randn(4, 3, 32, 32))
+    with pytest.raises(CalibrationError, match=named):
+        quant.quantize_(copy.deepcopy(model), quant.preset(preset), torch.randn(4, 3, 32, 32))
 
 
 def test_unsupported_model_is_named_before_anything_changes():
@@ -413,4 +415,4 @@ def test_describe_names_what_a_preset_does():
     assert "post_gelu 8-bit uniform minmax +4 outlier ch." in text and "SmoothQuant-bias α 0.5" in text
     assert "W4 gptq g32 act-order" in describe(quant.preset("w4a4")) and "adalog" in describe(quant.preset("w4a4"))
     assert "hadamard-online rotation" in describe(quant.preset("w4a4"))
-    assert "LN reparam" in describe(quant.preset("w8a8")) and "α searched" in describe(quant.preset("mptq-w4a4"))
+    assert "LN reparam" in describe(quant.preset("repq-w4a4")) and "α searched" in describe(quant.preset("mptq-w4a4"))

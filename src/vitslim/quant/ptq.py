@@ -12,7 +12,7 @@ from torch import nn
 
 from vitslim.datafile import brief, check_type
 from vitslim.deprecation import warn_deprecated
-from vitslim.errors import ConfigError
+from vitslim.errors import CalibrationError, ConfigError
 from vitslim.models import vit_parts
 from vitslim.progress import progress_bar
 from vitslim.quant.config import PRESETS, QuantConfig, preset
@@ -72,6 +72,9 @@ def _fold_channel_ranges(parts, config: QuantConfig, stats: dict) -> dict[str, f
         if config.smooth_quant:
             folds.append((bp.qkv, bp.proj, "proj"))
         for prev, linear, name in folds:
+            if not torch.isfinite(linear.weight).all():  # it would spread into the folded norm's output
+                raise CalibrationError(f"the weights of blocks.{bp.index}.{name} contain NaN or Inf; check the "
+                                       "model's checkpoint")
             st = stats[linear]
             if config.ln_reparam:
                 reparameterize(prev, linear, st["lo"], st["hi"], config_b.post_ln.bits)

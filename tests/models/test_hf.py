@@ -74,14 +74,15 @@ def _tiny_dinov2_pair(tmp_path):
     return timm_model, load_model(_save(hf_model, tmp_path))
 
 
-def test_quantization_and_token_merging_give_the_timm_path_results(tmp_path):
+@pytest.mark.parametrize("preset", ["minmax-w8a8", "w8a8-ort"])  # w8a8-ort: SmoothQuant folds into v
+def test_quantization_and_token_merging_give_the_timm_path_results(tmp_path, preset):
     timm_model, hf_model = _tiny_dinov2_pair(tmp_path)
     calib, x = torch.randn(8, 3, 56, 56), torch.randn(4, 3, 56, 56)
     with torch.no_grad():
         assert (timm_model(x) - hf_model(x)).abs().max() < 1e-5
         outs = []
         for model in (timm_model, hf_model):
-            q = quant.quantize_(copy.deepcopy(model), quant.preset("minmax-w8a8"), calib)
+            q = quant.quantize_(copy.deepcopy(model), quant.preset(preset), calib)
             tokens.reduce_tokens_(q, tokens.ToMeConfig(r=3))
             outs.append(q(x))
             assert tokens.token_state(q).counts[-1] < 17  # merging happened

@@ -97,7 +97,7 @@ def test_recovery_refit_starts_from_the_original_weights_so_its_cross_validation
     before = _held_out_loss(student, teacher, held_out)
     prune.recover_(student, teacher, images[:32], prune.RecoverConfig(steps=0))
     after = _held_out_loss(student, teacher, held_out)
-    assert after < 0.97 * before, (before, after)  # 0.0067 -> 0.0063 when written; the old refit: unchanged
+    assert after < 0.97 * before, (before, after)  # 0.0063 -> 0.0057 when written; the old refit: unchanged
 
     info = student.vitslim_prune
     plan = Plan(tuple(info["blocks"]), dict(zip(info["blocks"], map(tuple, info["head_index"]))),

@@ -112,14 +112,40 @@ def test_save_load_round_trip_and_edited_shapes_are_refused(tmp_path):
     x = torch.randn(2, *SIZE)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert loaded.vitslim_prune["blocks"] == model.vitslim_prune["blocks"]
+    for key in ("blocks", "head_index", "channel_index"):
+        assert loaded.vitslim_prune[key] == model.vitslim_prune[key]
     meta = json.loads((tmp_path / "p" / "prune.json").read_text())
+    edited = dict(meta, channel_index=[[i + 1 for i in kept] for kept in meta["channel_index"]])  # past the last
+    (tmp_path / "p" / "prune.json").write_text(json.dumps(edited))
+    with pytest.raises(ModelLoadError, match="'channel_index' must list"):
+        prune.load_pruned(tmp_path / "p")
     meta["heads"][0] += 1 if meta["heads"][0] < 4 else -1
     (tmp_path / "p" / "prune.json").write_text(json.dumps(meta))
     with pytest.raises(ModelLoadError, match="wrong shape"):
         prune.load_pruned(tmp_path / "p")
     with pytest.raises(FileNotFoundError, match="not a vitslim pruned model folder"):
         prune.load_pruned(tmp_path)
+
+
+def test_kept_unit_indices_name_the_original_rows_also_after_pruning_twice():
+    """``head_index``/``channel_index`` (what the recovery refit restarts from) point at the
+    original model's qkv and fc1 rows, also when a pruned model is pruned again."""
+    teacher = _model()
+    model = copy.deepcopy(teacher)
+    sizes = []
+    for macs in (0.8, 0.7):
+        prune.prune_(model, prune.PruneConfig(macs=macs, importance="magnitude", compensate=False), _images(4))
+        sizes.append(sum(model.vitslim_prune["heads"]) + sum(model.vitslim_prune["mlp"]))
+    assert sizes[1] < sizes[0]
+    info = model.vitslim_prune
+    original = vit_parts(teacher).blocks
+    for bp, b, heads, channels in zip(vit_parts(model).blocks, info["blocks"], info["head_index"],
+                                      info["channel_index"]):
+        head_dim = bp.proj.in_features // bp.num_heads
+        rows = torch.tensor([s * original[b].proj.in_features + h * head_dim + i
+                             for s in range(3) for h in heads for i in range(head_dim)])
+        assert torch.equal(bp.qkv.weight, original[b].qkv.weight[rows])
+        assert torch.equal(bp.fc1.weight, original[b].fc1.weight[channels])
 
 
 @pytest.mark.parametrize("macs", [0, 1, 1.5, -0.2])

@@ -14,10 +14,15 @@ Generative Pre-trained Transformers", 2024).
 
 The refit is ridge regression towards the original weights; the ridge strength is chosen by
 cross-validation over images of the calibration set (infinite strength, i.e. no refit, is
-one candidate), so a refit that would not generalise is not made.
+one candidate), so a refit that would not generalise is not made. The recovery's refit on more
+images (``refit_pruned_``) starts again from the original weights, not from the calibration
+refit: a prior fit on some of the images would look better than it is on every fold that
+holds them, and the cross-validation would keep it.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -25,7 +30,7 @@ from torch import nn
 from vitslim.models import BlockParts, vit_parts
 from vitslim.prune.allocate import Plan
 from vitslim.prune.importance import layer_scale
-from vitslim.prune.surgery import SHAPES_ATTR
+from vitslim.prune.surgery import INDEX_KEYS, SHAPES_ATTR, head_channels
 
 RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # × mean diagonal of the Gram matrix
 FOLDS = 4
@@ -103,10 +108,16 @@ def _refit_branch(layer: nn.Linear, ls: nn.Module, run, x: torch.Tensor, target_
     refit_linear_(layer, inputs, (target_stream - x) / safe, gamma.pow(2))
 
 
+Kept = tuple[list[int], list[int]]  # a kept block's original head and MLP channel indices
+
+
 @torch.no_grad()
-def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan: Plan) -> nn.Module:
+def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan: Plan,
+                kept: dict[int, Kept] | None = None) -> nn.Module:
     """Refit, block by block, the ``proj`` of blocks that lost heads and the ``fc2`` of blocks
-    that lost MLP channels (and both in the block after a removed one), on ``images``."""
+    that lost MLP channels (and both in the block after a removed one), on ``images``. With
+    ``kept`` (original block → its kept heads and channels), each refit first resets the layer
+    to the teacher's columns of those units: the prior ``prune_`` refits towards."""
     student_blocks = dict(zip(plan.blocks, vit_parts(model).blocks))
     x_t = vit_parts(teacher).embed(images)
     x_s = x_t.clone()
@@ -118,7 +129,7 @@ def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan
         if sb is None:
             fuse = True
         else:
-            x_s = _compensate_block(sb, tb, x_s, t_mid, t_out, fuse)
+            x_s = _compensate_block(sb, tb, x_s, t_mid, t_out, fuse, kept.get(i) if kept else None)
             fuse = False
         x_t = t_out
     return model
@@ -126,18 +137,38 @@ def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan
 
 @torch.no_grad()
 def refit_pruned_(model: nn.Module, teacher: nn.Module, images: torch.Tensor) -> nn.Module:
-    """``compensate_`` again for a model ``prune_`` made (the kept blocks read from
-    ``model.vitslim_prune``), on other or more ``images``: the refits start from the current
-    weights (the ridge's prior) and see every image given."""
-    plan = Plan(tuple(getattr(model, SHAPES_ATTR)["blocks"]), {}, {})
-    return compensate_(model, teacher, images, plan)
+    """``compensate_`` again for a model ``prune_`` made (the kept blocks, heads and channels read
+    from ``model.vitslim_prune``), on other or more ``images``: every refit starts again from
+    the original weights of the kept units, so the result is the compensation ``prune_`` would
+    have made with these images, and the ridge cross-validation over them is fair (a prior fit
+    on some of them would win every fold holding them). Folders saved before the kept units
+    were recorded refit from their current weights, with a warning."""
+    info = getattr(model, SHAPES_ATTR)
+    plan = Plan(tuple(info["blocks"]), {}, {})
+    if not all(key in info for key in INDEX_KEYS):
+        warnings.warn("this pruned model does not record which original heads and channels it keeps (saved by an "
+                      "older vitslim): the refit starts from its current weights and its cross-validation favours "
+                      "them; prune again to refit from the original weights", stacklevel=2)
+        return compensate_(model, teacher, images, plan)
+    kept = dict(zip(info["blocks"], zip(info["head_index"], info["channel_index"])))
+    return compensate_(model, teacher, images, plan, kept)
+
+
+def _reset_columns_(layer: nn.Linear, original: nn.Linear, columns: torch.Tensor) -> None:
+    layer.weight.copy_(original.weight[:, columns])
+    if layer.bias is not None:
+        layer.bias.copy_(original.bias)
 
 
 def _compensate_block(sb: BlockParts, tb: BlockParts, x: torch.Tensor, t_mid: torch.Tensor,
-                      t_out: torch.Tensor, fuse: bool) -> torch.Tensor:
+                      t_out: torch.Tensor, fuse: bool, kept: Kept | None) -> torch.Tensor:
     if fuse or sb.num_heads < tb.num_heads:
+        if kept:
+            _reset_columns_(sb.proj, tb.proj, head_channels(kept[0], tb.proj.in_features // tb.num_heads))
         _refit_branch(sb.proj, sb.ls1, lambda: sb.attn(sb.norm1(x)), x, t_mid)
     mid = x + sb.ls1(sb.attn(sb.norm1(x)))
     if fuse or sb.fc1.out_features < tb.fc1.out_features:
+        if kept:
+            _reset_columns_(sb.fc2, tb.fc2, torch.tensor(kept[1], dtype=torch.long))
         _refit_branch(sb.fc2, sb.ls2, lambda: sb.mlp(sb.norm2(mid)), mid, t_out)
     return mid + sb.ls2(sb.mlp(sb.norm2(mid)))

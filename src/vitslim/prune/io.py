@@ -20,7 +20,7 @@ from vitslim.models import load_model, vit_parts
 from vitslim.models.loading import ModelLoadError, load_state_dict_strict
 from vitslim.output import write_json
 from vitslim.prune.allocate import Plan
-from vitslim.prune.surgery import SHAPES_ATTR, apply_plan
+from vitslim.prune.surgery import INDEX_KEYS, SHAPES_ATTR, apply_plan
 
 STATE_FILE, META_FILE = "model.safetensors", "prune.json"
 
@@ -57,6 +57,20 @@ def _plan(meta: dict, depth: int, source: str) -> Plan:
                 {b: tuple(range(n)) for b, n in zip(blocks, mlp)})
 
 
+def _check_indices(meta: dict, sizes: dict[str, list[int]], source: str) -> None:
+    """The original heads/channels each kept block keeps (absent in folders saved before they
+    were recorded): one distinct index below the original block's ``sizes`` per kept unit."""
+    for key, counts in (("head_index", meta["heads"]), ("channel_index", meta["mlp"])):
+        index = meta.get(key)
+        if index is None:
+            continue
+        if not (isinstance(index, list) and len(index) == len(counts) and all(
+                isinstance(kept, list) and all(isinstance(i, int) and 0 <= i < sizes[key][b] for i in kept)
+                and len(kept) == n == len(set(kept)) for kept, n, b in zip(index, counts, meta["blocks"]))):
+            raise ModelLoadError(f"{source}: {key!r} must list, per kept block, its distinct original indices "
+                                 f"(as many as 'heads'/'mlp' say); the file was edited or is damaged")
+
+
 def load_pruned(model_dir: str | Path) -> nn.Module:
     """Rebuild a model saved by ``save_pruned``, in eval mode."""
     model_dir = Path(model_dir)
@@ -73,7 +87,13 @@ def load_pruned(model_dir: str | Path) -> nn.Module:
     if too_big:
         raise ModelLoadError(f"{meta_path}: block(s) {too_big} list more heads or MLP channels than "
                              f"{meta['model']} has; the file was edited or is for another model")
+    sizes = {"head_index": [bp.num_heads for bp in parts.blocks],
+             "channel_index": [bp.fc1.out_features for bp in parts.blocks]}
     apply_plan(model, plan)
     load_state_dict_strict(model, load_file(str(model_dir / STATE_FILE)), source=str(model_dir / STATE_FILE))
-    getattr(model, SHAPES_ATTR).update({k: v for k, v in meta.items() if k in ("config", "macs_kept")})
+    _check_indices(meta, sizes, str(meta_path))
+    info = getattr(model, SHAPES_ATTR)
+    for key in INDEX_KEYS:  # apply_plan recorded the identity: the folder's own say
+        info.pop(key)
+    info.update({k: v for k, v in meta.items() if k in ("config", "macs_kept", *INDEX_KEYS)})
     return model.eval()

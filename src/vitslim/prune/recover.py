@@ -61,8 +61,9 @@ class RecoverConfig:
     or ``none``. ``train_all`` also trains the patch embedding, position and class embeddings,
     norms and LayerScale (by default only the blocks' linear layers learn). ``refit``: before
     the first step, a model ``prune_`` made gets its least-squares refits again on every
-    recovery image (``vitslim.prune.compensate.refit_pruned_``): the refits overfit the few
-    calibration images, and more images is what they need most. ``block_iters``: then, block by
+    recovery image (``vitslim.prune.compensate.refit_pruned_``), from the original weights of the
+    kept units (as if calibrated on these images): the refits overfit the few calibration images,
+    and more images is what they need most. ``block_iters``: then, block by
     block, ``block_iters`` Adam steps at ``block_lr`` teach each pruned block (qkv, proj, fc1,
     fc2) to output the FP32 residual stream on the pruned model's own input (block
     reconstruction), before the end-to-end steps.

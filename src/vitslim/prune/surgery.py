@@ -19,6 +19,8 @@ from vitslim.models.attention import route_attention
 from vitslim.prune.allocate import Plan
 
 SHAPES_ATTR = "vitslim_prune"
+# which original heads / MLP channels every kept block keeps (what the recovery refit starts from)
+INDEX_KEYS = ("head_index", "channel_index")
 
 
 def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -48,10 +50,15 @@ def check_prunable(bp: BlockParts) -> None:
                                     "timm ViT blocks (ViT, DeiT, DINOv2) for now")
 
 
+def head_channels(keep: list[int], head_dim: int) -> torch.Tensor:
+    """The attention channels (``proj`` columns) of heads ``keep``."""
+    return torch.tensor([h * head_dim + i for h in keep for i in range(head_dim)], dtype=torch.long)
+
+
 def prune_heads(bp: BlockParts, keep: list[int]) -> None:
     attn = bp.attn
     head_dim = bp.proj.in_features // attn.num_heads
-    channels = torch.tensor([h * head_dim + i for h in keep for i in range(head_dim)], dtype=torch.long)
+    channels = head_channels(keep, head_dim)
     attn_dim = bp.proj.in_features
     rows = torch.cat([channels + s * attn_dim for s in range(3)])  # q, k, v sections of qkv
     attn.qkv = _sliced(bp.qkv, rows=rows)
@@ -91,7 +98,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
                                   enumerate(model.feature_info[b] for b in plan.blocks)]
     previous = getattr(model, SHAPES_ATTR, None)
     original_blocks = previous["blocks"] if previous else list(range(len(parts.blocks)))
-    setattr(model, SHAPES_ATTR, shapes(model, [original_blocks[b] for b in plan.blocks]))
+    info = shapes(model, [original_blocks[b] for b in plan.blocks])
+    if previous is None:
+        info.update(head_index=[list(plan.heads[b]) for b in plan.blocks],
+                    channel_index=[list(plan.channels[b]) for b in plan.blocks])
+    elif INDEX_KEYS[0] in previous:  # pruned again: indices into the already pruned model, mapped back
+        info.update(head_index=[[previous["head_index"][b][h] for h in plan.heads[b]] for b in plan.blocks],
+                    channel_index=[[previous["channel_index"][b][c] for c in plan.channels[b]] for b in plan.blocks])
+    setattr(model, SHAPES_ATTR, info)
     return model
 
 

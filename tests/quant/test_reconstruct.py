@@ -45,6 +45,23 @@ def test_reconstruction_keeps_gptq_codes_and_learns_steps_on_held_out_images():
     assert error(tuned) < 0.7 * error(plain), (error(plain), error(tuned))
 
 
+def test_learned_biases_remove_a_mean_shift_that_steps_cannot():
+    # Bias correction's case: a quantized linear whose output is off by a constant (planted in
+    # fc2's bias, as rounding can leave one). Learned steps only rescale; learned biases remove it.
+    torch.manual_seed(0)
+    model, calib, plain, error = _setup()
+    with torch.no_grad():
+        plain.blocks[0].mlp.fc2.linear.bias.add_(0.2)
+    steps_only, with_bias = copy.deepcopy(plain), copy.deepcopy(plain)
+    reconstruct_blocks(model, steps_only, calib, iters=60)
+    reconstruct_blocks(model, with_bias, calib, iters=60, learn_bias=True, bias_lr=1e-2)
+    assert error(with_bias) < 0.5 * error(steps_only), (error(steps_only), error(with_bias))
+    for p in plain.parameters():
+        p.requires_grad_(False)  # e.g. a frozen model: reconstruction leaves it frozen
+    reconstruct_blocks(model, plain, calib, iters=2, learn_bias=True)
+    assert not any(p.requires_grad for p in plain.parameters())
+
+
 def test_softmax_log_quantizer_passes_gradient_to_q_and_k():
     # q and k reach the output only through the (log-quantized) attention probabilities:
     # their steps can learn only if that quantizer lets the gradient through (QDrop off, so

@@ -135,7 +135,8 @@ def quantize_(model: nn.Module, config: QuantConfig, calib_images: torch.Tensor,
             lin.quantize_weight()
     set_mode(qmodel, "quant")
     if config.reconstruction_iters:
-        reconstruct_blocks(fp_model, qmodel, calib_images, config.reconstruction_iters)
+        reconstruct_blocks(fp_model, qmodel, calib_images, config.reconstruction_iters,
+                           learn_bias=config.reconstruction_bias)
     setattr(qmodel, CONFIG_ATTR, config)
     qmodel.vitslim_calibration_seconds = time.perf_counter() - start
     return qmodel

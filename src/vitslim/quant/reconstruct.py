@@ -55,12 +55,19 @@ class _LearnableBlock:
     """Makes a block's quantizer steps (and optionally its weight rounding) learnable, and
     hardens them back into plain quantizer parameters with ``freeze``."""
 
-    def __init__(self, block: nn.Module, learn_rounding: bool, drop_prob: float, gen: torch.Generator) -> None:
+    def __init__(self, block: nn.Module, learn_rounding: bool, drop_prob: float, gen: torch.Generator,
+                 learn_bias: bool = False) -> None:
         sites = [m for m in block.modules() if isinstance(m, Quantizer) and not isinstance(m, WeightQuantizer)
                  and m.mode == "quant"]
         self.sites, self.acts = sites, [q for q in sites if isinstance(q, UniformQuantizer)]
         self.linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.qweight is not None]
         self.step_params, self.round_params = [], []
+        # Bias correction learned with the steps: a linear's bias absorbs the mean shift that its
+        # quantized weights and input leave in its output, which no step can remove.
+        self.bias_params = [lin.linear.bias for lin in self.linears if learn_bias and lin.linear.bias is not None]
+        self.bias_grad_flags = [b.requires_grad for b in self.bias_params]
+        for bias in self.bias_params:
+            bias.requires_grad_()
         for q in sites:
             if q in self.acts:
                 q.log_scale = nn.Parameter(q.scale.detach().clamp_min(1e-8).log())
@@ -137,6 +144,8 @@ class _LearnableBlock:
                 del lin.log_step_gain, lin.base_codes
                 if hasattr(lin, "round_logit"):
                     del lin.round_logit
+            for bias, flag in zip(self.bias_params, self.bias_grad_flags):
+                bias.requires_grad_(flag)
 
 
 @torch.no_grad()
@@ -152,12 +161,15 @@ def _block_inputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
 
 def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, iters: int,
                        lr: float = 1e-2, batch_size: int = 4, penalty: float = 0.01,
-                       learn_rounding: bool = False, drop_prob: float = 0.5) -> float:
+                       learn_rounding: bool = False, drop_prob: float = 0.5, learn_bias: bool = False,
+                       bias_lr: float = 1e-4) -> float:
     """Tune every block of ``qmodel`` for ``iters`` Adam steps against ``fp_model``'s blocks
     on ``images``, ``batch_size`` images a step; returns the seconds it took. With
     ``learn_rounding`` the weight rounding is learned afresh (AdaRound, replacing GPTQ's codes)
     and hardened at the end; ``drop_prob`` is QDrop's probability of leaving an activation
-    unquantized during tuning."""
+    unquantized during tuning. With ``learn_bias`` every quantized linear's bias learns too, at
+    ``bias_lr`` (bias correction, Nagel et al., "Data-Free Quantization Through Weight
+    Equalization and Bias Correction", 2019, here learned against the block's FP32 output)."""
     start = time.perf_counter()
     fp_blocks, q_blocks = vit_parts(fp_model).blocks, vit_parts(qmodel).blocks
     fp_in = torch.cat([torch.stack(_block_inputs(fp_model, b)) for b in images.split(batch_size)], 1)
@@ -166,8 +178,9 @@ def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, images: torch.Ten
         with torch.no_grad():
             target = torch.cat([fp_bp.block(x) for x in fp_in[i].split(batch_size)])
         gen = torch.Generator().manual_seed(i)
-        learn = _LearnableBlock(q_bp.block, learn_rounding, drop_prob, gen)
-        opt = torch.optim.Adam(learn.round_params + learn.step_params, lr=lr)
+        learn = _LearnableBlock(q_bp.block, learn_rounding, drop_prob, gen, learn_bias)
+        opt = torch.optim.Adam([{"params": learn.round_params + learn.step_params},
+                                {"params": learn.bias_params, "lr": bias_lr}], lr=lr)
         with torch.enable_grad():  # also when quantize_ is called under torch.no_grad()
             for step in range(iters):
                 idx = torch.randperm(len(q_in), generator=gen)[:batch_size]

@@ -79,27 +79,25 @@ def naive_w8a8() -> quant.QuantConfig:
     return replace(uniform_config(8, 8), qk=float_site, softmax=float_site, v=float_site)
 
 
-def ort_dynamic(model: torch.nn.Module, tmp: Path) -> Path:
-    """ONNX Runtime's own ``quantize_dynamic`` (int8 weights, activation ranges per batch)."""
+def ort_dynamic(fp32: Path, tmp: Path) -> Path:
+    """ONNX Runtime's own ``quantize_dynamic`` (int8 weights, activation ranges per batch) of the
+    FP32 export ``fp32``."""
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
-    from vitslim.export import export_onnx
-
-    fp32, prepared, out = export_onnx(model, tmp / "fp32.onnx"), tmp / "prep.onnx", tmp / "dynamic.onnx"
+    prepared, out = tmp / "prep.onnx", tmp / "dynamic.onnx"
     quant_pre_process(str(fp32), str(prepared))
     quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8, per_channel=True)
     return out
 
 
-def ort_static(model: torch.nn.Module, calib: torch.Tensor, tmp: Path) -> Path:
-    """ONNX Runtime's own ``quantize_static``: QDQ int8, per-channel weights, activation ranges
-    by its default min-max calibration on the same calibration images."""
+def ort_static(fp32: Path, calib: torch.Tensor, tmp: Path) -> Path:
+    """ONNX Runtime's own ``quantize_static`` of the FP32 export ``fp32``: QDQ int8, per-channel
+    weights, activation ranges by its default min-max calibration on the same calibration images."""
     from onnxruntime.quantization import CalibrationDataReader, quant_pre_process, quantize_static
 
     from vitslim.bench import OnnxModel
-    from vitslim.export import export_onnx
 
-    fp32, prepared, out = export_onnx(model, tmp / "fp32.onnx"), tmp / "prep-static.onnx", tmp / "static.onnx"
+    prepared, out = tmp / "prep-static.onnx", tmp / "static.onnx"
     quant_pre_process(str(fp32), str(prepared))
     name = OnnxModel(fp32).input_name
 
@@ -114,16 +112,13 @@ def ort_static(model: torch.nn.Module, calib: torch.Tensor, tmp: Path) -> Path:
     return out
 
 
-def nncf_openvino(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, alpha: float):
+def nncf_openvino(fp32: Path, calib: torch.Tensor, alpha: float):
     """NNCF's INT8 PTQ for transformers (``ModelType.TRANSFORMER``, mixed preset, SmoothQuant
-    with migration strength ``alpha`` on matmuls; NNCF's default is 0.95) on the exported model,
-    run in OpenVINO with float ops kept in FP32 (no bf16 hint). Needs the ``peers`` extra."""
+    with migration strength ``alpha`` on matmuls; NNCF's default is 0.95) of the FP32 export
+    ``fp32``, run in OpenVINO with float ops kept in FP32 (no bf16 hint). Needs the ``peers`` extra."""
     import nncf
     import openvino as ov
 
-    from vitslim.export import export_onnx
-
-    fp32 = export_onnx(model, tmp / "fp32.onnx")
     params = nncf.AdvancedQuantizationParameters(smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=alpha))
     quantized = nncf.quantize(ov.convert_model(str(fp32)), nncf.Dataset(list(calib.split(8)), lambda b: b.numpy()),
                               preset=nncf.QuantizationPreset.MIXED, model_type=nncf.ModelType.TRANSFORMER,
@@ -158,17 +153,18 @@ def preset_rows(model, dataset, args) -> list[dict]:
             return candidate
 
         with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_onnx(model, Path(tmp) / "fp32.onnx")  # what the ONNX peers quantize
             record(
                 "peer: naive min-max W8A8, float softmax",
                 lambda c=calib: quant.quantize_(copy.deepcopy(model), naive_w8a8(), c),
             )
-            record("peer: ONNX Runtime quantize_dynamic", lambda: ort_dynamic(model, Path(tmp)))
+            record("peer: ONNX Runtime quantize_dynamic", lambda f=fp32: ort_dynamic(f, Path(tmp)))
             record("peer: ONNX Runtime quantize_static (QDQ, per-channel)",
-                   lambda c=calib: ort_static(model, c, Path(tmp)))
+                   lambda f=fp32, c=calib: ort_static(f, c, Path(tmp)))
             if importlib.util.find_spec("nncf") and importlib.util.find_spec("openvino"):
                 for alpha in (0.95, 0.5):
                     record(f"peer: NNCF INT8 transformer preset, SmoothQuant α {alpha}, in OpenVINO",
-                           lambda c=calib, a=alpha: nncf_openvino(model, c, Path(tmp), a))
+                           lambda f=fp32, c=calib, a=alpha: nncf_openvino(f, c, a))
             elif fold == 0:
                 print("NNCF rows skipped: install the peers extra (uv run --extra peers ...)", flush=True)
             for name in args.presets.split(","):

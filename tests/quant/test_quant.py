@@ -11,7 +11,7 @@ from vitslim.models import UnsupportedModelError
 from vitslim.quant.config import QuantConfig, SiteConfig
 from vitslim.quant.gptq import gptq_quantize_weight
 from vitslim.quant.layernorm_reparam import reparameterize
-from vitslim.quant.modules import set_mode
+from vitslim.quant.modules import make_quantizer, set_mode
 from vitslim.quant.quantizers import CalibrationError, LogQuantizer, UniformQuantizer, WeightQuantizer, mse
 from vitslim.quant.smooth import fold_into_norm, search_alpha, smoothing
 
@@ -416,3 +416,51 @@ def test_describe_names_what_a_preset_does():
     assert "W4 gptq g32 act-order" in describe(quant.preset("w4a4")) and "adalog" in describe(quant.preset("w4a4"))
     assert "hadamard-online rotation" in describe(quant.preset("w4a4"))
     assert "LN reparam" in describe(quant.preset("repq-w4a4")) and "α searched" in describe(quant.preset("mptq-w4a4"))
+
+
+def test_per_token_ranges_keep_ordinary_tokens_beside_a_high_norm_one():
+    # DINOv2-like: one token per image with 50x the norm of the others. One range for the
+    # tensor rounds the ordinary tokens to nothing at 4 bits; a range per token keeps them.
+    def tokens(seed):
+        x = torch.randn(4, 65, 96, generator=torch.Generator().manual_seed(seed))
+        x[:, 0] *= 50
+        return x
+
+    x, unseen = tokens(0), tokens(1)
+    errors = {}
+    for per_token in (False, True):
+        q = _calibrated(make_quantizer(SiteConfig(4, calibration="mse", per_token=per_token), "t"), x)
+        errors[per_token] = mse(q(unseen)[:, 1:], unseen[:, 1:]) / unseen[:, 1:].pow(2).mean().item()
+    assert errors[True] < 0.05 < 0.5 < errors[False], errors
+
+
+def test_per_token_clipping_ratio_search_beats_minmax_ranges():
+    x = torch.randn(64, 384, generator=torch.Generator().manual_seed(0))
+    unseen = torch.randn(64, 384, generator=torch.Generator().manual_seed(1))
+    searched = _calibrated(make_quantizer(SiteConfig(4, calibration="mse", per_token=True), "t"), x)
+    plain = _calibrated(make_quantizer(SiteConfig(4, calibration="minmax", per_token=True), "t"), x)
+    assert float(plain.clip) == 1 and float(searched.clip) < 1
+    assert mse(searched(unseen), unseen) < 0.9 * mse(plain(unseen), unseen)
+
+
+def test_per_token_config_validates_saves_and_reloads(tmp_path):
+    from vitslim.quant.config import describe
+    from vitslim.quant.io import load_quantized, save_quantized
+
+    for bad in (dict(site="v"), dict(site="softmax"), dict(symmetric=True), dict(per_channel=True),
+                dict(calibration="percentile")):
+        site = bad.pop("site", "post_ln")
+        with pytest.raises(ConfigError, match=f"{site}.per_token needs"):
+            QuantConfig(**{site: SiteConfig(4, per_token=True, **bad)})
+    token_site = SiteConfig(4, calibration="mse", per_token=True)
+    config = replace(quant.preset("w4a4"), post_ln=token_site, linear=token_site, post_gelu=token_site)
+    assert "post_ln 4-bit uniform per-token mse" in describe(config)
+    assert "per_token" not in quant.preset("w4a4").to_dict()["post_ln"]  # older configs stay byte-identical
+    config.save(tmp_path / "c.yaml")
+    assert QuantConfig.load(tmp_path / "c.yaml") == config
+    kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
+    qmodel = quant.quantize_(make_tiny_vit(), replace(config, reconstruction_iters=2), torch.randn(8, 3, 32, 32))
+    save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", kwargs)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q")(x), qmodel(x))

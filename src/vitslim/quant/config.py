@@ -46,10 +46,14 @@ class SiteConfig:
     # magnitude > 1.5x the largest kept one) add their out-of-range part in float beside the
     # integer matmul (LLM.int8()-style decomposition).
     float_channels: int = 0
+    # Uniform only: a range per token computed at run time (``TokenQuantizer``; QuaRot's 4-bit
+    # activations), its clipping ratio chosen by ``calibration`` (mse: searched, minmax: none).
+    per_token: bool = False
 
 
 # Fields added after configs were first saved, with the default a missing one takes.
 ADDED_FIELDS = {"calib_images": None, "gptq_act_order": False, "reconstruction_bias": False}
+SITE_ADDED_FIELDS = {"per_token": False}
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,10 @@ class QuantConfig:
         for name, default in ADDED_FIELDS.items():  # configs saved before a field existed stay byte-identical
             if data[name] == default:
                 del data[name]
+        for site in SITES:
+            for name, default in SITE_ADDED_FIELDS.items():
+                if data[site][name] == default:
+                    del data[site][name]
         return data
 
     @classmethod
@@ -189,6 +197,11 @@ def validate(config: QuantConfig) -> None:
                                  or s.per_channel or s.calibration != "minmax"):
             raise ConfigError(f"{site}.float_channels needs a linear layer's input (post_ln, linear or post_gelu) "
                               "with a per-tensor uniform min-max quantizer")
+        if s.per_token and (site not in ("post_ln", "linear", "post_gelu", "qk") or s.quantizer != "uniform"
+                            or s.symmetric or s.per_channel or s.float_channels or s.calibration == "percentile"):
+            raise ConfigError(f"{site}.per_token needs an asymmetric uniform quantizer (calibration mse or minmax, "
+                              "no per_channel or float_channels) at post_ln, linear, post_gelu or qk (v and "
+                              "softmax are summed over tokens)")
         if s.quantizer not in ("uniform", "float") and site not in ("softmax", "post_gelu"):
             raise ConfigError(f"{site}: log-domain quantizers ({s.quantizer}) need non-negative inputs; "
                               "use them for 'softmax' or 'post_gelu' only")
@@ -323,7 +336,8 @@ def describe(config: QuantConfig) -> str:
         s = getattr(config, name)
         if s.quantizer == "float":
             return f"{name} float"
-        what = f"{s.quantizer} {s.calibration}" if s.quantizer == "uniform" else s.quantizer
+        what = f"{s.quantizer}{' per-token' * s.per_token} {s.calibration}" if s.quantizer == "uniform" \
+            else s.quantizer
         return f"{name} {s.bits}-bit {what}" + (f" +{s.float_channels} outlier ch." if s.float_channels else "")
 
     alpha = f" α {config.smooth_alpha}" if config.smooth_alpha is not None else " α searched"

@@ -15,7 +15,7 @@ from torch import nn
 from vitslim.models import BlockParts
 from vitslim.models.attention import route_attention
 from vitslim.quant.config import QuantConfig, SiteConfig
-from vitslim.quant.quantizers import LogQuantizer, Quantizer, UniformQuantizer, WeightQuantizer
+from vitslim.quant.quantizers import LogQuantizer, Quantizer, TokenQuantizer, UniformQuantizer, WeightQuantizer
 
 
 class QuantLinear(nn.Module):
@@ -63,6 +63,8 @@ def make_quantizer(site: SiteConfig, name: str, positive_shift: bool = False) ->
     """The activation quantizer a site config asks for (``nn.Identity`` for a float site)."""
     if site.quantizer == "float":
         return nn.Identity()
+    if site.per_token:
+        return TokenQuantizer(site.bits, site.calibration, name=name)
     if site.quantizer == "uniform":
         return UniformQuantizer(site.bits, site.symmetric, site.per_channel, site.calibration, name=name,
                                 float_channels=site.float_channels)

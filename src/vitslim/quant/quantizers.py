@@ -37,6 +37,7 @@ from vitslim.quant.primitives import (
     mse_symmetric_scale,
     symmetric_scale,
     uniform_fake_quant,
+    uniform_fake_quant_ste,
 )
 
 SAMPLE_SIZE = 1 << 16  # values kept per quantizer for the error searches
@@ -215,17 +216,21 @@ class TokenQuantizer(Quantizer):
         self.check_observed()
         if self.method != "mse":
             return
-        errors = {ratio: mse(self._quantize(self.rows, ratio), self.rows) for ratio in torch.linspace(0.5, 1.0, 26)
-                  .tolist()}
+        ratios = torch.linspace(0.5, 1.0, 26).tolist()
+        errors = {ratio: mse(self.quantize(self.rows, ratio), self.rows) for ratio in ratios}
         self.clip = torch.tensor(min(errors, key=errors.get))
 
-    def _quantize(self, x: torch.Tensor, ratio: torch.Tensor | float) -> torch.Tensor:
-        lo, hi = x.amin(-1, keepdim=True) * ratio, x.amax(-1, keepdim=True) * ratio
+    def quantize(self, x: torch.Tensor, ratio: torch.Tensor | float, straight_through: bool = False) -> torch.Tensor:
+        """Quantize–dequantize each token on its own range shrunk by ``ratio``; with
+        ``straight_through`` the ratio gets a gradient (LSQ-style, through the step)."""
+        lo, hi = x.detach().amin(-1, keepdim=True) * ratio, x.detach().amax(-1, keepdim=True) * ratio
         scale, zero = affine_params(lo, hi, self.qmin, self.qmax)
+        if straight_through:
+            return uniform_fake_quant_ste(x, scale, zero.detach(), self.qmin, self.qmax)
         return uniform_fake_quant(x, scale, zero, self.qmin, self.qmax)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quantize(x, self.clip)
+        return self.quantize(x, self.clip)
 
     def extra_repr(self) -> str:
         return f"per-token {self.bits}-bit, clip {float(self.clip):.2f}, {self.name}"

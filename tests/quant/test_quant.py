@@ -455,7 +455,7 @@ def test_per_token_config_validates_saves_and_reloads(tmp_path):
     token_site = SiteConfig(4, calibration="mse", per_token=True)
     config = replace(quant.preset("w4a4"), post_ln=token_site, linear=token_site, post_gelu=token_site)
     assert "post_ln 4-bit uniform per-token mse" in describe(config)
-    assert "per_token" not in quant.preset("w8a8").to_dict()["post_ln"]  # older configs stay byte-identical
+    assert "per_token" not in quant.preset("w8a8-ort").to_dict()["post_ln"]  # older configs stay byte-identical
     config.save(tmp_path / "c.yaml")
     assert QuantConfig.load(tmp_path / "c.yaml") == config
     kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)

@@ -104,23 +104,3 @@ def test_w4a8_preset_reconstruction_lowers_held_out_error():
         before, after = (mse(m.forward_features(held_out), ref) for m in (plain, tuned))
     assert after < 0.9 * before, (before, after)
 
-
-def test_reconstruction_learns_per_token_clipping_ratios():
-    # Ranges per token clipped to half of each token's extremes saturate much of every token;
-    # reconstruction should open the clipping ratios up and lower the held-out error.
-    from vitslim.quant.config import per_token_ranges
-    from vitslim.quant.quantizers import TokenQuantizer
-
-    torch.manual_seed(0)
-    model, calib, _, error = _setup()
-    config = per_token_ranges(replace(rotated_config(4, 4, gelu="uniform", gptq_group_size=16), rotation=None))
-    plain = quant.quantize_(copy.deepcopy(model), config, calib)
-    token_quantizers = [m for m in plain.modules() if isinstance(m, TokenQuantizer)]
-    assert len(token_quantizers) == 6  # the inputs of qkv, proj, fc1 and fc2; q; k
-    for q in token_quantizers:
-        q.clip = torch.tensor(0.5)
-    tuned = copy.deepcopy(plain)
-    reconstruct_blocks(model, tuned, calib, iters=100)
-    clips = [float(m.clip) for m in tuned.modules() if isinstance(m, TokenQuantizer)]
-    assert all(0.55 < c <= 1 for c in clips), clips
-    assert error(tuned) < 0.7 * error(plain), (error(plain), error(tuned))

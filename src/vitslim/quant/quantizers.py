@@ -37,7 +37,6 @@ from vitslim.quant.primitives import (
     mse_symmetric_scale,
     symmetric_scale,
     uniform_fake_quant,
-    uniform_fake_quant_ste,
 )
 
 SAMPLE_SIZE = 1 << 16  # values kept per quantizer for the error searches
@@ -220,13 +219,10 @@ class TokenQuantizer(Quantizer):
         errors = {ratio: mse(self.quantize(self.rows, ratio), self.rows) for ratio in ratios}
         self.clip = torch.tensor(min(errors, key=errors.get))
 
-    def quantize(self, x: torch.Tensor, ratio: torch.Tensor | float, straight_through: bool = False) -> torch.Tensor:
-        """Quantize–dequantize each token on its own range shrunk by ``ratio``; with
-        ``straight_through`` the ratio gets a gradient (LSQ-style, through the step)."""
-        lo, hi = x.detach().amin(-1, keepdim=True) * ratio, x.detach().amax(-1, keepdim=True) * ratio
+    def quantize(self, x: torch.Tensor, ratio: float | torch.Tensor) -> torch.Tensor:
+        """Quantize–dequantize each token on its own range shrunk by ``ratio``."""
+        lo, hi = x.amin(-1, keepdim=True) * ratio, x.amax(-1, keepdim=True) * ratio
         scale, zero = affine_params(lo, hi, self.qmin, self.qmax)
-        if straight_through:
-            return uniform_fake_quant_ste(x, scale, zero.detach(), self.qmin, self.qmax)
         return uniform_fake_quant(x, scale, zero, self.qmin, self.qmax)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:

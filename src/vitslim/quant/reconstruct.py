@@ -11,7 +11,7 @@ model, and each target once per block: a step costs one forward and backward of 
 What is tuned (the learned step sizes follow LSQ, Esser et al., "Learned Step Size
 Quantization", ICLR 2020, through a straight-through rounding estimator):
 
-* the step of every uniform activation quantizer, and the clipping ratio of every per-token one;
+* the step of every uniform activation quantizer;
 * the weights' steps, one multiplier per output row and weight group (GPTQ's groups, or the
   row), with the integer codes already chosen (e.g. by GPTQ) kept; or, with
   ``learn_rounding``, the rounding itself, learned afresh from the FP32 weight as in AdaRound
@@ -34,7 +34,7 @@ from vitslim.models import vit_parts
 from vitslim.progress import progress_bar
 from vitslim.quant.modules import QuantLinear
 from vitslim.quant.primitives import uniform_fake_quant_ste
-from vitslim.quant.quantizers import Quantizer, TokenQuantizer, UniformQuantizer, WeightQuantizer
+from vitslim.quant.quantizers import Quantizer, UniformQuantizer, WeightQuantizer
 
 GAMMA, ZETA = -0.1, 1.1  # AdaRound's rectified-sigmoid stretch
 
@@ -72,9 +72,6 @@ class _LearnableBlock:
             if q in self.acts:
                 q.log_scale = nn.Parameter(q.scale.detach().clamp_min(1e-8).log())
                 self.step_params.append(q.log_scale)
-            if isinstance(q, TokenQuantizer):
-                q.log_clip = nn.Parameter(q.clip.detach().clamp_min(1e-3).log())
-                self.step_params.append(q.log_clip)
             q.fake_quant = self._dropped(q, drop_prob, gen)
         for lin in self.linears:
             steps = weight_steps(lin)
@@ -100,8 +97,6 @@ class _LearnableBlock:
         def fake_quant(x: torch.Tensor) -> torch.Tensor:
             if isinstance(q, UniformQuantizer):
                 xq = uniform_fake_quant_ste(x, q.log_scale.exp(), q.zero_point, q.qmin, q.qmax)
-            elif isinstance(q, TokenQuantizer):
-                xq = q.quantize(x, q.log_clip.exp(), straight_through=True)
             else:
                 xq = x + (plain(q, x) - x).detach()
             if torch.is_grad_enabled():
@@ -136,10 +131,6 @@ class _LearnableBlock:
             for q in self.acts:
                 q.scale = q.log_scale.exp().detach()
                 del q.log_scale
-            for q in self.sites:
-                if isinstance(q, TokenQuantizer):
-                    q.clip = q.log_clip.exp().detach().clamp(max=1.0)
-                    del q.log_clip
             for q in self.sites:
                 del q.fake_quant  # back to the class's fake_quant
             for lin in self.linears:

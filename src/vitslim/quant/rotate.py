@@ -72,7 +72,9 @@ class HadamardRotation(nn.Module):
         # forward and backward, where a log₂ p-stage butterfly of adds was 4-6× slower in PyTorch.
         lead, m = x.shape[:-1], self.dim // self.pow2
         a = 1 << (self.pow2.bit_length() - 1) // 2
-        left = torch.kron(self.mix.T.contiguous(), sylvester_hadamard(a, x.dtype)) / math.sqrt(self.pow2)
+        h_a = sylvester_hadamard(a, x.dtype)
+        # Mᵀ ⊗ H_a by broadcasting: ONNX has no Kronecker product (the exporter rejects aten::kron).
+        left = (self.mix.T[:, None, :, None] * h_a[None, :, None, :]).reshape(m * a, m * a) / math.sqrt(self.pow2)
         y = left @ (x * self.signs).reshape(*lead, m * a, self.pow2 // a) @ sylvester_hadamard(self.pow2 // a, x.dtype)
         return y.reshape(*lead, self.dim)
 

@@ -316,6 +316,25 @@ def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
     assert "com.microsoft" in domains["q.onnx"] and "com.microsoft" not in domains["p.onnx"]
 
 
+def test_export_of_a_simulated_preset_says_it_has_no_integer_kernels(tmp_path, example_images):
+    """`w8a8` (ranges per token, log-domain softmax/GELU) exports as float arithmetic: the
+    message says so and names the preset that exports to int8 kernels."""
+    from typer.testing import CliRunner
+
+    from vitslim import quant
+    from vitslim.cli import app
+    from vitslim.quant.io import save_quantized
+
+    model = make_tiny_vit(**TINY)
+    for preset in ("w8a8", "w8a8-ort"):
+        qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(preset), _images(example_images, model, limit=8))
+        save_quantized(qmodel, tmp_path / preset, "vit_tiny_patch16_224", tiny_vit_source(**TINY).timm_kwargs)
+        res = CliRunner().invoke(app, ["export", str(tmp_path / preset), "--out", str(tmp_path / f"{preset}.onnx")])
+        assert res.exit_code == 0, res.output
+        text = " ".join(res.output.split())
+        assert ("export as float arithmetic" in text and "--preset w8a8-ort" in text) == (preset == "w8a8"), text
+
+
 @pytest.mark.parametrize("damage", ["json", "input_size", "std", "missing", "recipe"])
 def test_malformed_contract_is_a_one_line_error(tmp_path, example_images, damage):
     """A contract is read back from files users copy around: a damaged one is refused with the

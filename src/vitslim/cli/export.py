@@ -43,13 +43,14 @@ def export_cmd(
     """Export to ONNX. vitslim's own 8-bit scales become QuantizeLinear/DequantizeLinear pairs
     that ONNX Runtime fuses into int8 matmuls, and each int8 linear is written as one ORT
     MatMulIntegerToFloat with its bias, each Hardswish gate after an int8 conv one QLinearAdd
-    (--portable: standard ops only); log-domain and sub-8-bit quantizers are exported as float
-    arithmetic (accurate, not faster).
+    (--portable: standard ops only); log-domain, sub-8-bit and per-token quantizers (the simulated
+    presets `w8a8`, `w6a6`, `w4a4`, ...) are exported as float arithmetic (accurate, not faster):
+    quantize with --preset w8a8-ort for int8 kernels.
 
     The file carries its contract (input preprocessing, output meaning, recipe) in its
     metadata, so `vitslim predict` can run it.
 
-    Example: vitslim export q-w8a8/ --out model.onnx --verify images/
+    Example: vitslim export q-w8a8-ort/ --out model.onnx --verify images/
     """
     if fmt != "onnx":
         raise ConfigError(f"--format {fmt!r} is not supported; use onnx")
@@ -64,10 +65,11 @@ def export_cmd(
     path = export_onnx(torch_model, out, ort_kernels=not portable)
     recipe = Recipe(f"export of {Path(model).name}", (*steps, ExportConfig()))
     contract = contract_for(torch_model, source, recipe.to_dict())
-    console.print(
-        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
-        f"{integer_ops(path) or 'none (float model)'}"
-    )
+    quantized = any(isinstance(step, QuantConfig) for step in steps)
+    none = ("none: this model's quantizers export as float arithmetic (for int8 kernels quantize with "
+            "--preset w8a8-ort)") if quantized else "none (float model)"
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
+                  f"{integer_ops(path) or none}")
     if verify:
         images = calibration_images(load_image_folder(verify, torch_model, limit=16))
         r = validate_onnx(torch_model, path, images)

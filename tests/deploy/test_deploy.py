@@ -326,13 +326,13 @@ def test_export_of_a_simulated_preset_says_it_has_no_integer_kernels(tmp_path, e
     from vitslim.quant.io import save_quantized
 
     model = make_tiny_vit(**TINY)
-    for preset in ("w8a8", "w8a8-ort"):
-        qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(preset), _images(example_images, model, limit=8))
-        save_quantized(qmodel, tmp_path / preset, "vit_tiny_patch16_224", tiny_vit_source(**TINY).timm_kwargs)
-        res = CliRunner().invoke(app, ["export", str(tmp_path / preset), "--out", str(tmp_path / f"{preset}.onnx")])
+    for name in ("w8a8", "w8a8-ort"):
+        qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(name), _images(example_images, model, limit=8))
+        save_quantized(qmodel, tmp_path / name, "vit_tiny_patch16_224", tiny_vit_source(**TINY).timm_kwargs)
+        res = CliRunner().invoke(app, ["export", str(tmp_path / name), "--out", str(tmp_path / f"{name}.onnx")])
         assert res.exit_code == 0, res.output
         text = " ".join(res.output.split())
-        assert ("export as float arithmetic" in text and "--preset w8a8-ort" in text) == (preset == "w8a8"), text
+        assert ("export as float arithmetic" in text and "--preset w8a8-ort" in text) == (name == "w8a8"), text
 
 
 @pytest.mark.parametrize("damage", ["json", "input_size", "std", "missing", "recipe"])

@@ -152,6 +152,13 @@ def _timed_call(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+# Pause before every timed batch: ONNX Runtime's worker threads spin-wait for tens of ms after a
+# run, and in a round robin they took the cores from the next model (measured on 2 cores: a
+# 30 %-pruned DINOv2 in ORT timed 0.90x its unpruned model at batch 1 without the pause,
+# 1.42x with 0.1 s, as with spinning off; 10 ms was not enough).
+SETTLE_SECONDS = 0.1
+
+
 def compare(
     models: dict[str, nn.Module | OnnxModel | str | Path],
     batch_size: int = 8,
@@ -166,7 +173,8 @@ def compare(
     """Benchmark several models side by side; the first is the baseline for ``speedup``.
 
     Timed batches are interleaved across models (round robin), so a slow period of the
-    machine hits every candidate alike. ``stop(times)``, called after each round with every
+    machine hits every candidate alike; each waits ``SETTLE_SECONDS`` first, so the threads of
+    the model before it are idle. ``stop(times)``, called after each round with every
     model's batch times so far (ms), ends the timing early when it returns True; the figures
     are then those of the rounds timed. Round robin evicts each model's weights from the CPU
     caches before its turn; ``warm_each`` runs every model once, untimed, right before each
@@ -191,6 +199,7 @@ def compare(
             for name, call in calls.items():
                 if warm_each:
                     call()
+                time.sleep(SETTLE_SECONDS)
                 times[name].append(_timed_call(call))
             if stop and stop(times):
                 break

@@ -316,8 +316,10 @@ def evaluate_candidate(
             if recipe.name not in times:  # the original: timed alone, nothing to decide
                 return False
             fp32_ms, cand_ms = times["FP32"], times[recipe.name]
-            if clearly_meets(fp32_ms, cand_ms, speedup_enough) or clearly_losing(fp32_ms, cand_ms, needed):
-                stopped_at.append(len(cand_ms))
+            if clearly_meets(fp32_ms, cand_ms, speedup_enough):
+                stopped_at.append((len(cand_ms), "meets"))
+            elif clearly_losing(fp32_ms, cand_ms, needed):
+                stopped_at.append((len(cand_ms), "losing"))
             return bool(stopped_at)
 
         # The original (no steps) is the baseline itself: its speedup is 1 by definition, so it is
@@ -325,9 +327,9 @@ def evaluate_candidate(
         models = {"FP32": model} if not recipe.steps else {"FP32": model, recipe.name: artifact.model}
         cand = compare(models, batch_size=batch_size, warmup=1, iters=iters, flops=False, stop=decided)[-1]
         phase("timing")
-        if stopped_at and stopped_at[0] < iters:
-            result.stopped_early = stopped_at[0]
-            if speedup_enough is not None and cand.speedup >= speedup_enough:
+        if stopped_at and stopped_at[0][0] < iters:
+            result.stopped_early, why = stopped_at[0]
+            if why == "meets":  # not said of a candidate stopped because it cannot be chosen
                 result.note = (f"clearly meets the speed target: every timed batch ≥ "
                                f"{speedup_enough * EARLY_STOP_MARGIN:.3g}×")
     except Exception as err:  # a failing candidate is reported, not fatal to the search

@@ -432,6 +432,12 @@ def test_per_token_ranges_keep_ordinary_tokens_beside_a_high_norm_one():
         q = _calibrated(make_quantizer(SiteConfig(4, calibration="mse", per_token=per_token), "t"), x)
         errors[per_token] = mse(q(unseen)[:, 1:], unseen[:, 1:]) / unseen[:, 1:].pow(2).mean().item()
     assert errors[True] < 0.05 < 0.5 < errors[False], errors
+    bad = make_quantizer(SiteConfig(4, per_token=True), "blocks.0.attn.q")
+    bad.mode = "observe"
+    with pytest.raises(CalibrationError, match="blocks.0.attn.q contain NaN or Inf"):
+        bad(torch.full((2, 3), float("nan")))
+    with pytest.raises(CalibrationError, match="saw no calibration data"):
+        make_quantizer(SiteConfig(4, per_token=True), "unseen").calibrate()
 
 
 def test_per_token_clipping_ratio_search_beats_minmax_ranges():

@@ -59,10 +59,7 @@ class Quantizer(nn.Module):
         self.channel_axis: int | None = None  # per-channel statistics along the last dim
 
     def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        if not torch.isfinite(x).all():
-            raise CalibrationError(f"calibration activations at {self.name or 'a quantizer'} contain NaN or Inf; "
-                                   "check the calibration images and the model in FP32")
+        x = self._checked(x)
         dims = tuple(range(x.dim() - 1)) if self.channel_axis is not None else tuple(range(x.dim()))
         lo, hi = x.amin(dim=dims), x.amax(dim=dims)
         self.min_val = lo if self.min_val is None else torch.minimum(self.min_val, lo)
@@ -70,6 +67,14 @@ class Quantizer(nn.Module):
         flat = x.flatten()
         pick = flat[torch.randint(0, flat.numel(), (min(flat.numel(), SAMPLE_SIZE),), generator=_rng(flat.numel()))]
         self.sample = pick if self.sample is None else torch.cat([self.sample, pick])[-4 * SAMPLE_SIZE:]
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as float32, or an error naming this site if it holds NaN or Inf."""
+        x = x.detach().float()
+        if not torch.isfinite(x).all():
+            raise CalibrationError(f"calibration activations at {self.name or 'a quantizer'} contain NaN or Inf; "
+                                   "check the calibration images and the model in FP32")
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
@@ -205,11 +210,14 @@ class TokenQuantizer(Quantizer):
         self.register_buffer("clip", torch.ones(()))
         self.rows: torch.Tensor | None = None
 
-    def observe(self, x: torch.Tensor) -> None:
-        super().observe(x)
-        rows = x.detach().float().flatten(0, -2)
+    def observe(self, x: torch.Tensor) -> None:  # whole tokens, not the base class's values
+        rows = self._checked(x).flatten(0, -2)
         rows = rows[torch.randperm(len(rows), generator=_rng(rows.numel()))[:self.ROWS_PER_BATCH]]
         self.rows = rows if self.rows is None else torch.cat([self.rows, rows])[-self.ROWS:]
+
+    def check_observed(self) -> None:
+        if self.rows is None:
+            raise CalibrationError(f"quantizer {self.name!r} saw no calibration data")
 
     def calibrate(self) -> None:
         self.check_observed()

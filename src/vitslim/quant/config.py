@@ -30,6 +30,7 @@ CALIBRATION = ("minmax", "percentile", "mse")
 WEIGHT_METHODS = ("rtn", "gptq")
 ROTATIONS = ("hadamard", "hadamard-online", "random")  # vitslim.quant.rotate
 SITES = ("post_ln", "linear", "qk", "softmax", "v", "post_gelu")
+TOKEN_SITES = ("post_ln", "linear", "qk", "post_gelu")  # may take ranges per token: no matmul sums over tokens
 MAX_RECONSTRUCTION_ITERS = 100_000  # papers use up to 20k per block; more is a typo, not a plan
 
 
@@ -197,7 +198,7 @@ def validate(config: QuantConfig) -> None:
                                  or s.per_channel or s.calibration != "minmax"):
             raise ConfigError(f"{site}.float_channels needs a linear layer's input (post_ln, linear or post_gelu) "
                               "with a per-tensor uniform min-max quantizer")
-        if s.per_token and (site not in ("post_ln", "linear", "post_gelu", "qk") or s.quantizer != "uniform"
+        if s.per_token and (site not in TOKEN_SITES or s.quantizer != "uniform"
                             or s.symmetric or s.per_channel or s.float_channels or s.calibration == "percentile"):
             raise ConfigError(f"{site}.per_token needs an asymmetric uniform quantizer (calibration mse or minmax, "
                               "no per_channel or float_channels) at post_ln, linear, post_gelu or qk (v and "
@@ -244,8 +245,7 @@ def minmax_ranges(config: QuantConfig, sites: tuple[str, ...] = ("post_ln", "lin
     return replace(config, **{s: replace(getattr(config, s), calibration="minmax") for s in sites})
 
 
-def per_token_ranges(config: QuantConfig, sites: tuple[str, ...] = ("post_ln", "linear", "qk", "post_gelu")
-                     ) -> QuantConfig:
+def per_token_ranges(config: QuantConfig, sites: tuple[str, ...] = TOKEN_SITES) -> QuantConfig:
     """``config`` with a range per token, computed at run time, at ``sites`` (QuaRot's
     activations): the few high-norm tokens of DINOv2 no longer set every token's step."""
     return replace(config, **{s: replace(getattr(config, s), per_token=True) for s in sites})

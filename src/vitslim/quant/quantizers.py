@@ -208,23 +208,18 @@ class TokenQuantizer(Quantizer):
         self.method = method
         self.qmin, self.qmax = int_range(bits, signed=False)
         self.register_buffer("clip", torch.ones(()))
-        self.rows: torch.Tensor | None = None
 
-    def observe(self, x: torch.Tensor) -> None:  # whole tokens, not the base class's values
+    def observe(self, x: torch.Tensor) -> None:  # the sample holds whole tokens, (rows, channels)
         rows = self._checked(x).flatten(0, -2)
         rows = rows[torch.randperm(len(rows), generator=_rng(rows.numel()))[:self.ROWS_PER_BATCH]]
-        self.rows = rows if self.rows is None else torch.cat([self.rows, rows])[-self.ROWS:]
-
-    def check_observed(self) -> None:
-        if self.rows is None:
-            raise CalibrationError(f"quantizer {self.name!r} saw no calibration data")
+        self.sample = rows if self.sample is None else torch.cat([self.sample, rows])[-self.ROWS:]
 
     def calibrate(self) -> None:
         self.check_observed()
         if self.method != "mse":
             return
         ratios = torch.linspace(0.5, 1.0, 26).tolist()
-        errors = {ratio: mse(self.quantize(self.rows, ratio), self.rows) for ratio in ratios}
+        errors = {ratio: mse(self.quantize(self.sample, ratio), self.sample) for ratio in ratios}
         self.clip = torch.tensor(min(errors, key=errors.get))
 
     def quantize(self, x: torch.Tensor, ratio: float | torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ def main() -> None:
             model = apply_plan(copy.deepcopy(fp32), plan)
             raw = cosine(model, eval_images, reference)
             start = time.perf_counter()
-            compensate_(model, fp32, calib, plan)
+            compensate_(model, fp32, calib, plan, mirrors=config.mirror_refit)
             seconds = score_seconds[importance] + time.perf_counter() - start
             models[(importance, budget_removed)] = model
             out["fidelity"].append({"removed": budget_removed, "method": f"vitslim {importance}",

@@ -102,7 +102,8 @@ def test_recovery_refit_starts_from_the_original_weights_so_its_cross_validation
     info = student.vitslim_prune
     plan = Plan(tuple(info["blocks"]), dict(zip(info["blocks"], map(tuple, info["head_index"]))),
                 dict(zip(info["blocks"], map(tuple, info["channel_index"]))))
-    calibrated_on_all = compensate_(apply_plan(copy.deepcopy(teacher), plan), teacher, images[:32], plan)
+    calibrated_on_all = compensate_(apply_plan(copy.deepcopy(teacher), plan), teacher, images[:32], plan,
+                                    mirrors=info["config"]["mirror_refit"])
     for (name, a), b in zip(student.named_parameters(), calibrated_on_all.parameters()):
         torch.testing.assert_close(a, b, msg=name)
 

@@ -18,6 +18,10 @@ one candidate), so a refit that would not generalise is not made. The recovery's
 images (``refit_pruned_``) starts again from the original weights, not from the calibration
 refit: a prior fit on some of the images would look better than it is on every fold that
 holds them, and the cross-validation would keep it.
+
+With ``mirrors`` each image is also fitted as its horizontal mirror image (ViTs are trained with
+flips, so a mirror is one more plausible image): twice the rows for the refits, which overfit
+few images. An image and its mirror always fall in the same cross-validation fold.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 
 from vitslim.models import BlockParts, vit_parts
 from vitslim.prune.allocate import Plan
+from vitslim.prune.config import PruneConfig
 from vitslim.prune.importance import layer_scale
 from vitslim.prune.surgery import INDEX_KEYS, SHAPES_ATTR, head_channels
 
@@ -47,10 +52,17 @@ def _input_of(layer: nn.Module, run) -> torch.Tensor:
     return seen[0]
 
 
-def _fold_stats(x: torch.Tensor, y: torch.Tensor, folds: int) -> list[tuple[torch.Tensor, ...]]:
-    """Per fold of images: Gram XᵀX, XᵀY and Σ Y² per output (X with a ones column)."""
+def with_mirrors(images: torch.Tensor) -> torch.Tensor:
+    """Each image followed by its horizontal mirror (groups of 2 for the folds)."""
+    return torch.stack([images, images.flip(-1)], 1).flatten(0, 1)
+
+
+def _fold_stats(x: torch.Tensor, y: torch.Tensor, folds: int, group: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    """Per fold of images: Gram XᵀX, XᵀY and Σ Y² per output (X with a ones column); the
+    ``group`` consecutive images of each source image (itself and its mirror) stay in one fold."""
     stats = []
-    for idx in torch.arange(len(x)).chunk(folds):
+    for sources in torch.arange(len(x) // group).chunk(folds):
+        idx = (sources[:, None] * group + torch.arange(group)).flatten()
         xf = x[idx].reshape(-1, x.shape[-1])
         xf = torch.cat([xf, torch.ones(len(xf), 1)], 1)
         yf = y[idx].reshape(-1, y.shape[-1])
@@ -74,14 +86,15 @@ def _error(w: torch.Tensor, stat: tuple[torch.Tensor, ...], out_weight: torch.Te
 
 @torch.no_grad()
 def refit_linear_(linear: nn.Linear, x: torch.Tensor, target: torch.Tensor, out_weight: torch.Tensor,
-                  folds: int = FOLDS) -> float | None:
+                  folds: int = FOLDS, group: int = 1) -> float | None:
     """Refit ``linear`` (weight and bias) so ``linear(x) ≈ target`` over (images, tokens, ·)
     tensors, the squared error of output d weighted by ``out_weight[d]``. Ridge towards the
-    current weights, strength by cross-validation over images; returns the strength used
-    (None: the current weights generalise best and are kept)."""
+    current weights, strength by cross-validation over images (``group`` consecutive images
+    are views of one source image and share a fold); returns the strength used (None: the
+    current weights generalise best and are kept)."""
     w0 = torch.cat([linear.weight.T, (linear.bias if linear.bias is not None
                                       else torch.zeros(linear.out_features))[None]]).double()
-    stats = _fold_stats(x, target, min(folds, len(x)))
+    stats = _fold_stats(x, target, min(folds, len(x) // group), group)
     total = [sum(s[i] for s in stats) for i in range(3)]
     best, best_err = None, sum(_error(w0, s, out_weight.double()) for s in stats)
     if len(stats) > 1:
@@ -98,14 +111,15 @@ def refit_linear_(linear: nn.Linear, x: torch.Tensor, target: torch.Tensor, out_
     return best
 
 
-def _refit_branch(layer: nn.Linear, ls: nn.Module, run, x: torch.Tensor, target_stream: torch.Tensor) -> None:
+def _refit_branch(layer: nn.Linear, ls: nn.Module, run, x: torch.Tensor, target_stream: torch.Tensor,
+                  group: int) -> None:
     """Refit ``layer`` (the branch's last linear, before LayerScale γ) so that
     x + γ ⊙ branch(x) follows ``target_stream``: the per-output target is divided by γ and
     its error weighted by γ²."""
     inputs = _input_of(layer, run)
     gamma = layer_scale(ls, layer.out_features)
     safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-    refit_linear_(layer, inputs, (target_stream - x) / safe, gamma.pow(2))
+    refit_linear_(layer, inputs, (target_stream - x) / safe, gamma.pow(2), group=group)
 
 
 Kept = tuple[list[int], list[int]]  # a kept block's original head and MLP channel indices
@@ -113,11 +127,14 @@ Kept = tuple[list[int], list[int]]  # a kept block's original head and MLP chann
 
 @torch.no_grad()
 def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan: Plan,
-                kept: dict[int, Kept] | None = None) -> nn.Module:
+                kept: dict[int, Kept] | None = None, mirrors: bool = False) -> nn.Module:
     """Refit, block by block, the ``proj`` of blocks that lost heads and the ``fc2`` of blocks
-    that lost MLP channels (and both in the block after a removed one), on ``images``. With
-    ``kept`` (original block → its kept heads and channels), each refit first resets the layer
-    to the teacher's columns of those units: the prior ``prune_`` refits towards."""
+    that lost MLP channels (and both in the block after a removed one), on ``images`` (and their
+    mirror images with ``mirrors``). With ``kept`` (original block → its kept heads and
+    channels), each refit first resets the layer to the teacher's columns of those units: the
+    prior ``prune_`` refits towards."""
+    group = 2 if mirrors else 1
+    images = with_mirrors(images) if mirrors else images
     student_blocks = dict(zip(plan.blocks, vit_parts(model).blocks))
     x_t = vit_parts(teacher).embed(images)
     x_s = x_t.clone()
@@ -129,7 +146,7 @@ def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan
         if sb is None:
             fuse = True
         else:
-            x_s = _compensate_block(sb, tb, x_s, t_mid, t_out, fuse, kept.get(i) if kept else None)
+            x_s = _compensate_block(sb, tb, x_s, t_mid, t_out, fuse, kept.get(i) if kept else None, group)
             fuse = False
         x_t = t_out
     return model
@@ -140,18 +157,20 @@ def refit_pruned_(model: nn.Module, teacher: nn.Module, images: torch.Tensor) ->
     """``compensate_`` again for a model ``prune_`` made (the kept blocks, heads and channels read
     from ``model.vitslim_prune``), on other or more ``images``: every refit starts again from
     the original weights of the kept units, so the result is the compensation ``prune_`` would
-    have made with these images, and the ridge cross-validation over them is fair (a prior fit
-    on some of them would win every fold holding them). Folders saved before the kept units
-    were recorded refit from their current weights, with a warning."""
+    have made with these images (with mirror images if its ``PruneConfig.mirror_refit``), and
+    the ridge cross-validation over them is fair (a prior fit on some of them would win every
+    fold holding them). Folders saved before the kept units were recorded refit from their
+    current weights, with a warning."""
     info = getattr(model, SHAPES_ATTR)
     plan = Plan(tuple(info["blocks"]), {}, {})
+    mirrors = PruneConfig.from_dict(info["config"]).mirror_refit if "config" in info else PruneConfig.mirror_refit
     if not all(key in info for key in INDEX_KEYS):
         warnings.warn("this pruned model does not record which original heads and channels it keeps (saved by an "
                       "older vitslim): the refit starts from its current weights and its cross-validation favours "
                       "them; prune again to refit from the original weights", stacklevel=2)
-        return compensate_(model, teacher, images, plan)
+        return compensate_(model, teacher, images, plan, mirrors=mirrors)
     kept = dict(zip(info["blocks"], zip(info["head_index"], info["channel_index"])))
-    return compensate_(model, teacher, images, plan, kept)
+    return compensate_(model, teacher, images, plan, kept, mirrors)
 
 
 def _reset_columns_(layer: nn.Linear, original: nn.Linear, columns: torch.Tensor) -> None:
@@ -161,14 +180,14 @@ def _reset_columns_(layer: nn.Linear, original: nn.Linear, columns: torch.Tensor
 
 
 def _compensate_block(sb: BlockParts, tb: BlockParts, x: torch.Tensor, t_mid: torch.Tensor,
-                      t_out: torch.Tensor, fuse: bool, kept: Kept | None) -> torch.Tensor:
+                      t_out: torch.Tensor, fuse: bool, kept: Kept | None, group: int) -> torch.Tensor:
     if fuse or sb.num_heads < tb.num_heads:
         if kept:
             _reset_columns_(sb.proj, tb.proj, head_channels(kept[0], tb.proj.in_features // tb.num_heads))
-        _refit_branch(sb.proj, sb.ls1, lambda: sb.attn(sb.norm1(x)), x, t_mid)
+        _refit_branch(sb.proj, sb.ls1, lambda: sb.attn(sb.norm1(x)), x, t_mid, group)
     mid = x + sb.ls1(sb.attn(sb.norm1(x)))
     if fuse or sb.fc1.out_features < tb.fc1.out_features:
         if kept:
             _reset_columns_(sb.fc2, tb.fc2, torch.tensor(kept[1], dtype=torch.long))
-        _refit_branch(sb.fc2, sb.ls2, lambda: sb.mlp(sb.norm2(mid)), mid, t_out)
+        _refit_branch(sb.fc2, sb.ls2, lambda: sb.mlp(sb.norm2(mid)), mid, t_out, group)
     return mid + sb.ls2(sb.mlp(sb.norm2(mid)))

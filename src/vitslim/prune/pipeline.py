@@ -64,7 +64,7 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
     plan = allocate(parts, scores, config)
     apply_plan(model, plan)
     if teacher is not None:
-        compensate_(model, teacher, calib_images, plan)
+        compensate_(model, teacher, calib_images, plan, mirrors=config.mirror_refit)
     info = getattr(model, SHAPES_ATTR)
     info["config"] = config.to_dict()
     info["macs_kept"] = model_macs(vit_parts(model)) / before

@@ -52,7 +52,7 @@ def _input_of(layer: nn.Module, run) -> torch.Tensor:
     return seen[0]
 
 
-def with_mirrors(images: torch.Tensor) -> torch.Tensor:
+def _with_mirrors(images: torch.Tensor) -> torch.Tensor:
     """Each image followed by its horizontal mirror (groups of 2 for the folds)."""
     return torch.stack([images, images.flip(-1)], 1).flatten(0, 1)
 
@@ -134,7 +134,7 @@ def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan
     channels), each refit first resets the layer to the teacher's columns of those units: the
     prior ``prune_`` refits towards."""
     group = 2 if mirrors else 1
-    images = with_mirrors(images) if mirrors else images
+    images = _with_mirrors(images) if mirrors else images
     student_blocks = dict(zip(plan.blocks, vit_parts(model).blocks))
     x_t = vit_parts(teacher).embed(images)
     x_s = x_t.clone()

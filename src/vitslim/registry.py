@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitslim.datafile import brief, check_mapping
+from vitslim.datafile import brief, check_fields, check_mapping
 from vitslim.errors import ConfigError
 
 # Recipes run these stages in order: each consumes what the one before produces (tokens are
@@ -130,4 +130,4 @@ def _from_fields(method: Method, knobs: dict) -> Any:
     if unknown:
         valid = sorted([*names, "method"] if method.method else names)
         raise ConfigError(f"unknown knob(s) {brief(unknown)}; valid knobs are {valid}")
-    return method.config_type(**knobs)
+    return method.config_type(**check_fields(method.config_type, knobs, ""))  # heads: 'no' is not True

@@ -103,4 +103,3 @@ def test_w4a8_preset_reconstruction_lowers_held_out_error():
         ref = model.forward_features(held_out)
         before, after = (mse(m.forward_features(held_out), ref) for m in (plain, tuned))
     assert after < 0.9 * before, (before, after)
-

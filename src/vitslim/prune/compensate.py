@@ -163,7 +163,7 @@ def refit_pruned_(model: nn.Module, teacher: nn.Module, images: torch.Tensor) ->
     current weights, with a warning."""
     info = getattr(model, SHAPES_ATTR)
     plan = Plan(tuple(info["blocks"]), {}, {})
-    mirrors = PruneConfig.from_dict(info["config"]).mirror_refit if "config" in info else PruneConfig.mirror_refit
+    mirrors = info.get("config", {}).get("mirror_refit", PruneConfig.mirror_refit)
     if not all(key in info for key in INDEX_KEYS):
         warnings.warn("this pruned model does not record which original heads and channels it keeps (saved by an "
                       "older vitslim): the refit starts from its current weights and its cross-validation favours "

@@ -265,6 +265,8 @@ def test_recipe_prune_step_runs_first_and_checks_its_knobs():
     for knob, value in (("heads", "no"), ("mirror_refit", "maybe"), ("channel_group", 8.5)):  # 'no' is truthy
         with pytest.raises(ConfigError, match=f"step 'prune': {knob}=.* has the wrong type"):
             recipe_from_dict({"name": "r", "steps": [{"prune": {"macs": 0.7, knob: value}}]})
+        with pytest.raises(ConfigError, match=f"{knob}=.* has the wrong type"):
+            prune.PruneConfig.from_dict({"macs": 0.7, knob: value})
     with pytest.raises(ConfigError, match="comes after a later stage"):
         recipe_from_dict({"name": "r", "steps": [{"tokens": {"method": "tome", "r": 2}}, {"prune": {"macs": 0.7}}]})
     recipe = recipe_from_dict({"name": "r", "steps": [{"prune": {"macs": 0.6, "importance": "activation"}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from vitslim.datafile import check_fields
 from vitslim.errors import ConfigError
 
 IMPORTANCES = ("magnitude", "activation", "hessian")
@@ -74,4 +75,4 @@ class PruneConfig:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"unknown PruneConfig field(s) {unknown}; fields are {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+        return cls(**check_fields(cls, data, ""))  # as a recipe's prune step: heads: 'no' is not True

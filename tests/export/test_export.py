@@ -68,6 +68,19 @@ def test_quantized_and_token_reduced_export(tmp_path, capfd):
     assert "VerifyOutputSizes" not in capfd.readouterr().err  # no shape warning from ORT on every run
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_quantized_token_reduced_static_batch_export(tmp_path, batch):
+    """A fixed-batch export takes exactly that batch (batch 1 included) and loads in ORT."""
+    qmodel = tokens.reduce_tokens_(
+        quant.quantize_(make_tiny_vit(img_size=64, depth=3), quant.preset("w8a8-ort"), torch.randn(8, 3, 64, 64)),
+        tokens.ToMeConfig(r=8),
+    )
+    path = export_onnx(qmodel, tmp_path / "static.onnx", batch_size=batch, dynamic_batch=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == batch
+    assert validate_onnx(qmodel, path, torch.randn(batch, 3, 64, 64))["cosine"] > 0.99
+
+
 def test_ats_export_is_refused_with_a_reason(tmp_path):
     model = tokens.reduce_tokens_(make_tiny_vit(img_size=64), tokens.ATSConfig(budget=0.5, blocks=[1]))
     with pytest.raises(ExportError, match="data-dependent number of tokens"):

@@ -17,7 +17,7 @@ def _model(depth=3):
 
 def _groups(merge, n):
     """Which original tokens each output token holds (merge one-hot rows by sum)."""
-    out = merge(torch.eye(n)[None], "sum")[0]
+    out = merge(torch.eye(n)[None])[0]
     return [sorted(row.nonzero().flatten().tolist()) for row in out]
 
 
@@ -95,9 +95,9 @@ def test_fusion_preserves_the_size_weighted_mean(bidirectional):
     # Attention weights: each fused token is its members' (attention × size)-weighted mean.
     weight = torch.rand(2, 41, 1) + 0.1
     fused, new_size = fuse(merge, x, size, weight)
-    total = merge(size * weight, "sum")
+    total = merge(size * weight)
     torch.testing.assert_close((fused * total).sum(1), (x * size * weight).sum(1), rtol=1e-5, atol=1e-5)
-    groups = _groups(lambda t, mode: merge(t.expand(2, -1, -1), mode)[:1], 41)
+    groups = _groups(lambda t: merge(t.expand(2, -1, -1))[:1], 41)
     assert groups[0] == [0] and len(groups) == 30
     g = next(i for i, members in enumerate(groups) if len(members) > 1)
     members = groups[g]
@@ -110,13 +110,13 @@ def test_without_info_and_size_it_is_tomes_similarity_matching():
     torch.manual_seed(1)
     metric, x = torch.randn(2, 33, 8), torch.randn(2, 33, 16)
     received, size = torch.rand(2, 33), torch.randint(1, 9, (2, 33, 1)).float()
-    tome = bipartite_soft_matching(metric, r=10, num_prefix=1)(x, "sum")
+    tome = bipartite_soft_matching(metric, r=10, num_prefix=1)(x)
     for tau_sim in (1.0, 3.0):
         scores = mctf_scores(metric, received, size, tau_sim, 0.0, 0.0)
-        assert torch.equal(mctf_merge(scores, 10, 1, bidirectional=False)(x, "sum"), tome)
+        assert torch.equal(mctf_merge(scores, 10, 1, bidirectional=False)(x), tome)
     # With the informativeness and size criteria on, other pairs are chosen.
     scores = mctf_scores(metric, received, size, 1.0, 1.0, 1.0)
-    assert not torch.equal(mctf_merge(scores, 10, 1, bidirectional=False)(x, "sum"), tome)
+    assert not torch.equal(mctf_merge(scores, 10, 1, bidirectional=False)(x), tome)
 
 
 def _crafted(n=9, dim=16):
@@ -148,7 +148,7 @@ def test_bidirectional_matching_fuses_b_into_a():
     # Distillation token (index 1, in B): kept in place, never fused, takes no fusion.
     x = torch.randn(2, 30, 8)
     scores = mctf_scores(torch.randn(2, 30, 8), None, None, 1.0, 0.0, 0.0)
-    out = mctf_merge(scores, 9, num_prefix=2, bidirectional=True)(x, "mean")
+    out = mctf_merge(scores, 9, num_prefix=2, bidirectional=True)(x)
     assert out.shape == (2, 21, 8) and torch.equal(out[:, :2], x[:, :2])
 
 

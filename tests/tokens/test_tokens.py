@@ -70,7 +70,7 @@ def test_merging_preserves_the_size_weighted_mean():
 def test_distillation_token_is_kept_in_place():
     x = torch.randn(2, 30, 8)
     merge = bipartite_soft_matching(torch.randn(2, 30, 8), r=9, num_prefix=2)
-    out = merge(x, "mean")
+    out = merge(x)
     assert out.shape == (2, 21, 8) and torch.equal(out[:, :2], x[:, :2])
     model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2).eval()
     tokens.reduce_tokens_(model, tokens.ToMeConfig(r=[8, 4]))

@@ -68,7 +68,8 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
                           "cannot express; export ToMe or EViT instead")
     path = Path(path)
     model = model.eval()
-    x = torch.randn(max(batch_size, 2), *input_size(model))
+    # A dynamic batch is traced at >= 2 so that no size-1 batch dimension gets specialized away.
+    x = torch.randn(max(batch_size, 2) if dynamic_batch else batch_size, *input_size(model))
     quantized = any(hasattr(m, "quant_sites") or hasattr(m, "weight_quantizer") for m in model.modules())
     with atomic_path(path) as tmp_path:
         _export_to(model, x, str(tmp_path), quantized, dynamic_batch)
@@ -102,20 +103,6 @@ def _export_to(model: nn.Module, x: torch.Tensor, tmp: str, quantized: bool, dyn
             leftover.unlink()
     if quantized:
         store_int8_weights(tmp)
-        drop_branch_output_shapes(tmp)
-
-
-def drop_branch_output_shapes(path: str | Path) -> None:
-    """Forget the declared shapes of If-branch outputs, in place. The TorchScript exporter gives
-    both branches of its ``scatter_reduce`` guard (ToMe's merge) shapes of different ranks, and
-    ONNX Runtime then warns on every run that the branch taken does not match; types are kept."""
-    model = onnx.load(str(path))
-    branches = [attr.g for node in model.graph.node if node.op_type == "If" for attr in node.attribute]
-    for branch in branches:
-        for out in branch.output:
-            out.type.tensor_type.ClearField("shape")
-    if branches:
-        onnx.save(model, str(path))
 
 
 def store_int8_weights(path: str | Path) -> int:

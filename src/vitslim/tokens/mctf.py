@@ -89,7 +89,7 @@ def mctf_scores(metric: torch.Tensor, received: torch.Tensor | None, size: torch
 
 
 def bidirectional_merge(scores: torch.Tensor, r: int, num_prefix: int):
-    """``merge(x, mode)`` fusing ``r`` tokens in two matching steps over edge ``scores``
+    """``merge(x)`` fusing ``r`` tokens in two matching steps over edge ``scores``
     (B, N_A, N_B): ⌊r/2⌋ A tokens into their best B token, then ⌈r/2⌉ of the B tokens into
     their best remaining A token (the same edge weights, transposed). Prefix tokens are never
     merged and come first in the output."""
@@ -98,16 +98,16 @@ def bidirectional_merge(scores: torch.Tensor, r: int, num_prefix: int):
     left = a_to_b.unmerged_idx.expand(-1, -1, scores.shape[-1])
     b_to_a = MergeStep(scores.gather(-2, left).transpose(-1, -2), r - r // 2)
 
-    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        a, b = a_to_b(x[..., ::2, :], x[..., 1::2, :], mode)
-        b, a = b_to_a(b, a, mode)
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        a, b = a_to_b(x[..., ::2, :], x[..., 1::2, :])
+        b, a = b_to_a(b, a)
         return prefix_first(a, b, prefix_a, prefix_b)
 
     return merge
 
 
 def mctf_merge(scores: torch.Tensor, r: int, num_prefix: int, bidirectional: bool = True):
-    """``merge(x, mode)`` for edge ``scores`` (B, N_A, N_B), one-way (ToMe's) or bidirectional."""
+    """``merge(x)`` for edge ``scores`` (B, N_A, N_B), one-way (ToMe's) or bidirectional."""
     return (bidirectional_merge if bidirectional else bipartite_merge)(scores, r, num_prefix)
 
 
@@ -116,7 +116,7 @@ def fuse(merge, x: torch.Tensor, size: torch.Tensor, weight: torch.Tensor) -> tu
     ``weight`` × ``size`` (both (B, N, 1)); returns the fused tokens and their sizes (sums).
     With a constant ``weight`` this is ToMe's size-weighted average."""
     x, _ = merge_wavg(merge, x, size * weight)
-    return x, merge(size, "sum")
+    return x, merge(size)
 
 
 def _fuse_tokens(bp: BlockParts, x: torch.Tensor, metric: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

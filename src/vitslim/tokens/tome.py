@@ -21,7 +21,7 @@ from vitslim.tokens.config import ToMeConfig
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int):
-    """Return ``merge(x, mode)`` that merges ``r`` tokens of (B, N, C) tensors like ``metric``.
+    """Return ``merge(x)`` that merges ``r`` tokens of (B, N, C) tensors like ``metric``.
 
     Prefix tokens (class, distillation) are never merged. Follows the paper's algorithm:
     alternate A/B split, best B match per A token, merge the ``r`` best-matched A tokens.
@@ -32,13 +32,13 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int):
 
 
 def bipartite_merge(scores: torch.Tensor, r: int, num_prefix: int):
-    """``merge(x, mode)`` for edge ``scores`` (B, N_A, N_B) between the even (A) and odd (B)
-    tokens: the ``r`` A tokens with the highest-scoring edge merge into their B token."""
+    """``merge(x)`` for edge ``scores`` (B, N_A, N_B) between the even (A) and odd (B) tokens:
+    the ``r`` A tokens with the highest-scoring edge are added into their B token."""
     prefix_a, prefix_b = mask_prefix(scores, num_prefix)
     step = MergeStep(scores, r)
 
-    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        unm, dst = step(x[..., ::2, :], x[..., 1::2, :], mode)
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        unm, dst = step(x[..., ::2, :], x[..., 1::2, :])
         return prefix_first(unm, dst, prefix_a, prefix_b)
 
     return merge
@@ -70,12 +70,14 @@ class MergeStep:
         self.src_idx = edge_idx[..., :r, :]
         self.dst_idx = node_idx[..., None].gather(dim=-2, index=self.src_idx)
 
-    def __call__(self, src: torch.Tensor, dst: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, c = src.shape
         r = self.r
         unm = src.gather(dim=-2, index=self.unmerged_idx.expand(n, t - r, c))
         src = src.gather(dim=-2, index=self.src_idx.expand(n, r, c))
-        return unm, dst.scatter_reduce(-2, self.dst_idx.expand(n, r, c), src, reduce=mode)
+        # scatter_add, not scatter_reduce(sum): the TorchScript ONNX exporter wraps scatter_reduce
+        # in an If whose branch outputs lose their types in a static-batch export (unloadable).
+        return unm, dst.scatter_add(-2, self.dst_idx.expand(n, r, c), src)
 
 
 def prefix_first(a: torch.Tensor, b: torch.Tensor, prefix_a: int, prefix_b: int) -> torch.Tensor:
@@ -88,8 +90,8 @@ def prefix_first(a: torch.Tensor, b: torch.Tensor, prefix_a: int, prefix_b: int)
 
 def merge_wavg(merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge by size-weighted average; return the merged tokens and their new sizes."""
-    x = merge(x * size, "sum")
-    size = merge(size, "sum")
+    x = merge(x * size)
+    size = merge(size)
     return x / size, size
 
 

@@ -50,7 +50,7 @@ from vitslim.models import BlockParts
 from vitslim.registry import register
 from vitslim.tokens.common import TokenState, attn_residual, mlp_residual, patch
 from vitslim.tokens.config import MCTFConfig
-from vitslim.tokens.tome import MergeStep, bipartite_merge, mask_prefix, merge_wavg, prefix_first, tome_schedule
+from vitslim.tokens.tome import MergeStep, bipartite_merge, merge_wavg, prefix_counts, split_sets, tome_schedule
 
 
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, size: torch.Tensor | None) -> torch.Tensor:
@@ -93,15 +93,17 @@ def bidirectional_merge(scores: torch.Tensor, r: int, num_prefix: int):
     (B, N_A, N_B): ⌊r/2⌋ A tokens into their best B token, then ⌈r/2⌉ of the B tokens into
     their best remaining A token (the same edge weights, transposed). Prefix tokens are never
     merged and come first in the output."""
-    prefix_a, prefix_b = mask_prefix(scores, num_prefix)
+    prefix_a, prefix_b = prefix_counts(num_prefix)
+    scores = scores[..., prefix_a:, prefix_b:]
     a_to_b = MergeStep(scores, r // 2)
     left = a_to_b.unmerged_idx.expand(-1, -1, scores.shape[-1])
     b_to_a = MergeStep(scores.gather(-2, left).transpose(-1, -2), r - r // 2)
 
     def merge(x: torch.Tensor) -> torch.Tensor:
-        a, b = a_to_b(x[..., ::2, :], x[..., 1::2, :])
+        a, b, prefix = split_sets(x, prefix_a, prefix_b)
+        a, b = a_to_b(a, b)
         b, a = b_to_a(b, a)
-        return prefix_first(a, b, prefix_a, prefix_b)
+        return torch.cat([*prefix, a, b], dim=-2)
 
     return merge
 

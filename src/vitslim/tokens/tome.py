@@ -34,26 +34,29 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int):
 def bipartite_merge(scores: torch.Tensor, r: int, num_prefix: int):
     """``merge(x)`` for edge ``scores`` (B, N_A, N_B) between the even (A) and odd (B) tokens:
     the ``r`` A tokens with the highest-scoring edge are added into their B token."""
-    prefix_a, prefix_b = mask_prefix(scores, num_prefix)
-    step = MergeStep(scores, r)
+    prefix_a, prefix_b = prefix_counts(num_prefix)
+    step = MergeStep(scores[..., prefix_a:, prefix_b:], r)
 
     def merge(x: torch.Tensor) -> torch.Tensor:
-        unm, dst = step(x[..., ::2, :], x[..., 1::2, :])
-        return prefix_first(unm, dst, prefix_a, prefix_b)
+        a, b, prefix = split_sets(x, prefix_a, prefix_b)
+        return torch.cat([*prefix, *step(a, b)], dim=-2)
 
     return merge
 
 
-def mask_prefix(scores: torch.Tensor, num_prefix: int) -> tuple[int, int]:
-    """Forbid edges of prefix tokens in (B, N_A, N_B) ``scores`` (in place); return how many
-    prefix tokens fall in A and in B."""
-    # Prefix tokens 0, 2, .. fall in A and 1, 3, .. in B: A's may not merge, B's take no merge.
-    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
-    if prefix_a:
-        scores[..., :prefix_a, :] = float("-inf")
-    if prefix_b:
-        scores[..., :, :prefix_b] = float("-inf")
-    return prefix_a, prefix_b
+def prefix_counts(num_prefix: int) -> tuple[int, int]:
+    """How many prefix tokens (class, distillation) fall in A and in B: tokens 0, 2, .. are A's,
+    1, 3, .. B's. They take no part in the matching (their rows and columns of the scores are
+    left out), so they are never merged and receive no merge."""
+    return (num_prefix + 1) // 2, num_prefix // 2
+
+
+def split_sets(x: torch.Tensor, prefix_a: int, prefix_b: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The A and B tokens of (B, N, C) ``x`` without their prefix tokens, and the prefix tokens
+    as the merged output starts with them (timm pools x[:, 0] or x[:, num_prefix:])."""
+    a, b = x[..., ::2, :], x[..., 1::2, :]
+    prefix = [t[..., :p, :] for t, p in ((a, prefix_a), (b, prefix_b)) if p]
+    return a[..., prefix_a:, :], b[..., prefix_b:, :], prefix
 
 
 class MergeStep:
@@ -78,14 +81,6 @@ class MergeStep:
         # scatter_add, not scatter_reduce(sum): the TorchScript ONNX exporter wraps scatter_reduce
         # in an If whose branch outputs lose their types in a static-batch export (unloadable).
         return unm, dst.scatter_add(-2, self.dst_idx.expand(n, r, c), src)
-
-
-def prefix_first(a: torch.Tensor, b: torch.Tensor, prefix_a: int, prefix_b: int) -> torch.Tensor:
-    """Concatenate the A and B tokens left after merging with the prefix tokens first again
-    (timm pools x[:, 0] or x[:, num_prefix:])."""
-    if not prefix_b:
-        return torch.cat([a, b], dim=1)
-    return torch.cat([a[:, :prefix_a], b[:, :prefix_b], a[:, prefix_a:], b[:, prefix_b:]], dim=1)
 
 
 def merge_wavg(merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

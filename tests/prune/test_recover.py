@@ -9,7 +9,7 @@ from vitslim.errors import ConfigError
 from vitslim.prune.allocate import Plan
 from vitslim.prune.compensate import compensate_
 from vitslim.prune.importance import token_weights
-from vitslim.prune.recover import feature_loss
+from vitslim.prune.recover import TeacherTargets, feature_loss
 from vitslim.prune.surgery import apply_plan
 
 
@@ -66,6 +66,29 @@ def test_an_interrupted_recovery_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="another model or config"):
         prune.recover_(copy.deepcopy(student), teacher, images, prune.RecoverConfig(steps=8), tmp_path / "ckpt")
+
+
+def test_teacher_targets_compute_each_view_once_as_alone():
+    teacher, _, images = _pair()
+    with torch.no_grad():
+        alone = teacher.forward_features(images[1:2].flip(-1))[0]
+    calls = []
+    teacher.blocks.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    targets = TeacherTargets(teacher)
+    views = [(0, False), (1, True), (0, False)]
+    batch = torch.stack([images[0], images[1].flip(-1), images[0]])
+    out = targets(batch, views)
+    assert calls == [1, 1]  # the repeated view is computed once
+    torch.testing.assert_close(out[1], alone, rtol=0, atol=0)  # bit for bit as alone, whatever the batch
+    assert torch.equal(out[0], out[2])
+    targets(batch[:2], views[:2])
+    assert calls == [1, 1]  # both cached
+    targets(batch, None)  # random crops: never cached, one batched call
+    assert calls == [1, 1, 3]
+    capped = TeacherTargets(teacher, max_bytes=out[0].nbytes)  # room for one view
+    capped(batch, views)
+    capped(batch, views)
+    assert len(calls) == 3 + 2 + 1 and len(capped.cache) == 1
 
 
 def test_refit_on_the_recovery_images_fixes_what_few_calibration_images_overfit():

@@ -128,7 +128,9 @@ def _lr(config: RecoverConfig, step: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _batch(images: torch.Tensor | Dataset, config: RecoverConfig, step: int) -> torch.Tensor:
+def _batch(images: torch.Tensor | Dataset, config: RecoverConfig, step: int) -> tuple[torch.Tensor, list | None]:
+    """The step's batch, and which view of which image each element is ((index, flipped)), or
+    None when the views are random crops (never drawn twice)."""
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     idx = torch.randint(len(images), (config.batch_size,), generator=gen)
     if isinstance(images, torch.Tensor):
@@ -137,10 +139,39 @@ def _batch(images: torch.Tensor | Dataset, config: RecoverConfig, step: int) -> 
         batch = torch.stack([images[i][0] for i in idx.tolist()])
     if config.augment == "crop":
         batch = torch.stack([_random_resized_crop(image, gen) for image in batch])
+    flip = torch.zeros(len(batch), dtype=torch.bool)
     if config.augment != "none":
         flip = torch.rand(len(batch), generator=gen) < 0.5
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    return batch
+    views = None if config.augment == "crop" else list(zip(idx.tolist(), flip.tolist()))
+    return batch, views
+
+
+class TeacherTargets:
+    """The teacher's output tokens for each batch. With flips (or no augmentation) batches
+    repeat views: 372 images have 744, and 200 steps of 8 draw 1600. So each view's tokens are
+    computed once and kept (up to ``max_bytes``), one view at a time: a view gets the same
+    values in whatever batch it is drawn, and a resumed run the same as an uninterrupted one."""
+
+    def __init__(self, teacher: nn.Module, max_bytes: int = 1 << 30) -> None:
+        self.teacher, self.max_bytes = teacher, max_bytes
+        self.cache: dict[tuple[int, bool], torch.Tensor] = {}
+        self.bytes = 0
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor, views: list | None) -> torch.Tensor:
+        if views is None:
+            return self.teacher.forward_features(batch)
+        targets = []
+        for image, view in zip(batch, views):
+            target = self.cache.get(view)
+            if target is None:
+                target = self.teacher.forward_features(image[None])[0]
+                if self.bytes + target.nbytes <= self.max_bytes:
+                    self.cache[view] = target
+                    self.bytes += target.nbytes
+            targets.append(target)
+        return torch.stack(targets)
 
 
 def _random_resized_crop(image: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.35, 1.0),
@@ -277,12 +308,12 @@ def recover_(model: nn.Module, teacher: nn.Module, images: torch.Tensor | Datase
                                 config.seed)
     weights, loss = None, None
     model.eval()  # dropout or stochastic depth would make it chase a teacher that has neither
+    teacher_targets = TeacherTargets(teacher)
     try:
         for step in progress_bar(range(start, config.steps), "recovery (self-distillation)",
                                  total=config.steps - start):
-            batch = _batch(images, config, step)
-            with torch.no_grad():
-                target = teacher.forward_features(batch)
+            batch, views = _batch(images, config, step)
+            target = teacher_targets(batch, views)
             if weights is None:
                 weights = token_weights(target.shape[1], vit_parts(model).num_prefix_tokens)
             for group in optimizer.param_groups:

@@ -11,6 +11,7 @@ from vitslim.errors import ConfigError
 from vitslim.models import UnsupportedModelError, vit_parts
 from vitslim.models.loading import ModelLoadError
 from vitslim.prune.allocate import block_costs, model_macs
+from vitslim.prune import compensate
 from vitslim.prune.compensate import refit_linear_
 from vitslim.prune.importance import compensated_scores, importance_scores, removal_order
 
@@ -223,6 +224,22 @@ def test_least_squares_refit_recovers_a_damaged_layer_on_held_out_data():
     with torch.no_grad():
         assert refit_linear_(untouched, x, true(x), torch.ones(8)) is None  # already exact: kept
     assert torch.equal(untouched.weight, true.weight)
+
+
+def test_compensation_runs_a_few_views_at_a_time_with_the_same_result(monkeypatch):
+    """The calibration views go through the blocks CHUNK at a time (the MLP's hidden layer for
+    all of them at once took gigabytes); chunks that cut across folds give the same refit."""
+    teacher, images = _model(), _images(10, seed=5)
+    config = prune.PruneConfig(macs=0.6, importance="activation", refit_aware=False)
+    whole = prune.prune_(copy.deepcopy(teacher), config, images)  # CHUNK 32 > 20 views: one pass
+    seen = []
+    monkeypatch.setattr(compensate, "CHUNK", 3)  # 20 views (mirrors) in folds of 6/6/4/4
+    for bp in vit_parts(teacher).blocks:
+        bp.fc1.register_forward_pre_hook(lambda m, a: seen.append(len(a[0])))
+    chunked = prune.prune_(copy.deepcopy(teacher), config, images)
+    assert seen[-21:] == [3, 3, 3, 3, 3, 3, 2] * 3  # the teacher's MLPs during compensation: 20 views by 3
+    for a, b in zip(whole.parameters(), chunked.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_an_image_and_its_mirror_share_a_cross_validation_fold():

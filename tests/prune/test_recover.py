@@ -2,10 +2,12 @@ import copy
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from conftest import make_tiny_vit
 from vitslim import prune
 from vitslim.errors import ConfigError
+from vitslim.prune import recover
 from vitslim.prune.allocate import Plan
 from vitslim.prune.compensate import compensate_
 from vitslim.prune.importance import token_weights
@@ -106,6 +108,23 @@ def test_refit_on_the_recovery_images_fixes_what_few_calibration_images_overfit(
     prune.recover_(student, teacher, images[:96], prune.RecoverConfig(steps=0, block_iters=0))
     after = _held_out_loss(student, teacher, held_out)
     assert after < 0.8 * before, (before, after)
+
+
+def test_the_recovery_refit_takes_at_most_refit_images(monkeypatch):
+    """A big image folder must not go whole into the refits (every image and its mirror in
+    memory): a seeded draw of ``refit_images`` does, from a tensor or a dataset alike."""
+    teacher, student, images = _pair()
+    seen = []
+    monkeypatch.setattr(recover, "refit_pruned_", lambda model, teacher, images: seen.append(images))
+    config = prune.RecoverConfig(steps=0, refit_images=10)
+    prune.recover_(student, teacher, images, config)
+    prune.recover_(student, teacher, TensorDataset(images, torch.zeros(len(images))), config)
+    assert [len(s) for s in seen] == [10, 10] and torch.equal(seen[0], seen[1])
+    assert len({tuple(map(tuple, s.flatten(1)[:, :3].tolist())) for s in seen[0]}) == 10  # 10 distinct images
+    prune.recover_(student, teacher, images[:8], config)
+    assert torch.equal(seen[-1], images[:8])  # fewer than the cap: all of them
+    with pytest.raises(ConfigError, match="refit_images >= 2"):
+        prune.RecoverConfig(refit_images=1)
 
 
 def test_recovery_refit_starts_from_the_original_weights_so_its_cross_validation_is_fair():

@@ -27,6 +27,8 @@ few images. An image and its mirror always fall in the same cross-validation fol
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
+from functools import partial
 
 import torch
 from torch import nn
@@ -39,6 +41,7 @@ from vitslim.prune.surgery import INDEX_KEYS, SHAPES_ATTR, head_channels
 
 RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # × mean diagonal of the Gram matrix
 FOLDS = 4
+CHUNK = 32  # views per forward pass
 
 
 def _input_of(layer: nn.Module, run) -> torch.Tensor:
@@ -57,17 +60,39 @@ def _with_mirrors(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([images, images.flip(-1)], 1).flatten(0, 1)
 
 
-def _fold_stats(x: torch.Tensor, y: torch.Tensor, folds: int, group: int = 1) -> list[tuple[torch.Tensor, ...]]:
-    """Per fold of images: Gram XᵀX, XᵀY and Σ Y² per output (X with a ones column); the
-    ``group`` consecutive images of each source image (itself and its mirror) stay in one fold."""
-    stats = []
-    for sources in torch.arange(len(x) // group).chunk(folds):
-        idx = (sources[:, None] * group + torch.arange(group)).flatten()
-        xf = x[idx].reshape(-1, x.shape[-1])
-        xf = torch.cat([xf, torch.ones(len(xf), 1)], 1)
-        yf = y[idx].reshape(-1, y.shape[-1])
-        # float32 products (fast), float64 for the solves that follow
-        stats.append(((xf.T @ xf).double(), (xf.T @ yf).double(), yf.double().pow(2).sum(0)))
+def _chunked(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn`` over ``CHUNK`` views at a time: the attention and MLP intermediates of all the
+    calibration views at once would take gigabytes (the MLP's hidden layer alone is 4× the
+    residual stream)."""
+    return torch.cat([fn(*parts) for parts in zip(*(t.split(CHUNK) for t in tensors))])
+
+
+def _attn_half(bp: BlockParts, x: torch.Tensor) -> torch.Tensor:
+    return x + bp.ls1(bp.attn(bp.norm1(x)))
+
+
+def _mlp_half(bp: BlockParts, x: torch.Tensor) -> torch.Tensor:
+    return x + bp.ls2(bp.mlp(bp.norm2(x)))
+
+
+def _fold_stats(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], views: int, folds: int,
+                group: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    """Per fold of source images: Gram XᵀX, XᵀY and Σ Y² per output (X with a ones column),
+    summed over ``chunks`` of consecutive views ((x, y), (views, tokens, ·) each) of ``views``
+    in all; the ``group`` views of each source image (itself and its mirror) share a fold."""
+    sizes = [len(sources) * group for sources in torch.arange(views // group).chunk(folds)]
+    fold_of_view = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    stats: list[tuple[torch.Tensor, ...] | None] = [None] * len(sizes)
+    start = 0
+    for x, y in chunks:
+        ids, start = fold_of_view[start:start + len(x)], start + len(x)
+        for fold in ids.unique().tolist():
+            xf = x[ids == fold].reshape(-1, x.shape[-1])
+            xf = torch.cat([xf, torch.ones(len(xf), 1)], 1)
+            yf = y[ids == fold].reshape(-1, y.shape[-1])
+            # float32 products (fast), float64 sums and solves
+            part = ((xf.T @ xf).double(), (xf.T @ yf).double(), yf.double().pow(2).sum(0))
+            stats[fold] = part if stats[fold] is None else tuple(a + b for a, b in zip(stats[fold], part))
     return stats
 
 
@@ -92,9 +117,13 @@ def refit_linear_(linear: nn.Linear, x: torch.Tensor, target: torch.Tensor, out_
     current weights, strength by cross-validation over images (``group`` consecutive images
     are views of one source image and share a fold); returns the strength used (None: the
     current weights generalise best and are kept)."""
+    return _refit_from_stats_(linear, _fold_stats([(x, target)], len(x), folds, group), out_weight)
+
+
+def _refit_from_stats_(linear: nn.Linear, stats: list[tuple[torch.Tensor, ...]],
+                       out_weight: torch.Tensor) -> float | None:
     w0 = torch.cat([linear.weight.T, (linear.bias if linear.bias is not None
                                       else torch.zeros(linear.out_features))[None]]).double()
-    stats = _fold_stats(x, target, min(folds, len(x) // group), group)
     total = [sum(s[i] for s in stats) for i in range(3)]
     best, best_err = None, sum(_error(w0, s, out_weight.double()) for s in stats)
     if len(stats) > 1:
@@ -111,15 +140,16 @@ def refit_linear_(linear: nn.Linear, x: torch.Tensor, target: torch.Tensor, out_
     return best
 
 
-def _refit_branch(layer: nn.Linear, ls: nn.Module, run, x: torch.Tensor, target_stream: torch.Tensor,
+def _refit_branch(layer: nn.Linear, ls: nn.Module, branch, x: torch.Tensor, target_stream: torch.Tensor,
                   group: int) -> None:
-    """Refit ``layer`` (the branch's last linear, before LayerScale γ) so that
+    """Refit ``layer`` (the last linear of ``branch``, before LayerScale γ) so that
     x + γ ⊙ branch(x) follows ``target_stream``: the per-output target is divided by γ and
     its error weighted by γ²."""
-    inputs = _input_of(layer, run)
     gamma = layer_scale(ls, layer.out_features)
     safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-    refit_linear_(layer, inputs, (target_stream - x) / safe, gamma.pow(2), group=group)
+    chunks = ((_input_of(layer, lambda xs=xs: branch(xs)), (ts - xs) / safe)
+              for xs, ts in zip(x.split(CHUNK), target_stream.split(CHUNK)))
+    _refit_from_stats_(layer, _fold_stats(chunks, len(x), FOLDS, group), gamma.pow(2))
 
 
 Kept = tuple[list[int], list[int]]  # a kept block's original head and MLP channel indices
@@ -136,12 +166,12 @@ def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan
     group = 2 if mirrors else 1
     images = _with_mirrors(images) if mirrors else images
     student_blocks = dict(zip(plan.blocks, vit_parts(model).blocks))
-    x_t = vit_parts(teacher).embed(images)
+    x_t = _chunked(vit_parts(teacher).embed, images)
     x_s = x_t.clone()
     fuse = False
     for i, tb in enumerate(vit_parts(teacher).blocks):
-        t_mid = x_t + tb.ls1(tb.attn(tb.norm1(x_t)))
-        t_out = t_mid + tb.ls2(tb.mlp(tb.norm2(t_mid)))
+        t_mid = _chunked(partial(_attn_half, tb), x_t)
+        t_out = _chunked(partial(_mlp_half, tb), t_mid)
         sb = student_blocks.get(i)
         if sb is None:
             fuse = True
@@ -184,10 +214,10 @@ def _compensate_block(sb: BlockParts, tb: BlockParts, x: torch.Tensor, t_mid: to
     if fuse or sb.num_heads < tb.num_heads:
         if kept:
             _reset_columns_(sb.proj, tb.proj, head_channels(kept[0], tb.proj.in_features // tb.num_heads))
-        _refit_branch(sb.proj, sb.ls1, lambda: sb.attn(sb.norm1(x)), x, t_mid, group)
-    mid = x + sb.ls1(sb.attn(sb.norm1(x)))
+        _refit_branch(sb.proj, sb.ls1, lambda xs: sb.attn(sb.norm1(xs)), x, t_mid, group)
+    mid = _chunked(partial(_attn_half, sb), x)
     if fuse or sb.fc1.out_features < tb.fc1.out_features:
         if kept:
             _reset_columns_(sb.fc2, tb.fc2, torch.tensor(kept[1], dtype=torch.long))
-        _refit_branch(sb.fc2, sb.ls2, lambda: sb.mlp(sb.norm2(mid)), mid, t_out, group)
-    return mid + sb.ls2(sb.mlp(sb.norm2(mid)))
+        _refit_branch(sb.fc2, sb.ls2, lambda ms: sb.mlp(sb.norm2(ms)), mid, t_out, group)
+    return _chunked(partial(_mlp_half, sb), mid)

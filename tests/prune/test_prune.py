@@ -10,8 +10,8 @@ from vitslim.bench import count_gmacs
 from vitslim.errors import ConfigError
 from vitslim.models import UnsupportedModelError, vit_parts
 from vitslim.models.loading import ModelLoadError
-from vitslim.prune.allocate import block_costs, model_macs
 from vitslim.prune import compensate
+from vitslim.prune.allocate import block_costs, model_macs
 from vitslim.prune.compensate import refit_linear_
 from vitslim.prune.importance import compensated_scores, importance_scores, removal_order
 

@@ -60,11 +60,12 @@ def _with_mirrors(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([images, images.flip(-1)], 1).flatten(0, 1)
 
 
-def _chunked(fn, *tensors: torch.Tensor) -> torch.Tensor:
-    """``fn`` over ``CHUNK`` views at a time: the attention and MLP intermediates of all the
-    calibration views at once would take gigabytes (the MLP's hidden layer alone is 4× the
-    residual stream)."""
-    return torch.cat([fn(*parts) for parts in zip(*(t.split(CHUNK) for t in tensors))])
+@torch.no_grad()
+def chunked(fn, *tensors: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """``fn`` over ``size`` (default ``CHUNK``) views at a time, without gradients, concatenated:
+    the attention and MLP intermediates of all the calibration views at once would take
+    gigabytes (the MLP's hidden layer alone is 4× the residual stream)."""
+    return torch.cat([fn(*parts) for parts in zip(*(t.split(size or CHUNK) for t in tensors))])
 
 
 def _attn_half(bp: BlockParts, x: torch.Tensor) -> torch.Tensor:
@@ -166,12 +167,12 @@ def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan
     group = 2 if mirrors else 1
     images = _with_mirrors(images) if mirrors else images
     student_blocks = dict(zip(plan.blocks, vit_parts(model).blocks))
-    x_t = _chunked(vit_parts(teacher).embed, images)
+    x_t = chunked(vit_parts(teacher).embed, images)
     x_s = x_t.clone()
     fuse = False
     for i, tb in enumerate(vit_parts(teacher).blocks):
-        t_mid = _chunked(partial(_attn_half, tb), x_t)
-        t_out = _chunked(partial(_mlp_half, tb), t_mid)
+        t_mid = chunked(partial(_attn_half, tb), x_t)
+        t_out = chunked(partial(_mlp_half, tb), t_mid)
         sb = student_blocks.get(i)
         if sb is None:
             fuse = True
@@ -215,9 +216,9 @@ def _compensate_block(sb: BlockParts, tb: BlockParts, x: torch.Tensor, t_mid: to
         if kept:
             _reset_columns_(sb.proj, tb.proj, head_channels(kept[0], tb.proj.in_features // tb.num_heads))
         _refit_branch(sb.proj, sb.ls1, lambda xs: sb.attn(sb.norm1(xs)), x, t_mid, group)
-    mid = _chunked(partial(_attn_half, sb), x)
+    mid = chunked(partial(_attn_half, sb), x)
     if fuse or sb.fc1.out_features < tb.fc1.out_features:
         if kept:
             _reset_columns_(sb.fc2, tb.fc2, torch.tensor(kept[1], dtype=torch.long))
         _refit_branch(sb.fc2, sb.ls2, lambda ms: sb.mlp(sb.norm2(ms)), mid, t_out, group)
-    return _chunked(partial(_mlp_half, sb), mid)
+    return chunked(partial(_mlp_half, sb), mid)

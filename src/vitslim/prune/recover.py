@@ -26,7 +26,6 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.output import write_json
 from vitslim.progress import progress_bar
-from vitslim.prune.compensate import refit_pruned_
+from vitslim.prune.compensate import chunked, refit_pruned_
 from vitslim.prune.importance import token_weights
 from vitslim.prune.surgery import SHAPES_ATTR
 
@@ -201,11 +200,6 @@ def _refit_images(images: torch.Tensor | Dataset, config: RecoverConfig) -> torc
     return images if isinstance(images, torch.Tensor) else calibration_images(images)
 
 
-def _stream(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([layer(part) for part in x.split(batch_size)])
-
-
 def _reconstruct_blocks(model: nn.Module, teacher: nn.Module, images: torch.Tensor, iters: int,
                         lr: float, batch_size: int, seed: int = 0) -> nn.Module:
     """Block by block, the pruned model's block, fed the pruned model's own residual stream,
@@ -218,13 +212,13 @@ def _reconstruct_blocks(model: nn.Module, teacher: nn.Module, images: torch.Tens
     ``batch_size`` images' tokens; the error is measured relative to the stream's energy."""
     kept = getattr(model, SHAPES_ATTR)["blocks"]
     student_blocks, teacher_blocks = vit_parts(model).blocks, vit_parts(teacher).blocks
-    x_t = _stream(vit_parts(teacher).embed, images, batch_size)
+    x_t = chunked(vit_parts(teacher).embed, images, size=batch_size)
     x_s = x_t.clone()
     gen = torch.Generator().manual_seed(seed)
     done = 0
     for sb, index in progress_bar(list(zip(student_blocks, kept)), "block reconstruction"):
         for tb in teacher_blocks[done:index + 1]:  # removed blocks: the next kept one stands in for them
-            x_t = _stream(tb.block, x_t, batch_size)
+            x_t = chunked(tb.block, x_t, size=batch_size)
         done = index + 1
         scale = x_t.pow(2).mean()
         params = [p for layer in (sb.qkv, sb.proj, sb.fc1, sb.fc2) for p in layer.parameters()]
@@ -237,7 +231,7 @@ def _reconstruct_blocks(model: nn.Module, teacher: nn.Module, images: torch.Tens
                 loss.backward()
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        x_s = _stream(sb.block, x_s, batch_size)
+        x_s = chunked(sb.block, x_s, size=batch_size)
     return model
 
 

@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_vit
 from vitslim import load_image_folder, quant, tokens
 from vitslim.data import calibration_images
+from vitslim.errors import ConfigError
 from vitslim.export import ExportError, export_onnx, integer_ops, validate_onnx
 
 
@@ -79,6 +80,13 @@ def test_quantized_token_reduced_static_batch_export(tmp_path, batch):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[0] == batch
     assert validate_onnx(qmodel, path, torch.randn(batch, 3, 64, 64))["cosine"] > 0.99
+
+
+@pytest.mark.parametrize("batch", [0, -2, 2.5, True])
+def test_a_batch_size_that_is_no_count_of_images_is_refused(tmp_path, batch):
+    with pytest.raises(ConfigError, match=f"batch_size must be a whole number >= 1, got {batch!r}"):
+        export_onnx(make_tiny_vit(img_size=64, depth=1), tmp_path / "m.onnx", batch_size=batch, dynamic_batch=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_ats_export_is_refused_with_a_reason(tmp_path):

@@ -29,7 +29,7 @@ from torch import nn
 
 from vitslim import metrics
 from vitslim.bench import OnnxModel
-from vitslim.errors import ExportError
+from vitslim.errors import ConfigError, ExportError
 from vitslim.export.graph import GraphIndex, drop_unused
 from vitslim.export.int8_gates import integer_hardswish_gates
 from vitslim.export.int8_linear import fuse_int8_linears
@@ -66,6 +66,8 @@ def export_onnx(model: nn.Module, path: str | Path, batch_size: int = 1, dynamic
     if state is not None and state.method == "ats":
         raise ExportError("ATS keeps a data-dependent number of tokens per image, which a static ONNX graph "
                           "cannot express; export ToMe or EViT instead")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"export batch_size must be a whole number >= 1, got {batch_size!r}")
     path = Path(path)
     model = model.eval()
     # A dynamic batch is traced at >= 2 so that no size-1 batch dimension gets specialized away.

@@ -336,4 +336,4 @@ def recover_(model: nn.Module, teacher: nn.Module, images: torch.Tensor | Datase
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return RecoverReport(config.steps, start, time.perf_counter() - began,
-                         None if loss is None else float(loss))
+                         None if loss is None else loss.item())

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, TensorDataset
 
-from vitslim.data import calibration_images
+from vitslim.data import calibration_images, calibration_split
 from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.output import write_json
@@ -192,12 +192,12 @@ def _random_resized_crop(image: torch.Tensor, gen: torch.Generator, scale: tuple
 
 
 def _refit_images(images: torch.Tensor | Dataset, config: RecoverConfig) -> torch.Tensor:
-    """At most ``config.refit_images`` of ``images`` (a seeded draw, in their order), as one tensor."""
-    if len(images) > config.refit_images:
-        gen = torch.Generator().manual_seed(config.seed)
-        keep = torch.randperm(len(images), generator=gen)[:config.refit_images].sort().values
-        images = images[keep] if isinstance(images, torch.Tensor) else Subset(images, keep.tolist())
-    return images if isinstance(images, torch.Tensor) else calibration_images(images)
+    """At most ``config.refit_images`` of ``images`` (``calibration_split``'s seeded draw), as one tensor."""
+    # (image, label) items, as the loader of calibration_images takes them; the labels are unused
+    dataset = TensorDataset(images, torch.zeros(len(images))) if isinstance(images, torch.Tensor) else images
+    if len(dataset) > config.refit_images:
+        dataset, _ = calibration_split(dataset, config.refit_images, config.seed)
+    return calibration_images(dataset)
 
 
 def _reconstruct_blocks(model: nn.Module, teacher: nn.Module, images: torch.Tensor, iters: int,

@@ -13,8 +13,8 @@ them, each architecture's published ImageNet-1k top-1 with its source (``PUBLISH
 
 Weights: only DINOv2-S is real (the reference model); the timm models have random weights (no
 model hub here), so their rows are speed only. Fidelity (CLS cosine vs FP32) is measured for
-DINOv2 only, on --eval images of the shared sample not used for calibration. Timings on a
-shared machine are "measured under load": compare ratios, not absolute img/s.
+DINOv2 only, on --eval images of the shared sample not used for calibration. Compare ratios,
+not absolute img/s: the load average at the end of the run is printed with the table.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def main() -> None:
             rows.append({"model": MODELS[key][1], "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"})
             print(f"  {rows[-1]}", flush=True)
     m = machine_info()
-    print_table("compress or switch? (timings measured under load)", rows, {
+    print_table("compress or switch?", rows, {
         "model": "model", "params_m": "params M", "gmacs": "GMACs", "res": "px", "fp32_b1": "FP32 img/s b1",
         "fp32_b8": "FP32 img/s b8", "ort_fp32_x_b1": "ORT FP32 × b1", "ort_fp32_x_b8": "ORT FP32 × b8",
         "int8_x_b1": "int8 × b1", "int8_x_b8": "int8 × b8",

@@ -1,4 +1,4 @@
-"""Regression tests for the classes of bad input found in issue 13: each one ends as a one-line
+"""Regression tests for the classes of bad input found by fuzzing the parsers: each one ends as a one-line
 error (or a correct result), never a traceback, a hang, a silent wrong figure, or a write
 outside the output folder."""
 

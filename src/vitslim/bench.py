@@ -153,9 +153,8 @@ def _timed_call(fn: Callable[[], object]) -> float:
 
 
 # Pause before every timed batch: ONNX Runtime's worker threads spin-wait for tens of ms after a
-# run, and in a round robin they took the cores from the next model (measured on 2 cores: a
-# 30 %-pruned DINOv2 in ORT timed 0.90x its unpruned model at batch 1 without the pause,
-# 1.42x with 0.1 s, as with spinning off; 10 ms was not enough).
+# run, and in a round robin they take the cores from the next model; 0.1 s lets them go to
+# sleep (10 ms is not enough).
 SETTLE_SECONDS = 0.1
 
 

@@ -54,7 +54,7 @@ def test_default_grid_leaves_out_bf16_without_native_bf16(tmp_path, example_imag
     result = _search(example_images, tmp_path, AVX2_ONLY)
     assert [c.name for c in result.candidates] == ["fp32"]
     assert [o["name"] for o in result.left_out] == ["bf16", "bf16-tome"]
-    assert "PyTorch emulates it, ~7x slower than FP32 here" in result.left_out[0]["reason"]
+    assert "PyTorch emulates it, several times slower than FP32" in result.left_out[0]["reason"]
     html, _ = write_report(result, tmp_path / "report", "tiny")  # report.md escapes its prose
     assert "Left out on this CPU: bf16 (bf16: this CPU has no native bfloat16" in html.read_text()
     assert result.to_dict()["left_out"] == result.left_out

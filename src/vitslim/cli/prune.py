@@ -52,9 +52,8 @@ def prune_cmd(
         256,
         "--calib-images",
         min=2,
-        help="Calibration images (seeded random draw). The refits fit what they see: on DINOv2 at 30 %, 128 gave "
-        "held-out cosine 0.955 where 32 gave 0.940 (first ranking), and 256 gave 0.973 where 128 gave 0.964 "
-        "(116 held-out images); the time grows about in proportion.",
+        help="Calibration images (seeded random draw). The least-squares refits fit what they see, so more "
+        "images give a more faithful model on unseen ones; the time grows about in proportion.",
     ),
     eval_images: int = typer.Option(
         64, "--eval-images", min=0, help="Images held out from calibration and recovery, to measure fidelity."

@@ -52,10 +52,10 @@ class Need:
     without: str
 
 
-# dtype -> what it needs from the CPU. Measured: on AVX2-only CPUs bfloat16 in PyTorch was
-# ~7x slower than FP32 eager; with AVX512_BF16 (or AMX) ~2.3x faster.
+# dtype -> what it needs from the CPU: without AVX512_BF16 or AMX, PyTorch emulates bfloat16
+# and runs it several times slower than FP32.
 DTYPE_NEEDS = {"bfloat16": Need("bf16", "this CPU has no native bfloat16 (no AVX512_BF16/AMX); PyTorch "
-                                        "emulates it, ~7x slower than FP32 here")}
+                                        "emulates it, several times slower than FP32")}
 
 
 def need_of(step: Any) -> Need | None:

@@ -24,18 +24,13 @@ class PruneConfig:
     (proj, fc2) by least squares on the calibration images, and, for removed blocks, the next
     block's; ``min_heads`` heads and ``channel_group`` channels stay in every kept block, and
     with ``min_width`` at least that fraction of every kept block's heads and channels (the
-    Hessian ranking otherwise strips DINOv2's first blocks to one head; a floor of 0.25 raised
-    the held-out CLS cosine at 30 % fewer MACs from 0.937 to 0.940 on 244 ImageNet-sample images
-    not used for calibration). ``refit_aware`` (with ``compensate``) ranks heads and channels
-    by what removing them costs after the consuming layer is refit (greedy Optimal Brain
-    Surgeon per layer, scaled by ``importance``), so a unit others can stand in for goes
-    first: at 30 % fewer MACs on DINOv2 ViT-S/14 (hessian, 128 calibration images) it raised
-    the CLS cosine on 96 held-out ImageNet-sample images from 0.961 to 0.969 and from 0.958 to
-    0.969 on two disjoint folds. ``mirror_refit`` (with ``compensate``) also fits every
-    calibration image's horizontal mirror image in the refits, which overfit few images: at 30 %
-    fewer MACs (DINOv2 ViT-S/14, refit on 186 ImageNet-sample images, CLS cosine on 186 others)
-    0.97087 → 0.97159 and 0.96279 → 0.96495 on two disjoint folds, for twice the refits' time
-    and memory (the scoring's are unchanged).
+    Hessian ranking otherwise strips DINOv2's first blocks to one head). ``refit_aware`` (with
+    ``compensate``) ranks heads and channels by what removing them costs after the consuming
+    layer is refit (greedy Optimal Brain Surgeon per layer, as in ZipLM, Kurtic et al. 2023,
+    scaled by ``importance``), so a unit others can stand in for goes first. ``mirror_refit``
+    (with ``compensate``) also fits every calibration image's horizontal mirror image in the
+    refits, which overfit few images, for twice the refits' time and memory (the scoring's are
+    unchanged).
     """
 
     macs: float

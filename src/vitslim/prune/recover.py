@@ -4,14 +4,11 @@ matching the FP32 teacher's output tokens.
 Why the learning rate is small: Adam's first steps move every weight by about ``lr`` whatever
 its gradient's size (the update is m/√v ≈ sign of the gradient), and DINOv2's weights are small
 (mean |w| 0.005 in the patch embedding, 0.01 in fc2) with fan-ins up to 1536, so a step of
-5e-5 on the noisy gradient of 8 images moves whole layers coherently. Measured on the 30 %
-pruned DINOv2 ViT-S/14: one such step took the held-out CLS cosine from 0.928 to 0.797 (the
-patch embedding and fc2 weights alone to 0.880 and 0.892; LayerScale and LayerNorm steps did
-nothing), while one step of 2e-6 to 5e-6 left it about unchanged (0.927-0.929). Even at 1e-6,
-training every parameter (the patch embedding included) lowered the held-out cosine for 20
-steps, while training only the blocks' linear layers (qkv, proj, fc1, fc2: the layers pruning
-changed) at 3e-6 raised it. So recovery trains those layers and leaves the embeddings, norms
-and LayerScale as the teacher has them.
+5e-5 on the noisy gradient of 8 images moves whole layers coherently and costs fidelity on
+held-out images. Steps of a few 1e-6 on the blocks' linear layers only (qkv, proj, fc1, fc2:
+the layers pruning changed) do not, so recovery trains those layers and leaves the embeddings,
+norms and LayerScale as the teacher has them (self-distillation as in DeiT, Touvron et al. 2021;
+block reconstruction as in BRECQ, Li et al. 2021).
 
 Resumable: with ``checkpoint_dir``, the weights, the optimizer state and the step are saved
 every ``checkpoint_every`` steps (safetensors + JSON, written atomically); calling ``recover_``
@@ -67,16 +64,8 @@ class RecoverConfig:
     (DINOv2 ViT-S/14 at 224 on 2 cores: about 8 MB and 0.5 s an image). ``block_iters``: then, block by
     block, ``block_iters`` Adam steps at ``block_lr`` teach each pruned block (qkv, proj, fc1,
     fc2) to output the FP32 residual stream on the pruned model's own input (block
-    reconstruction), before the end-to-end steps.
-
-    Measured (DINOv2 ViT-S/14 pruned 30 %, refit-aware Hessian, prune11's fold 0: calibrated on
-    128 imagenet-sample images, recovery on 185, CLS cosine on 96 others, 2 shared cores under
-    load average 5-8): block reconstruction, 40 iterations a block at 1e-4: 0.9691 → 0.9711 in
-    903 s (at 1e-5 each block's error fell only 1-4 %), but there the refit had changed nothing;
-    on prune_table's 128 evaluation images (recovery on the 372 others) refit + block
-    reconstruction gave 0.9705 where the refit alone had given 0.9730, so it is off by default.
-    End-to-end steps after the refit at lr 1e-5 (fold 0): 0.9653 after 25 steps, 0.9675 after
-    50 (13-17 s a step under load), below the start."""
+    reconstruction, BRECQ), before the end-to-end steps; off by default, since after the refit
+    it did not raise the held-out fidelity of a pruned DINOv2."""
 
     steps: int = 200
     batch_size: int = 8

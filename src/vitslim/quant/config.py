@@ -239,9 +239,8 @@ def rotated_config(w_bits: int, a_bits: int, softmax: str = "adalog", gelu: str 
 
 
 def minmax_ranges(config: QuantConfig, sites: tuple[str, ...] = ("post_ln", "linear", "qk")) -> QuantConfig:
-    """``config`` with min-max ranges at ``sites``. At 8 bits the MSE-clipped ranges fit the
-    calibration images and clip other images' large values: on DINOv2, two-fold
-    cross-validation put min-max ahead (W8A8 for ONNX Runtime: cosine 0.99893 vs 0.99846)."""
+    """``config`` with min-max ranges at ``sites``. At 8 bits MSE-searched ranges fit the
+    calibration images and clip other images' large values; min-max ranges do not."""
     return replace(config, **{s: replace(getattr(config, s), calibration="minmax") for s in sites})
 
 
@@ -254,10 +253,9 @@ def per_token_ranges(config: QuantConfig, sites: tuple[str, ...] = TOKEN_SITES) 
 def _w8a8_ort() -> QuantConfig:
     """Every linear layer and q·kᵀ on int8 kernels; softmax and attn·v float (8-bit uniform
     cannot hold power-law attention probabilities; attn·v is ~5% of the MACs); GPTQ weights;
-    post-GELU outlier channels beyond the grid added in float. The qkv, fc1 and proj inputs are
-    smoothed (SmoothQuant with bias, α 0.5, folded into the LayerNorms and v) rather than LN
-    reparameterized: two-fold CV, 96 evaluation images per fold, 0.99926/0.99931 vs
-    0.99922/0.99915 (α searched per layer: 0.99930/0.99925)."""
+    post-GELU outlier channels beyond the grid added in float (LLM.int8(), Dettmers et al. 2022).
+    The qkv, fc1 and proj inputs are smoothed (SmoothQuant with bias, α 0.5, folded into the
+    LayerNorms and v: SmoothQuant, Xiao et al. 2023; MPTQ-ViT, 2024)."""
     base = minmax_ranges(vit_config(8, 8, softmax="float", gelu="uniform", weight_method="gptq", ln_reparam=False),
                          ("post_ln", "linear", "qk", "post_gelu"))
     return replace(base, v=SiteConfig(8, "float"), post_gelu=SiteConfig(8, float_channels=4), smooth_quant=True,
@@ -266,21 +264,16 @@ def _w8a8_ort() -> QuantConfig:
 
 def _w4_ort() -> QuantConfig:
     """4-bit GPTQ weights with a scale per 64 input rows (MatMulNBits' block), act-order and
-    searched group ranges, activations left in float. Groups of 64, not 32: on DINOv2 (fold 0
-    of the ImageNet sample, 32 calibration / 64 other images, absmax group ranges) 32 gave
-    cosine 0.9886 but a file only 5.8x smaller than FP32, 64 gave 0.9859 at 6.4x (the >= 6x
-    goal), per-channel 0.9758 at 6.7x. Act-order with searched ranges: 0.98859 vs 0.98710 (two
-    folds, 96 images each)."""
+    searched group ranges, activations left in float (GPTQ, Frantar et al. 2022). Groups of 64
+    rather than 32 keep the file over 6x smaller than FP32."""
     float_site = SiteConfig(8, "float")
     return replace(vit_config(4, 8, weight_method="gptq", ln_reparam=False), gptq_group_size=64,
                    gptq_act_order=True, **dict.fromkeys(SITES, float_site))
 
 
-# W8A8 simulated: SULQ for post-Softmax and post-GELU, min-max ranges elsewhere, GPTQ weights
-# (two-fold CV, 96 evaluation images per fold: 0.99940 vs 0.99930 round-to-nearest; act-order
-# no better at 8 bits), and SmoothQuant with bias at α 0.5 on the qkv, fc1 and proj inputs
-# instead of LN reparameterization (the same folds: 0.99951/0.99954 vs 0.99937/0.99944); then
-# ranges per token at the linear inputs, q and k (the same folds: 0.99976/0.99975).
+# W8A8 simulated: SULQ for post-Softmax and post-GELU (I&S-ViT, 2023), min-max ranges elsewhere,
+# GPTQ weights, SmoothQuant with bias at α 0.5 on the qkv, fc1 and proj inputs, and ranges per
+# token at the linear inputs, q and k (QuaRot, 2024).
 _LOG_GELU_TOKEN_SITES = ("post_ln", "linear", "qk")  # post-GELU keeps its log-domain quantizer
 _W8A8 = per_token_ranges(replace(minmax_ranges(vit_config(8, 8, softmax="sulq", gelu="sulq", weight_method="gptq",
                                                           ln_reparam=False)), smooth_quant=True, smooth_alpha=0.5),
@@ -290,11 +283,8 @@ _W8A8 = per_token_ranges(replace(minmax_ranges(vit_config(8, 8, softmax="sulq", 
 def _w4a8() -> QuantConfig:
     """W8A8's activations without channel folds (LN reparameterization's folded channel scales
     made the weights harder to round), 4-bit GPTQ weights with act-order and a searched scale per 32
-    input columns. At 8-bit activations groups beat rotations (two-fold CV, 96 evaluation
-    images per fold: 0.9897 vs 0.9876 rotated with the same weights, 0.9809 the earlier
-    rotated per-channel preset). Then 10 steps of block reconstruction per block (the same
-    folds: 0.99004/0.99005 vs 0.98967/0.98986 without; 20 steps on fold 0: 0.98984). Ranges per
-    token at the linear inputs, q and k: 0.99047/0.99071 (0.99068/0.99040 before reconstruction)."""
+    input columns (at 8-bit activations groups do better than rotations), ranges per token at the
+    linear inputs, q and k, then 10 steps of block reconstruction per block (BRECQ, Li et al. 2021)."""
     return replace(_W8A8, smooth_quant=False, smooth_alpha=None, post_ln=SiteConfig(8, per_token=True), weight_bits=4,
                    gptq_group_size=32, gptq_act_order=True, reconstruction_iters=10)
 
@@ -302,44 +292,31 @@ def _w4a8() -> QuantConfig:
 def _reconstructed_low_bits(bits: int) -> QuantConfig:
     """WnAn with rotations and an online Hadamard before fc2 (uniform post-GELU), a range per
     token for the linear layers' inputs, q and k, GPTQ weights with act-order and a scale per 32
-    input columns, then 40 steps of block reconstruction per block. Ranges per token, two-fold
-    CV (96 evaluation images per fold), W4A4: 0.96237/0.96052 vs 0.95539/0.95340 for the linear
-    inputs only and 0.94478/0.94811 with static ranges (before reconstruction: 0.95035/0.94453,
-    0.92508/0.92229, 0.91739/0.92075). Learning each per-token clipping ratio in reconstruction
-    was not kept: 0.96224/0.95584."""
+    input columns, then 40 steps of block reconstruction per block (QuaRot, Ashkboos et al. 2024;
+    I&S-ViT, Zhong et al. 2023; QDrop, Wei et al. 2022)."""
     return replace(per_token_ranges(rotated_config(bits, bits, gelu="uniform", gptq_group_size=32,
                                                    rotation="hadamard-online", act_order=True)),
                    reconstruction_iters=40)
 
 
 PRESETS: dict[str, QuantConfig] = {
-    # Bit-width presets, each the most faithful config measured at its width (README, PTQ).
+    # Bit-width presets, each the most faithful config at its width on held-out images.
     "w8a8": _W8A8,
     # Deployable int8 (what export and compress use): ONNX Runtime fuses every quantized matmul.
     "w8a8-ort": _w8a8_ort(),
     # The same with softmax and v on the int8 grid too: every matmul integer (I-ViT's setting).
     "w8a8-int": replace(_w8a8_ort(), softmax=SiteConfig(8), v=SiteConfig(8)),
-    # Low activation bits: Hadamard rotations + GPTQ (two-fold CV on DINOv2 ViT-S/14, 32
-    # calibration images per fold, CLS cosine): W6A6 0.9950 vs 0.9863 with LN reparam (and
-    # +0.0002 with act-order and a weight scale per 64 input columns); W4A4 0.919 with an online
-    # Hadamard before fc2 (uniform post-GELU) and a weight scale per 64 input columns, vs 0.913
-    # without the online one, 0.905 per-channel, ~0.78 unrotated (then 0.91907 vs 0.91535 with
-    # act-order and a scale per 32, 96 evaluation images per fold); W3A3 0.661 vs 0.623. W6A6
-    # with ranges per token at the linear inputs, q and k: 0.99739/0.99735 vs 0.99531/0.99552.
+    # Low activation bits: Hadamard rotations (QuaRot, 2024) + GPTQ with act-order and a weight
+    # scale per 64 input columns, ranges per token at the linear inputs, q and k.
     "w6a6": per_token_ranges(rotated_config(6, 6, softmax="sulq", gelu="sulq", gptq_group_size=64, act_order=True),
                              _LOG_GELU_TOKEN_SITES),
     "w4a8": _w4a8(),
-    # W4A4 then block reconstruction, 40 steps per block (static ranges, folds 0/1: 0.94478/0.94811
-    # vs 0.91739/0.92075 without). Learned biases (reconstruction_bias) are not kept: +0.0034 on 96
-    # images per fold but -0.0010 through ptq_table on 128 (README).
+    # W4A4: rotations, an online Hadamard before fc2, then block reconstruction, 40 steps per block.
     "w4a4": _reconstructed_low_bits(4),
     # Deployable 4-bit: GPTQ weights only, exported as ONNX Runtime's MatMulNBits (packed codes
     # and block scales; the kernel quantizes activations to int8 per block itself).
     "w4-ort": _w4_ort(),
-    # The W4A4 recipe at 3 bits (static ranges, 64 evaluation images per fold: 0.82691/0.84396;
-    # 0.66360/0.68186 before reconstruction; 80 steps 0.82496 on fold 0; the previous plain rotation +
-    # GPTQ 0.661; ranges per token, 96 images: 0.84969/0.86128). Learned biases do not pay at 3
-    # bits: 0.82797/0.84303 vs 0.82842/0.84222 without.
+    # The W4A4 recipe at 3 bits.
     "w3a3": _reconstructed_low_bits(3),
     # Method recipes (the papers' settings, for comparison).
     "minmax-w8a8": uniform_config(8, 8),

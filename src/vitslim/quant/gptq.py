@@ -97,8 +97,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """Run small tensor ops on one thread: each would otherwise wait at a thread barrier, which
-    on a busy 2-core CPU costs more than the op (GPTQ's column loop ~25x, its Cholesky ~7x less
-    wall time under load; on an idle CPU its ops are too small to gain from a second thread)."""
+    on a busy CPU costs more than the op (GPTQ's column loop and Cholesky are such ops; they
+    are too small to gain from a second thread)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,6 +1,6 @@
 """Saving and loading quantized models: ``model.safetensors`` + ``quant.json`` in a folder.
 
-The folder holds everything an integer runtime or a later session needs: the (reparameterized)
+The folder holds everything an integer runtime or a later process needs: the (reparameterized)
 weights, every quantizer's scale / zero point / bits, the quantized weights on their grid, and
 the config and model name to rebuild the module structure.
 """

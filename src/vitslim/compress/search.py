@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from vitslim.quant import QuantConfig
 from vitslim.quant.modules import quantizers, set_mode
 
 if TYPE_CHECKING:
+    from vitslim.deploy.artifact import Artifact
     from vitslim.deploy.contract import ModelSource
 
 TARGET_METRICS = {
@@ -284,32 +285,57 @@ def evaluate_candidate(
     speedup_enough: float | None = None,
 ) -> CandidateResult:
     """Build ``recipe``'s artifact from ``model`` in ``workdir`` (as ``vitslim apply`` does),
-    load it back, and measure the saved artifact: fidelity to FP32, then speed beside FP32.
-    The fidelity is recorded in the artifact. ``speedup_needed(result)`` (given the measured
-    fidelity) is the speedup this candidate must be able to reach to be chosen; its timing
-    stops early when it clearly cannot (``clearly_losing``), and when it clearly reaches
-    ``speedup_enough``, beyond which more timing cannot change the choice (``clearly_meets``)."""
+    load it back, and measure the saved artifact: fidelity to FP32 (``build_and_measure``),
+    then speed beside FP32 (``time_candidate``)."""
+    result, artifact = build_and_measure(model, recipe, key, calib, eval_loader, reference, workdir, source,
+                                         calibration)
+    if artifact is None:
+        return result
+    return time_candidate(model, recipe, artifact, result, batch_size, iters, speedup_needed, speedup_enough)
+
+
+def build_and_measure(model: nn.Module, recipe: Recipe, key: str, calib: torch.Tensor, eval_loader,
+                      reference: Outputs, workdir: Path, source: ModelSource,
+                      calibration: dict) -> tuple[CandidateResult, Artifact | None]:
+    """The part of a candidate's evaluation that does not depend on the CPU it runs on: build
+    ``recipe``'s artifact in ``workdir``, load it back and measure its fidelity to FP32 (also
+    recorded in the artifact). Returns the result so far and the loaded artifact, or the result
+    with its ``error`` and None when the candidate failed."""
     # deploy imports compress (recipes): imported here, when a search runs, to break the cycle
     from vitslim.deploy.artifact import artifact_name, build_artifact, load_artifact, write_contract
     from vitslim.deploy.workflow import fidelity
 
     start = time.perf_counter()
     result = CandidateResult(recipe=recipe.to_dict(), key=key, calib_images=len(calib))
-    clock = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal clock
-        result.phases[name] = round(time.perf_counter() - clock, 2)
-        clock = time.perf_counter()
-
     try:
         path = build_artifact(model, recipe, calib, workdir / artifact_name(recipe), source, calibration, key)
         artifact = load_artifact(path)
-        phase("build")
+        built = time.perf_counter()
+        result.phases["build"] = round(built - start, 2)
         figures = fidelity(predict(artifact.model, eval_loader, recipe.name), reference, calibration["data"])
         write_contract(path, artifact.contract.with_fidelity(figures))
-        result.cosine, result.accuracy_drop = figures["cosine"], figures["accuracy_drop"]
-        phase("fidelity")
+    except Exception as err:  # a failing candidate is reported, not fatal to the search
+        result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+        result.seconds = time.perf_counter() - start
+        return result, None
+    for name in ("cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop"):
+        setattr(result, name, figures[name])
+    result.eval_images = figures["images"]
+    result.phases["fidelity"] = round(time.perf_counter() - built, 2)
+    result.seconds = time.perf_counter() - start
+    return result, artifact
+
+
+def time_candidate(model: nn.Module, recipe: Recipe, artifact: Artifact, result: CandidateResult, batch_size: int,
+                   iters: int, speedup_needed: Callable[[CandidateResult], float | None] = lambda c: None,
+                   speedup_enough: float | None = None) -> CandidateResult:
+    """Time ``artifact`` side by side with the FP32 ``model`` on this CPU and fill in
+    ``result``'s speed. ``speedup_needed(result)`` (given the measured fidelity) is the speedup
+    this candidate must be able to reach to be chosen; its timing stops early when it clearly
+    cannot (``clearly_losing``), and when it clearly reaches ``speedup_enough``, beyond which
+    more timing cannot change the choice (``clearly_meets``)."""
+    start = time.perf_counter()
+    try:
         needed, stopped_at = speedup_needed(result), []
 
         def decided(times: dict[str, list[float]]) -> bool:
@@ -326,7 +352,6 @@ def evaluate_candidate(
         # timed alone for its img/s and latency rather than against itself.
         models = {"FP32": model} if not recipe.steps else {"FP32": model, recipe.name: artifact.model}
         cand = compare(models, batch_size=batch_size, warmup=1, iters=iters, flops=False, stop=decided)[-1]
-        phase("timing")
         if stopped_at and stopped_at[0][0] < iters:
             result.stopped_early, why = stopped_at[0]
             if why == "meets":  # not said of a candidate stopped because it cannot be chosen
@@ -334,15 +359,61 @@ def evaluate_candidate(
                                f"{speedup_enough * EARLY_STOP_MARGIN:.3g}×")
     except Exception as err:  # a failing candidate is reported, not fatal to the search
         result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
-        result.seconds = time.perf_counter() - start
+        result.seconds += time.perf_counter() - start
         return result
-    for name in ("cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop"):
-        setattr(result, name, figures[name])
-    result.eval_images = figures["images"]
+    result.phases["timing"] = round(time.perf_counter() - start, 2)
     result.speedup, result.throughput = cand.speedup, cand.throughput
     result.latency_ms, result.size_mb, result.runtime = cand.latency_ms_median, cand.size_mb, cand.runtime
-    result.seconds = time.perf_counter() - start
+    result.seconds += time.perf_counter() - start
     return result
+
+
+@dataclass
+class SearchInputs:
+    """What every candidate's evaluation shares: the FP32 model, the calibration batch, the
+    evaluation images and the FP32 outputs on them, the timing settings, where artifacts are
+    staged (``staging / key``), and how the artifacts record their origin."""
+
+    model: nn.Module
+    calib: torch.Tensor
+    eval_loader: object  # an iterable of (images, labels) batches, None for a wholly unreadable batch
+    reference: Outputs
+    batch_size: int
+    iters: int
+    staging: Path
+    source: ModelSource
+    calibration: dict
+
+
+# (recipe, key, speedup_needed, speedup_enough) -> the candidate's result, as evaluate_candidate.
+Evaluate = Callable[[Recipe, str, Callable[[CandidateResult], float | None], float | None], CandidateResult]
+
+
+class Engine(Protocol):
+    """Runs a search's candidates: ``start`` returns the function that evaluates each of them
+    (called in grid order); ``timing_machine`` describes the CPU they are timed on."""
+
+    def start(self, inputs: SearchInputs, pending: list[tuple[Recipe, str]]) -> Evaluate: ...
+
+    def timing_machine(self) -> dict: ...
+
+
+class InProcess:
+    """The default engine: each candidate is built, measured and timed here, one after the
+    other, when the search reaches it."""
+
+    def start(self, inputs: SearchInputs, pending: list[tuple[Recipe, str]]) -> Evaluate:
+        """A function evaluating one of the ``pending`` (recipe, key) candidates."""
+        def evaluate(recipe: Recipe, key: str, needed: Callable[[CandidateResult], float | None],
+                     enough: float | None) -> CandidateResult:
+            return evaluate_candidate(inputs.model, recipe, key, inputs.calib, inputs.eval_loader, inputs.reference,
+                                      inputs.batch_size, inputs.iters, inputs.staging / key, inputs.source,
+                                      inputs.calibration, needed, enough)
+        return evaluate
+
+    def timing_machine(self) -> dict:
+        """The machine the candidates are timed on: this one."""
+        return machine_info()
 
 
 def clearly_losing(fp32_ms: list[float], candidate_ms: list[float], needed: float | None,
@@ -446,6 +517,7 @@ def compress(
     source: ModelSource | None = None,
     cpu: CpuFeatures | None = None,
     early_stop: bool = True,
+    engine: Engine | None = None,
 ) -> SearchResult:
     """Find the best recipe for ``model`` that meets ``target`` on this machine.
 
@@ -494,19 +566,23 @@ def compress(
     calibration = {"data": str(data), "images": len(calib_set), "seed": seed}
     eval_loader = make_loader(eval_set, batch_size=32)
     staging = _staging_dir(out)
-    reference: Outputs | None = None
+    engine = engine or InProcess()
+    keys = [candidate_key(model_fp, data_fp, recipe, settings) for recipe in grid]
+    stored = {key: store.get(key) for key in keys}
+    pending = list({key: recipe for recipe, key in zip(grid, keys) if stored[key] is None}.items())
     results: list[CandidateResult] = []
     try:
-        for recipe in progress_bar(grid, "candidates"):
-            key = candidate_key(model_fp, data_fp, recipe, settings)
-            cached = store.get(key)
+        if pending:
+            inputs = SearchInputs(model, calib, eval_loader, predict(model, eval_loader, "FP32 reference"),
+                                  batch_size, iters, staging, source, calibration)
+            evaluate = engine.start(inputs, [(recipe, key) for key, recipe in pending])
+        for recipe, key in progress_bar(list(zip(grid, keys)), "candidates"):
+            cached = stored[key]
             fresh = cached is None
             if fresh:
-                reference = reference or predict(model, eval_loader, "FP32 reference")
                 needed = (lambda c: speedup_to_be_chosen(target, results, c)) if early_stop else (lambda c: None)
                 enough = target.value if early_stop and target.metric == "speedup" else None
-                cached = evaluate_candidate(model, recipe, key, calib, eval_loader, reference, batch_size, iters,
-                                            staging / key, source, calibration, needed, enough)
+                cached = stored[key] = evaluate(recipe, key, needed, enough)
                 store.put(cached)
             if recipe.name in unmet:  # named explicitly: run, as asked, with the reason it may lose here
                 cached.note = f"run as requested, but {unmet[recipe.name]}"
@@ -536,7 +612,7 @@ def compress(
             except UnsupportedModelError as err:  # an extra: the search's results stand without it
                 warnings.warn(f"per-block sensitivity ({sensitivity_preset}) skipped: {err}", stacklevel=2)
                 sensitivity = []
-    return SearchResult(target, chosen, met, reason, results, settings, machine_info(), sensitivity,
+    return SearchResult(target, chosen, met, reason, results, settings, engine.timing_machine(), sensitivity,
                         data=str(data), artifact=saved.get(chosen.name) if chosen else None, artifacts=saved,
                         left_out=left_out, not_applicable=not_applicable)
 

@@ -64,3 +64,31 @@ def test_weights_off_their_grid_are_refused():
     layer.qweight = layer.qweight + 0.3 * layer.weight_quantizer.scale  # no longer scale x integer
     with pytest.raises(ExportError, match="not on its scales' grid"):
         pack_layer(layer, None)
+
+
+@pytest.mark.parametrize("preset", ["w4-ort", "w4a8", "w4a4"])
+def test_every_4bit_preset_saved_by_quantize_exports_from_its_folder(tmp_path, example_images, preset):
+    """``vitslim quantize --out q`` then ``vitslim export q``: the saved folder keeps each grouped
+    weight's steps, so its 4-bit codes are packed as they were calibrated."""
+    transformers = pytest.importorskip("transformers", reason="the tiny CLI model is a Hugging Face folder")
+    from typer.testing import CliRunner
+
+    from vitslim.cli import app
+    from vitslim.quant.io import load_quantized
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, image_size=32, patch_size=8)
+    transformers.ViTModel(config).save_pretrained(tmp_path / "hf")
+    runner = CliRunner()
+    res = runner.invoke(app, ["quantize", f"hf:{tmp_path / 'hf'}", "--data", str(example_images), "--preset", preset,
+                              "--calib-images", "8", "--eval-images", "2", "--out", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(tmp_path / "q"), "--out", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 0, res.output
+    assert op_counts(tmp_path / "q.onnx").get("MatMulNBits") == 8
+    loaded, x = load_quantized(tmp_path / "q"), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        simulated = loaded(x)
+    got = OnnxModel(tmp_path / "q.onnx")(x)
+    assert torch.nn.functional.cosine_similarity(got, simulated).min() > 0.99

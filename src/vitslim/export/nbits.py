@@ -52,7 +52,7 @@ def pack_layer(layer: nn.Module, group_size: int | None) -> PackedWeight:
     reproduce its fake-quantized weight)."""
     qweight = layer.qweight.detach().float()  # (N, K)
     n, k = qweight.shape
-    grouped = getattr(layer, "qweight_group_scales", None)
+    grouped = layer.qweight_group_scales
     if grouped is not None:
         block = group_size or 0
         if block < 16 or block & (block - 1):

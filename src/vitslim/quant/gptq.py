@@ -138,5 +138,4 @@ def gptq_quantize_linears(items: list[tuple[nn.Module, torch.Tensor]], group_siz
         layer.qweight = gptq_quantize_weight(layer.linear.weight, hessian, quantizer.scale,
                                              quantizer.bits, group_size=group_size, group_scales=scales,
                                              act_order=act_order, search_group_scales=quantizer.method == "mse")
-        # (out, groups) steps of a grouped weight, kept for integer export (not saved: derived)
         layer.qweight_group_scales = torch.cat(scales, 1) if scales else None

@@ -175,7 +175,7 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> No
     modules = dict(model.named_modules())
     expected = set(model.state_dict())
     missing = expected - set(state)
-    qweights = {k for k in state if k.endswith(".qweight")}
+    qweights = {k for k in state if k.endswith((".qweight", ".qweight_group_scales"))}  # None until calibrated
     if missing or (set(state) - expected - qweights):
         raise ModelLoadError(f"{source!r} does not match the model: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(set(state) - expected - qweights)[:5]}")

@@ -2,7 +2,8 @@
 
 ``QuantLinear`` wraps an ``nn.Linear`` (kept as ``.linear``) with an ``input_quantizer`` and a
 ``weight_quantizer``; its ``qweight`` buffer holds the fake-quantized weight once calibrated
-(on the integer grid ``weight_quantizer.scale`` × int). The attention's q, k, softmax and v
+(on the integer grid ``weight_quantizer.scale`` × int, or, for GPTQ with groups, on the grid of
+``qweight_group_scales``: one step per output row and group of input columns). The attention's q, k, softmax and v
 quantizers live in ``attn.quant_sites`` and are applied by ``vitslim.models.attention``.
 """
 
@@ -25,6 +26,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.linear, self.input_quantizer, self.weight_quantizer = linear, input_quantizer, weight_quantizer
         self.register_buffer("qweight", None)
+        # (out, groups) steps of a grouped GPTQ weight: saved with the model, since an integer
+        # export (``vitslim.export.nbits``) stores the codes on exactly these steps.
+        self.register_buffer("qweight_group_scales", None)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -84,7 +84,7 @@ def bench_side_by_side(
     dtype: str = "float32",
     batch_size: int = 8,
     threads: int | None = None,
-    warmup: int = 3,
+    warmup: int = 10,
     iters: int = 10,
 ) -> list[BenchResult]:
     """Time a model and any others side by side, the first the baseline (``vitslim bench``)."""

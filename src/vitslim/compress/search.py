@@ -26,7 +26,7 @@ from torch import nn
 
 import vitslim
 from vitslim import metrics, quant, registry
-from vitslim.bench import CpuFeatures, compare, cpu_features, machine_info
+from vitslim.bench import CpuFeatures, Timing, compare, cpu_features, machine_info
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, recipe_from_dict
 from vitslim.data import make_loader
 from vitslim.errors import ConfigError, ModelLoadError, OutputPathError, UnsupportedModelError
@@ -338,10 +338,10 @@ def time_candidate(model: nn.Module, recipe: Recipe, artifact: Artifact, result:
     try:
         needed, stopped_at = speedup_needed(result), []
 
-        def decided(times: dict[str, list[float]]) -> bool:
-            if recipe.name not in times:  # the original: timed alone, nothing to decide
+        def decided(timing: Timing) -> bool:
+            if recipe.name not in timing.times_ms:  # the original: timed alone, nothing to decide
                 return False
-            fp32_ms, cand_ms = times["FP32"], times[recipe.name]
+            fp32_ms, cand_ms = timing.times_ms["FP32"], timing.times_ms[recipe.name]
             if clearly_meets(fp32_ms, cand_ms, speedup_enough):
                 stopped_at.append((len(cand_ms), "meets"))
             elif clearly_losing(fp32_ms, cand_ms, needed):

@@ -1,5 +1,6 @@
 """4-bit GPTQ weights exported as ONNX Runtime MatMulNBits (tiny random ViTs: runs, matches)."""
 
+import copy
 from dataclasses import replace
 
 import onnx
@@ -33,7 +34,7 @@ def test_matmulnbits_file_computes_the_simulated_4bit_model_and_is_small(tmp_pat
     model = make_tiny_vit()
     torch.manual_seed(1)
     calib, images = torch.randn(8, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    qmodel = quant.quantize(model, calib, weight_only_w4(group_size, act_order))
+    qmodel = quant.quantize_(copy.deepcopy(model), weight_only_w4(group_size, act_order), calib)
     path = export_onnx(qmodel, tmp_path / "w4.onnx")
     assert op_counts(path).get("MatMulNBits") == 8  # 4 linears x 2 blocks, none left as float MatMul weights
     with torch.no_grad():
@@ -58,7 +59,7 @@ def test_matmulnbits_file_computes_the_simulated_4bit_model_and_is_small(tmp_pat
 
 
 def test_weights_off_their_grid_are_refused():
-    qmodel = quant.quantize(make_tiny_vit(), torch.randn(8, 3, 32, 32), weight_only_w4(None))
+    qmodel = quant.quantize_(make_tiny_vit(), weight_only_w4(None), torch.randn(8, 3, 32, 32))
     layer = next(m for m in qmodel.modules() if hasattr(m, "qweight"))
     pack_layer(layer, None)  # as calibrated: fine
     layer.qweight = layer.qweight + 0.3 * layer.weight_quantizer.scale  # no longer scale x integer

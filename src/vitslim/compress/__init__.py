@@ -5,7 +5,7 @@
 >>> write_report(result, "report/", "my model")
 """
 
-from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, Step, load_recipe, recipe_from_dict, save_recipe
+from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, load_recipe, recipe_from_dict, save_recipe
 from vitslim.compress.report import write_report
 from vitslim.compress.search import CandidateResult, SearchResult, Target, compress
 
@@ -14,7 +14,6 @@ __all__ = [
            "CandidateResult",
            "Recipe",
            "SearchResult",
-           "Step",
            "Target",
            "compress",
            "load_recipe",

@@ -28,7 +28,6 @@ import yaml
 
 from vitslim import registry
 from vitslim.datafile import brief, check_mapping, check_type, read_data_file
-from vitslim.deprecation import warn_deprecated
 from vitslim.dtype import DtypeConfig
 from vitslim.errors import ConfigError
 from vitslim.export.config import ExportConfig
@@ -61,14 +60,6 @@ DTYPE_NEEDS = {"bfloat16": Need("bf16", "this CPU has no native bfloat16 (no AVX
 def need_of(step: Any) -> Need | None:
     """What ``step`` needs from the CPU (steps not listed run anywhere)."""
     return DTYPE_NEEDS.get(step.dtype) if isinstance(step, DtypeConfig) else None
-
-
-def Step(kind: str, knobs: dict[str, Any] | None = None) -> Any:
-    """Deprecated: a step is its config (``ToMeConfig(r=8)``); ``registry.from_step(kind, knobs)``
-    reads the file form."""
-    warn_deprecated("vitslim.compress.Step(kind, knobs)",
-                    "the method's config, e.g. ToMeConfig(r=8), quant.preset('w8a8'), ExportConfig()")
-    return registry.from_step(kind, knobs or {})
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import warnings
 import torch
 from torch import nn
 
-from vitslim.deprecation import warn_deprecated
 from vitslim.errors import ConfigError
 from vitslim.models import vit_parts
 from vitslim.prune.allocate import allocate, model_macs
@@ -27,7 +26,7 @@ def _check_plain(model: nn.Module) -> None:
 
 
 @register(PruneConfig, step="prune", stage=0, calibrated=True)
-def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Tensor) -> nn.Module:
+def prune_(model: nn.Module, config: PruneConfig, calib_images: torch.Tensor) -> nn.Module:
     """Remove attention heads, MLP channels and (optionally) whole blocks from a timm ViT,
     in place, keeping ``config.macs`` of its MACs; returns the model, now a smaller dense model.
 
@@ -40,10 +39,8 @@ def prune_(model: nn.Module, config: PruneConfig | float, calib_images: torch.Te
     Framework for Transformers", 2022). The shapes and config are kept on
     ``model.vitslim_prune`` for ``vitslim.prune.io.save_pruned``.
     """
-    if isinstance(config, torch.Tensor):  # the order before every verb took (model, config, calib)
-        warn_deprecated("prune_(model, calib_images, config)", "prune_(model, config, calib_images)")
-        config, calib_images = calib_images, config
-    config = PruneConfig(macs=config) if isinstance(config, (int, float)) else config
+    if not isinstance(config, PruneConfig):
+        raise ConfigError(f"prune_ takes a PruneConfig (e.g. PruneConfig(macs=0.7)), got {type(config).__name__}")
     parts = vit_parts(model)  # names unsupported models before anything changes
     for bp in parts.blocks:
         check_prunable(bp)

@@ -14,10 +14,7 @@ points are kept for export. I-ViT's integer-only Softmax/GELU/LayerNorm are in
 from vitslim.quant.config import PRESETS, QuantConfig, SiteConfig, preset
 from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
 from vitslim.quant.mixed import mixed_precision_config
-from vitslim.quant.ptq import (
-    quantize,  # noqa: F401 (deprecated: a copying wrapper, for one release)
-    quantize_,
-)
+from vitslim.quant.ptq import quantize_
 from vitslim.quant.rotate import rotate
 
 __all__ = ["PRESETS", "HybridQuantConfig", "QuantConfig", "SiteConfig", "mixed_precision_config", "preset", "quantize_",

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from vitslim.datafile import brief, check_type
-from vitslim.deprecation import warn_deprecated
 from vitslim.errors import CalibrationError, ConfigError
 from vitslim.models import vit_parts
 from vitslim.progress import progress_bar
@@ -140,16 +139,6 @@ def quantize_(model: nn.Module, config: QuantConfig, calib_images: torch.Tensor,
     setattr(qmodel, CONFIG_ATTR, config)
     qmodel.vitslim_calibration_seconds = time.perf_counter() - start
     return qmodel
-
-
-def quantize(model: nn.Module, calib_images: torch.Tensor, config: QuantConfig | str = "w8a8",
-             inplace: bool = False, batch_size: int = 16) -> nn.Module:
-    """Deprecated: ``quantize_(copy.deepcopy(model), config, calib_images)`` (in place, config
-    second, as every vitslim verb)."""
-    warn_deprecated("vitslim.quant.quantize(model, calib, config)",
-                    "vitslim.quant.quantize_(model, config, calib) (in place: deepcopy first to keep the original)")
-    config = preset(config) if isinstance(config, str) else config
-    return quantize_(model if inplace else copy.deepcopy(model), config, calib_images, batch_size)
 
 
 def quant_step_knobs(config: QuantConfig) -> dict:

@@ -13,6 +13,8 @@ os.environ.setdefault("VITSLIM_QUIET", "1")
 
 from hypothesis import HealthCheck, settings
 
+from vitslim.bench import Runner
+
 # Property tests: a small budget in CI (HYPOTHESIS_PROFILE=thorough for more);
 # benchmarks/fuzz_inputs.py runs >= 10 000 inputs per parser by hand.
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
@@ -85,3 +87,20 @@ def tiny_vit_source(**kwargs):
 @pytest.fixture
 def tiny_vit() -> torch.nn.Module:
     return make_tiny_vit()
+
+
+class FakeClock:
+    """A clock that only moves when a fake runner 'runs' or the engine sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def runner(self, name: str, seconds, settle_s: float = 0.0) -> Runner:
+        """A runner taking ``seconds()`` of fake time per batch."""
+        return Runner(name, lambda: self.sleep(seconds()), settle_s=settle_s)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_tiny_vit
+from conftest import FakeClock, make_tiny_vit
 from vitslim.bench import (
     Interval,
     LoadWatch,
@@ -20,23 +20,6 @@ from vitslim.bench import (
     read_cpu_times,
     time_interleaved,
 )
-
-
-class FakeClock:
-    """A clock that only moves when a fake runner 'runs' or the engine sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-    def runner(self, name: str, seconds, settle_s: float = 0.0) -> Runner:
-        """A runner taking ``seconds()`` of fake time per batch."""
-        return Runner(name, lambda: self.sleep(seconds()), settle_s=settle_s)
 
 
 class QuietWatch(LoadWatch):

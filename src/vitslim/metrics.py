@@ -29,6 +29,14 @@ def cosine_similarity(reference: torch.Tensor, test: torch.Tensor) -> float:
     return F.cosine_similarity(ref, tst, dim=1).mean().item()
 
 
+def cosine_standard_error(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Standard error of ``cosine_similarity``'s mean: the rows' sample standard deviation
+    over the square root of their number (0 for a single row)."""
+    ref, tst = reference.double().flatten(1), test.double().flatten(1)
+    per_row = F.cosine_similarity(ref, tst, dim=1)
+    return per_row.std().item() / math.sqrt(len(per_row)) if len(per_row) > 1 else 0.0
+
+
 def top1_agreement(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
     """Fraction of rows whose arg-max class is the same in both."""
     return (reference_logits.argmax(1) == test_logits.argmax(1)).double().mean().item()

@@ -74,6 +74,14 @@ def fmt(value: Any, digits: int = 5) -> str:
     return str(value)
 
 
+def significant(value: float | None, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits without an exponent (1237.2 -> 1237,
+    31.234 -> 31.2, 0.5 -> 0.500); ``fmt``'s signs for None and infinities."""
+    if value is None or not math.isfinite(value) or value == 0:
+        return fmt(value)
+    return f"{value:.{max(0, digits - 1 - math.floor(math.log10(abs(value))))}f}"
+
+
 def print_table(title: str, rows: Sequence[dict], columns: dict[str, str], caption: str | None = None) -> None:
     """Print ``rows`` (dicts) with ``columns`` mapping row key -> header; columns that
     apply to no row (e.g. top-1 without labels) are left out."""

@@ -9,12 +9,12 @@ from typing import Optional
 import typer
 
 from vitslim.compress import BUILTIN_RECIPES, Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
-from vitslim.compress.report import COLUMNS, candidate_row
+from vitslim.compress.report import COLUMNS, candidate_row, speedup_text
 from vitslim.compress.search import NOT_A_VIT, default_cache_dir
 from vitslim.data import list_images
 from vitslim.deploy import ModelSource
 from vitslim.models import REFERENCE_NAME
-from vitslim.output import check_output_dir, console, fmt, print_table, styled, write_json
+from vitslim.output import check_output_dir, console, print_table, styled, write_json
 from vitslim.workflows import EXAMPLE_IMAGES, load_any
 
 
@@ -65,10 +65,12 @@ def compress_cmd(
 
     CPU-aware: default candidates this CPU cannot run fast are left out, with the reason (bf16
     without native bfloat16, i.e. no AVX512_BF16/AMX: PyTorch emulates it, several times slower
-    than FP32); name one with --recipe to run it anyway. A candidate that clearly cannot be
-    chosen (its best timed batch still far below the speedup it needs) is timed no further
-    after 3 batches, and so is one that clearly meets a speed target (its worst batch's ratio
-    / 1.25 at the target: more timing cannot change the choice); the report says "stopped early".
+    than FP32); name one with --recipe to run it anyway. Every speedup is the median ratio over
+    interleaved rounds with its 95% interval. A candidate whose interval is already wholly below
+    the speed it needs to be chosen, or wholly above a speed target, is timed no further after 5
+    rounds ("decided after N rounds"); one whose interval straddles the decision is timed longer.
+    Differences inside the noise (cosines closer than their standard errors, overlapping speed
+    intervals) are ties, and the report says which decisions were within noise.
 
     The chosen candidate is saved in OUT ready to deploy: model.onnx (ONNX Runtime) for
     exported recipes, else a model/ folder that `vitslim.deploy.load_artifact` loads. It
@@ -89,8 +91,8 @@ def compress_cmd(
         if quiet or json_stdout:
             return
         state = "cached" if cached else f"{result.seconds:.0f} s"
-        figures = result.error or f"speedup {fmt(result.speedup)}×, cosine {fmt(result.cosine, 6)}"
-        stopped = f", stopped early after {result.stopped_early} batches" if result.stopped_early else ""
+        figures = result.error or f"speedup {speedup_text(result)}, cosine {result.cosine:.5f}"
+        stopped = f", decided after {result.stopped_early} rounds" if result.stopped_early else ""
         note = f"\n    note: {result.note}" if result.note else ""
         console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state}{stopped})", "dim"), note))
 

@@ -10,21 +10,22 @@ import re
 import shlex
 from pathlib import Path
 
+from vitslim.bench import Interval
 from vitslim.compress.search import (
-    EARLY_STOP_MARGIN,
     EARLY_STOP_ROUNDS,
+    MORE_ROUNDS,
     NOT_A_VIT,
     CandidateResult,
     SearchResult,
     pareto_front,
 )
-from vitslim.output import fmt, write_text_atomic
+from vitslim.output import fmt, significant, write_text_atomic
 from vitslim.output import markdown_text as _md
 
-COLUMNS = [("name", "recipe"), ("speedup", "speedup ×"), ("cosine", "cosine"), ("sqnr_db", "SQNR dB"),
+COLUMNS = [("name", "recipe"), ("speedup", "speedup (95% interval)"), ("cosine", "cosine"), ("sqnr_db", "SQNR dB"),
            ("top1_agreement", "top-1 agree"), ("top1", "top-1"), ("accuracy_drop", "top-1 drop pts"),
-           ("throughput", "img/s"), ("latency_ms", "latency ms"),
-           ("size_mb", "size MB"), ("runtime", "runtime"), ("seconds", "eval s"), ("status", "note")]
+           ("latency_ms", "batch ms"), ("size_mb", "size MB"), ("runtime", "runtime"), ("seconds", "eval s"),
+           ("status", "note")]
 
 
 def _pyplot():
@@ -48,13 +49,33 @@ def _svg(fig) -> str:
 
 def _status(c: CandidateResult) -> str | None:
     """Why a candidate's figures are rougher or may not hold here (None when nothing to say)."""
-    parts = [f"stopped early: {fmt(c.speedup)}× after {c.stopped_early} batches"] if c.stopped_early else []
+    parts = [f"decided after {c.stopped_early} rounds"] if c.stopped_early else []
     parts += [c.note] if c.note else []
     return "; ".join(parts) or None
 
 
+def speedup_text(c: CandidateResult) -> str | None:
+    """``3.4× (3.0–3.8)``: the median ratio and its interval, at the precision it allows."""
+    if c.speedup is None:
+        return None
+    if c.speedup_low is None:
+        return f"{c.speedup:.2f}×"
+    return Interval(c.speedup, c.speedup_low, c.speedup_high, 0.95, c.rounds).text()
+
+
+def _fixed(value: float | None, decimals: int) -> str | None:
+    return None if value is None else fmt(value) if not math.isfinite(value) else f"{value:.{decimals}f}"
+
+
 def candidate_row(c: CandidateResult) -> dict:
-    return {"name": c.name, **{k: getattr(c, k) for k, _ in COLUMNS[1:-1]}, "status": _status(c)}
+    """A candidate's table row, each figure at the precision it is measured to."""
+    figures = {"speedup": speedup_text(c), "cosine": _fixed(c.cosine, 5), "sqnr_db": _fixed(c.sqnr_db, 1),
+               "top1_agreement": _fixed(c.top1_agreement, 4), "top1": _fixed(c.top1, 4),
+               "accuracy_drop": _fixed(c.accuracy_drop, 2),
+               "latency_ms": significant(c.latency_ms) if c.latency_ms is not None else None,
+               "size_mb": significant(c.size_mb) if c.size_mb is not None else None,
+               "runtime": c.runtime, "seconds": _fixed(c.seconds, 0)}
+    return {"name": c.name, **figures, "status": _status(c)}
 
 
 def _plottable(c: CandidateResult) -> bool:
@@ -113,19 +134,26 @@ def _summary_lines(result: SearchResult, model_name: str) -> list[str]:
     if c:
         about = f" ({c.recipe['description']})" if c.recipe.get("description") else ""
         lines.append(f"Chosen: {c.name}{about} — it {verdict} the target: "
-                     f"speedup {fmt(c.speedup)}×, feature cosine {fmt(c.cosine, 6)}, "
-                     f"SQNR {fmt(c.sqnr_db)} dB, {fmt(c.latency_ms)} ms per batch of {s.get('batch_size')}.")
+                     f"speedup {speedup_text(c)}, feature cosine {_fixed(c.cosine, 5)}, "
+                     f"SQNR {_fixed(c.sqnr_db, 1)} dB, {significant(c.latency_ms)} ms per batch of "
+                     f"{s.get('batch_size')}.")
     if c and c.top1 is not None:
         lines.append(f"Top-1 on the {s.get('n_eval')} evaluation images: {fmt(c.top1 * 100, 4)}% "
                      f"({fmt(c.accuracy_drop, 3)} points below FP32), top-1 agreement with FP32 "
                      f"{fmt(c.top1_agreement, 4)}.")
     lines.append(f"Why: {result.reason}.")
+    lines += [f"Within noise: {note}." for note in result.within_noise]
     lines.append(f"Images: {s.get('n_calib')} for calibration, {s.get('n_eval')} (disjoint) for fidelity; "
-                 f"speed: batch {s.get('batch_size')}, {s.get('iters')} timed batches per candidate, "
-                 "interleaved with the FP32 original, fewer for a candidate stopped early (its best batch's "
-                 f"ratio to FP32 × {EARLY_STOP_MARGIN} still below what it needed to be chosen, after "
-                 f"{EARLY_STOP_ROUNDS} batches; or, for a speed target, its worst batch's ratio ÷ "
-                 f"{EARLY_STOP_MARGIN} already at the target).")
+                 f"speed: batch {s.get('batch_size')}, {s.get('iters')} rounds per candidate interleaved with the "
+                 "FP32 original, the speedup the median ratio over rounds with its 95% interval; fewer rounds "
+                 f"once the interval decides (after at least {EARLY_STOP_ROUNDS}: wholly below the speed needed "
+                 "to be chosen, or wholly at or above a speed target), up to "
+                 f"{MORE_ROUNDS}× as many while it straddles the decision. Fidelities closer than their "
+                 "standard errors count as ties, and so do overlapping speed intervals.")
+    disturbed = [c.name for c in result.candidates if c.disturbed]
+    if disturbed:
+        lines.append(f"Timed while other processes took the CPU (twice): {', '.join(disturbed)}; their speed "
+                     "figures are not to be trusted: search again on a quiet machine.")
     lines += [f"Left out on this CPU: {o['name']} ({o['reason']})." for o in result.left_out]
     if result.not_applicable:
         lines.append(f"Not tried: {', '.join(result.not_applicable)} ({NOT_A_VIT}).")

@@ -19,14 +19,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 import vitslim
 from vitslim import metrics, quant, registry
-from vitslim.bench import CpuFeatures, Timing, compare, cpu_features, machine_info
+from vitslim.bench import CpuFeatures, Interval, compare, cpu_features, machine_info
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, recipe_from_dict
 from vitslim.data import make_loader
 from vitslim.errors import ConfigError, ModelLoadError, OutputPathError, UnsupportedModelError
@@ -53,10 +53,12 @@ AT_MOST = ("latency_ms", "accuracy_drop")  # the metrics where lower is better
 # Open-closed ranges of sensible targets (NaN and infinities fall outside every one).
 TARGET_RANGES = {"speedup": (0.0, 1e6), "fidelity": (-1.0, 1.0), "latency_ms": (0.0, 1e9),
                  "accuracy_drop": (0.0, 100.0)}
-# Early stop (see clearly_losing): after this many timed rounds, a candidate whose best round,
-# raised by the margin, is still below the speedup it needs to be chosen is timed no further.
-EARLY_STOP_ROUNDS = 3
-EARLY_STOP_MARGIN = 1.25
+# Stopping by statistics (see timing_decided): a candidate's timing stops before its rounds are
+# done only after this many, when the 95% interval of its speedup is wholly below the speed it
+# needs to be chosen or wholly at or above a speed target; when the interval still straddles
+# one of them after the rounds asked for, it is timed on, up to MORE_ROUNDS times as many.
+EARLY_STOP_ROUNDS = 5
+MORE_ROUNDS = 3
 # The likely winners first: once one meets a speed target, a less faithful candidate is timed
 # only until it clearly cannot be chosen (see speedup_to_be_chosen).
 DEFAULT_GRID = ("fp32", "int8-fast", "int8-tome", "int8-tome-13", "ort-fp32", "bf16", "bf16-tome",
@@ -124,9 +126,12 @@ class CandidateResult:
     cosine: float | None = None
     sqnr_db: float | None = None
     top1_agreement: float | None = None
+    cosine_se: float | None = None  # standard error of the mean cosine over the evaluation images
     top1: float | None = None  # accuracy on the labelled evaluation images (classifiers)
     accuracy_drop: float | None = None  # FP32 top-1 minus this one's, in percentage points
-    speedup: float | None = None
+    speedup: float | None = None  # median over interleaved rounds of FP32 batch time / this one's
+    speedup_low: float | None = None  # its 95% interval (vitslim.bench.median_interval)
+    speedup_high: float | None = None
     throughput: float | None = None
     latency_ms: float | None = None
     size_mb: float | None = None
@@ -135,7 +140,9 @@ class CandidateResult:
     calib_images: int = 0
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds: build, fidelity, timing
-    stopped_early: int | None = None  # timed rounds when timing stopped (clearly losing), else None
+    stopped_early: int | None = None  # timed rounds when timing stopped (decided early), else None
+    rounds: int = 0  # interleaved rounds timed
+    disturbed: bool = False  # other processes took the CPU during its timing (twice): speed not trusted
     note: str | None = None  # e.g. run on request although this CPU lacks what it needs
     error: str | None = None
 
@@ -161,6 +168,7 @@ class SearchResult:
     artifacts: dict[str, str] = field(default_factory=dict)  # recipe name -> saved artifact
     left_out: list[dict] = field(default_factory=list)  # {"name", "reason"}: not run on this CPU
     not_applicable: list[str] = field(default_factory=list)  # default candidates this architecture cannot take
+    within_noise: list[str] = field(default_factory=list)  # decisions taken inside the measurement noise
 
     def to_dict(self) -> dict:
         return {"target": asdict(self.target), "met": self.met, "reason": self.reason,
@@ -168,7 +176,7 @@ class SearchResult:
                 "candidates": [asdict(c) for c in self.candidates], "settings": self.settings,
                 "machine": self.machine, "sensitivity": self.sensitivity, "data": self.data,
                 "artifact": self.artifact, "artifacts": self.artifacts, "left_out": self.left_out,
-                "not_applicable": self.not_applicable}
+                "not_applicable": self.not_applicable, "within_noise": self.within_noise}
 
 
 def fingerprint_model(model: nn.Module) -> str:
@@ -199,7 +207,7 @@ def _resolved_steps(recipe: Recipe) -> list[dict]:
 def candidate_key(model_fp: str, data_fp: str, recipe: Recipe, settings: dict) -> str:
     payload = json.dumps({"model": model_fp, "data": data_fp, "recipe": _resolved_steps(recipe),
                           "settings": settings, "vitslim": vitslim.__version__,
-                          "results": 2},  # 2: the saved artifact is measured; top-1 accuracy
+                          "results": 3},  # 3: speed intervals, cosine standard error
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -232,8 +240,8 @@ class ResultStore:
 
 
 # CandidateResult field -> JSON types it may hold ("inf" strings are how JSON holds ∞ SQNR).
-_NUMBER_FIELDS = {"cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop", "speedup", "throughput",
-                  "latency_ms", "size_mb", "seconds"}
+_NUMBER_FIELDS = {"cosine", "cosine_se", "sqnr_db", "top1_agreement", "top1", "accuracy_drop", "speedup",
+                  "speedup_low", "speedup_high", "throughput", "latency_ms", "size_mb", "seconds"}
 
 
 def _result_from_json(text: str, key: str) -> CandidateResult:
@@ -252,8 +260,11 @@ def _result_from_json(text: str, key: str) -> CandidateResult:
             raise ValueError(f"{name}={value!r} is not a finite number")
     if data["key"] != key or not isinstance(data["recipe"], dict) or not isinstance(data["recipe"].get("name"), str):
         raise ValueError("it belongs to another candidate")
-    if not all(isinstance(data[k], int) and not isinstance(data[k], bool) for k in ("eval_images", "calib_images")):
-        raise ValueError("image counts are not whole numbers")
+    if not all(isinstance(data[k], int) and not isinstance(data[k], bool)
+               for k in ("eval_images", "calib_images", "rounds")):
+        raise ValueError("image and round counts are not whole numbers")
+    if not isinstance(data["disturbed"], bool):
+        raise ValueError("disturbed is not true or false")
     if not (data["error"] is None or isinstance(data["error"], str)) or not (
             data["runtime"] is None or isinstance(data["runtime"], str)):
         raise ValueError("error/runtime are not text")
@@ -318,7 +329,7 @@ def build_and_measure(model: nn.Module, recipe: Recipe, key: str, calib: torch.T
         result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
         result.seconds = time.perf_counter() - start
         return result, None
-    for name in ("cosine", "sqnr_db", "top1_agreement", "top1", "accuracy_drop"):
+    for name in ("cosine", "cosine_se", "sqnr_db", "top1_agreement", "top1", "accuracy_drop"):
         setattr(result, name, figures[name])
     result.eval_images = figures["images"]
     result.phases["fidelity"] = round(time.perf_counter() - built, 2)
@@ -330,42 +341,54 @@ def time_candidate(model: nn.Module, recipe: Recipe, artifact: Artifact, result:
                    iters: int, speedup_needed: Callable[[CandidateResult], float | None] = lambda c: None,
                    speedup_enough: float | None = None) -> CandidateResult:
     """Time ``artifact`` side by side with the FP32 ``model`` on this CPU and fill in
-    ``result``'s speed. ``speedup_needed(result)`` (given the measured fidelity) is the speedup
-    this candidate must be able to reach to be chosen; its timing stops early when it clearly
-    cannot (``clearly_losing``), and when it clearly reaches ``speedup_enough``, beyond which
-    more timing cannot change the choice (``clearly_meets``)."""
+    ``result``'s speed and its interval. ``speedup_needed(result)`` (given the measured
+    fidelity) is the speedup this candidate must be able to reach to be chosen,
+    ``speedup_enough`` a speed target; ``timing_decided`` says when to stop timing. A timing
+    disturbed by other processes is done once more; if that one is disturbed too, the result
+    says so (``disturbed``, and in its note)."""
     start = time.perf_counter()
     try:
-        needed, stopped_at = speedup_needed(result), []
-
-        def decided(timing: Timing) -> bool:
-            if recipe.name not in timing.times_ms:  # the original: timed alone, nothing to decide
-                return False
-            fp32_ms, cand_ms = timing.times_ms["FP32"], timing.times_ms[recipe.name]
-            if clearly_meets(fp32_ms, cand_ms, speedup_enough):
-                stopped_at.append((len(cand_ms), "meets"))
-            elif clearly_losing(fp32_ms, cand_ms, needed):
-                stopped_at.append((len(cand_ms), "losing"))
-            return bool(stopped_at)
-
+        needed = speedup_needed(result)
         # The original (no steps) is the baseline itself: its speedup is 1 by definition, so it is
         # timed alone for its img/s and latency rather than against itself.
         models = {"FP32": model} if not recipe.steps else {"FP32": model, recipe.name: artifact.model}
-        cand = compare(models, batch_size=batch_size, warmup=1, iters=iters, flops=False, stop=decided)[-1]
-        if stopped_at and stopped_at[0][0] < iters:
-            result.stopped_early, why = stopped_at[0]
-            if why == "meets":  # not said of a candidate stopped because it cannot be chosen
-                result.note = (f"clearly meets the speed target: every timed batch ≥ "
-                               f"{speedup_enough * EARLY_STOP_MARGIN:.3g}×")
+        for _ in range(2):
+            stop = lambda t: timing_decided(t.ratio(recipe.name), needed, speedup_enough, iters)  # noqa: E731
+            cand = compare(models, batch_size=batch_size, warmup=3, iters=iters * MORE_ROUNDS, flops=False,
+                           stop=stop if recipe.steps else lambda t: t.rounds >= iters)[-1]
+            if not cand.disturbed:
+                break
     except Exception as err:  # a failing candidate is reported, not fatal to the search
         result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
         result.seconds += time.perf_counter() - start
         return result
+    interval = cand.speedup_interval
+    if cand.rounds < iters:
+        result.stopped_early = cand.rounds
+        if speedup_enough is not None and interval.above(speedup_enough):  # not said of a clear loser
+            result.note = f"clearly meets the speed target: its 95% interval is {interval.text()}"
+    if cand.disturbed:
+        result.disturbed = True
+        result.note = "; ".join(filter(None, [result.note, f"timed while {cand.load.describe()}: speed not trusted"]))
     result.phases["timing"] = round(time.perf_counter() - start, 2)
-    result.speedup, result.throughput = cand.speedup, cand.throughput
+    result.speedup, result.speedup_low, result.speedup_high = interval.estimate, interval.low, interval.high
+    result.throughput, result.rounds = cand.throughput, cand.rounds
     result.latency_ms, result.size_mb, result.runtime = cand.latency_ms_median, cand.size_mb, cand.runtime
     result.seconds += time.perf_counter() - start
     return result
+
+
+def timing_decided(speedup: Interval, needed: float | None, enough: float | None, iters: int) -> bool:
+    """Whether a candidate's timing can stop, given its speedup's interval so far: after
+    ``EARLY_STOP_ROUNDS`` rounds, when the interval is wholly below the speedup it ``needed``
+    to be chosen or wholly at or above a speed target (``enough``); after ``iters`` rounds,
+    unless the interval still straddles one of them (then more rounds may decide it, up to
+    ``MORE_ROUNDS`` times ``iters``, where the timing ends anyway)."""
+    if speedup.rounds >= EARLY_STOP_ROUNDS and (
+            (needed is not None and speedup.below(needed)) or (enough is not None and speedup.above(enough))):
+        return True
+    straddles = any(t is not None and speedup.low < t <= speedup.high for t in (needed, enough))
+    return speedup.rounds >= iters and not straddles
 
 
 @dataclass
@@ -416,42 +439,48 @@ class InProcess:
         return machine_info()
 
 
-def clearly_losing(fp32_ms: list[float], candidate_ms: list[float], needed: float | None,
-                   rounds: int = EARLY_STOP_ROUNDS, margin: float = EARLY_STOP_MARGIN) -> bool:
-    """True when a candidate clearly cannot reach the speedup ``needed`` to be chosen: after at
-    least ``rounds`` interleaved rounds, even its best round's ratio (FP32 batch time / its
-    batch time, measured back to back), raised by ``margin``, stays below ``needed``."""
-    if needed is None or len(candidate_ms) < rounds:
-        return False
-    best_round = max(f / c for f, c in zip(fp32_ms, candidate_ms))
-    return best_round * margin < needed
+def fidelity_tie(a: CandidateResult, b: CandidateResult) -> bool:
+    """Whether two candidates' mean feature cosines differ by less than their measured
+    uncertainty (the standard errors of the two means, combined); without standard errors,
+    only equal cosines tie."""
+    if a.cosine_se is None or b.cosine_se is None:
+        return a.cosine == b.cosine
+    return abs(a.cosine - b.cosine) <= math.hypot(a.cosine_se, b.cosine_se)
 
 
-def clearly_meets(fp32_ms: list[float], candidate_ms: list[float], enough: float | None,
-                  rounds: int = EARLY_STOP_ROUNDS, margin: float = EARLY_STOP_MARGIN) -> bool:
-    """True when, after at least ``rounds`` interleaved rounds, even a candidate's worst round's
-    ratio, lowered by ``margin``, reaches ``enough``: for a speed target, where the candidates
-    that meet it are ranked by fidelity, timing it longer cannot change the choice."""
-    if enough is None or len(candidate_ms) < rounds:
-        return False
-    worst_round = min(f / c for f, c in zip(fp32_ms, candidate_ms))
-    return worst_round / margin >= enough
+def speed_tie(a: CandidateResult, b: CandidateResult) -> bool:
+    """Whether two candidates' speedup intervals overlap (neither is clearly the faster)."""
+    return _low(a) <= _high(b) and _low(b) <= _high(a)
+
+
+def _low(c: CandidateResult) -> float:
+    return c.speedup_low if c.speedup_low is not None else c.speedup
+
+
+def _high(c: CandidateResult) -> float:
+    return c.speedup_high if c.speedup_high is not None else c.speedup
 
 
 def speedup_to_be_chosen(target: Target, done: list[CandidateResult], candidate: CandidateResult) -> float | None:
-    """The speedup ``candidate`` (fidelity measured) needs to have any chance of being chosen
-    over the candidates ``done`` (see ``choose``), or None when speed alone cannot rule it out.
-    Speed target: the target or the best speedup so far, whichever is lower (below both it is
-    neither feasible nor the closest); unreachable (inf) once a feasible candidate is at least as
-    faithful, since the most faithful feasible one is chosen. Fidelity/accuracy targets: the
-    fastest feasible so far (an infeasible candidate cannot beat a feasible one either)."""
+    """The speedup ``candidate`` (fidelity measured) must be able to reach to have any chance of
+    being chosen over the candidates ``done`` (see ``choose``), or None when speed alone cannot
+    rule it out. Speed target: unreachable (inf) once a feasible candidate is clearly more
+    faithful (beyond the noise of the two cosines); the low end of the speed interval of the
+    fastest feasible one whose fidelity it ties (the faster of a tie is chosen), else the target
+    or the best low end so far, whichever is lower (below both it is neither feasible nor the
+    closest). Fidelity/accuracy targets: the low end of the fastest feasible candidate's
+    interval (one clearly slower cannot be chosen)."""
     timed = [c for c in done if not c.error and c.speedup is not None]
+    feasible = [c for c in timed if target.met_by(c)]
     if target.metric == "speedup":
-        if any(target.met_by(c) and c.cosine >= candidate.cosine for c in timed):
+        if any(c.cosine > candidate.cosine and not fidelity_tie(c, candidate) for c in feasible):
             return math.inf
-        return min(target.value, max((c.speedup for c in timed), default=math.inf))
+        tied = [_low(c) for c in feasible if fidelity_tie(c, candidate)]
+        if tied:
+            return max(target.value, *tied)
+        return min(target.value, max((_low(c) for c in timed), default=math.inf))
     if target.metric in ("fidelity", "accuracy_drop"):
-        return max((c.speedup for c in timed if target.met_by(c)), default=None)
+        return max((_low(c) for c in feasible), default=None)
     return None  # a latency target is not stopped early
 
 
@@ -459,36 +488,74 @@ def recorded_fidelity(c: CandidateResult, data: str) -> dict:
     """A cached candidate's figures in the form artifacts record them."""
     from vitslim.deploy.workflow import FIDELITY_VS
 
-    return {"cosine": c.cosine, "sqnr_db": c.sqnr_db, "top1_agreement": c.top1_agreement, "top1": c.top1,
-            "accuracy_drop": c.accuracy_drop, "images": c.eval_images, "data": data, "vs": FIDELITY_VS}
+    return {"cosine": c.cosine, "cosine_se": c.cosine_se, "sqnr_db": c.sqnr_db, "top1_agreement": c.top1_agreement,
+            "top1": c.top1, "accuracy_drop": c.accuracy_drop, "images": c.eval_images, "data": data, "vs": FIDELITY_VS}
 
 
-def choose(target: Target, candidates: list[CandidateResult]) -> tuple[CandidateResult | None, bool, str]:
-    """Best candidate meeting the target (the other figure as high as possible), or the
-    closest one when none does."""
+class Choice(NamedTuple):
+    """What ``choose`` decided and why; ``within_noise`` lists the decisions the measurement
+    noise could have turned the other way."""
+
+    chosen: CandidateResult | None
+    met: bool
+    reason: str
+    within_noise: list[str]
+
+
+def choose(target: Target, candidates: list[CandidateResult]) -> Choice:
+    """Best candidate meeting the target, the other figure as high as possible, or the closest
+    one when none does. Differences inside the noise are ties: cosines closer than their
+    standard errors (``fidelity_tie``) go to the faster candidate, speedups whose intervals
+    overlap (``speed_tie``) to the more faithful one; ``within_noise`` says when that happened
+    and which candidates met or missed the target inside their speed interval."""
     ok = [c for c in candidates if not c.error]
     if not ok:
-        return None, False, "every candidate failed; see the errors in the table"
+        return Choice(None, False, "every candidate failed; see the errors in the table", [])
+    notes = _target_within_noise(target, ok)
     feasible = [c for c in ok if target.met_by(c)]
     if feasible:
         if target.metric in ("fidelity", "accuracy_drop"):
-            best = max(feasible, key=lambda c: c.speedup)
+            fastest = max(feasible, key=lambda c: c.speedup)
+            tied = [c for c in feasible if speed_tie(c, fastest)]
+            best = max(tied, key=lambda c: c.cosine)
             bound = (f"cosine ≥ {target.value}" if target.metric == "fidelity"
                      else f"top-1 drop ≤ {target.value} points")
             why = f"fastest of the {len(feasible)} candidates with {bound}"
+            if len(tied) > 1:
+                notes.append(f"the speed intervals of {_names(tied)} overlap: {best.name}, the most faithful of "
+                             "them, is chosen")
         else:
-            best = max(feasible, key=lambda c: c.cosine)
+            most = max(feasible, key=lambda c: c.cosine)
+            tied = [c for c in feasible if fidelity_tie(c, most)]
+            best = max(tied, key=lambda c: c.speedup)
             bound = f"speedup ≥ {target.value}" if target.metric == "speedup" else f"latency ≤ {target.value} ms"
             why = f"highest fidelity of the {len(feasible)} candidates with {bound}"
-        return best, True, why
+            if len(tied) > 1:
+                notes.append(f"the cosines of {_names(tied)} differ by less than their standard errors: "
+                             f"{best.name}, the fastest of them, is chosen")
+        return Choice(best, True, why, notes)
     measured = [c for c in ok if target.measure(c) is not None] or ok
     if target.metric in AT_MOST:
         closest = min(measured, key=lambda c: target.measure(c) if target.measure(c) is not None else math.inf)
     else:
         closest = max(measured, key=target.measure)
     value = target.measure(closest)
-    return closest, False, (f"no candidate meets {target.metric}={target.value}; the closest is "
-                            f"{closest.name} with {target.metric}={value if value is None else f'{value:.4g}'}")
+    return Choice(closest, False, (f"no candidate meets {target.metric}={target.value}; the closest is "
+                                   f"{closest.name} with {target.metric}={value if value is None else f'{value:.4g}'}"),
+                  notes)
+
+
+def _names(candidates: list[CandidateResult]) -> str:
+    return ", ".join(c.name for c in candidates)
+
+
+def _target_within_noise(target: Target, candidates: list[CandidateResult]) -> list[str]:
+    """Candidates whose meeting a speed target, or not, is inside their speed interval."""
+    if target.metric != "speedup":
+        return []
+    near = [c for c in candidates if c.speedup is not None and _low(c) < target.value <= _high(c)]
+    return [f"{c.name} {'meets' if target.met_by(c) else 'misses'} speedup {target.value} within its interval "
+            f"({_low(c):.2f}–{_high(c):.2f})" for c in near]
 
 
 def pareto_front(candidates: list[CandidateResult]) -> list[CandidateResult]:
@@ -537,8 +604,10 @@ def compress(
     CPU-aware: a default-grid candidate with a step this CPU cannot run fast (``cpu``, default
     this machine's ``cpu_features()``; e.g. bf16 without native bfloat16) is left out before
     any work and listed in ``left_out`` with the reason; one named in ``recipes`` still runs,
-    with the reason as its ``note``. With ``early_stop``, a candidate that clearly cannot be
-    chosen is timed no further after a few rounds (``clearly_losing``; ``stopped_early``).
+    with the reason as its ``note``. With ``early_stop``, a candidate whose speed interval
+    already decides it (clearly too slow to be chosen, or clearly at a speed target) is timed no
+    further (``timing_decided``; ``stopped_early``); one whose interval straddles the decision
+    is timed longer. Ties inside the noise are resolved and reported as ``choose`` says.
     """
     from vitslim.deploy.contract import source_of
     from vitslim.deploy.workflow import calibration_batch, split_images
@@ -590,9 +659,9 @@ def compress(
                 on_result(cached, not fresh)
             results.append(cached)
             if not save_all:  # only the best so far can end up chosen: drop the other artifacts
-                best = choose(target, results)[0]
+                best = choose(target, results).chosen
                 _drop_staged(staging, keep=best.key if best else None)
-        chosen, met, reason = choose(target, results)
+        chosen, met, reason, within_noise = choose(target, results)
         saved = {}
         if out is not None:
             rebuild = lambda c, dest: _rebuild(model, c, calib, dest, source, calibration)  # noqa: E731
@@ -614,7 +683,7 @@ def compress(
                 sensitivity = []
     return SearchResult(target, chosen, met, reason, results, settings, engine.timing_machine(), sensitivity,
                         data=str(data), artifact=saved.get(chosen.name) if chosen else None, artifacts=saved,
-                        left_out=left_out, not_applicable=not_applicable)
+                        left_out=left_out, not_applicable=not_applicable, within_noise=within_noise)
 
 
 def _check_target(target: Target, model: nn.Module, eval_labels: list[int]) -> None:

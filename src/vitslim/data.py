@@ -23,6 +23,7 @@ integer grayscale (PIL modes ``I;16*`` and ``I``: values 0–65535) and float (`
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import warnings
@@ -203,14 +204,76 @@ def _class_labels(folders: list[Path]) -> list[int]:
     return [wnids[d.name] for d in folders]
 
 
+# How an image is resized: "pil" is timm's evaluation transform (PIL filters, centre-crop offset
+# rounded); "tensor" is transformers' image processors (torchvision on uint8 tensors, offset floored).
+RESAMPLERS = ("pil", "tensor")
+RESCALE = 1 / 255
+
+
+@dataclass(frozen=True)
+class TensorImageTransform:
+    """The preprocessing of ``transformers``' image processors with their default (torchvision)
+    backend, step for step: the 8-bit RGB image as a uint8 tensor; resized by torchvision with
+    antialiasing, the shorter side to ``resize[0]`` (``crop_mode="center"``, square input) or
+    both sides to ``resize`` (``"squash"``); centre-cropped to ``input_size`` with the offset
+    rounded down; then rescaled and normalized in one float32 step, ``(x - mean/r) / (std/r)``
+    with ``r = 1/255``."""
+
+    input_size: tuple[int, int, int]
+    resize: tuple[int, int]
+    crop_mode: str
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as tvF
+
+        x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        x = tvF.resize(x, list(self._resized(*x.shape[-2:])), interpolation=InterpolationMode(self.interpolation),
+                       antialias=True)
+        (height, width), (crop_h, crop_w) = x.shape[-2:], self.input_size[1:]
+        top, left = int((height - crop_h) / 2.0), int((width - crop_w) / 2.0)
+        x = x[:, top:top + crop_h, left:left + crop_w]
+        mean, std = torch.tensor(self.mean) * (1.0 / RESCALE), torch.tensor(self.std) * (1.0 / RESCALE)
+        return tvF.normalize(x.to(torch.float32), mean.tolist(), std.tolist())
+
+    def _resized(self, height: int, width: int) -> tuple[int, int]:
+        if self.crop_mode == "squash" or self.resize[0] != self.resize[1]:
+            return self.resize
+        short, long = sorted((height, width))
+        new_long = int(self.resize[0] * long / short)
+        return (new_long, self.resize[0]) if width <= height else (self.resize[0], new_long)
+
+
+def preprocessing_transform(p: dict) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image in, normalized (C, H, W) tensor out, from a preprocessing description
+    (``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std`` and
+    optionally ``resampler``, one of ``RESAMPLERS``; ``pil`` when absent)."""
+    resampler = p.get("resampler", "pil")
+    if resampler not in RESAMPLERS:
+        raise ConfigError(f"resampler {resampler!r} is not one of {RESAMPLERS}")
+    size = tuple(p["input_size"])
+    if resampler == "pil":
+        return create_transform(input_size=size, interpolation=p["interpolation"], mean=tuple(p["mean"]),
+                                std=tuple(p["std"]), crop_pct=p["crop_pct"], crop_mode=p["crop_mode"])
+    if p["crop_mode"] not in ("center", "squash"):
+        raise ConfigError(f"crop_mode {p['crop_mode']!r} is not one transformers' image processors use")
+    resize = tuple(math.floor(side / p["crop_pct"]) for side in size[1:])
+    return TensorImageTransform(size, resize, p["crop_mode"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]))
+
+
 def model_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
-    """The evaluation transform from the model's own pretrained config (timm), at the input
-    size the model was actually built for (``img_size=`` may differ from the config's)."""
+    """The evaluation transform from the model's own pretrained config (timm, or a Hugging Face
+    image processor's), at the input size the model was actually built for (``img_size=`` may
+    differ from the config's)."""
     from vitslim.models.loading import input_size
 
     config = resolve_data_config({}, model=model)
     config["input_size"] = input_size(model)
-    return create_transform(**config)
+    config["resampler"] = (getattr(model, "pretrained_cfg", None) or {}).get("resampler", "pil")
+    return preprocessing_transform(config)
 
 
 def load_image_folder(

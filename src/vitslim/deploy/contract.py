@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from vitslim.data import RESAMPLERS
 from vitslim.errors import ConfigError
 
 METADATA_PREFIX = "vitslim."
@@ -120,13 +121,10 @@ class Contract:
         return int(self.output.get("classes", 0)) if self.output.get("kind") == "logits" else 0
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """The preprocessing as a timm transform: PIL image in, normalized (C, H, W) tensor out."""
-        from timm.data import create_transform
+        """The preprocessing as a transform: PIL image in, normalized (C, H, W) tensor out."""
+        from vitslim.data import preprocessing_transform
 
-        p = self.preprocessing
-        return create_transform(input_size=tuple(p["input_size"]), interpolation=p["interpolation"],
-                                mean=tuple(p["mean"]), std=tuple(p["std"]), crop_pct=p["crop_pct"],
-                                crop_mode=p["crop_mode"])
+        return preprocessing_transform(self.preprocessing)
 
 
 def preprocessing_of(model: nn.Module) -> dict:
@@ -138,10 +136,12 @@ def preprocessing_of(model: nn.Module) -> dict:
     config = resolve_data_config({}, model=model)
     size = tuple(input_size(model))
     crop_pct = config.get("crop_pct") or 0.875
+    resampler = (getattr(model, "pretrained_cfg", None) or {}).get("resampler", "pil")
     return {"input_size": list(size), "interpolation": config["interpolation"], "crop_pct": crop_pct,
             "crop_mode": config.get("crop_mode") or "center",
             "resize": [math.floor(s / crop_pct) for s in size[1:]],  # timm's scale size before the crop
-            "mean": list(config["mean"]), "std": list(config["std"])}
+            "mean": list(config["mean"]), "std": list(config["std"]),
+            **({"resampler": resampler} if resampler != "pil" else {})}  # absent: timm's PIL transform
 
 
 def output_of(model: nn.Module) -> dict:
@@ -167,7 +167,12 @@ def contract_for(model: nn.Module, source: ModelSource, recipe: dict, calibratio
 def describe_preprocessing(p: dict) -> str:
     """One sentence a user can follow by hand."""
     c, h, w = p["input_size"]
-    if p["crop_mode"] == "center":
+    if p.get("resampler") == "tensor":  # transformers' image processors
+        resize = (f"the shorter side to {p['resize'][0]} px" if p["crop_mode"] == "center"
+                  else f"to {p['resize'][1]}×{p['resize'][0]}")
+        how = (f"resize {resize} ({p['interpolation']}, torchvision on the uint8 image, antialiased), "
+               f"centre-crop {w}×{h} (offset rounded down)")
+    elif p["crop_mode"] == "center":
         how = (f"resize so the shorter side is {p['resize'][0]} px ({p['interpolation']}), "
                f"centre-crop {w}×{h}")
     else:
@@ -200,6 +205,8 @@ def _check_preprocessing(p: dict, where: str) -> None:
             or not all(abs(m) <= 1e6 for m in p["mean"])):
         raise ConfigError(f"{where}: mean and std need one value per channel ({size[0]}), |mean| ≤ 1e6, "
                           "std in [1e-6, 1e6]")
+    if p.get("resampler", "pil") not in RESAMPLERS:
+        raise ConfigError(f"{where}.resampler={p['resampler']!r}: expected one of {RESAMPLERS}")
     if p["interpolation"] not in INTERPOLATIONS or p["crop_mode"] not in CROP_MODES:
         raise ConfigError(f"{where}: interpolation {p['interpolation']!r} / crop_mode {p['crop_mode']!r} "
                           f"not one of {INTERPOLATIONS} / {CROP_MODES}")

@@ -19,10 +19,10 @@ PIL_FILTERS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST
 
 
 def snippet_supported(contract: Contract) -> bool:
-    """The numpy re-implementation covers timm's default centre crop of a square input."""
+    """The numpy re-implementation covers timm's default centre crop of a square input (PIL)."""
     p = contract.preprocessing
     return (p["crop_mode"] == "center" and p["input_size"][1] == p["input_size"][2]
-            and p["interpolation"] in PIL_FILTERS)
+            and p["interpolation"] in PIL_FILTERS and p.get("resampler", "pil") == "pil")
 
 
 def _print_lines(contract: Contract) -> str:

@@ -19,8 +19,11 @@ position bias (per layer, shared, or both) becomes each block's ``RelativePositi
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from vitslim.output import atomic_dir
 
 HF_PREFIX = "hf:"
 SUPPORTED_TYPES = ("vit", "deit", "dinov2", "beit")
+WHOLE_MODEL_TYPES = ("swin",)  # run as transformers builds them (HFImageModel): no ViT blocks to re-wire
 GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # HF name -> nn.GELU approximate
 RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in image processor configs
 
@@ -121,6 +125,26 @@ class HFVisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
+
+
+class HFImageModel(nn.Module):
+    """A Hugging Face vision model run as ``transformers`` builds it (Swin: windows, patch
+    merging and relative position bias are not ViT blocks). ``forward(images)`` returns the
+    model's main output: logits for ``*ForImageClassification``, else the pooled feature. The
+    methods that act on any model (hybrid W8A8, bf16, ONNX export) apply to it."""
+
+    def __init__(self, hf_model: nn.Module, pretrained_cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = hf_model
+        self.hf_class = type(hf_model).__name__
+        self.hf_config = hf_model.config
+        self.pretrained_cfg = pretrained_cfg
+        self.num_classes = hf_model.config.num_labels if self.hf_class.endswith("ForImageClassification") else 0
+        self.num_features = int(getattr(hf_model.config, "hidden_size", 0)) or None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=images)
+        return out.logits if self.num_classes else out.pooler_output
 
 
 @register_model_adapter(HFVisionTransformer)
@@ -215,7 +239,7 @@ def vitslim_block(layer: nn.Module, config: Any, shared_bias: nn.Module | None =
     layer_scale = _layer_scales(layer)
     block = Block(
         config.hidden_size, config.num_attention_heads,
-        mlp_ratio=config.intermediate_size / config.hidden_size,
+        mlp_ratio=layer.mlp.fc1.out_features / config.hidden_size,  # DINOv2: mlp_ratio; others: intermediate_size
         qkv_bias=attn.q_proj.bias is not None,
         init_values=1.0 if layer_scale is not None else None,
         act_layer=partial(nn.GELU, approximate=GELUS[config.hidden_act]),
@@ -236,9 +260,11 @@ def vitslim_block(layer: nn.Module, config: Any, shared_bias: nn.Module | None =
     return block.eval()
 
 
-def processor_config(processor: dict[str, Any], config: Any) -> dict[str, Any]:
+def processor_config(processor: dict[str, Any], config: Any, backend: str = "torchvision") -> dict[str, Any]:
     """timm's data config (``pretrained_cfg``) equivalent to a Hugging Face image processor's:
-    resize (exact size, or shortest edge then center crop), resampling, mean and std."""
+    resize (exact size, or shortest edge then center crop), resampling, mean and std, and
+    ``resampler``: ``"tensor"`` for the processors' torchvision backend (``transformers``' default,
+    reproduced by ``vitslim.data.TensorImageTransform``), ``"pil"`` for their PIL backend."""
     if processor.get("do_rescale", True) and abs(processor.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-9:
         raise UnsupportedModelError(f"image processor rescale_factor {processor['rescale_factor']} is not 1/255")
     size = processor.get("size") or {"height": config.image_size, "width": config.image_size}
@@ -258,6 +284,7 @@ def processor_config(processor: dict[str, Any], config: Any) -> dict[str, Any]:
         "std": tuple(processor.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0),
         "crop_pct": crop_pct,
         "crop_mode": crop_mode,
+        "resampler": "pil" if backend == "pil" else "tensor",
     }
 
 
@@ -275,45 +302,98 @@ def _squash_then_crop(resized: tuple[int, int], crop: dict[str, int] | None) -> 
     return out, crop_pct, "squash"
 
 
-def _read_processor(source: str) -> dict[str, Any]:
+def _read_processor(source: str) -> tuple[dict[str, Any], str]:
+    """The folder's image processor settings and backend (``torchvision`` or ``pil``), as
+    ``AutoImageProcessor`` loads them."""
     from transformers import AutoImageProcessor
 
     try:
-        return AutoImageProcessor.from_pretrained(source).to_dict()
+        processor = AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError):
-        return {}  # no preprocessor_config.json: the model config's image size, mean/std 0.5
+        return {}, "torchvision"  # no preprocessor_config.json: the model config's image size, mean/std 0.5
+    fast = type(processor).__name__.endswith("Fast")  # transformers 4: "...Fast" classes use torchvision
+    return processor.to_dict(), getattr(processor, "backend", "torchvision" if fast else "pil")
 
 
-def load_hf_model(source: str, pretrained: bool = True) -> HFVisionTransformer:
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No ``transformers`` progress bars while inside; its log messages (warning and above, e.g.
+    weights a folder lacks) are re-issued afterwards as Python warnings, one line each, which
+    vitslim's CLI prints as its own warnings."""
+    from transformers.utils import logging as hf_logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = hf_logging.get_logger("transformers")
+    bars, propagate = hf_logging.is_progress_bar_enabled(), logger.propagate
+    saved_handlers = logger.handlers[:]
+    hf_logging.disable_progress_bar()
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = saved_handlers, propagate
+        if bars:
+            hf_logging.enable_progress_bar()
+    for record in records:
+        warnings.warn(f"transformers: {' '.join(record.getMessage().split())[:300]}", stacklevel=3)
+
+
+def _check_type(config: Any) -> None:
+    if config.model_type not in SUPPORTED_TYPES + WHOLE_MODEL_TYPES:
+        names = ", ".join(config.architectures or []) or config.model_type
+        raise UnsupportedModelError(f"Hugging Face {names} ({config.model_type}) is not supported; vitslim loads "
+                                    f"{', '.join(SUPPORTED_TYPES + WHOLE_MODEL_TYPES)} folders")
+
+
+def _architecture(config: Any) -> type[nn.Module]:
+    """The class the folder's config names (``architectures``), else the base model for its type."""
+    import transformers
+
+    for name in config.architectures or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def load_hf_model(source: str, pretrained: bool = True) -> HFVisionTransformer | HFImageModel:
     """Load ``hf:<model id or folder>`` (or the bare id/folder) with ``transformers`` and wrap it.
 
-    A classification checkpoint (its config names a ``*ForImageClassification`` architecture)
-    loads with its head; otherwise the base model. Weights are read by ``transformers``
-    (safetensors, or ``torch.load`` with ``weights_only=True``); ``pretrained=False`` builds
-    the architecture from its config alone (weights to be loaded by the caller).
+    The model class is the one the config's ``architectures`` names (a classifier loads with its
+    head, DeiT's distilled classifier with both heads); without one, the base model. ViT, DeiT,
+    DINOv2 and BEiT become ``HFVisionTransformer`` (every vitslim method applies); Swin becomes
+    ``HFImageModel`` (methods for any model: hybrid W8A8, bf16, ONNX export). Weights are read by
+    ``transformers`` (safetensors, or ``torch.load`` with ``weights_only=True``);
+    ``pretrained=False`` builds the architecture from its config alone (weights to be loaded by
+    the caller). ``transformers``' progress bars stay hidden; its warnings become vitslim's.
     """
     try:
-        from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+        from transformers import AutoConfig
     except ImportError as err:
         raise ModelLoadError("Hugging Face models need `transformers`: pip install 'vitslim[hf]'") from err
     source = source.removeprefix(HF_PREFIX)
     if not source.strip():
         raise ModelLoadError("hf: needs a Hugging Face model id or a folder written by save_pretrained, "
                              "e.g. hf:facebook/dinov2-small or hf:path/to/folder")
-    try:
-        config = AutoConfig.from_pretrained(source)
-        auto = AutoModelForImageClassification if any(
-            a.endswith("ForImageClassification") or a.endswith("WithTeacher") for a in config.architectures or []
-        ) else AutoModel
-        hf_model = (auto.from_pretrained(source, attn_implementation="sdpa") if pretrained
-                    else auto.from_config(config, attn_implementation="sdpa"))
-    except (OSError, ValueError) as err:
-        where = "folder" if Path(source).exists() else "model id"
-        raise ModelLoadError(
-            f"could not load Hugging Face {where} {source!r} ({type(err).__name__}: "
-            f"{' '.join(str(err).split())[:200]}); give a folder written by save_pretrained when the hub is "
-            "unreachable") from None
-    return HFVisionTransformer(hf_model.eval(), processor_config(_read_processor(source), config)).eval()
+    with _quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(source)
+            _check_type(config)
+            architecture = _architecture(config)
+            from_config = getattr(architecture, "from_config", None) or architecture._from_config  # Auto* / model class
+            hf_model = (architecture.from_pretrained(source, attn_implementation="sdpa") if pretrained
+                        else from_config(config, attn_implementation="sdpa"))
+            processor, backend = _read_processor(source)
+        except (OSError, ValueError) as err:
+            where = "folder" if Path(source).exists() else "model id"
+            raise ModelLoadError(
+                f"could not load Hugging Face {where} {source!r} ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:200]}); give a folder written by save_pretrained when the hub is "
+                "unreachable") from None
+    data_config = {**processor_config(processor, config, backend), "hf_source": source}
+    wrapper = HFImageModel if config.model_type in WHOLE_MODEL_TYPES else HFVisionTransformer
+    return wrapper(hf_model.eval(), data_config).eval()
 
 
 def reference_state_dict_hf(timm_model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face support needs `transformers` (extra `hf`)")
 
-from hub_configs import HUB_FOLDERS  # noqa: E402
+from hub_configs import HUB_FOLDERS, write_hub_folder  # noqa: E402
 
 from conftest import assert_int8_export_runs_like  # noqa: E402
 from vitslim import quant, tokens  # noqa: E402
@@ -303,3 +303,106 @@ def test_beit_processor_resize_then_crop_is_the_same_preprocessing(example_image
         image = Image.open(path).convert("RGB")
         ours, theirs = transform(image), processor(image, return_tensors="pt").pixel_values[0]
         assert (ours - theirs).abs().max() <= 1e-6
+
+
+# Folders as the hub holds them (tests/models/hub_configs.py): the exact config.json and
+# preprocessor_config.json fields, random weights. Where a test only needs the architecture,
+# fewer layers keep the suite fast (depth takes no other code path).
+HUB_DEPTH = {"google/vit-base-patch16-224": {"num_hidden_layers": 2}}
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory):
+    made = {}
+
+    def folder(repo: str):
+        if repo not in made:
+            made[repo] = write_hub_folder(repo, tmp_path_factory.mktemp("hub") / repo.split("/")[1],
+                                          **HUB_DEPTH.get(repo, {}))
+        return made[repo]
+    return folder
+
+
+def _transformers_model(folder):
+    architecture = getattr(transformers, transformers.AutoConfig.from_pretrained(folder).architectures[0])
+    return architecture.from_pretrained(folder).eval()
+
+
+def _images(model, folder, limit=None):
+    from vitslim.data import load_image_folder
+
+    data = load_image_folder(folder, model, limit=limit)
+    return torch.stack([data[i][0] for i in range(len(data))]), data
+
+
+@pytest.mark.parametrize("repo", sorted(HUB_FOLDERS))
+def test_hub_folder_is_preprocessed_and_computed_as_transformers_does(repo, hub_folder, example_images):
+    from PIL import Image
+
+    folder = hub_folder(repo)
+    model = load_model(f"hf:{folder}")
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    ours, data = _images(model, example_images)
+    theirs = processor([Image.open(path).convert("RGB") for path, _ in data.samples], return_tensors="pt").pixel_values
+    assert len(data) == 16 and ours.shape == theirs.shape == (16, 3, 224, 224)
+    assert (ours - theirs).abs().max() <= 1e-6  # every bundled photo, every pixel
+    hf_model = _transformers_model(folder)
+    with torch.no_grad():
+        out = hf_model(theirs[:4])
+        expected = out.logits if hasattr(out, "logits") else out.pooler_output
+        assert (model(ours[:4]) - expected).abs().max() <= 1e-4
+        assert expected.std() > 0.1  # random weights that do move the output
+
+
+def test_hub_dinov2_exports_to_onnx_as_transformers_computes_it(example_images, tmp_path):
+    """DINOv2's 518-px position embeddings are interpolated to the 224-px crop inside the graph."""
+    from vitslim.bench import OnnxModel
+    from vitslim.export import export_onnx
+
+    folder = write_hub_folder("facebook/dinov2-small", tmp_path / "dinov2", num_hidden_layers=2)
+    model = load_model(f"hf:{folder}")
+    assert model.hf_config.image_size == 518 and vit_parts(model).num_tokens == 1 + 16 * 16
+    x, _ = _images(model, example_images, limit=3)
+    with torch.no_grad():
+        expected = _transformers_model(folder)(x).pooler_output
+    got = OnnxModel(export_onnx(model, tmp_path / "m.onnx"))(x)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_hub_swin_goes_through_the_hybrid_int8_path(example_images, tmp_path):
+    from vitslim.bench import OnnxModel
+    from vitslim.compress.search import HYBRID_GRID, default_grid
+    from vitslim.export import export_onnx, integer_ops
+    from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
+
+    folder = write_hub_folder("microsoft/swin-tiny-patch4-window7-224", tmp_path / "swin", depths=[1, 1, 2, 1])
+    model = load_model(f"hf:{folder}")
+    assert default_grid(model) == HYBRID_GRID and model.num_classes == 1000
+    images, _ = _images(model, example_images)
+    layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model.modules())
+    assert layers == 5 * 6 + 3 + 2  # q, k, v, out, fc1, fc2 per block; 3 patch merges; patch embed; head
+    with torch.no_grad():
+        fp32 = model(images[:4])
+    q = quantize_hybrid_(model, HybridQuantConfig(ranges=("minmax",), weight_calibration="minmax", error_images=2),
+                         images[8:])
+    path = export_onnx(q, tmp_path / "q.onnx")
+    assert sum(integer_ops(path).values()) == layers  # every linear and conv on an int8 kernel
+    got = OnnxModel(path)(images[:4])
+    with torch.no_grad():
+        assert (got - q(images[:4])).abs().max() <= 0.05 * fp32.abs().max()
+    assert torch.nn.functional.cosine_similarity(got, fp32).min() > 0.99
+
+
+def test_transformers_progress_bars_and_warnings_do_not_leak(tmp_path, capfd):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    hf_model = CASES["ViTForImageClassification"]()
+    folder = _save(hf_model, tmp_path)
+    state = {k: v for k, v in hf_model.state_dict().items() if not k.startswith("classifier")}
+    save_file(state, tmp_path / "hf-model" / "model.safetensors")  # the head's weights missing
+    capfd.readouterr()
+    with pytest.warns(UserWarning, match="transformers: .*classifier"):
+        load_model(folder)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

@@ -38,8 +38,9 @@ class EvalResult:
     labelled_images: int = 0
     top1_agreement: float | None = None
     mean_kl: float | None = None
-    cosine: float | None = None
+    cosine: float | None = None  # mean over images
     cosine_se: float | None = None  # standard error of the mean cosine over the images
+    min_cosine: float | None = None  # the worst image's
     sqnr_db: float | None = None
     skipped_images: int = 0
 
@@ -122,6 +123,7 @@ def compare_outputs(test: Outputs, reference: Outputs | None) -> EvalResult:
                              f"reference's {tuple(ref_f.shape)}: is it the same model?")
         result.cosine = metrics.cosine_similarity(ref_f, test_f)
         result.cosine_se = metrics.cosine_standard_error(ref_f, test_f)
+        result.min_cosine = metrics.min_cosine_similarity(ref_f, test_f)
         result.sqnr_db = metrics.sqnr_db(ref_f, test_f)
         if test.logits is not None and reference.logits is not None:
             result.top1_agreement = metrics.top1_agreement(reference.logits, test.logits)

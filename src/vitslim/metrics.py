@@ -23,17 +23,27 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     return 10 * math.log10(signal / noise)
 
 
+def row_cosines(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """The cosine similarity of each row of ``test`` with the same row of ``reference``, in
+    double precision and within [-1, 1] (rounding can put identical rows at 1 + 4e-16)."""
+    ref, tst = reference.double().flatten(1), test.double().flatten(1)
+    return F.cosine_similarity(ref, tst, dim=1).clamp(-1.0, 1.0)
+
+
 def cosine_similarity(reference: torch.Tensor, test: torch.Tensor) -> float:
     """Mean over rows of the cosine similarity between reference and test rows."""
-    ref, tst = reference.double().flatten(1), test.double().flatten(1)
-    return F.cosine_similarity(ref, tst, dim=1).mean().item()
+    return row_cosines(reference, test).mean().item()
+
+
+def min_cosine_similarity(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """The lowest cosine similarity of any row: the worst image, which a mean can hide."""
+    return row_cosines(reference, test).min().item()
 
 
 def cosine_standard_error(reference: torch.Tensor, test: torch.Tensor) -> float:
     """Standard error of ``cosine_similarity``'s mean: the rows' sample standard deviation
     over the square root of their number (0 for a single row)."""
-    ref, tst = reference.double().flatten(1), test.double().flatten(1)
-    per_row = F.cosine_similarity(ref, tst, dim=1)
+    per_row = row_cosines(reference, test)
     return per_row.std().item() / math.sqrt(len(per_row)) if len(per_row) > 1 else 0.0
 
 

@@ -316,9 +316,9 @@ def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
     assert "com.microsoft" in domains["q.onnx"] and "com.microsoft" not in domains["p.onnx"]
 
 
-def test_export_of_a_simulated_preset_says_it_has_no_integer_kernels(tmp_path, example_images):
-    """`w8a8` (ranges per token, log-domain softmax/GELU) exports as float arithmetic: the
-    message says so and names the preset that exports to int8 kernels."""
+def test_export_of_a_simulated_preset_is_refused_unless_asked(tmp_path, example_images):
+    """`w8a8` (log-domain softmax/GELU, per-token q/k) has no integer kernels: `vitslim export`
+    refuses it in one line naming the deployable presets; --simulate writes the float graph."""
     from typer.testing import CliRunner
 
     from vitslim import quant
@@ -330,9 +330,17 @@ def test_export_of_a_simulated_preset_says_it_has_no_integer_kernels(tmp_path, e
         qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(name), _images(example_images, model, limit=8))
         save_quantized(qmodel, tmp_path / name, "vit_tiny_patch16_224", tiny_vit_source(**TINY).timm_kwargs)
         res = CliRunner().invoke(app, ["export", str(tmp_path / name), "--out", str(tmp_path / f"{name}.onnx")])
-        assert res.exit_code == 0, res.output
-        text = " ".join(res.output.split())
-        assert ("export as float arithmetic" in text and "--preset w8a8-ort" in text) == (name == "w8a8"), text
+        assert (res.exit_code == 0) == (name == "w8a8-ort"), res.output
+        assert (tmp_path / f"{name}.onnx").is_file() == (name == "w8a8-ort")  # nothing written when refused
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "w8a8"), "--out", str(tmp_path / "w8a8.onnx")])
+    message = " ".join(str(res.exception).split())
+    assert "is a simulation (" in message and "SULQ" in message and "w8a8-ort" in message and "--simulate" in message
+    offered = message[message.index("deployable preset (") + 19:].split(")")[0].split(", ")
+    assert "w8a8-ort" in offered and "w4-ort" in offered and "w8a8" not in offered and "w4a4" not in offered
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "w8a8"), "--out", str(tmp_path / "w8a8.onnx"),
+                                   "--simulate"])
+    assert res.exit_code == 0, res.output
+    assert "export as float arithmetic (simulation)" in " ".join(res.output.split())
 
 
 @pytest.mark.parametrize("damage", ["json", "input_size", "std", "missing", "recipe"])

@@ -94,3 +94,20 @@ def test_ats_export_is_refused_with_a_reason(tmp_path):
     with pytest.raises(ExportError, match="data-dependent number of tokens"):
         export_onnx(model, tmp_path / "ats.onnx")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_every_preset_said_deployable_runs_each_linear_on_an_integer_kernel(tmp_path):
+    """What ``deployment`` promises, checked in ONNX Runtime's own optimized graph: every
+    linear of every block of a deployable preset's export is an integer kernel."""
+    from vitslim.quant.config import PRESETS, deployable_presets, deployment
+
+    model, calib = make_tiny_vit(), torch.randn(8, 3, 32, 32)
+    assert {"w8a8-ort", "w4-ort"} <= set(deployable_presets())
+    assert not {"w8a8", "w6a6", "w4a8", "w4a4", "w3a3"} & set(deployable_presets())
+    for name in deployable_presets():
+        assert deployment(PRESETS[name]).startswith("deployable: ONNX Runtime")
+        qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(name), calib)
+        kernels = integer_ops(export_onnx(qmodel, tmp_path / f"{name}.onnx"))
+        linears = kernels.get("MatMulIntegerToFloat", 0) + kernels.get("MatMulNBits", 0) + \
+            kernels.get("DynamicQuantizeMatMul", 0)
+        assert linears >= 4 * 2, (name, kernels)

@@ -16,6 +16,7 @@ from vitslim.export import export_onnx, integer_ops, validate_onnx
 from vitslim.export.config import ExportConfig
 from vitslim.output import check_output_file, console
 from vitslim.quant import QuantConfig
+from vitslim.quant.config import deployable_presets, deployment, simulated_parts
 from vitslim.quant.io import META_FILE, load_quantized
 from vitslim.tokens import ToMeConfig, reduce_tokens_
 from vitslim.workflows import load_any
@@ -39,13 +40,17 @@ def export_cmd(
         "int8 linear is one ORT MatMulIntegerToFloat with its bias, and a Hardswish gate after an int8 conv one "
         "QLinearAdd: faster in ORT). 4-bit weights stay ORT's MatMulNBits."
     ),
+    simulate: bool = typer.Option(
+        False, "--simulate", help="Also export a simulation-only quantized model (its quantizers as float "
+        "fake-quant arithmetic: faithful to PyTorch, not faster); refused without it."
+    ),
 ) -> None:
     """Export to ONNX. vitslim's own 8-bit scales become QuantizeLinear/DequantizeLinear pairs
     that ONNX Runtime fuses into int8 matmuls, and each int8 linear is written as one ORT
     MatMulIntegerToFloat with its bias, each Hardswish gate after an int8 conv one QLinearAdd
-    (--portable: standard ops only); log-domain, sub-8-bit and per-token quantizers (the simulated
-    presets `w8a8`, `w6a6`, `w4a4`, ...) are exported as float arithmetic (accurate, not faster):
-    quantize with --preset w8a8-ort for int8 kernels.
+    (--portable: standard ops only). A model quantized with a simulation-only preset (`w8a8`,
+    `w6a6`, `w4a4`, ...: log-domain or sub-8-bit activations, which no integer kernel runs) is
+    refused unless --simulate: its graph would compute the quantization in float arithmetic.
 
     The file carries its contract (input preprocessing, output meaning, recipe) in its
     metadata, so `vitslim predict` can run it.
@@ -58,6 +63,8 @@ def export_cmd(
     if verify:
         list_images(verify)  # a bad --verify folder fails now, not after the export
     torch_model, source, steps = _load_for_export(model, checkpoint)
+    if not simulate:
+        _refuse_simulations(model, steps)
     if tome:
         merging = ToMeConfig(r=tome)
         reduce_tokens_(torch_model, merging)
@@ -66,8 +73,8 @@ def export_cmd(
     recipe = Recipe(f"export of {Path(model).name}", (*steps, ExportConfig()))
     contract = contract_for(torch_model, source, recipe.to_dict())
     quantized = any(isinstance(step, QuantConfig) for step in steps)
-    none = ("none: this model's quantizers export as float arithmetic (for int8 kernels quantize with "
-            "--preset w8a8-ort)") if quantized else "none (float model)"
+    none = ("none: this model's quantizers export as float arithmetic (simulation)") if quantized \
+        else "none (float model)"
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
                   f"{integer_ops(path) or none}")
     if verify:
@@ -79,6 +86,15 @@ def export_cmd(
         )
         contract = contract.with_fidelity({**r, "data": str(verify), "vs": "the PyTorch model it was exported from"})
     write_contract(path, contract)
+
+
+def _refuse_simulations(model: str, steps: list) -> None:
+    """A one-line error when a quantization step is simulation-only (see ``deployment``)."""
+    for step in steps:
+        if isinstance(step, QuantConfig) and simulated_parts(step):
+            raise ConfigError(f"{model} is a simulation ({deployment(step).removeprefix('simulation: ')}): its "
+                              "graph would not run on integer kernels; quantize with a deployable preset "
+                              f"({', '.join(deployable_presets())}), or pass --simulate to write it anyway")
 
 
 def _load_for_export(model: str, checkpoint: Optional[Path]):

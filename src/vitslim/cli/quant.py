@@ -13,7 +13,7 @@ from vitslim.errors import ConfigError
 from vitslim.evaluate import evaluate
 from vitslim.output import check_output_dir, check_output_file, console, print_table, write_json
 from vitslim.quant import QuantConfig, mixed_precision_config, quantize_
-from vitslim.quant.config import PRESETS, describe
+from vitslim.quant.config import PRESETS, deployment, describe
 from vitslim.quant.config import preset as preset_config
 from vitslim.quant.io import save_quantized
 from vitslim.workflows import load_any
@@ -28,7 +28,9 @@ def quantize_cmd(
         "w8a8",
         "--preset",
         "-p",
-        help="A preset (README, PTQ presets): " + " | ".join(f"{name}: {describe(c)}" for name, c in PRESETS.items()),
+        help="A preset (docs/lowbits.md), each deployable (the runtime kernels it exports to) or a simulation "
+        "(what only float arithmetic computes): "
+        + " | ".join(f"{name}: {deployment(c)}; {describe(c)}" for name, c in PRESETS.items()),
     ),
     config: Optional[Path] = typer.Option(None, "--config", help="A QuantConfig YAML/JSON file instead of --preset."),
     average_bits: Optional[float] = typer.Option(
@@ -91,12 +93,13 @@ def quantize_cmd(
             "seconds": "calibration s",
             "images": "eval images",
             "cosine": "cosine",
+            "min_cosine": "worst image",
             "sqnr_db": "SQNR dB",
             "top1_agreement": "top-1 agree",
             "mean_kl": "KL",
         },
         caption="fidelity vs FP32 on images not used for calibration (simulated quantization)",
     )
-    console.print(f"saved: {out}")
+    console.print(f"saved: {out} ({deployment(qconfig)})")
     if json_out:
         write_json(json_out, row)

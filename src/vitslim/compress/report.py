@@ -22,7 +22,7 @@ from vitslim.compress.search import (
 from vitslim.output import fmt, significant, write_text_atomic
 from vitslim.output import markdown_text as _md
 
-COLUMNS = [("name", "recipe"), ("speedup", "speedup (95% interval)"), ("cosine", "cosine"), ("sqnr_db", "SQNR dB"),
+COLUMNS = [("name", "recipe"), ("speedup", "× FP32 (95% CI)"), ("cosine", "cosine"), ("sqnr_db", "SQNR dB"),
            ("top1_agreement", "top-1 agree"), ("top1", "top-1"), ("accuracy_drop", "top-1 drop pts"),
            ("latency_ms", "batch ms"), ("size_mb", "size MB"), ("runtime", "runtime"), ("seconds", "eval s"),
            ("status", "note")]
@@ -49,7 +49,7 @@ def _svg(fig) -> str:
 
 def _status(c: CandidateResult) -> str | None:
     """Why a candidate's figures are rougher or may not hold here (None when nothing to say)."""
-    parts = [f"decided after {c.stopped_early} rounds"] if c.stopped_early else []
+    parts = [f"decided in {c.stopped_early} rounds"] if c.stopped_early else []
     parts += [c.note] if c.note else []
     return "; ".join(parts) or None
 
@@ -58,7 +58,7 @@ def speedup_text(c: CandidateResult) -> str | None:
     """``3.4× (3.0–3.8)``: the median ratio and its interval, at the precision it allows."""
     if c.speedup is None:
         return None
-    if c.speedup_low is None:
+    if c.speedup_low is None or c.speedup_low == c.speedup_high:  # e.g. the baseline itself
         return f"{c.speedup:.2f}×"
     return Interval(c.speedup, c.speedup_low, c.speedup_high, 0.95, c.rounds).text()
 

@@ -366,7 +366,7 @@ def time_candidate(model: nn.Module, recipe: Recipe, artifact: Artifact, result:
     if cand.rounds < iters:
         result.stopped_early = cand.rounds
         if speedup_enough is not None and interval.above(speedup_enough):  # not said of a clear loser
-            result.note = f"clearly meets the speed target: its 95% interval is {interval.text()}"
+            result.note = "clearly meets the target"
     if cand.disturbed:
         result.disturbed = True
         result.note = "; ".join(filter(None, [result.note, f"timed while {cand.load.describe()}: speed not trusted"]))

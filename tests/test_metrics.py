@@ -37,3 +37,12 @@ def test_topk_accuracy_ignores_unlabelled():
     assert metrics.topk_accuracy(logits, labels, 1) == 0.5
     assert metrics.topk_accuracy(logits, labels, 2) == 1.0
     assert math.isnan(metrics.topk_accuracy(logits, torch.tensor([-1, -1, -1]), 1))
+
+
+def test_cosine_standard_error_is_the_spread_of_the_row_cosines_over_root_n():
+    reference = torch.tensor([[1.0, 0.0]] * 4)
+    angles = torch.tensor([0.0, 0.2, 0.4, 0.6])
+    test = torch.stack([angles.cos(), angles.sin()], dim=1)  # row cosines are cos(angle)
+    expected = angles.double().cos().std().item() / 2
+    assert metrics.cosine_standard_error(reference, test) == pytest.approx(expected, rel=1e-6)  # float32 rows
+    assert metrics.cosine_standard_error(reference, reference) == 0.0

@@ -340,7 +340,7 @@ def test_export_of_a_simulated_preset_is_refused_unless_asked(tmp_path, example_
     res = CliRunner().invoke(app, ["export", str(tmp_path / "w8a8"), "--out", str(tmp_path / "w8a8.onnx"),
                                    "--simulate"])
     assert res.exit_code == 0, res.output
-    assert "export as float arithmetic (simulation)" in " ".join(res.output.split())
+    assert "simulation: per-token ranges (QuaRot 2024) at qk, SULQ" in " ".join(res.output.split())
 
 
 @pytest.mark.parametrize("damage", ["json", "input_size", "std", "missing", "recipe"])

@@ -72,11 +72,11 @@ def export_cmd(
     path = export_onnx(torch_model, out, ort_kernels=not portable)
     recipe = Recipe(f"export of {Path(model).name}", (*steps, ExportConfig()))
     contract = contract_for(torch_model, source, recipe.to_dict())
-    quantized = any(isinstance(step, QuantConfig) for step in steps)
-    none = ("none: this model's quantizers export as float arithmetic (simulation)") if quantized \
-        else "none (float model)"
+    quantized = [step for step in steps if isinstance(step, QuantConfig)]
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
-                  f"{integer_ops(path) or none}")
+                  f"{integer_ops(path) or 'none'}")
+    for step in quantized:
+        console.print(deployment(step))
     if verify:
         images = calibration_images(load_image_folder(verify, torch_model, limit=16))
         r = validate_onnx(torch_model, path, images)

@@ -259,7 +259,7 @@ class MachineLoad:
         if self.others_share is None:
             return "other processes' CPU use not visible here"
         text = f"other processes used {self.others_share:.0%} of the CPU"
-        if self.steal_share:
+        if self.steal_share and self.steal_share >= 0.005:
             text += f", the hypervisor stole {self.steal_share:.0%}"
         if self.mhz_low is not None:
             text += (f", cores at {self.mhz_low:.0f} MHz" if self.mhz_low == self.mhz_high

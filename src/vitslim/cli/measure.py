@@ -11,7 +11,7 @@ from vitslim import workflows
 from vitslim.bench import BenchResult, machine_info
 from vitslim.models.hf import save_reference_hf
 from vitslim.models.reference import build_reference
-from vitslim.output import check_output_file, console, print_table, print_warning, write_json
+from vitslim.output import check_output_file, console, print_table, print_warning, significant, write_json
 
 DataOpt = typer.Option(
     ..., "--data", "-d", help="Folder of images: flat (<wnid>_<name>.JPEG labels) or one sub-folder per class."
@@ -54,6 +54,8 @@ def bench_row(r: BenchResult) -> dict:
     """One model's figures as printed: medians with their intervals; none when disturbed."""
     row = {k: v for k, v in r.to_dict().items() if k in BENCH_COLUMNS}
     row["latency"], row["speedup"] = r.latency_text(), r.speedup_text()
+    for key in ("params_m", "size_mb", "gmacs_per_image"):
+        row[key] = significant(row[key]) if row[key] is not None else None
     return row
 
 

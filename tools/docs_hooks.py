@@ -129,7 +129,8 @@ def load_results(results_dir: Path) -> list[tuple[str, dict]]:
     loaded, problems = [], []
     for path in sorted(results_dir.glob("*.json")):
         document = json.loads(path.read_text())
-        for i, result in enumerate(document.get("results", [])):
+        results = document["results"] if "results" in document else [from_run_record(document, path.stem)]
+        for i, result in enumerate(results):
             problems += check_result(result, f"{path.name}, result {i}")
             loaded.append((path.name, result))
     if problems:
@@ -150,6 +151,33 @@ def by_family(results: list[tuple[str, dict]]) -> dict[str, list[tuple[str, dict
         family = result.get("family") if result.get("family") in FAMILIES else "other"
         groups.setdefault(family, []).append((source, result))
     return {family: groups[family] for family in FAMILIES if family in groups}
+
+
+def from_run_record(record: dict, benchmark: str) -> dict:
+    """A result from a benchmark's flat run record (``command``, ``date``, ``machine`` as
+    ``vitslim.bench.machine_info`` gives it, ``cpu_flags``, ``data``, ``rows``): the columns are
+    the rows' keys, the model the rows' ``model`` values, the versions the machine's."""
+    rows, machine, data = record.get("rows", []), record.get("machine", {}), record.get("data", {})
+    columns = {key: key for row in rows for key in row}
+    models = list(dict.fromkeys(str(row["model"]) for row in rows if "model" in row))
+    images = data.get("images", "")
+    counted = sum(v for k, v in data.items() if k in ("calibration", "evaluation") and isinstance(v, int))
+    kept = ("command", "date", "family", "headline", "summary", "notes")
+    result = {key: record[key] for key in kept if key in record}
+    result |= {
+        "title": record.get("title", benchmark.replace("_", " ")),
+        "description": record.get("caption", ""),
+        "machine": {"cpu": machine.get("cpu", ""), "isa": [f for f in record.get("cpu_flags", []) if f in ISA_FLAGS],
+                    **({"threads": machine["torch_threads"]} if "torch_threads" in machine else {})},
+        "versions": {name: machine[name] for name in ("torch", "timm", "onnxruntime", "openvino", "nncf")
+                     if machine.get(name)},
+        "model": ", ".join(models) or record.get("model", ""),
+        "data": {"name": Path(str(images)).name or str(images), "images": counted or data.get("count", 0),
+                 "note": ", ".join(f"{k} {v}" for k, v in data.items() if k != "images")},
+        "columns": record.get("columns", columns),
+        "rows": rows,
+    }
+    return result
 
 
 def render_results(results_dir: Path) -> str:

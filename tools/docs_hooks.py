@@ -198,11 +198,14 @@ def readme_summary(results_dir: Path) -> str:
     A result's ``summary`` says which of its columns label a row and hold fidelity and speed."""
     sections = []
     for family, members in by_family(load_results(results_dir)).items():
-        rows = [row for _, result in members for row in _headline_rows(result)]
+        shown = [result for _, result in members if result.get("headline")]
+        rows = [row for result in shown for row in _headline_rows(result)]
         if rows:
+            commands = list(dict.fromkeys(f"`{result['command']}` ({result['date']})" for result in shown))
             sections.append("\n".join([f"**{FAMILIES[family]}**", "",
                                         "| setting | cosine to FP32 | speed × FP32 | benchmark | CPU |",
-                                        "| --- | --- | --- | --- | --- |", *rows]))
+                                        "| --- | --- | --- | --- | --- |", *rows, "",
+                                        "Commands: " + "; ".join(commands) + "."]))
     return "\n\n".join(sections)
 
 

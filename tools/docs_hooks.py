@@ -10,7 +10,9 @@ The JSON layout is described in ``docs/results.md``; ``check_result`` says what 
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,9 @@ def cli_reference() -> str:
 
 
 def _command_markdown(name: str, command: Any, ctx: Any) -> str:
-    usage = " ".join(command.collect_usage_pieces(ctx))
-    lines = [f"## `vitslim {name}`", "", "```text", f"vitslim {name} {usage}", "```", "", _plain(command.help or "")]
+    usage = re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), " ".join(command.collect_usage_pieces(ctx)))
+    lines = [f"## `vitslim {name}`", "", "```text", f"vitslim {name} {usage}", "```", "",
+             html.escape(_plain(command.help or ""), quote=False)]
     params = [p for p in command.get_params(ctx) if p.name != "help"]
     if params:
         lines += ["", "| argument / option | type | default | description |", "| --- | --- | --- | --- |"]
@@ -103,7 +106,7 @@ def _plain(text: str) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    return html.escape(" ".join(text.split()), quote=False).replace("|", "\\|")
 
 
 # ------------------------------------------------------------------------------ results

@@ -5,8 +5,9 @@
 Rows: vitslim ``w8a8-ort`` (static per-tensor int8 activations), ``w8a8-dyn`` (activation
 ranges per row computed at run time, 8-bit ``MatMulNBits`` with int8 compute), ``w8a8-dyn``
 with q·kᵀ in float, ONNX Runtime's own ``quantize_dynamic`` (per-tensor dynamic int8, its own
-weights), vitslim ``w4-ort`` (4-bit GPTQ weights in ``MatMulNBits``, int8 compute) and the same
-with 10 steps of block reconstruction per block. Fidelity: two-fold cross-validation
+weights), vitslim ``w4-ort`` (4-bit GPTQ weights in ``MatMulNBits``, int8 compute, calibrated with
+float activations) and ``w4a8-ort`` (the same kernel, calibrated and reconstructed with int8
+activations per row), also with groups of 32. Fidelity: two-fold cross-validation
 (``vitslim.data.cross_validation_folds``: calibrate on a seeded 32 of one half, CLS-feature
 cosine vs PyTorch FP32 on --eval of the other half, then swap), the mean over images and the
 worst image, each fold, of the ONNX Runtime model itself. Speed: the fold-0 files beside ORT
@@ -43,7 +44,8 @@ def candidates() -> dict[str, quant.QuantConfig | None]:
         "vitslim w8a8-dyn, q·kᵀ in float": replace(quant.preset("w8a8-dyn"), qk=SiteConfig(8, "float")),
         "ORT quantize_dynamic (per-tensor dynamic int8)": None,
         "vitslim w4-ort (4-bit weights, int8 compute)": quant.preset("w4-ort"),
-        "vitslim w4-ort + reconstruction 10 it/block": replace(quant.preset("w4-ort"), reconstruction_iters=10),
+        "vitslim w4a8-ort (4-bit weights g64, int8 per row, reconstruction)": quant.preset("w4a8-ort"),
+        "vitslim w4a8-ort with groups of 32": replace(quant.preset("w4a8-ort"), gptq_group_size=32),
     }
 
 

@@ -232,7 +232,8 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--eval", type=int, default=128)
-    parser.add_argument("--presets", default="w8a8-ort,w8a8,w6a6,w4a8,w4a4,w3a3", help="presets: comma list")
+    parser.add_argument("--presets", default="w8a8-ort,w8a8-dyn,w8a8,w6a6,w4a8-ort,w4a8,w4a4,w3a3",
+                        help="presets: comma list")
     parser.add_argument("--recon-iters", type=int, default=50)
     parser.add_argument("--bits", default="8,6,4,3", help="methods: comma list of W=A bit widths")
     parser.add_argument(

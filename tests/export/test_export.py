@@ -98,19 +98,25 @@ def test_ats_export_is_refused_with_a_reason(tmp_path):
 
 def test_every_preset_said_deployable_runs_each_linear_on_an_integer_kernel(tmp_path):
     """What ``deployment`` promises, checked in ONNX Runtime's own optimized graph: every
-    linear of every block of a deployable preset's export is an integer kernel."""
+    linear of every block of a deployable preset's export is an integer kernel, and the file
+    computes what the quantized PyTorch model computes."""
+    from vitslim import metrics
+    from vitslim.bench import OnnxModel
     from vitslim.quant.config import PRESETS, deployable_presets, deployment
 
-    model, calib = make_tiny_vit(), torch.randn(8, 3, 32, 32)
-    assert {"w8a8-ort", "w4-ort"} <= set(deployable_presets())
+    model, calib, x = make_tiny_vit(), torch.randn(8, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    assert {"w8a8-ort", "w8a8-dyn", "w4-ort", "w4a8-ort"} <= set(deployable_presets())
     assert not {"w8a8", "w6a6", "w4a8", "w4a4", "w3a3"} & set(deployable_presets())
     for name in deployable_presets():
         assert deployment(PRESETS[name]).startswith("deployable: ONNX Runtime")
         qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(name), calib)
-        kernels = integer_ops(export_onnx(qmodel, tmp_path / f"{name}.onnx"))
+        path = export_onnx(qmodel, tmp_path / f"{name}.onnx")
+        kernels = integer_ops(path)
         linears = kernels.get("MatMulIntegerToFloat", 0) + kernels.get("MatMulNBits", 0) + \
             kernels.get("DynamicQuantizeMatMul", 0)
         assert linears >= 4 * 2, (name, kernels)
+        with torch.no_grad():
+            assert metrics.min_cosine_similarity(qmodel(x), OnnxModel(path)(x)) > 0.99, name
 
 
 def test_w8a8_dyn_runs_per_row_int8_in_onnx_runtime_and_outlier_tokens_do_not_coarsen_the_rest(tmp_path):

@@ -291,6 +291,16 @@ def _w8a8_dyn() -> QuantConfig:
                    softmax=SiteConfig(8, "float"), v=SiteConfig(8, "float"))
 
 
+def _w4a8_ort() -> QuantConfig:
+    """4-bit GPTQ weights (act-order, a searched scale per 64 input columns: ``MatMulNBits``'
+    block) with int8 activations on the kernel: ``MatMulNBits`` with int8 compute quantizes
+    each row's blocks of the input at run time, simulated by a range per row at the linear
+    inputs; q·kᵀ on static int8 ranges, softmax and attn·v in float; then 10 steps of block
+    reconstruction per block (as ``w4a8``)."""
+    return replace(_w8a8_dyn(), smooth_quant=False, smooth_alpha=None, weight_bits=4, gptq_group_size=64,
+                   gptq_act_order=True, reconstruction_iters=10)
+
+
 def _w4a8() -> QuantConfig:
     """W8A8's activations without channel folds (LN reparameterization's folded channel scales
     made the weights harder to round), 4-bit GPTQ weights with act-order and a searched scale per 32
@@ -329,6 +339,8 @@ PRESETS: dict[str, QuantConfig] = {
     # Deployable 4-bit: GPTQ weights only, exported as ONNX Runtime's MatMulNBits (packed codes
     # and block scales; the kernel quantizes activations to int8 per block itself).
     "w4-ort": _w4_ort(),
+    # Deployable W4A8: 4-bit weights, activations int8 per row at run time inside MatMulNBits.
+    "w4a8-ort": _w4a8_ort(),
     # The W4A4 recipe at 3 bits.
     "w3a3": _reconstructed_low_bits(3),
     # Method recipes (the papers' settings, for comparison).
@@ -370,7 +382,8 @@ def simulated_parts(config: QuantConfig) -> list[str]:
     """What of ``config`` an exported graph can only compute as float arithmetic (no integer
     kernel in ONNX Runtime runs it), one phrase each; empty when the model deploys: 8-bit
     weights with 8-bit uniform inputs (static ranges, or a range per token at the linear
-    layers' inputs: dynamic int8), or 4-bit weights with float inputs (``MatMulNBits``)."""
+    layers' inputs: dynamic int8), or 4-bit weights with float inputs or a range per token
+    (``MatMulNBits`` with int8 compute quantizes its input at run time)."""
     parts: dict[str, None] = {}
     for block in range(len(config.block_bits)) if config.block_bits else [None]:
         for part in _simulated_in_block(config if block is None else config.for_block(block)):
@@ -391,7 +404,7 @@ def _simulated_in_block(config: QuantConfig) -> list[str]:
             reason = f"{site.bits}-bit activations"
         elif site.per_channel and not (name == "post_ln" and (config.ln_reparam or config.smooth_quant)):
             reason = "per-channel activation ranges"
-        elif site.per_token and (name not in LINEAR_SITES or weights != 8):
+        elif site.per_token and (name not in LINEAR_SITES or weights not in (4, 8)):
             reason = "per-token ranges (QuaRot 2024)"
         else:
             continue

@@ -266,9 +266,9 @@ class OnnxQDQ(nn.Module):
 @contextlib.contextmanager
 def lowered_for_onnx(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, every 8-bit uniform quantizer of ``model`` runs as its ``OnnxQDQ``,
-    and every 8-bit per-token quantizer in front of an 8-bit linear as nothing: the graph
-    then holds ``MatMul(x, DQ(int8 weight))``, which ONNX Runtime runs as ``MatMulNBits`` with
-    int8 compute, quantizing ``x`` at run time (``dynamic_token_quantizers``). Sub-8-bit and
+    and every 8-bit per-token quantizer in front of a 4- or 8-bit linear as nothing: the graph
+    then holds ``MatMul(x, W)`` with integer weights, which runs as ``MatMulNBits`` with int8
+    compute, quantizing ``x`` at run time (``dynamic_token_quantizers``). Sub-8-bit and
     log-domain quantizers stay float arithmetic, which exports as it is. Afterwards the model
     is as before."""
     lowered = {q: OnnxQDQ(q) for q in model.modules() if isinstance(q, UniformQuantizer) and q.bits == 8}
@@ -282,12 +282,17 @@ def lowered_for_onnx(model: nn.Module) -> Iterator[nn.Module]:
             q.lowered = None
 
 
+DYNAMIC_WEIGHT_BITS = (4, 8)  # MatMulNBits with int8 compute quantizes its input rows at run time
+
+
 def dynamic_token_quantizers(model: nn.Module) -> list[TokenQuantizer]:
-    """The 8-bit per-token quantizers whose linear has 8-bit weights: what an integer kernel
-    with dynamic activation quantization takes over in an exported graph."""
+    """The 8-bit per-token quantizers whose linear has 4- or 8-bit weights: what ONNX Runtime's
+    ``MatMulNBits`` with int8 compute (dynamic activation quantization) takes over in an
+    exported graph."""
     return [m.input_quantizer for m in model.modules()
             if isinstance(getattr(m, "input_quantizer", None), TokenQuantizer) and m.input_quantizer.bits == 8
-            and isinstance(getattr(m, "weight_quantizer", None), WeightQuantizer) and m.weight_quantizer.bits == 8]
+            and isinstance(getattr(m, "weight_quantizer", None), WeightQuantizer)
+            and m.weight_quantizer.bits in DYNAMIC_WEIGHT_BITS]
 
 
 class WeightQuantizer(UniformQuantizer):

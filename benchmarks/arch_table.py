@@ -3,9 +3,9 @@
     uv run python benchmarks/arch_table.py [--models efficientformer_l1,swin_t] [--iters 6]
     uv run python benchmarks/arch_table.py --models all
 
-Per model: params, GMACs, PyTorch FP32 eager throughput at batch 1 and 8, and the speed-ups
-over it of ONNX Runtime FP32 and of vitslim W8A8 in ONNX Runtime (interleaved in one run,
-``vitslim.compare``; int8 over ORT FP32 is what quantization itself buys): for the
+Per model: params, GMACs, ONNX file sizes (FP32, int8), PyTorch FP32 eager throughput at
+batch 1 and 8, and the speed-ups over it of ONNX Runtime FP32 and of vitslim W8A8 in ONNX
+Runtime (interleaved in one run, ``vitslim.compare``; int8 over ORT FP32 is what quantization itself buys): for the
 ViTs (DeiT-S, DINOv2-S) the ``w8a8-ort`` preset and ``w8a8-ort`` + ToMe r=13; for the hybrid
 and hierarchical models ``vitslim.quant.hybrid.quantize_hybrid_`` (token reduction does not
 apply to them: ``vitslim.tokens`` says why). The int8 kernels ORT runs are counted. Next to
@@ -148,7 +148,8 @@ def measure(key: str, args) -> dict:
     row = {"model": MODELS[key][1], "params_m": count_params(model) / 1e6,
            "gmacs": count_gmacs(model, input_size(model)), "res": input_size(model)[-1],
            "fp32_b1": speed[1][0].throughput, "fp32_b8": speed[8][0].throughput,
-           "int8_ops": sum(ops.values()), "top1": top1, "source": short_citation(source)}
+           "int8_ops": sum(ops.values()), "top1": top1, "source": short_citation(source),
+           "fp32_mb": runnables["ort_fp32"].stat().st_size / 1e6, "int8_mb": paths["int8"].stat().st_size / 1e6}
     for i, name in enumerate(["ort_fp32", *paths], start=1):
         row[f"{name}_x_b1"], row[f"{name}_x_b8"] = speed[1][i].speedup, speed[8][i].speedup
         row[f"{name}_cos"] = cosines.get(name)
@@ -188,7 +189,8 @@ def main() -> None:
         "int8_x_b1": "int8 × b1", "int8_x_b8": "int8 × b8",
         "int8_vs_ort_b1": "int8 / ORT FP32 b1", "int8_vs_ort_b8": "int8 / ORT FP32 b8",
         "int8+ToMe13_x_b1": "int8+ToMe × b1", "int8+ToMe13_x_b8": "int8+ToMe × b8", "int8_ops": "int8 kernels",
-        "int8_cos": "int8 cos", "int8+ToMe13_cos": "int8+ToMe cos", "top1": "published top-1", "source": "source",
+        "int8_cos": "int8 cos", "int8+ToMe13_cos": "int8+ToMe cos", "fp32_mb": "FP32 MB", "int8_mb": "int8 MB",
+        "top1": "published top-1", "source": "source",
         "error": "error"},
         caption=f"{m['cpu']}, {m['torch_threads']} threads; × = ORT int8 throughput / PyTorch FP32 eager, "
                 f"interleaved{', each warm' if args.warm else ''}, {args.iters} timed batches at b8, "

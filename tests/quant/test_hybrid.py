@@ -213,3 +213,31 @@ def test_hybrid_quantization_is_a_registered_verb(images):
     with torch.no_grad():
         assert torch.equal(direct(images[4:6]), via_registry(images[4:6]))
         assert not torch.equal(direct(images[4:6]), model(images[4:6]))  # it did quantize
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("efficientformer_l1", dict(depths=(1, 1, 1, 1), embed_dims=(32, 48, 64, 96), num_vit=1)),
+    ("mobilevit_xxs", {}),
+])
+def test_hybrid_int8_file_holds_int8_weights_and_is_a_quarter_of_fp32(name, kwargs, tmp_path):
+    """Every conv and linear weight is stored once, as int8 with its scales (DequantizeLinear
+    reads it; ORT fuses it into QLinearConv / MatMulIntegerToFloat), so the file is about a
+    quarter of the FP32 one and ONNX Runtime computes what the quantized model does."""
+    from onnx import numpy_helper
+
+    from vitslim.models.loading import input_size
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    x = torch.randn(6, *input_size(model), generator=torch.Generator().manual_seed(2))
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", ort_kernels=False)
+    qmodel = quantize_hybrid_(copy.deepcopy(model), HybridQuantConfig(ranges=("minmax",), error_images=1), x[:4])
+    path = export_onnx(qmodel, tmp_path / "int8.onnx")
+    stored = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer]
+    assert sum(a.size for a in stored if a.dtype == "int8") >= weights
+    assert path.stat().st_size <= 0.3 * fp32.stat().st_size
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert integer_ops(path).get("QLinearConv", 0) == convs
+    check = validate_onnx(qmodel, path, x[4:])
+    assert check["cosine"] > 0.999

@@ -107,8 +107,8 @@ class QuantConv2d(nn.Module):
         weight = self.conv.weight
         if self.qweight is not None and self.weight_quantizer.mode == "quant":
             weight = self.qweight
-            if getattr(self.weight_quantizer, "for_export", False):
-                weight = self.weight_quantizer.onnx_qdq(self.qweight)  # int8 weights in the ONNX file
+            if self.weight_quantizer.lowered is not None:
+                weight = self.weight_quantizer.lowered(self.qweight)  # int8 weights in the ONNX file
         c = self.conv
         y = F.conv2d(self.input_quantizer(x), weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
         return self.output_quantizer(y)

@@ -64,6 +64,7 @@ class ImageFolder(Dataset):
     transform: Callable[[Image.Image], torch.Tensor]
     skip_bad: bool = False
     skipped: list[Path] = field(default_factory=list)
+    label_note: str | None = None  # why the labels were dropped (see align_labels)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -295,7 +296,56 @@ def load_image_folder(
     samples = list_images(root)
     if limit is not None:
         samples = samples[:limit]
-    return ImageFolder(samples, transform, skip_bad=skip_bad)
+    note = None
+    if model is not None:
+        samples, note = align_labels(samples, int(getattr(model, "num_classes", 0) or 0),
+                                     getattr(model, "class_names", None))
+    return ImageFolder(samples, transform, skip_bad=skip_bad, label_note=note)
+
+
+@cache
+def imagenet_names() -> tuple[str, ...]:
+    """The ImageNet-1k class names in class-index order (vitslim's table)."""
+    table = files("vitslim.assets").joinpath("imagenet_classes.tsv").read_text()
+    return tuple(line.split("\t")[2] for line in table.splitlines() if line.strip())
+
+
+def _name_key(name: str) -> str:
+    return name.split(",")[0].strip().lower().replace("_", " ").replace("-", " ")
+
+
+def is_imagenet_head(class_names: list[str]) -> bool:
+    """Whether a head's class names are ImageNet-1k's, in its order (at least 90 % of the 1000
+    names agree; checkpoints spell a few differently, e.g. "tench, Tinca tinca" for "tench")."""
+    if len(class_names) != 1000:
+        return False
+    return sum(_name_key(a) == _name_key(b) for a, b in zip(class_names, imagenet_names())) >= 900
+
+
+def align_labels(samples: list[tuple[Path, int]], classes: int,
+                 class_names: list[str] | None) -> tuple[list[tuple[Path, int]], str | None]:
+    """The labels in the classifier's own class order, or all dropped (-1) with the reason when
+    the data's labels and the head do not share a vocabulary, so accuracy is never scored
+    against unrelated classes. ImageNet-labelled images (wnids) need an ImageNet-1k head (1000
+    classes; named ones must be ImageNet's). Other class folders are matched by name when the
+    head names its classes, else taken in sorted order (the folder layout's convention)."""
+    labelled = [(path, label) for path, label in samples if label >= 0]
+    if not labelled or classes <= 0:
+        return samples, None
+    unlabelled = [(path, UNLABELLED) for path, _ in samples]
+    head = f"the model's {classes}-class head" + (f" ({', '.join(class_names[:3])}, ...)" if class_names else "")
+    wnids = imagenet_wnids()
+    if all(path.parent.name in wnids or path.name.split("_")[0] in wnids for path, _ in labelled):
+        if classes == 1000 and (class_names is None or is_imagenet_head(class_names)):
+            return samples, None
+        return unlabelled, f"the images are labelled with ImageNet-1k classes but {head} is not ImageNet-1k"
+    if class_names is None:
+        return samples, None
+    index = {_name_key(name): i for i, name in enumerate(class_names)}
+    missing = sorted({path.parent.name for path, _ in labelled if _name_key(path.parent.name) not in index})
+    if missing:
+        return unlabelled, f"class folder {missing[0]!r} is not one of the class names of {head}"
+    return [(path, index[_name_key(path.parent.name)] if label >= 0 else label) for path, label in samples], None
 
 
 def calibration_split(dataset: Dataset, n_calib: int, seed: int = 0) -> tuple[Subset, Subset]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import timm
@@ -406,3 +407,48 @@ def test_transformers_progress_bars_and_warnings_do_not_leak(tmp_path, capfd):
         load_model(folder)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+def test_hub_classifier_applies_exports_and_predicts_with_its_own_class_names(example_images, tmp_path):
+    """apply -> ONNX -> predict from a folder as google/vit-base-patch16-224 holds it: the names
+    come from its id2label, accuracy is scored (ImageNet photos, ImageNet head) and the contract
+    says where the weights came from."""
+    from typer.testing import CliRunner
+
+    from vitslim.cli import app
+    from vitslim.deploy import read_contract
+
+    folder = write_hub_folder("google/vit-base-patch16-224", tmp_path / "vit", num_hidden_layers=1)
+    out = tmp_path / "vit.onnx"
+    res = CliRunner().invoke(app, ["apply", "ort-fp32", f"hf:{folder}", "--data", str(example_images),
+                                   "--calib-images", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    contract = read_contract(out)
+    assert contract.source["weights"].startswith("Hugging Face weights from") and contract.model == f"hf:{folder}"
+    assert contract.output["class_names"][:2] == ["tench", "goldfish"]
+    assert contract.preprocessing["resampler"] == "tensor"
+    assert contract.fidelity["top1"] is not None and "top1_not_scored" not in contract.fidelity
+    res = CliRunner().invoke(app, ["predict", str(out), "--data", str(example_images), "--top-k", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    names = {row["top_k"][0]["name"] for row in json.loads(res.output)["predictions"]}
+    assert names and names <= set(contract.output["class_names"]) and not any(n.isdigit() for n in names)
+
+
+def test_accuracy_is_not_scored_against_another_vocabulary(example_images, tmp_path):
+    """ImageNet-labelled photos and a 3-class head: no top-1, and the reason; a base DINOv2
+    records its feature dimension."""
+    from vitslim.deploy import apply, predict_folder
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**SMALL, image_size=32, patch_size=8, id2label={0: "cat", 1: "dog", 2: "bird"},
+                                    architectures=["ViTForImageClassification"])
+    model = load_model(_save(transformers.ViTForImageClassification(config), tmp_path))
+    assert model.class_names == ["cat", "dog", "bird"]
+    artifact, figures = apply(model, "ort-fp32", example_images, tmp_path / "m.onnx", n_calib=4, n_eval=8)
+    assert figures["top1"] is None and "not ImageNet-1k" in figures["top1_not_scored"]
+    result = predict_folder(artifact, example_images, top_k=1)
+    assert result.top1_accuracy is None and "not ImageNet-1k" in result.label_note
+    assert {row[0][1] for row in result.top_k} <= {"cat", "dog", "bird"}
+    features = apply(load_model(_save(CASES["Dinov2Model"](), tmp_path / "dino")), "ort-fp32", example_images,
+                     tmp_path / "f.onnx", n_calib=4, n_eval=4)[0]
+    assert features.contract.output == {"kind": "features", "dim": 64}

@@ -96,7 +96,7 @@ def predict_cmd(
 ) -> None:
     """Run an artifact on a folder of images, preprocessed as its own contract says.
 
-    Classifiers: the top-k classes per image (ImageNet names for a 1000-class head) and
+    Classifiers: the top-k classes per image (the head's own names, ImageNet's for a 1000-class head) and
     top-1 accuracy where file or folder names give labels. Feature extractors: the features
     go to --out (default features.npz).
 
@@ -130,5 +130,7 @@ def predict_cmd(
         if result.top1_accuracy is not None:
             labelled = int((result.labels >= 0).sum())
             console.print(f"top-1 accuracy on the {labelled} labelled images: {result.top1_accuracy * 100:.1f}%")
+        elif result.label_note:
+            console.print(f"top-1 accuracy not scored: {result.label_note}")
     if out is not None:
         console.print(f"wrote {tuple(result.outputs.shape)} {result.kind} of {len(result.files)} images to {out}")

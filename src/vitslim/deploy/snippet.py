@@ -86,7 +86,9 @@ def usage_markdown(model_path: str | Path, image: str | Path, contract: Contract
     path = Path(model_path)
     onnx = path.suffix == ".onnx"
     out = contract.output
-    meaning = (f"{out['classes']} class logits ({out.get('class_names')})" if contract.num_classes
+    names = out.get("class_names")
+    names = f"{names[0]!r}, {names[1]!r}, ... (output.class_names)" if isinstance(names, list) else names
+    meaning = (f"{out['classes']} class logits ({names})" if contract.num_classes
                else f"a {out.get('dim')}-d feature vector per image")
     command = " ".join(shlex.quote(" ".join(str(arg).split())) for arg in ("vitslim", "predict", path, "--data", data))
     lines = ["## How to use this model", "",

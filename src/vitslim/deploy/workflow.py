@@ -32,15 +32,20 @@ def calibration_batch(calib_set: Subset) -> torch.Tensor:
     return calibration_images(calib_set) if len(calib_set) else torch.empty(0)
 
 
-def fidelity(test: Outputs, reference: Outputs, data: str | Path) -> dict:
+def fidelity(test: Outputs, reference: Outputs, data: str | Path, label_note: str | None = None) -> dict:
     """Fidelity of an artifact's outputs to the FP32 original's on the same images; with
-    labels and a classifier, also top-1 accuracy and its drop in percentage points."""
+    labels and a classifier, also top-1 accuracy and its drop in percentage points. Without
+    them those are None and ``top1_not_scored`` says why (``label_note``: the data's labels and
+    the head's classes differ, see ``vitslim.data.align_labels``)."""
     r = compare_outputs(test, reference)
     top1_fp32 = compare_outputs(reference, None).top1
     drop = (top1_fp32 - r.top1) * 100 if r.top1 is not None and top1_fp32 is not None else None
-    return {"cosine": r.cosine, "cosine_se": r.cosine_se, "sqnr_db": r.sqnr_db, "top1_agreement": r.top1_agreement,
-            "top1": r.top1, "top1_fp32": top1_fp32, "accuracy_drop": drop, "images": r.images,
-            "labelled_images": r.labelled_images, "data": str(data), "vs": FIDELITY_VS}
+    figures = {"cosine": r.cosine, "cosine_se": r.cosine_se, "sqnr_db": r.sqnr_db,
+               "top1_agreement": r.top1_agreement, "top1": r.top1, "top1_fp32": top1_fp32, "accuracy_drop": drop,
+               "images": r.images, "labelled_images": r.labelled_images, "data": str(data), "vs": FIDELITY_VS}
+    if drop is None and test.logits is not None:
+        figures["top1_not_scored"] = label_note or "no labelled images"
+    return figures
 
 
 def apply(
@@ -62,14 +67,15 @@ def apply(
     the same artifact as the search did (the same function builds both).
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    _, calib_set, eval_set = split_images(model, data, n_calib, n_eval, seed)
+    dataset, calib_set, eval_set = split_images(model, data, n_calib, n_eval, seed)
     calibration = {"data": str(data), "images": len(calib_set), "seed": seed}
     path = build_artifact(model, recipe, calibration_batch(calib_set), out, source or source_of(model), calibration)
     artifact = load_artifact(path)
     if not len(eval_set):
         return artifact, None
     loader = make_loader(eval_set, batch_size=32)
-    figures = fidelity(predict(artifact.model, loader, recipe.name), predict(model, loader, "FP32"), data)
+    figures = fidelity(predict(artifact.model, loader, recipe.name), predict(model, loader, "FP32"), data,
+                       dataset.label_note)
     artifact.contract = artifact.contract.with_fidelity(figures)
     write_contract(path, artifact.contract)
     return artifact, figures

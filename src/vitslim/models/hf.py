@@ -75,6 +75,14 @@ HEADS: dict[str, tuple[str | None, str | None, Callable]] = {
 }
 
 
+def class_names(config: Any, classes: int) -> list[str] | None:
+    """A classifier's class names in output order (the config's ``id2label``), or None."""
+    names = getattr(config, "id2label", None) or {}
+    if not classes or len(names) != classes:
+        return None
+    return [str(names[i]) for i in range(classes)]
+
+
 class HFVisionTransformer(nn.Module):
     """A Hugging Face ViT / DeiT / DINOv2 / BEiT model in vitslim's block layout (see module doc).
 
@@ -112,6 +120,8 @@ class HFVisionTransformer(nn.Module):
         self.head = head
         self.num_prefix_tokens = 2 if config.model_type == "deit" else 1  # DeiT: CLS + distillation
         self.num_classes = getattr(self.head, "out_features", 0) if owner == "top" else 0
+        self.class_names = class_names(config, self.num_classes)
+        self.num_features = config.hidden_size  # the base models' output (CLS token or pooled feature)
         self.pretrained_cfg = pretrained_cfg
         _, height, width = pretrained_cfg["input_size"]
         patch = _pair(config.patch_size)
@@ -140,6 +150,7 @@ class HFImageModel(nn.Module):
         self.hf_config = hf_model.config
         self.pretrained_cfg = pretrained_cfg
         self.num_classes = hf_model.config.num_labels if self.hf_class.endswith("ForImageClassification") else 0
+        self.class_names = class_names(hf_model.config, self.num_classes)
         self.num_features = int(getattr(hf_model.config, "hidden_size", 0)) or None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

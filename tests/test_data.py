@@ -45,9 +45,11 @@ def test_class_subfolders(tmp_path):
 
 
 def test_transform_follows_model_config(example_images):
-    ds = load_image_folder(example_images, make_tiny_vit(), limit=2)
+    ds = load_image_folder(example_images, make_tiny_vit(num_classes=1000), limit=2)
     x, label = ds[0]
-    assert x.shape == (3, 32, 32) and label == 0
+    assert x.shape == (3, 32, 32) and label == 0 and ds.label_note is None
+    other_head = load_image_folder(example_images, make_tiny_vit(num_classes=10), limit=2)  # not ImageNet's classes
+    assert other_head[0][1] == -1 and "not ImageNet-1k" in other_head.label_note
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

@@ -335,7 +335,7 @@ def align_labels(samples: list[tuple[Path, int]], classes: int,
     unlabelled = [(path, UNLABELLED) for path, _ in samples]
     head = f"the model's {classes}-class head" + (f" ({', '.join(class_names[:3])}, ...)" if class_names else "")
     wnids = imagenet_wnids()
-    if all(path.parent.name in wnids or path.name.split("_")[0] in wnids for path, _ in labelled):
+    if all(label in (wnids.get(path.parent.name), wnids.get(path.name.split("_")[0])) for path, label in labelled):
         if classes == 1000 and (class_names is None or is_imagenet_head(class_names)):
             return samples, None
         return unlabelled, f"the images are labelled with ImageNet-1k classes but {head} is not ImageNet-1k"

@@ -7,28 +7,19 @@ Three lines from a notebook::
     print(vitslim.evaluate(model, vitslim.make_loader(vitslim.load_image_folder("images/", model)), reference=model))
 
 Method families live in sub-packages: ``vitslim.quant``, ``vitslim.tokens``,
-``vitslim.export``; measurement in ``vitslim.evaluate`` and ``vitslim.bench``.
+``vitslim.export``; measurement in ``vitslim.evaluation`` and ``vitslim.bench``.
+The API is imported on first use: ``import vitslim`` alone does not load PyTorch.
 """
 
-from vitslim.bench import BenchResult, benchmark, compare, count_gmacs
-from vitslim.data import calibration_split, load_image_folder, make_loader
-from vitslim.evaluate import EvalResult, evaluate, predict
-from vitslim.models import load_model, load_reference_model, vit_parts
+from vitslim.lazy import lazy_api
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BenchResult",
-    "EvalResult",
-    "benchmark",
-    "calibration_split",
-    "compare",
-    "count_gmacs",
-    "evaluate",
-    "load_image_folder",
-    "load_model",
-    "load_reference_model",
-    "make_loader",
-    "predict",
-    "vit_parts",
-]
+API = {
+    "vitslim.bench": ("BenchResult", "benchmark", "compare", "count_gmacs"),
+    "vitslim.data": ("calibration_split", "load_image_folder", "make_loader"),
+    "vitslim.evaluation": ("EvalResult", "evaluate", "predict"),
+    "vitslim.models": ("load_model", "load_reference_model", "vit_parts"),
+}
+__all__ = sorted(name for names in API.values() for name in names)
+__getattr__, __dir__ = lazy_api(__name__, API)

@@ -21,7 +21,7 @@ from vitslim.bench import BenchResult, OnnxModel, compare, machine_info
 from vitslim.data import load_image_folder, make_loader, model_transform
 from vitslim.dtype import DTYPES, torch_dtype
 from vitslim.errors import ConfigError
-from vitslim.evaluate import EvalResult, evaluate
+from vitslim.evaluation import EvalResult, evaluate
 from vitslim.models import load_model
 from vitslim.models.reference import build_reference, load_reference_model, reference_onnx_path
 from vitslim.prune.io import is_pruned_folder, load_pruned

@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 
 from vitslim.bench import count_gmacs, count_params
 from vitslim.data import calibration_images, calibration_split, load_image_folder, make_loader
-from vitslim.evaluate import evaluate
+from vitslim.evaluation import evaluate
 from vitslim.models.loading import input_size
 from vitslim.output import console, print_table, write_json
 from vitslim.prune import PruneConfig, RecoverConfig, prune_, recover_, save_pruned

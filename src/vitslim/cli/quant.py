@@ -10,7 +10,7 @@ import typer
 
 from vitslim.data import calibration_images, calibration_split, list_images, load_image_folder, make_loader
 from vitslim.errors import ConfigError
-from vitslim.evaluate import evaluate
+from vitslim.evaluation import evaluate
 from vitslim.output import check_output_dir, check_output_file, console, print_table, write_json
 from vitslim.quant import QuantConfig, mixed_precision_config, quantize_
 from vitslim.quant.config import PRESETS, deployment, describe

@@ -30,7 +30,7 @@ from vitslim.bench import CpuFeatures, Interval, compare, cpu_features, machine_
 from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, recipe_from_dict
 from vitslim.data import make_loader
 from vitslim.errors import ConfigError, ModelLoadError, OutputPathError, UnsupportedModelError
-from vitslim.evaluate import Outputs, predict
+from vitslim.evaluation import Outputs, predict
 from vitslim.models import vit_parts
 from vitslim.models.reference import cache_dir
 from vitslim.output import check_output_dir, replace_path, safe_filename, write_json

@@ -12,7 +12,7 @@ from vitslim.compress.recipes import Recipe, load_recipe
 from vitslim.data import ImageFolder, calibration_images, calibration_split, load_image_folder, make_loader
 from vitslim.deploy.artifact import Artifact, build_artifact, load_artifact, write_contract
 from vitslim.deploy.contract import ModelSource, source_of
-from vitslim.evaluate import Outputs, compare_outputs, predict
+from vitslim.evaluation import Outputs, compare_outputs, predict
 
 FIDELITY_VS = "the FP32 original in PyTorch, on images not used for calibration"
 

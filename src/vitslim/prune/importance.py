@@ -265,7 +265,7 @@ def compensated_scores(model: nn.Module, parts: ViTParts, images: torch.Tensor, 
     update, see ``removal_order``). Block scores are kept."""
     grams = input_grams(model, parts, images, batch_size)
     heads, channels = [], []
-    for bp in parts.blocks:
+    for bp in progress_bar(parts.blocks, "refit-aware ranking"):
         for layer, ls, width, step, out in ((bp.proj, bp.ls1, bp.proj.in_features // bp.num_heads, 1, heads),
                                             (bp.fc2, bp.ls2, 1, channel_step, channels)):
             score = (scores.heads if out is heads else scores.channels)[bp.index]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from vitslim.progress import progress_bar
 from vitslim.quant.primitives import absmax_symmetric_scale, int_range, mse_symmetric_scale, uniform_fake_quant
 
 
@@ -130,7 +131,7 @@ class HessianCollector:
 def gptq_quantize_linears(items: list[tuple[nn.Module, torch.Tensor]], group_size: int | None = None,
                           act_order: bool = False) -> None:
     """GPTQ for each ``QuantLinear`` with its Hessian; sets its ``qweight``."""
-    for layer, hessian in items:
+    for layer, hessian in progress_bar(items, "GPTQ weights"):
         quantizer = layer.weight_quantizer
         with one_thread():  # (see one_thread)
             quantizer.calibrate_weight(layer.linear.weight)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -119,6 +120,20 @@ def markdown_code(text: Any) -> str:
     text = " ".join(str(text).split())
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     return f"`{text}`" if fence == "`" else f"{fence} {text} {fence}"
+
+
+def vitslim_command(*args: Any) -> str:
+    """``vitslim ARGS`` as a line that runs as printed, started as this process was:
+    ``uv run vitslim`` under ``uv run`` (the environment's scripts are on PATH only inside it),
+    ``vitslim`` when it is on PATH, else the environment's own script by its full path. Each
+    argument is quoted for the shell, on one line (whitespace runs collapsed)."""
+    if os.environ.get("UV_RUN_RECURSION_DEPTH"):
+        program = ("uv", "run", "vitslim")
+    elif shutil.which("vitslim"):
+        program = ("vitslim",)
+    else:
+        program = (Path(sys.executable).parent / "vitslim",)
+    return " ".join(shlex.quote(" ".join(str(arg).split())) for arg in (*program, *args))
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import check_output_dir, console, print_table, styled, write_json
+from vitslim.output import check_output_dir, console, print_table, styled, vitslim_command, write_json
 
 
 def compress_cmd(
@@ -120,7 +120,8 @@ def compress_cmd(
     chosen = result.chosen.name if result.chosen else "nothing"
     console.print(styled(f"chosen: {chosen} — ", verdict, f" the target ({result.reason}). Report: {html_path}"))
     if result.artifact:
-        console.print(f"model: {result.artifact}  (run it: vitslim predict {result.artifact} --data {data})")
+        run = vitslim_command("predict", result.artifact, "--data", data)
+        console.print(f"model: {result.artifact}  (run it: {run})")
 
 
 def demo_cmd(

@@ -9,7 +9,15 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import check_output_dir, check_output_file, console, fmt, print_table, write_bytes_atomic
+from vitslim.output import (
+    check_output_dir,
+    check_output_file,
+    console,
+    fmt,
+    print_table,
+    vitslim_command,
+    write_bytes_atomic,
+)
 
 
 def apply_cmd(
@@ -81,7 +89,7 @@ def apply_cmd(
             f"fidelity vs FP32 on {figures['images']} images not used for calibration: cosine "
             f"{fmt(figures['cosine'], 6)}, SQNR {fmt(figures['sqnr_db'], 4)} dB{agree}"
         )
-    console.print(f"run it: vitslim predict {out} --data {data}")
+    console.print(f"run it: {vitslim_command('predict', out, '--data', data)}")
 
 
 def predict_cmd(

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from vitslim.output import console, print_table, write_json
+from vitslim.output import console, print_table, vitslim_command, write_json
 from vitslim.prune.config import IMPORTANCES
 
 CHECKPOINT_DIR = "recover-checkpoint"
@@ -112,7 +112,7 @@ def prune_cmd(
         f"{len(train_set)} recovery images; fidelity vs the original on {len(eval_set)} other images; "
         f"heads per block {pruned.vitslim_prune['heads']}, MLP widths {pruned.vitslim_prune['mlp']}",
     )
-    console.print(f"saved: {out}  (time it: vitslim bench {out} --compare {model})")
+    console.print(f"saved: {out}  (time it: {vitslim_command('bench', out, '--compare', model)})")
     if json_out:
         write_json(json_out, {"model": model, "config": config.to_dict(), "rows": rows, "shapes": pruned.vitslim_prune})
 

@@ -7,7 +7,6 @@ import html
 import io
 import math
 import re
-import shlex
 from pathlib import Path
 
 from vitslim.bench import Interval
@@ -19,7 +18,7 @@ from vitslim.compress.search import (
     SearchResult,
     pareto_front,
 )
-from vitslim.output import fmt, significant, write_text_atomic
+from vitslim.output import fmt, significant, vitslim_command, write_text_atomic
 from vitslim.output import markdown_text as _md
 
 COLUMNS = [("name", "recipe"), ("speedup", "× FP32 (95% CI)"), ("cosine", "cosine"), ("sqnr_db", "SQNR dB"),
@@ -233,16 +232,16 @@ def usage_section(result: SearchResult, model_name: str) -> str:
     contract = read_contract(result.artifact)
     s, src = result.settings, contract.source
     checkpoint = ("--checkpoint", src["checkpoint"]) if src.get("checkpoint") else ()
-    rebuild = " ".join(shlex.quote(" ".join(str(arg).split())) for arg in (
-        "vitslim", "apply", Path(result.artifact).parent / "recipe.yaml", model_name, *checkpoint, "--data",
-        result.data, "--calib-images", s.get("n_calib"), "--seed", s.get("seed"), "--out", Path(result.artifact).name))
+    rebuild = vitslim_command("apply", Path(result.artifact).parent / "recipe.yaml", model_name, *checkpoint, "--data",
+                              result.data, "--calib-images", s.get("n_calib"), "--seed", s.get("seed"), "--out",
+                              Path(result.artifact).name)
     return (usage_markdown(result.artifact, result.data, contract, result.data)
             + "\nThe same artifact again (same calibration images, same code path as the search):\n\n"
             + f"```bash\n{rebuild}\n```\n")
 
 
 def _markdown_to_html(text: str) -> str:
-    """The few constructs the usage section uses: headings, paragraphs, fenced code."""
+    """The few constructs the usage section uses: headings, paragraphs, code spans, fenced code."""
     parts, code, buf = [], None, []
     for line in text.splitlines():
         if line.startswith("```"):
@@ -254,15 +253,32 @@ def _markdown_to_html(text: str) -> str:
         elif code is not None:
             code.append(line)
         elif line.startswith("## "):
-            parts.append(f"<h2>{html.escape(_plain(line[3:]))}</h2>")
+            parts.append(f"<h2>{_inline_html(line[3:])}</h2>")
         elif line.strip():
             buf.append(line)
         elif buf:
-            parts.append(f"<p>{html.escape(_plain(' '.join(buf)))}</p>")
+            parts.append(f"<p>{_inline_html(' '.join(buf))}</p>")
             buf = []
     if buf:
-        parts.append(f"<p>{html.escape(_plain(' '.join(buf)))}</p>")
+        parts.append(f"<p>{_inline_html(' '.join(buf))}</p>")
     return "\n".join(parts)
+
+
+# A code span: a run of backticks not escaped, its text, the same run (``markdown_code``'s fences).
+_CODE_SPAN = re.compile(r"(?<!\\)(`+)(.+?)(?<!`)\1(?!`)")
+
+
+def _inline_html(markdown: str) -> str:
+    """Prose written with ``markdown_text`` and ``markdown_code`` as HTML: code spans in <code>,
+    everything escaped."""
+    parts, end = [], 0
+    for span in _CODE_SPAN.finditer(markdown):
+        code = span.group(2)
+        if len(span.group(1)) > 1 and code.startswith(" ") and code.endswith(" "):
+            code = code[1:-1]  # a longer fence is padded with one space on each side
+        parts += [html.escape(_plain(markdown[end:span.start()])), f"<code>{html.escape(code)}</code>"]
+        end = span.end()
+    return "".join([*parts, html.escape(_plain(markdown[end:]))])
 
 
 def _plain(markdown: str) -> str:

@@ -9,11 +9,10 @@ it equal to vitslim's own loader on real images. A saved folder needs vitslim to
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from vitslim.deploy.contract import Contract, describe_preprocessing
-from vitslim.output import markdown_code, markdown_text
+from vitslim.output import markdown_code, markdown_text, vitslim_command
 
 PIL_FILTERS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "lanczos": "LANCZOS"}
 
@@ -90,7 +89,7 @@ def usage_markdown(model_path: str | Path, image: str | Path, contract: Contract
     names = f"{names[0]!r}, {names[1]!r}, ... (output.class_names)" if isinstance(names, list) else names
     meaning = (f"{out['classes']} class logits ({names})" if contract.num_classes
                else f"a {out.get('dim')}-d feature vector per image")
-    command = " ".join(shlex.quote(" ".join(str(arg).split())) for arg in ("vitslim", "predict", path, "--data", data))
+    command = vitslim_command("predict", path, "--data", data)
     lines = ["## How to use this model", "",
              f"The artifact: {markdown_code(path)} ({'ONNX Runtime' if onnx else 'PyTorch model folder'}). "
              f"Input: {markdown_text(describe_preprocessing(contract.preprocessing))}. "

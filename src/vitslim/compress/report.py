@@ -4,12 +4,12 @@ summary, so the outcome can be understood by looking, not by reading logs."""
 from __future__ import annotations
 
 import html
-import io
 import math
 import re
 from pathlib import Path
 
 from vitslim.bench import Interval
+from vitslim.compress.charts import Point, frontier_chart, sensitivity_chart
 from vitslim.compress.search import (
     EARLY_STOP_ROUNDS,
     MORE_ROUNDS,
@@ -25,25 +25,6 @@ COLUMNS = [("name", "recipe"), ("speedup", "× FP32 (95% CI)"), ("cosine", "cosi
            ("top1_agreement", "top-1 agree"), ("top1", "top-1"), ("accuracy_drop", "top-1 drop pts"),
            ("latency_ms", "batch ms"), ("size_mb", "size MB"), ("runtime", "runtime"), ("seconds", "eval s"),
            ("status", "note")]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _svg(fig) -> str:
-    """The figure as an inline <svg> element (no XML prolog), then closed."""
-    fig.tight_layout()
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    _pyplot().close(fig)
-    svg = buf.getvalue()
-    return svg[svg.index("<svg"):]
 
 
 def _status(c: CandidateResult) -> str | None:
@@ -82,32 +63,15 @@ def _plottable(c: CandidateResult) -> bool:
 
 
 def frontier_svg(result: SearchResult) -> str:
-    """Fidelity (1 − cosine, log scale) against speedup, frontier joined, choice ringed.
-    Names are drawn as plain text (never as matplotlib math); only finite figures are plotted."""
-    plt = _pyplot()
+    """Fidelity against speed of every candidate with finite figures: frontier joined, choice
+    ringed, the target drawn."""
     ok = [c for c in result.candidates if _plottable(c)]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    loss = lambda c: max(1 - c.cosine, 1e-7)  # noqa: E731 - identical outputs sit at the floor
-    ax.scatter([c.speedup for c in ok], [loss(c) for c in ok], color="#4477aa", zorder=3)
-    for c in ok:
-        ax.annotate(c.name, (c.speedup, loss(c)), textcoords="offset points", xytext=(5, 4), fontsize=8,
-                    parse_math=False)
-    front = sorted(pareto_front(ok), key=lambda c: c.speedup)
-    ax.plot([c.speedup for c in front], [loss(c) for c in front], color="#4477aa", alpha=0.5, label="frontier")
-    if result.chosen and _plottable(result.chosen):
-        ax.scatter([result.chosen.speedup], [loss(result.chosen)], s=220, facecolors="none",
-                   edgecolors="#cc3311", linewidths=2, label="chosen", zorder=4)
+    front = {id(c) for c in pareto_front(ok)}
+    chosen = result.chosen.name if result.chosen else None
+    points = [Point(c.name, c.speedup, c.cosine, id(c) in front, c.name == chosen) for c in ok]
     t = result.target
-    if t.metric == "speedup":
-        ax.axvline(t.value, color="#cc3311", ls="--", lw=1, label=f"target speedup {t.value}")
-    elif t.metric == "fidelity":
-        ax.axhline(max(1 - t.value, 1e-7), color="#cc3311", ls="--", lw=1, label=f"target cosine {t.value}")
-    ax.set_yscale("log")
-    ax.set_xlabel("throughput ratio to FP32 (same run, this CPU)")
-    ax.set_ylabel("1 − feature cosine vs FP32 (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _svg(fig)
+    return frontier_chart(points, target_speedup=t.value if t.metric == "speedup" else None,
+                          target_cosine=t.value if t.metric == "fidelity" else None)
 
 
 def _shown(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -176,7 +140,7 @@ def write_report(result: SearchResult, out_dir: str | Path, model_name: str) -> 
         sens = (f"<h2>Per-block sensitivity</h2><p>1 − feature cosine vs FP32 when only this block is "
                 f"quantized ({result.sensitivity[0]['preset']}); the tallest bars are the blocks to keep "
                 "at higher precision.</p>"
-                + sensitivity_svg(result.sensitivity))
+                + sensitivity_chart(result.sensitivity))
     errors = "".join(f"<li><b>{html.escape(c.name)}</b>: {html.escape(c.error)}</li>" for c in failed)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vitslim compress — {html.escape(model_name)}</title>
@@ -211,16 +175,6 @@ tr.chosen {{ background: #fde8e4; font-weight: bold; }}
     md += [f"- {_md(c.name)} failed: {_md(c.error)}" for c in failed]
     write_text_atomic(md_path, "\n".join(md) + "\n" + ("\n" + usage if usage else ""))
     return html_path, md_path
-
-
-def sensitivity_svg(rows: list[dict]) -> str:
-    """Bar chart of per-block feature cosine when only that block is quantized."""
-    fig, ax = _pyplot().subplots(figsize=(7, 3), dpi=100)
-    ax.bar([str(r["block"]) for r in rows], [1 - r["cosine"] for r in rows], color="#ee7733")
-    ax.set_xlabel("block")
-    ax.set_ylabel("1 − cosine vs FP32")
-    ax.grid(alpha=0.3, axis="y")
-    return _svg(fig)
 
 
 def usage_section(result: SearchResult, model_name: str) -> str:

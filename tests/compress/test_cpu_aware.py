@@ -3,6 +3,7 @@ clearly losing candidate's timing stops early. CPU flags and timings are injecte
 
 import math
 import random
+import warnings
 
 import pytest
 
@@ -203,9 +204,12 @@ def test_a_model_without_vit_blocks_gets_the_candidates_that_apply(tmp_path, exa
     kwargs = {"num_classes": 10, "pretrained_cfg_overlay": {"input_size": [3, 96, 96]}}  # small and quick
     torch.manual_seed(0)
     model = timm.create_model("efficientvit_b0", pretrained=False, **kwargs).eval()
-    result = compress(model, example_images, "fidelity=0.5", n_calib=4, n_eval=4, batch_size=2, iters=1,
-                      cache_dir=tmp_path / "cache", source=ModelSource("efficientvit_b0", timm_kwargs=kwargs),
-                      sensitivity_preset=None, cpu=AVX2_ONLY)
+    with warnings.catch_warnings(record=True) as caught:  # the default sensitivity preset is ViT-only: not run
+        warnings.simplefilter("always")
+        result = compress(model, example_images, "fidelity=0.5", n_calib=4, n_eval=4, batch_size=2, iters=1,
+                          cache_dir=tmp_path / "cache", source=ModelSource("efficientvit_b0", timm_kwargs=kwargs),
+                          cpu=AVX2_ONLY)
+    assert not [w for w in caught if "sensitivity" in str(w.message)] and result.sensitivity == []
     assert [c.name for c in result.candidates] == ["fp32", "ort-fp32", "int8-hybrid"]
     assert all(c.error is None for c in result.candidates), [c.error for c in result.candidates]
     assert "int8-fast" in result.not_applicable and "tome-8" in result.not_applicable

@@ -452,3 +452,26 @@ def test_accuracy_is_not_scored_against_another_vocabulary(example_images, tmp_p
     features = apply(load_model(_save(CASES["Dinov2Model"](), tmp_path / "dino")), "ort-fp32", example_images,
                      tmp_path / "f.onnx", n_calib=4, n_eval=4)[0]
     assert features.contract.output == {"kind": "features", "dim": 64}
+
+
+def test_float_token_reduction_recipe_exports_to_onnx_from_the_cli(example_images, tmp_path):
+    """`apply tome-8 MODEL --out x.onnx`: FP32 + ToMe gets an export step and runs in ONNX
+    Runtime as the token-reduced PyTorch model does."""
+    from typer.testing import CliRunner
+
+    from vitslim.bench import OnnxModel
+    from vitslim.cli import app
+    from vitslim.deploy import read_contract
+
+    folder = write_hub_folder("facebook/dinov2-small", tmp_path / "dinov2", num_hidden_layers=2)
+    out = tmp_path / "tome.onnx"
+    res = CliRunner().invoke(app, ["apply", "tome-8", f"hf:{folder}", "--data", str(example_images),
+                                   "--calib-images", "0", "--eval-images", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert [next(iter(step)) for step in read_contract(out).recipe["steps"]] == ["tokens", "export"]
+    merged = tokens.reduce_tokens_(load_model(f"hf:{folder}"), tokens.ToMeConfig(r=8))
+    x, _ = _images(merged, example_images, limit=2)
+    with torch.no_grad():
+        expected = merged(x)
+        assert tokens.token_state(merged).counts[-1] == 257 - 2 * 8
+    assert (OnnxModel(out)(x) - expected).abs().max() <= 1e-4

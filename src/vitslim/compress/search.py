@@ -68,13 +68,18 @@ HYBRID_GRID = ("fp32", "bf16", "ort-fp32", "int8-hybrid")
 NOT_A_VIT = "the model has no plain ViT blocks, so token reduction and the ViT quantizers do not apply"
 
 
-def default_grid(model: nn.Module) -> tuple[str, ...]:
-    """The default candidates for ``model``: the ViT grid, or what applies to any timm model."""
+def has_vit_blocks(model: nn.Module) -> bool:
+    """Whether vitslim's ViT adapter knows ``model`` (ViT-only methods apply to it)."""
     try:
         vit_parts(model)
     except UnsupportedModelError:
-        return HYBRID_GRID
-    return DEFAULT_GRID
+        return False
+    return True
+
+
+def default_grid(model: nn.Module) -> tuple[str, ...]:
+    """The default candidates for ``model``: the ViT grid, or what applies to any timm model."""
+    return DEFAULT_GRID if has_vit_blocks(model) else HYBRID_GRID
 
 
 @dataclass(frozen=True)
@@ -669,7 +674,7 @@ def compress(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     sensitivity = []
-    if sensitivity_preset and len(calib):
+    if sensitivity_preset and len(calib) and has_vit_blocks(model):  # per-block sensitivity is ViT-only
         sens_key = candidate_key(model_fp, data_fp, Recipe("sensitivity"), settings | {"preset": sensitivity_preset})
         sens_path = store.root / f"sensitivity-{sens_key}.json"
         sensitivity = _cached_sensitivity(sens_path)  # cached like the candidates: a repeat is instant

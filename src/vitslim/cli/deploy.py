@@ -31,8 +31,8 @@ def apply_cmd(
     data: Path = typer.Option(
         ..., "--data", "-d", help="Images: a seeded draw calibrates, other images measure fidelity."
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="NAME.onnx (an export step is added to recipes without one), "
-                             "or a folder for recipes without an export step."),
+    out: Path = typer.Option(..., "--out", "-o", help="NAME.onnx (float32 recipes without an export step get "
+                             "one), or a folder for recipes without an export step."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     calib_images: int = typer.Option(
         32,
@@ -60,12 +60,14 @@ def apply_cmd(
     from vitslim.data import list_images
     from vitslim.deploy import ModelSource, apply
     from vitslim.deploy.artifact import check_out_path
+    from vitslim.dtype import DtypeConfig
     from vitslim.export.config import ExportConfig
     from vitslim.workflows import load_any
 
     # Every input is checked before the model loads and minutes of calibration start.
     loaded_recipe = load_recipe(recipe)
-    if out.suffix == ".onnx" and not loaded_recipe.exports:  # a float recipe (FP32 + token reduction, ...) as ONNX
+    if out.suffix == ".onnx" and not loaded_recipe.exports and not any(
+            isinstance(step, DtypeConfig) for step in loaded_recipe.steps):  # FP32 + token reduction, ... as ONNX
         loaded_recipe = replace(loaded_recipe, steps=(*loaded_recipe.steps, ExportConfig()))
     check_out_path(out, loaded_recipe)
     if loaded_recipe.exports:

@@ -36,6 +36,9 @@ CASES = {
         **SMALL, image_size=32, patch_size=8, num_labels=3, architectures=["ViTForImageClassification"])),
     "DeiTForImageClassification": lambda: transformers.DeiTForImageClassification(transformers.DeiTConfig(
         **SMALL, image_size=32, patch_size=8, num_labels=3, architectures=["DeiTForImageClassification"])),
+    "DeiTForImageClassificationWithTeacher": lambda: transformers.DeiTForImageClassificationWithTeacher(
+        transformers.DeiTConfig(**SMALL, image_size=32, patch_size=8, num_labels=3,
+                                architectures=["DeiTForImageClassificationWithTeacher"])),
 }
 
 

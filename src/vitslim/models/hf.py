@@ -9,7 +9,8 @@ What is kept from the Hugging Face model: its embeddings (patch projection, clas
 distillation tokens, position embeddings with their interpolation), LayerNorms, linear
 layers, layer scales, final norm, pooler and classifier heads (same semantics per class:
 DINOv2's classifier reads [CLS, mean of patches], BEiT's reads the LayerNorm of the mean of
-patches), and its image processor's preprocessing. What changes: each layer is re-wired into
+patches, DeiT's distilled classifier averages its class and distillation heads), and its image
+processor's preprocessing. What changes: each layer is re-wired into
 vitslim's block layout, with q/k/v fused into one linear (exactly the same products, one GEMM
 instead of three; BEiT's key has no bias, so its part of the fused bias is zero), so
 quantization, token reduction, pruning and export act on it as on a timm ViT. BEiT's relative
@@ -56,6 +57,12 @@ def _cls_mean_head(model: HFVisionTransformer, x: torch.Tensor, pre_logits: bool
     return features if pre_logits else model.head(features)
 
 
+def _distilled_head(model: HFVisionTransformer, x: torch.Tensor, pre_logits: bool) -> torch.Tensor:
+    if pre_logits:
+        return (x[:, 0] + x[:, 1]) / 2
+    return (model.head(x[:, 0]) + model.head_dist(x[:, 1])) / 2  # DeiT's class and distillation heads, averaged
+
+
 def _pooled_head(model: HFVisionTransformer, x: torch.Tensor, pre_logits: bool) -> torch.Tensor:
     features = model.pool(x)  # BeitPooler: LayerNorm(mean of patches) with use_mean_pooling, else CLS
     return features if pre_logits else model.head(features)
@@ -70,6 +77,7 @@ HEADS: dict[str, tuple[str | None, str | None, Callable]] = {
     "BeitModel": (None, None, _pooled_head),
     "ViTForImageClassification": ("top", "classifier", _cls_head),
     "DeiTForImageClassification": ("top", "classifier", _cls_head),
+    "DeiTForImageClassificationWithTeacher": ("top", "cls_classifier", _distilled_head),
     "Dinov2ForImageClassification": ("top", "classifier", _cls_mean_head),
     "BeitForImageClassification": ("top", "classifier", _pooled_head),
 }
@@ -118,6 +126,8 @@ class HFVisionTransformer(nn.Module):
             if self.pool is None:  # BeitModel built without its pooler: HF returns no pooled output
                 self._read_head = _cls_head
         self.head = head
+        if self._read_head is _distilled_head:
+            self.head_dist = hf_model.distillation_classifier
         self.num_prefix_tokens = 2 if config.model_type == "deit" else 1  # DeiT: CLS + distillation
         self.num_classes = getattr(self.head, "out_features", 0) if owner == "top" else 0
         self.class_names = class_names(config, self.num_classes)

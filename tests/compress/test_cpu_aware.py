@@ -115,6 +115,7 @@ def test_chooser_treats_differences_inside_the_noise_as_ties():
     far = cand(4.5, 0.9950, low=4.3, high=4.7, se=1e-4, name="faithful")  # 20 standard errors apart: no tie
     choice = choose(Target.parse("speedup=2"), [far, fast])
     assert choice.chosen is far and choice.within_noise == []
+    assert "(faithful: cosine 0.99500, 4.50×; next int8-fast: cosine 0.99300, 6.20×)" in choice.reason  # what decided
     # fidelity target: overlapping speed intervals go to the more faithful candidate
     a = cand(3.1, 0.995, low=2.8, high=3.4, name="a")
     b = cand(3.3, 0.992, low=3.0, high=3.6, name="b")

@@ -525,7 +525,7 @@ def choose(target: Target, candidates: list[CandidateResult]) -> Choice:
             best = max(tied, key=lambda c: c.cosine)
             bound = (f"cosine ≥ {target.value}" if target.metric == "fidelity"
                      else f"top-1 drop ≤ {target.value} points")
-            why = f"fastest of the {len(feasible)} candidates with {bound}"
+            why = f"fastest of the {len(feasible)} candidates with {bound}{_margin(best, feasible, 'speedup')}"
             if len(tied) > 1:
                 notes.append(f"the speed intervals of {_names(tied)} overlap: {best.name}, the most faithful of "
                              "them, is chosen")
@@ -534,7 +534,7 @@ def choose(target: Target, candidates: list[CandidateResult]) -> Choice:
             tied = [c for c in feasible if fidelity_tie(c, most)]
             best = max(tied, key=lambda c: c.speedup)
             bound = f"speedup ≥ {target.value}" if target.metric == "speedup" else f"latency ≤ {target.value} ms"
-            why = f"highest fidelity of the {len(feasible)} candidates with {bound}"
+            why = f"highest fidelity of the {len(feasible)} candidates with {bound}{_margin(best, feasible, 'cosine')}"
             if len(tied) > 1:
                 notes.append(f"the cosines of {_names(tied)} differ by less than their standard errors: "
                              f"{best.name}, the fastest of them, is chosen")
@@ -548,6 +548,19 @@ def choose(target: Target, candidates: list[CandidateResult]) -> Choice:
     return Choice(closest, False, (f"no candidate meets {target.metric}={target.value}; the closest is "
                                    f"{closest.name} with {target.metric}={value if value is None else f'{value:.4g}'}"),
                   notes)
+
+
+def _margin(best: CandidateResult, feasible: list[CandidateResult], decided_by: str) -> str:
+    """The figures that decided: the chosen candidate's cosine and speedup, and those of the
+    runner-up by ``decided_by`` ("cosine" or "speedup")."""
+    def figures(c: CandidateResult) -> str:
+        cosine = "n/a" if c.cosine is None else f"{c.cosine:.5f}"
+        speed = "" if c.speedup is None else f", {c.speedup:.2f}×"
+        return f"{c.name}: cosine {cosine}{speed}"
+
+    others = [c for c in feasible if c is not best and getattr(c, decided_by) is not None]
+    runner_up = max(others, key=lambda c: getattr(c, decided_by), default=None)
+    return f" ({figures(best)}" + (f"; next {figures(runner_up)})" if runner_up else ")")
 
 
 def _names(candidates: list[CandidateResult]) -> str:

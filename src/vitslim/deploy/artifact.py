@@ -1,7 +1,8 @@
 """Artifacts: a compressed model saved ready to deploy, with its contract inside.
 
-* A recipe with an ``export`` step gives one ``.onnx`` file (ONNX Runtime; int8 kernels when
-  quantized), its contract in ``metadata_props``.
+* A recipe with an ``export`` step gives one ``.onnx`` file, its contract in ``metadata_props``:
+  for ONNX Runtime (int8 kernels when quantized), or, when the export step names OpenVINO, the
+  portable Q/DQ graph that OpenVINO runs at the precision hint the step records.
 * Any other recipe gives a folder: ``model.safetensors`` (every tensor, as the compressed
   model holds it: bf16, reparameterized and quantizer state) and ``vitslim.json`` (the
   contract, plus the quantization config). It loads back by itself with ``load_artifact``:
@@ -19,12 +20,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+if TYPE_CHECKING:
+    from vitslim.openvino_runtime import OpenVinoModel
 
 from vitslim import registry
 from vitslim.bench import OnnxModel, dedupe_shared_tensors
@@ -34,6 +39,7 @@ from vitslim.datafile import check_mapping, read_data_file
 from vitslim.deploy.contract import Contract, ModelSource, contract_for
 from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.export import export_onnx
+from vitslim.export.config import ExportConfig
 from vitslim.models import REFERENCE_NAME, load_model
 from vitslim.models.loading import load_state_dict_strict
 from vitslim.models.reference import load_reference_model
@@ -52,18 +58,20 @@ class Artifact:
     its contract."""
 
     path: Path
-    model: nn.Module | OnnxModel
+    model: nn.Module | OnnxModel | OpenVinoModel
     contract: Contract
 
     @property
     def runtime(self) -> str:
-        return "onnxruntime" if isinstance(self.model, OnnxModel) else "pytorch"
+        if isinstance(self.model, nn.Module):
+            return "pytorch"
+        return getattr(self.model, "runtime", "onnxruntime")
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """The artifact's output (logits or features, see the contract) for a batch of
         preprocessed images, as float32."""
-        if isinstance(self.model, OnnxModel):
+        if not isinstance(self.model, nn.Module):
             return self.model(images)
         dtype = next(self.model.parameters()).dtype
         return self.model(images.to(dtype)).float()
@@ -101,17 +109,22 @@ def build_artifact(model: nn.Module, recipe: Recipe, calib: torch.Tensor, out: s
     contract = contract_for(compressed, source, recipe.to_dict(), calibration, key)
     out.parent.mkdir(parents=True, exist_ok=True)
     if recipe.exports:
-        _write_onnx(compressed, out, contract)
+        _write_onnx(compressed, out, contract, ort_kernels=export_step(recipe).runtime == "onnxruntime")
     else:
         _write_folder(compressed, out, contract)
     return out
 
 
-def _write_onnx(model: nn.Module, out: Path, contract: Contract) -> None:
+def export_step(recipe: Recipe) -> ExportConfig:
+    """The recipe's export step (the runtime its ONNX file is written for); ONNX Runtime's by default."""
+    return next((s for s in recipe.steps if isinstance(s, ExportConfig)), ExportConfig())
+
+
+def _write_onnx(model: nn.Module, out: Path, contract: Contract, ort_kernels: bool = True) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp.onnx")
     os.close(fd)
     try:
-        export_onnx(model, tmp)
+        export_onnx(model, tmp, ort_kernels=ort_kernels)
         _set_onnx_metadata(Path(tmp), contract)
         publish(tmp, out)
     finally:
@@ -194,10 +207,16 @@ def write_contract(path: str | Path, contract: Contract) -> None:
 
 
 def load_artifact(path: str | Path, threads: int | None = None) -> Artifact:
-    """Load what ``build_artifact`` saved: an ONNX Runtime session or the rebuilt PyTorch model."""
+    """Load what ``build_artifact`` saved: an ONNX Runtime session, the graph compiled by
+    OpenVINO (when its recipe's export step names it), or the rebuilt PyTorch model."""
     path = Path(path)
     contract = read_contract(path)
     if path.suffix == ".onnx":
+        step = export_step(recipe_from_dict(contract.recipe))
+        if step.runtime == "openvino":
+            from vitslim.openvino_runtime import OpenVinoModel  # the optional extra, only when asked for
+
+            return Artifact(path, OpenVinoModel(path, step.precision, threads, contract.num_classes), contract)
         return Artifact(path, OnnxModel(path, threads), contract)
     return Artifact(path, _load_folder(path, contract), contract)
 

@@ -1,7 +1,7 @@
 """The "How to use this model" snippet of the report: load the artifact, feed one image as
 its contract says, print what comes out.
 
-For an ONNX artifact the snippet needs only onnxruntime, Pillow and numpy, and re-implements
+For an ONNX artifact the snippet needs only its runtime (onnxruntime or openvino), Pillow and numpy, and re-implements
 timm's evaluation transform (shorter side resized as torchvision does, the same PIL filter,
 centre crop rounded as torchvision rounds, float32 scaling and normalization): a test holds
 it equal to vitslim's own loader on real images. A saved folder needs vitslim to load.
@@ -35,12 +35,32 @@ def _print_lines(contract: Contract) -> str:
             "(compare with cosine similarity)\n")
 
 
+def _runtime_of(contract: Contract) -> str:
+    """``openvino`` when the artifact's export step names it, else ``onnxruntime``."""
+    steps = contract.recipe.get("steps") or []
+    return next((s["export"].get("runtime", "onnxruntime") for s in steps if "export" in s), "onnxruntime")
+
+
+def _run_lines(contract: Contract) -> tuple[str, str]:
+    """The import and the lines that run the file on ``preprocess(IMAGE)``, in the artifact's runtime."""
+    if _runtime_of(contract) == "openvino":
+        step = next(s["export"] for s in contract.recipe["steps"] if "export" in s)
+        return "import openvino as ov", (
+            f'compiled = ov.Core().compile_model(MODEL, "CPU", {{"INFERENCE_PRECISION_HINT": "{step["precision"]}"}})\n'
+            "output = compiled(preprocess(IMAGE))[0][0]\n")
+    return "import onnxruntime as ort", ('session = ort.InferenceSession(MODEL, providers=["CPUExecutionProvider"])\n'
+                                        'output = session.run(None, {"images": preprocess(IMAGE)})[0][0]\n')
+
+
 def onnx_snippet(model_path: str | Path, image: str | Path, contract: Contract) -> str:
+    """Load the ONNX artifact in its runtime (ONNX Runtime, or OpenVINO at the recorded
+    precision hint), preprocess one image with numpy and Pillow, print the output."""
     p = contract.preprocessing
+    runtime_import, run = _run_lines(contract)
     crop, resize = p["input_size"][1], p["resize"][0]
     as_list = lambda values: "[" + ", ".join(repr(float(v)) for v in values) + "]"  # noqa: E731
     return f'''import numpy as np
-import onnxruntime as ort
+{runtime_import}
 from PIL import Image
 
 MODEL = {str(Path(model_path).resolve())!r}
@@ -61,9 +81,7 @@ def preprocess(path):
     return x.transpose(2, 0, 1)[None]  # (1, 3, {crop}, {crop}) float32
 
 
-session = ort.InferenceSession(MODEL, providers=["CPUExecutionProvider"])
-output = session.run(None, {{"images": preprocess(IMAGE)}})[0][0]
-''' + _print_lines(contract)
+''' + run + _print_lines(contract)
 
 
 def folder_snippet(model_path: str | Path, image: str | Path, contract: Contract) -> str:
@@ -91,7 +109,7 @@ def usage_markdown(model_path: str | Path, image: str | Path, contract: Contract
                else f"a {out.get('dim')}-d feature vector per image")
     command = vitslim_command("predict", path, "--data", data)
     lines = ["## How to use this model", "",
-             f"The artifact: {markdown_code(path)} ({'ONNX Runtime' if onnx else 'PyTorch model folder'}). "
+             f"The artifact: {markdown_code(path)} ({_runtime_name(contract) if onnx else 'PyTorch model folder'}). "
              f"Input: {markdown_text(describe_preprocessing(contract.preprocessing))}. "
              f"Output: {markdown_text(meaning)}. "
              "All of this, the recipe and the measured fidelity are stored in the file "
@@ -99,7 +117,7 @@ def usage_markdown(model_path: str | Path, image: str | Path, contract: Contract
              "Check it on your images (the same preprocessing; prints the top-5 classes or writes the features):", "",
              "```bash", command, "```", ""]
     if onnx and snippet_supported(contract):
-        lines += ["In your service (onnxruntime, Pillow and numpy only; vitslim not needed):", "",
+        lines += [f"In your service ({_runtime_of(contract)}, Pillow and numpy only; vitslim not needed):", "",
                   "```python", onnx_snippet(path, _example(data), contract).rstrip(), "```"]
     elif onnx:
         lines += [f"(No numpy snippet for crop mode {markdown_text(repr(contract.preprocessing['crop_mode']))}: "
@@ -108,6 +126,13 @@ def usage_markdown(model_path: str | Path, image: str | Path, contract: Contract
         lines += ["In Python (this artifact is a PyTorch model, so it needs vitslim):", "",
                   "```python", folder_snippet(path, _example(data), contract).rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _runtime_name(contract: Contract) -> str:
+    if _runtime_of(contract) == "openvino":
+        step = next(s["export"] for s in contract.recipe["steps"] if "export" in s)
+        return f"OpenVINO, precision hint {step['precision']}"
+    return "ONNX Runtime"
 
 
 def _example(data: str | Path) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -143,9 +143,11 @@ def store_int8_weights(path: str | Path) -> int:
     return len(folded)
 
 
-def validate_onnx(model: nn.Module, path: str | Path, images: torch.Tensor, threads: int | None = None) -> dict:
-    """Run the ONNX file in a fresh ONNX Runtime session and compare with PyTorch on ``images``."""
-    session = OnnxModel(path, threads)
+def validate_onnx(model: nn.Module, path: str | Path, images: torch.Tensor, threads: int | None = None,
+                  runner: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Run the ONNX file in a fresh ONNX Runtime session (or in ``runner``, e.g. the file loaded
+    in OpenVINO) and compare with PyTorch on ``images``."""
+    session = runner or OnnxModel(path, threads)
     with torch.no_grad():
         expected = model(images).float()
     got = session(images)

@@ -1,0 +1,150 @@
+"""OpenVINO as a deploy runtime: real OpenVINO on small random ViTs (skipped without the extra)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_tiny_vit, tiny_vit_source
+from vitslim import metrics
+from vitslim.bench import compare
+from vitslim.compress import Recipe
+from vitslim.compress.steps import apply_recipe
+from vitslim.data import calibration_images, load_image_folder
+from vitslim.deploy import build_artifact, load_artifact, predict_folder, read_contract
+from vitslim.errors import ConfigError
+from vitslim.export import ExportConfig
+from vitslim.quant import preset
+from vitslim.tokens import ToMeConfig
+
+pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+TINY = dict(img_size=48, patch_size=8)
+OV_F32, OV_BF16 = ExportConfig(runtime="openvino", precision="f32"), ExportConfig(runtime="openvino", precision="bf16")
+
+
+def _images(folder, model, limit):
+    return calibration_images(load_image_folder(folder, model, limit=limit))
+
+
+def _reference(model, recipe, calib, images):
+    expected = apply_recipe(model, recipe, calib)
+    with torch.inference_mode():
+        return expected(images).float()
+
+
+@pytest.mark.parametrize(("steps", "max_rel_err"), [
+    ((OV_F32,), 1e-5),  # float graph at f32: OpenVINO computes what PyTorch does
+    ((ToMeConfig(r=4), preset("w8a8-ort"), OV_F32), 2e-2),  # int8 kernels: rounding differs at the edges
+    ((ToMeConfig(r=4), preset("w8a8-ort"), OV_BF16), 6e-2),  # float parts in bfloat16 as well
+], ids=["fp32-f32", "tome+w8a8-f32", "tome+w8a8-bf16"])
+def test_openvino_artifact_runs_what_pytorch_computes(tmp_path, example_images, steps, max_rel_err):
+    model, recipe = make_tiny_vit(**TINY), Recipe("r", steps)
+    images = _images(example_images, model, limit=8)
+    path = build_artifact(model, recipe, images[:4], tmp_path / "model.onnx", tiny_vit_source(**TINY))
+    artifact = load_artifact(path)
+    assert artifact.runtime == f"openvino-{steps[-1].precision}"
+    want, got = _reference(model, recipe, images[:4], images), artifact(images)
+    assert (got - want).abs().max().item() < max_rel_err * want.abs().max().item()
+    assert metrics.cosine_similarity(want, got) > 1 - max_rel_err
+    # portable: standard ONNX ops only (no ONNX Runtime contrib kernels), which OpenVINO reads
+    assert {n.domain for n in onnx.load(str(path)).graph.node} <= {"", "ai.onnx"}
+    # predict feeds it as its contract says, through the same OpenVINO model
+    preds = predict_folder(path, example_images, top_k=2, limit=8)
+    assert torch.allclose(preds.outputs, got, atol=1e-5)
+
+
+def test_the_precision_hint_changes_what_is_computed(tmp_path, example_images):
+    """bf16 and f32 are two models, not one: the hint is recorded and measured, not implied."""
+    model = make_tiny_vit(**TINY)
+    images = _images(example_images, model, limit=8)
+    outs = {}
+    for step in (OV_F32, OV_BF16):
+        path = build_artifact(model, Recipe("r", (step,)), images[:0], tmp_path / f"{step.precision}.onnx",
+                              tiny_vit_source(**TINY))
+        assert read_contract(path).recipe["steps"] == [{"export": {"format": "onnx", "runtime": "openvino",
+                                                                   "precision": step.precision}}]
+        outs[step.precision] = load_artifact(path)(images)
+    with torch.inference_mode():
+        want = model(images)
+    err = {p: (o - want).abs().max().item() for p, o in outs.items()}
+    assert err["f32"] < 1e-4 < err["bf16"]
+
+
+def test_openvino_model_times_beside_pytorch_in_one_interleaved_run(tmp_path, example_images):
+    model = make_tiny_vit(**TINY)
+    path = build_artifact(model, Recipe("r", (OV_F32,)), torch.empty(0), tmp_path / "m.onnx", tiny_vit_source(**TINY))
+    results = compare({"fp32": model, "ov": load_artifact(path).model}, batch_size=2, warmup=1, iters=2, flops=False)
+    assert [r.runtime for r in results] == ["pytorch", "openvino-f32"]
+    assert results[1].rounds == 2 and results[1].size_mb == pytest.approx(path.stat().st_size / 1e6)
+
+
+def test_vitslim_export_runtime_openvino(tmp_path, example_images):
+    from vitslim.cli import app
+    from vitslim.quant import quantize_
+    from vitslim.quant.io import save_quantized
+
+    model = make_tiny_vit(**TINY)
+    qmodel = quantize_(copy.deepcopy(model), preset("w8a8-ort"), _images(example_images, model, limit=8))
+    save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", tiny_vit_source(**TINY).timm_kwargs)
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "q"), "--out", str(out), "--runtime", "openvino",
+                                   "--precision", "f32", "--verify", str(example_images)])
+    assert res.exit_code == 0, res.output
+    contract = read_contract(out)
+    assert contract.recipe["steps"][-1] == {"export": {"format": "onnx", "runtime": "openvino", "precision": "f32"}}
+    assert contract.fidelity["cosine"] > 0.99 and "openvino-f32 vs PyTorch" in res.output
+    assert load_artifact(out).runtime == "openvino-f32"
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "q"), "--out", str(tmp_path / "x.onnx"),
+                                   "--precision", "bf16"])
+    assert isinstance(res.exception, ConfigError) and "--runtime openvino" in str(res.exception)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize(("knobs", "message"), [
+    ({"runtime": "openvino"}, "needs precision bf16 or f32"),
+    ({"runtime": "openvino", "precision": "fp16"}, "needs precision"),
+    ({"precision": "bf16"}, "takes none"),
+    ({"runtime": "tensorrt"}, "is not one of"),
+])
+def test_export_step_knobs_are_checked(knobs, message):
+    with pytest.raises(ConfigError, match=message):
+        ExportConfig(**knobs)
+
+
+def test_without_openvino_nothing_imports_it_and_an_openvino_artifact_says_how_to_get_it(tmp_path, example_images):
+    model = make_tiny_vit(**TINY)
+    for name, step in (("ort.onnx", ExportConfig()), ("ov.onnx", OV_F32)):
+        build_artifact(model, Recipe("r", (step,)), torch.empty(0), tmp_path / name, tiny_vit_source(**TINY))
+    code = ("import sys; sys.modules['openvino'] = None\n"
+            "from vitslim.cli import app\nfrom vitslim.deploy import load_artifact\n"
+            f"load_artifact({str(tmp_path / 'ort.onnx')!r})\n"
+            "assert not any(m.startswith('openvino') and sys.modules[m] for m in sys.modules)\n"
+            f"load_artifact({str(tmp_path / 'ov.onnx')!r})\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 1 and "OpenVINO is not installed" in res.stderr and "vitslim[openvino]" in res.stderr
+
+
+def test_report_snippet_runs_the_artifact_in_openvino_without_vitslim(tmp_path, example_images):
+    from vitslim.deploy import usage_markdown
+
+    model = make_tiny_vit(**TINY)
+    path = build_artifact(model, Recipe("r", (OV_BF16,)), torch.empty(0), tmp_path / "m.onnx", tiny_vit_source(**TINY))
+    markdown = usage_markdown(path, next(example_images.iterdir()), read_contract(path), example_images)
+    assert "OpenVINO, precision hint bf16" in markdown
+    code = markdown.split("```python\n")[1].split("```")[0]
+    check = ("\nimport sys\nassert 'vitslim' not in sys.modules and 'torch' not in sys.modules\n"
+             f"np.save({str(tmp_path / 'out.npy')!r}, output)\n")
+    proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    image = code.split("IMAGE = '")[1].split("'")[0]
+    preds = predict_folder(path, example_images)
+    row = [str(f) for f in preds.files].index(image)
+    assert np.allclose(np.load(tmp_path / "out.npy"), preds.outputs[row].numpy(), atol=1e-4)

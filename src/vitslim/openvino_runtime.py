@@ -87,6 +87,7 @@ class OpenVinoModel:
         width = model.outputs[0].get_partial_shape()[-1]
         imagenet_head = 1000 if width.is_static and width.get_length() == 1000 else 0
         self.num_classes = imagenet_head if num_classes is None else num_classes
+        self.contract = None  # the vitslim contract, set by whoever read it from the file
 
     @property
     def runtime(self) -> str:

@@ -18,10 +18,12 @@ from timm.data import create_transform
 from torch import nn
 
 from vitslim.bench import BenchResult, OnnxModel, compare, machine_info
+from vitslim.compress.recipes import recipe_from_dict
 from vitslim.data import load_image_folder, make_loader, model_transform
 from vitslim.dtype import DTYPES, torch_dtype
 from vitslim.errors import ConfigError
 from vitslim.evaluation import EvalResult, evaluate
+from vitslim.export.config import export_step
 from vitslim.models import load_model
 from vitslim.models.reference import build_reference, load_reference_model, reference_onnx_path
 from vitslim.prune.io import is_pruned_folder, load_pruned
@@ -35,16 +37,34 @@ __all__ = ["DTYPES", "EXAMPLE_IMAGES", "bench_side_by_side", "build_reference", 
 def load_any(spec: str, checkpoint: str | Path | None = None, dtype: str = "float32") -> nn.Module | OnnxModel:
     """A model from a CLI spec: timm name, the reference name, an ``.onnx`` file, or a folder
     saved by ``vitslim prune``. ``name@bfloat16`` picks the dtype inside the spec (handy for
-    ``bench --compare``)."""
+    ``bench --compare``). An ``.onnx`` file runs in the runtime its contract names (ONNX Runtime
+    unless exported for OpenVINO); ``file.onnx@openvino-bf16`` (or ``-f32``, ``@onnxruntime``)
+    picks another."""
     spec, _, spec_dtype = spec.partition("@")
-    dtype = spec_dtype or dtype
     if spec.endswith(".onnx"):
-        if dtype != "float32":
-            raise ConfigError("--dtype applies to PyTorch models; an ONNX file runs as exported")
-        return OnnxModel(spec)
+        return _onnx_in_runtime(spec, spec_dtype or None, dtype)
+    dtype = spec_dtype or dtype
+
     if is_pruned_folder(spec):
         return load_pruned(spec).to(torch_dtype(dtype))
     return load_model(spec, checkpoint=checkpoint).to(torch_dtype(dtype))
+
+
+def _onnx_in_runtime(path: str, runtime: str | None, dtype: str):
+    if dtype != "float32":
+        raise ConfigError("--dtype applies to PyTorch models; an ONNX file runs as exported")
+    session = OnnxModel(path)
+    recorded = export_step(recipe_from_dict(session.contract.recipe).steps).label if session.contract else "onnxruntime"
+    runtime = runtime or recorded
+    if runtime == "onnxruntime":
+        return session
+    if runtime not in ("openvino-bf16", "openvino-f32"):
+        raise ConfigError(f"{path}@{runtime}: an ONNX file runs @onnxruntime, @openvino-bf16 or @openvino-f32")
+    from vitslim.openvino_runtime import OpenVinoModel  # the optional extra, only when asked for
+
+    model = OpenVinoModel(path, runtime.removeprefix("openvino-"), num_classes=session.num_classes)
+    model.contract = session.contract
+    return model
 
 
 def preprocessing_for(model: nn.Module | OnnxModel, reference: nn.Module | OnnxModel | None):

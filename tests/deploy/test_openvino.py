@@ -148,3 +148,20 @@ def test_report_snippet_runs_the_artifact_in_openvino_without_vitslim(tmp_path, 
     preds = predict_folder(path, example_images)
     row = [str(f) for f in preds.files].index(image)
     assert np.allclose(np.load(tmp_path / "out.npy"), preds.outputs[row].numpy(), atol=1e-4)
+
+
+def test_eval_and_bench_run_an_onnx_file_in_the_runtime_its_contract_names(tmp_path, example_images):
+    from vitslim.bench import OnnxModel
+    from vitslim.openvino_runtime import OpenVinoModel
+    from vitslim.workflows import evaluate_on_folder, load_any
+
+    model = make_tiny_vit(**TINY)
+    path = build_artifact(model, Recipe("r", (OV_F32,)), torch.empty(0), tmp_path / "m.onnx", tiny_vit_source(**TINY))
+    chosen = {spec: load_any(spec) for spec in (str(path), f"{path}@onnxruntime", f"{path}@openvino-bf16")}
+    assert [type(m) for m in chosen.values()] == [OpenVinoModel, OnnxModel, OpenVinoModel]
+    assert [getattr(m, "runtime", "onnxruntime") for m in chosen.values()] == [
+        "openvino-f32", "onnxruntime", "openvino-bf16"]
+    result = evaluate_on_folder(str(path), example_images, reference=f"{path}@onnxruntime", limit=8)
+    assert result.images == 8 and result.cosine > 0.99999  # the same graph in two runtimes, both at f32
+    with pytest.raises(ConfigError, match="@openvino-f32"):
+        load_any(f"{path}@openvino-fp16")

@@ -39,7 +39,7 @@ from vitslim.datafile import check_mapping, read_data_file
 from vitslim.deploy.contract import Contract, ModelSource, contract_for
 from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.export import export_onnx
-from vitslim.export.config import ExportConfig
+from vitslim.export.config import export_step
 from vitslim.models import REFERENCE_NAME, load_model
 from vitslim.models.loading import load_state_dict_strict
 from vitslim.models.reference import load_reference_model
@@ -109,15 +109,10 @@ def build_artifact(model: nn.Module, recipe: Recipe, calib: torch.Tensor, out: s
     contract = contract_for(compressed, source, recipe.to_dict(), calibration, key)
     out.parent.mkdir(parents=True, exist_ok=True)
     if recipe.exports:
-        _write_onnx(compressed, out, contract, ort_kernels=export_step(recipe).runtime == "onnxruntime")
+        _write_onnx(compressed, out, contract, ort_kernels=export_step(recipe.steps).runtime == "onnxruntime")
     else:
         _write_folder(compressed, out, contract)
     return out
-
-
-def export_step(recipe: Recipe) -> ExportConfig:
-    """The recipe's export step (the runtime its ONNX file is written for); ONNX Runtime's by default."""
-    return next((s for s in recipe.steps if isinstance(s, ExportConfig)), ExportConfig())
 
 
 def _write_onnx(model: nn.Module, out: Path, contract: Contract, ort_kernels: bool = True) -> None:
@@ -212,11 +207,13 @@ def load_artifact(path: str | Path, threads: int | None = None) -> Artifact:
     path = Path(path)
     contract = read_contract(path)
     if path.suffix == ".onnx":
-        step = export_step(recipe_from_dict(contract.recipe))
+        step = export_step(recipe_from_dict(contract.recipe).steps)
         if step.runtime == "openvino":
             from vitslim.openvino_runtime import OpenVinoModel  # the optional extra, only when asked for
 
-            return Artifact(path, OpenVinoModel(path, step.precision, threads, contract.num_classes), contract)
+            model = OpenVinoModel(path, step.precision, threads, contract.num_classes)
+            model.contract = contract
+            return Artifact(path, model, contract)
         return Artifact(path, OnnxModel(path, threads), contract)
     return Artifact(path, _load_folder(path, contract), contract)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from vitslim.datafile import brief
 from vitslim.errors import ConfigError
@@ -41,3 +43,8 @@ class ExportConfig:
 
 
 register(ExportConfig, step="export", stage=3)(None)
+
+
+def export_step(steps: Iterable[Any]) -> ExportConfig:
+    """A recipe's export step (the runtime its ONNX file is written for); ONNX Runtime's when it has none."""
+    return next((s for s in steps if isinstance(s, ExportConfig)), ExportConfig())

@@ -1,6 +1,7 @@
-"""Deployment: vitslim's int8 ONNX exports against ONNX Runtime's own quantizers, one run.
+"""Deployment: vitslim's int8 exports in ONNX Runtime and OpenVINO against the peers, one run.
 
     uv run python benchmarks/deploy_table.py [--images DIR] [--eval 128] [--models dinov2,deit]
+        [--out docs/results/deploy_table.json]
 
 Rows per model: PyTorch FP32 eager (the baseline), ``torch.compile`` FP32, ORT FP32, ORT
 ``quantize_static`` INT8 with each of its calibrators (MinMax, Entropy, Percentile; QDQ,
@@ -14,13 +15,22 @@ ORT's own ``MatMulNBitsQuantizer`` (round to nearest, block 32) as the peer. All
 same seeded 32 images; fidelity (feature cosine vs PyTorch FP32) is measured on --eval other
 images, and only for the real DINOv2 reference model (DeiT-S has random weights here: no hub, so
 its fidelity would mean nothing). Throughput ratios come from one interleaved run per batch size
-(see ``vitslim.compare``)."""
+(see ``vitslim.compare``).
+
+With OpenVINO and NNCF installed (extras ``openvino``, ``peers``), also: OpenVINO FP32 at both
+precision hints (f32, bf16), PyTorch bf16 eager, NNCF INT8 (default SmoothQuant, and α=0.5) in
+OpenVINO, and vitslim ``w8a8-ort`` (+ ToMe) exported for OpenVINO at both hints. The JSON
+(``--out``) holds every row with the command, date, CPU model and flags, library versions, the
+model and the images."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import logging
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +44,7 @@ from vitslim.bench import OnnxModel, machine_info
 from vitslim.data import calibration_images
 from vitslim.export import export_onnx
 from vitslim.models import load_reference_model
-from vitslim.output import print_table
+from vitslim.output import print_table, write_json
 
 ORT_CALIBRATORS = ("MinMax", "Entropy", "Percentile")
 
@@ -82,7 +92,55 @@ def ort_matmul_nbits(fp32: Path, out: Path) -> Path:
     return out
 
 
-def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: list[int], static: bool = True) -> dict:
+def nncf_int8(fp32: Path, calib: torch.Tensor, out: Path, alpha: float | None = None) -> Path:
+    """The peer on OpenVINO: NNCF's post-training INT8 for transformers (SmoothQuant with its
+    default α, or ``alpha``), calibrated on the same images one at a time, saved as IR."""
+    import nncf
+    import openvino as ov
+
+    kwargs = {}
+    if alpha is not None:
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+        kwargs["advanced_parameters"] = AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha))
+    dataset = nncf.Dataset([calib[i : i + 1].numpy() for i in range(len(calib))])
+    quantized = nncf.quantize(ov.Core().read_model(str(fp32)), dataset, model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(calib), **kwargs)
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
+    return out
+
+
+def in_openvino(path: Path, precision: str):
+    from vitslim.openvino_runtime import OpenVinoModel
+
+    return OpenVinoModel(path, precision)
+
+
+def openvino_candidates(model, calib, tmp, fp32, qmodels, tome_models, timed, made) -> None:
+    """The OpenVINO rows (see the module docstring); nothing when OpenVINO or NNCF is missing."""
+    from vitslim.openvino_runtime import openvino_available
+
+    if not openvino_available() or importlib.util.find_spec("nncf") is None:
+        print("  OpenVINO or NNCF not installed: their rows are left out", flush=True)
+        return
+    made["PyTorch bf16 eager"] = copy.deepcopy(model).to(torch.bfloat16)
+    for precision in ("f32", "bf16"):
+        made[f"OpenVINO FP32, hint {precision}"] = in_openvino(fp32, precision)
+    timed("NNCF INT8 default, OpenVINO bf16", lambda: in_openvino(nncf_int8(fp32, calib, tmp / "nncf.xml"), "bf16"))
+    timed("NNCF INT8 α=0.5, OpenVINO bf16",
+          lambda: in_openvino(nncf_int8(fp32, calib, tmp / "nncf05.xml", 0.5), "bf16"))
+    portable = export_onnx(qmodels["w8a8-ort"], tmp / "w8a8-ort-ov.onnx", ort_kernels=False)
+    for precision in ("f32", "bf16"):
+        made[f"vitslim w8a8-ort, OpenVINO {precision}"] = in_openvino(portable, precision)
+    for r, merged in tome_models.items():
+        path = export_onnx(merged, tmp / f"tome{r}-ov.onnx", ort_kernels=False)
+        for precision in ("f32", "bf16"):
+            made[f"vitslim w8a8-ort + ToMe r={r}, OpenVINO {precision}"] = in_openvino(path, precision)
+
+
+def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: list[int], static: bool = True,
+               nbits: bool = True) -> dict:
     """Every deployment candidate of ``model``, with how long it took to make."""
     made, seconds = {"PyTorch FP32 eager": model}, {}
 
@@ -107,30 +165,36 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
         timed(f"vitslim {preset}", lambda p=preset: export_onnx(qmodels.setdefault(p, quantized(p)), tmp / f"{p}.onnx"))
     timed("vitslim w8a8-ort, plain Q/DQ linears",
           lambda: export_onnx(qmodels["w8a8-ort"], tmp / "w8a8-ort-qdq.onnx", ort_kernels=False))
-    timed("vitslim w4-ort (MatMulNBits)", lambda: export_onnx(quantized("w4-ort"), tmp / "w4.onnx"))
-    timed("ORT MatMulNBits RTN b32", lambda: ort_matmul_nbits(fp32, tmp / "ort_nbits.onnx"))
+    if nbits:
+        timed("vitslim w4-ort (MatMulNBits)", lambda: export_onnx(quantized("w4-ort"), tmp / "w4.onnx"))
+        timed("ORT MatMulNBits RTN b32", lambda: ort_matmul_nbits(fp32, tmp / "ort_nbits.onnx"))
+    tome_models = {}
     for r in tome_r:  # merge first, then calibrate on the merged model: what the user would run
         merged = tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=r))
-        timed(f"vitslim w8a8-ort + ToMe r={r}",
-              lambda m=merged, r=r: export_onnx(quantized("w8a8-ort", m), tmp / f"tome{r}.onnx"))
+        tome_models[r] = quantized("w8a8-ort", merged)
+        timed(f"vitslim w8a8-ort + ToMe r={r}", lambda r=r: export_onnx(tome_models[r], tmp / f"tome{r}.onnx"))
+    openvino_candidates(model, calib, tmp, fp32, qmodels, tome_models, timed, made)
     return {"models": made, "seconds": seconds}
 
 
 def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args) -> list[dict]:
     print(f"{name}:", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        made = candidates(model, calib, Path(tmp), args.tome_r, not args.skip_static)
+        made = candidates(model, calib, Path(tmp), args.tome_r, not args.skip_static, not args.skip_nbits)
         models = made["models"]
-        speed = {b: compare(models, batch_size=b, iters=args.iters * (4 if b == 1 else 1), warmup=2, flops=False,
+        speed = {b: compare(models, batch_size=b, iters=args.iters * (4 if b == 1 else 1), warmup=3, flops=False,
                             warm_each=args.warm) for b in (1, 8)}
         reference = predict(model, loader, f"{name} FP32") if loader else None
         rows = []
         for i, (cname, candidate) in enumerate(models.items()):
-            b8 = speed[8][i]
+            b1, b8 = speed[1][i], speed[8][i]
             fid = evaluate(OnnxModel(candidate) if isinstance(candidate, Path) else candidate, loader,
                            reference=reference) if loader else None
-            rows.append({"model": name, "name": cname, "x_b1": speed[1][i].speedup, "x_b8": speed[8][i].speedup,
-                         "img_s_b8": b8.throughput, "size_mb": b8.size_mb,
+            rows.append({"model": name, "name": cname, "runtime": b8.runtime,
+                         "x_b1": b1.speedup, "x_b1_low": b1.speedup_low, "x_b1_high": b1.speedup_high,
+                         "x_b8": b8.speedup, "x_b8_low": b8.speedup_low, "x_b8_high": b8.speedup_high,
+                         "img_s_b8": b8.throughput, "ms_b1": b1.latency_ms_median, "size_mb": b8.size_mb,
+                         "disturbed": b1.disturbed or b8.disturbed,
                          "cosine": fid.cosine if fid else None, "sqnr_db": fid.sqnr_db if fid else None,
                          "make_s": made["seconds"].get(cname)})
     return rows
@@ -148,6 +212,8 @@ def main() -> None:
     parser.add_argument("--tome-r", default="8,13", help="comma list of ToMe merge counts")
     parser.add_argument("--models", default="dinov2,deit")
     parser.add_argument("--skip-static", action="store_true", help="leave out ORT quantize_static (3 calibrators)")
+    parser.add_argument("--skip-nbits", action="store_true", help="leave out the 4-bit MatMulNBits rows")
+    parser.add_argument("--out", type=Path, help="write the rows and the run's details here as JSON")
     args = parser.parse_args()
     args.tome_r = [int(r) for r in args.tome_r.split(",") if r]
 
@@ -164,15 +230,46 @@ def main() -> None:
         eval_set.indices = eval_set.indices[: args.eval]
         loader = make_loader(eval_set, 32) if key == "dinov2" else None
         rows += measure(name, model, calibration_images(calib_set), loader, args)
-    m = machine_info()
-    print_table("deployment on ONNX Runtime vs PyTorch FP32 eager", rows, {
-        "model": "model", "name": "candidate", "x_b1": "× eager b1", "x_b8": "× eager b8", "img_s_b8": "img/s b8",
-        "size_mb": "size MB", "cosine": "cosine vs FP32", "sqnr_db": "SQNR dB", "make_s": "make s"},
-        caption=f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads (PyTorch and ORT), "
-                f"{args.iters} timed batches at batch 8 "
-                f"and {4 * args.iters} at batch 1, interleaved{', each warm' if args.warm else ''}; "
-                f"calibration {args.calib} images, fidelity on "
-                f"{args.eval} others of {args.images}")
+    m = machine_info() | library_versions()
+    caption = (f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads (every runtime), "
+               f"{args.iters} timed batches at batch 8 and {4 * args.iters} at batch 1, interleaved"
+               f"{', each warm' if args.warm else ''}; calibration {args.calib} images, fidelity on "
+               f"{args.eval} others of {args.images}")
+    print_table("deployment: ratio to PyTorch FP32 eager, same run", rows, {
+        "model": "model", "name": "candidate", "runtime": "runtime", "x_b1": "× eager b1", "x_b8": "× eager b8",
+        "img_s_b8": "img/s b8", "size_mb": "size MB", "cosine": "cosine vs FP32", "sqnr_db": "SQNR dB",
+        "make_s": "make s"}, caption=caption)
+    if args.out:
+        write_json(args.out, {"command": "uv run python " + " ".join(shlex.quote(a) for a in sys.argv),
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": m, "caption": caption,
+                              "cpu_flags": sorted(cpu_flags() & INTERESTING_FLAGS),
+                              "data": {"images": str(args.images), "calibration": args.calib, "evaluation": args.eval,
+                                       "split": "vitslim.calibration_split(seed=0)"},
+                              "baseline": "PyTorch FP32 eager", "rows": rows})
+        print(f"wrote {args.out}")
+
+
+INTERESTING_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
+                     "avx512_fp16"}
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("openvino", "nncf"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 if __name__ == "__main__":

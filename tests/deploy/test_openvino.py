@@ -165,3 +165,28 @@ def test_eval_and_bench_run_an_onnx_file_in_the_runtime_its_contract_names(tmp_p
     assert result.images == 8 and result.cosine > 0.99999  # the same graph in two runtimes, both at f32
     with pytest.raises(ConfigError, match="@openvino-f32"):
         load_any(f"{path}@openvino-fp16")
+
+
+def test_compress_times_each_exported_recipe_in_every_runtime_and_names_the_chosen_one(tmp_path, example_images):
+    from vitslim.compress import compress
+
+    model = make_tiny_vit(**TINY)
+    recipe = Recipe("int8-tome", (ToMeConfig(r=4), preset("w8a8-ort"), ExportConfig()))
+    result = compress(model, example_images, "fidelity=0.9", recipes=[recipe], runtimes=(ExportConfig(), OV_F32),
+                      n_calib=8, n_eval=8, batch_size=2, iters=2, cache_dir=tmp_path / "cache",
+                      sensitivity_preset=None, out=tmp_path / "out", save_all=True, source=tiny_vit_source(**TINY))
+    assert [(c.name, c.runtime) for c in result.candidates] == [
+        ("int8-tome", "onnxruntime"), ("int8-tome@openvino-f32", "openvino-f32")]
+    assert all(c.error is None and c.cosine > 0.9 for c in result.candidates)
+    assert result.artifact == result.artifacts[result.chosen.name]
+    assert load_artifact(result.artifact).runtime == result.chosen.runtime  # the chosen artifact names its runtime
+    # the twin was exported from the model its ONNX Runtime sibling was built from: it computes
+    # what a build of its own (same calibration images) computes
+    from vitslim.deploy.workflow import calibration_batch, split_images
+
+    _, calib_set, _ = split_images(model, example_images, 8, 8, 0)
+    alone = build_artifact(model, recipe.in_runtime(OV_F32), calibration_batch(calib_set), tmp_path / "alone.onnx",
+                           tiny_vit_source(**TINY))
+    images = _images(example_images, model, limit=8)
+    twin = load_artifact(result.artifacts["int8-tome@openvino-f32"])
+    assert torch.allclose(twin(images), load_artifact(alone)(images), atol=1e-5)

@@ -84,6 +84,11 @@ class Recipe:
         """Whether the recipe ends in an ONNX file rather than a PyTorch model."""
         return any(isinstance(s, ExportConfig) for s in self.steps)
 
+    def in_runtime(self, step: ExportConfig) -> Recipe:
+        """The same recipe exported for another runtime (``step``), named ``name@runtime``."""
+        steps = tuple(step if isinstance(s, ExportConfig) else s for s in self.steps)
+        return Recipe(f"{self.name}@{step.label}", steps, self.description)
+
     def unmet_needs(self, cpu: CpuFeatures) -> list[str]:
         """Why this recipe cannot win on ``cpu``: one reason per step whose need it lacks."""
         needs = [need_of(s) for s in self.steps]

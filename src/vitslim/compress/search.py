@@ -31,6 +31,7 @@ from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, recipe_from_dict
 from vitslim.data import make_loader
 from vitslim.errors import ConfigError, ModelLoadError, OutputPathError, UnsupportedModelError
 from vitslim.evaluation import Outputs, predict
+from vitslim.export.config import ExportConfig, export_step
 from vitslim.models import vit_parts
 from vitslim.models.reference import cache_dir
 from vitslim.output import check_output_dir, replace_path, safe_filename, write_json
@@ -66,6 +67,45 @@ DEFAULT_GRID = ("fp32", "int8-fast", "int8-tome", "int8-tome-13", "ort-fp32", "b
 # For models the ViT adapter does not know (Swin, EfficientFormer, MobileViT, ...): what applies to any.
 HYBRID_GRID = ("fp32", "bf16", "ort-fp32", "int8-hybrid")
 NOT_A_VIT = "the model has no plain ViT blocks, so token reduction and the ViT quantizers do not apply"
+
+
+def default_runtimes(cpu: CpuFeatures) -> tuple[ExportConfig, ...]:
+    """The runtimes an exported recipe is timed in here: ONNX Runtime, and OpenVINO when
+    installed (its float parts in bf16 where the CPU computes bfloat16 natively, else f32)."""
+    from vitslim.openvino_runtime import default_precision, openvino_available
+
+    openvino = (ExportConfig(runtime="openvino", precision=default_precision(cpu)),) if openvino_available() else ()
+    return (ExportConfig(), *openvino)
+
+
+def in_every_runtime(grid: list[Recipe], runtimes: tuple[ExportConfig, ...]) -> list[Recipe]:
+    """Each recipe exported for ONNX Runtime followed by its twins for the other ``runtimes``
+    (``name@openvino-bf16``): the same model, built once, timed in each runtime."""
+    out = []
+    for recipe in grid:
+        out.append(recipe)
+        if recipe.exports and export_step(recipe.steps) == ExportConfig():
+            out += [recipe.in_runtime(step) for step in runtimes if step != ExportConfig()]
+    return out
+
+
+class LastBuild:
+    """The last recipe's compressed model, kept so that its twins for other runtimes (the same
+    steps, another export) reuse it instead of calibrating again."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.model: nn.Module | None = None
+
+    def get(self, model: nn.Module, recipe: Recipe, calib: torch.Tensor) -> nn.Module:
+        from vitslim.compress.steps import apply_recipe
+
+        key = json.dumps(_resolved_steps(Recipe("steps", tuple(s for s in recipe.steps
+                                                                 if not isinstance(s, ExportConfig)))))
+        if key != self.key:
+            self.key, self.model = None, None  # the old model is freed before the new one is built
+            self.model, self.key = apply_recipe(model, recipe, calib), key
+        return self.model
 
 
 def has_vit_blocks(model: nn.Module) -> bool:
@@ -299,12 +339,13 @@ def evaluate_candidate(
     calibration: dict,
     speedup_needed: Callable[[CandidateResult], float | None] = lambda c: None,
     speedup_enough: float | None = None,
+    builds: LastBuild | None = None,
 ) -> CandidateResult:
     """Build ``recipe``'s artifact from ``model`` in ``workdir`` (as ``vitslim apply`` does),
     load it back, and measure the saved artifact: fidelity to FP32 (``build_and_measure``),
     then speed beside FP32 (``time_candidate``)."""
     result, artifact = build_and_measure(model, recipe, key, calib, eval_loader, reference, workdir, source,
-                                         calibration)
+                                         calibration, builds)
     if artifact is None:
         return result
     return time_candidate(model, recipe, artifact, result, batch_size, iters, speedup_needed, speedup_enough)
@@ -312,11 +353,12 @@ def evaluate_candidate(
 
 def build_and_measure(model: nn.Module, recipe: Recipe, key: str, calib: torch.Tensor, eval_loader,
                       reference: Outputs, workdir: Path, source: ModelSource,
-                      calibration: dict) -> tuple[CandidateResult, Artifact | None]:
+                      calibration: dict, builds: LastBuild | None = None) -> tuple[CandidateResult, Artifact | None]:
     """The part of a candidate's evaluation that does not depend on the CPU it runs on: build
     ``recipe``'s artifact in ``workdir``, load it back and measure its fidelity to FP32 (also
     recorded in the artifact). Returns the result so far and the loaded artifact, or the result
-    with its ``error`` and None when the candidate failed."""
+    with its ``error`` and None when the candidate failed. ``builds`` shares one compressed
+    model between a recipe and its twins for other runtimes."""
     # deploy imports compress (recipes): imported here, when a search runs, to break the cycle
     from vitslim.deploy.artifact import artifact_name, build_artifact, load_artifact, write_contract
     from vitslim.deploy.workflow import fidelity
@@ -324,7 +366,8 @@ def build_and_measure(model: nn.Module, recipe: Recipe, key: str, calib: torch.T
     start = time.perf_counter()
     result = CandidateResult(recipe=recipe.to_dict(), key=key, calib_images=len(calib))
     try:
-        path = build_artifact(model, recipe, calib, workdir / artifact_name(recipe), source, calibration, key)
+        applied = builds.get(model, recipe, calib) if builds else None
+        path = build_artifact(model, recipe, calib, workdir / artifact_name(recipe), source, calibration, key, applied)
         artifact = load_artifact(path)
         built = time.perf_counter()
         result.phases["build"] = round(built - start, 2)
@@ -411,6 +454,7 @@ class SearchInputs:
     staging: Path
     source: ModelSource
     calibration: dict
+    builds: LastBuild = field(default_factory=LastBuild)
 
 
 # (recipe, key, speedup_needed, speedup_enough) -> the candidate's result, as evaluate_candidate.
@@ -436,7 +480,7 @@ class InProcess:
                      enough: float | None) -> CandidateResult:
             return evaluate_candidate(inputs.model, recipe, key, inputs.calib, inputs.eval_loader, inputs.reference,
                                       inputs.batch_size, inputs.iters, inputs.staging / key, inputs.source,
-                                      inputs.calibration, needed, enough)
+                                      inputs.calibration, needed, enough, inputs.builds)
         return evaluate
 
     def timing_machine(self) -> dict:
@@ -603,6 +647,7 @@ def compress(
     cpu: CpuFeatures | None = None,
     early_stop: bool = True,
     engine: Engine | None = None,
+    runtimes: tuple[ExportConfig, ...] | None = None,
 ) -> SearchResult:
     """Find the best recipe for ``model`` that meets ``target`` on this machine.
 
@@ -626,6 +671,11 @@ def compress(
     already decides it (clearly too slow to be chosen, or clearly at a speed target) is timed no
     further (``timing_decided``; ``stopped_early``); one whose interval straddles the decision
     is timed longer. Ties inside the noise are resolved and reported as ``choose`` says.
+
+    Runtime-aware: for the default grid, or when ``runtimes`` (export steps) is given, each
+    recipe exported for ONNX Runtime is also timed in the other runtimes (default
+    ``default_runtimes(cpu)``: OpenVINO when installed), as a twin ``recipe@runtime`` built from
+    the same compressed model; the report's runtime column says where each candidate ran.
     """
     from vitslim.deploy.contract import source_of
     from vitslim.deploy.workflow import calibration_batch, split_images
@@ -638,6 +688,8 @@ def compress(
     unmet = {r.name: "; ".join(r.unmet_needs(cpu)) for r in grid if r.unmet_needs(cpu)}
     left_out = [] if recipes else [{"name": r.name, "reason": unmet[r.name]} for r in grid if r.name in unmet]
     grid = grid if recipes else [r for r in grid if r.name not in unmet]
+    if runtimes is not None or not recipes:
+        grid = in_every_runtime(grid, default_runtimes(cpu) if runtimes is None else runtimes)
     source = source or source_of(model)
     dataset, calib_set, eval_set = split_images(model, data, n_calib, n_eval, seed)
     if not eval_set.indices:

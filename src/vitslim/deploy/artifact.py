@@ -96,16 +96,19 @@ def check_out_path(out: str | Path, recipe: Recipe) -> Path:
 
 
 def build_artifact(model: nn.Module, recipe: Recipe, calib: torch.Tensor, out: str | Path,
-                   source: ModelSource, calibration: dict | None = None, key: str = "") -> Path:
+                   source: ModelSource, calibration: dict | None = None, key: str = "",
+                   applied: nn.Module | None = None) -> Path:
     """Apply ``recipe`` to a copy of ``model`` (calibrating on ``calib``) and save the result at
-    ``out``: the one code path behind ``vitslim apply`` and every candidate of ``vitslim compress``."""
+    ``out``: the one code path behind ``vitslim apply`` and every candidate of ``vitslim compress``.
+    ``applied``: the recipe's steps already applied to ``model`` (one build saved for several
+    runtimes)."""
     out = check_out_path(out, recipe)
     kinds = [registry.method_of(s).step for s in recipe.steps]
     unsupported = [k for k in kinds if k not in (*FOLDER_STEPS, "export")]
     if unsupported and not recipe.exports:
         raise ConfigError(f"recipe {recipe.name!r}: a model after a {unsupported[0]!r} step cannot be saved as a "
                           "folder yet; add an export step to get an ONNX file")
-    compressed = apply_recipe(model, recipe, calib)
+    compressed = applied if applied is not None else apply_recipe(model, recipe, calib)
     contract = contract_for(compressed, source, recipe.to_dict(), calibration, key)
     out.parent.mkdir(parents=True, exist_ok=True)
     if recipe.exports:

@@ -13,6 +13,7 @@ from vitslim.compress import Recipe, compress, load_recipe, write_report
 from vitslim.compress import search as search_mod
 from vitslim.compress.search import CandidateResult, Target, choose, speedup_to_be_chosen, timing_decided
 from vitslim.dtype import DtypeConfig
+from vitslim.export import ExportConfig
 from vitslim.tokens import ToMeConfig
 
 AVX2_ONLY = CpuFeatures.from_flags("fpu sse2 avx fma avx2")  # e.g. the AMD EPYC of the deploy table
@@ -209,7 +210,7 @@ def test_a_model_without_vit_blocks_gets_the_candidates_that_apply(tmp_path, exa
         warnings.simplefilter("always")
         result = compress(model, example_images, "fidelity=0.5", n_calib=4, n_eval=4, batch_size=2, iters=1,
                           cache_dir=tmp_path / "cache", source=ModelSource("efficientvit_b0", timm_kwargs=kwargs),
-                          cpu=AVX2_ONLY)
+                          cpu=AVX2_ONLY, runtimes=(ExportConfig(),))  # ONNX Runtime only
     assert not [w for w in caught if "sensitivity" in str(w.message)] and result.sensitivity == []
     assert [c.name for c in result.candidates] == ["fp32", "ort-fp32", "int8-hybrid"]
     assert all(c.error is None for c in result.candidates), [c.error for c in result.candidates]

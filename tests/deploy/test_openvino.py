@@ -190,3 +190,19 @@ def test_compress_times_each_exported_recipe_in_every_runtime_and_names_the_chos
     images = _images(example_images, model, limit=8)
     twin = load_artifact(result.artifacts["int8-tome@openvino-f32"])
     assert torch.allclose(twin(images), load_artifact(alone)(images), atol=1e-5)
+
+
+def test_the_default_grid_gets_an_openvino_twin_of_each_onnx_runtime_recipe_at_the_cpus_precision():
+    from vitslim.bench import CpuFeatures
+    from vitslim.compress import load_recipe
+    from vitslim.compress.search import default_runtimes, in_every_runtime
+
+    amx = CpuFeatures.from_flags("avx2 avx512f avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16")
+    avx2 = CpuFeatures.from_flags("avx2")
+    assert default_runtimes(amx) == (ExportConfig(), OV_BF16) and default_runtimes(avx2) == (ExportConfig(), OV_F32)
+    grid = [load_recipe(n) for n in ("fp32", "int8-tome-13", "tome-13", "ort-fp32")]
+    twins = in_every_runtime(grid, default_runtimes(amx))
+    assert [r.name for r in twins] == ["fp32", "int8-tome-13", "int8-tome-13@openvino-bf16", "tome-13", "ort-fp32",
+                                       "ort-fp32@openvino-bf16"]
+    assert twins[2].steps[:-1] == grid[1].steps[:-1] and twins[2].steps[-1] == OV_BF16
+    assert in_every_runtime([twins[2]], default_runtimes(amx)) == [twins[2]]  # a twin gets no twin of its own

@@ -19,7 +19,8 @@ its fidelity would mean nothing). Throughput ratios come from one interleaved ru
 
 With OpenVINO and NNCF installed (extras ``openvino``, ``peers``), also: OpenVINO FP32 at both
 precision hints (f32, bf16), PyTorch bf16 eager, NNCF INT8 (default SmoothQuant, and α=0.5) in
-OpenVINO, and vitslim ``w8a8-ort`` (+ ToMe) exported for OpenVINO at both hints. The JSON
+OpenVINO, vitslim ``w8a8-ort`` (+ ToMe) exported for OpenVINO at both hints, and float ToMe in
+OpenVINO at the bf16 hint. The JSON
 (``--out``) holds every row with the command, date, CPU model and flags, library versions, the
 model and the images."""
 
@@ -137,6 +138,10 @@ def openvino_candidates(model, calib, tmp, fp32, qmodels, tome_models, timed, ma
         path = export_onnx(merged, tmp / f"tome{r}-ov.onnx", ort_kernels=False)
         for precision in ("f32", "bf16"):
             made[f"vitslim w8a8-ort + ToMe r={r}, OpenVINO {precision}"] = in_openvino(path, precision)
+        # float ToMe with OpenVINO's bf16 (AMX/AVX512_BF16 matmuls), no int8
+        float_merged = tokens.reduce_tokens_(copy.deepcopy(model), tokens.ToMeConfig(r=r))
+        made[f"vitslim ToMe r={r} (float), OpenVINO bf16"] = in_openvino(
+            export_onnx(float_merged, tmp / f"tome{r}-float.onnx"), "bf16")
 
 
 def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: list[int], static: bool = True,

@@ -202,7 +202,24 @@ def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args
                          "disturbed": b1.disturbed or b8.disturbed,
                          "cosine": fid.cosine if fid else None, "sqnr_db": fid.sqnr_db if fid else None,
                          "make_s": made["seconds"].get(cname)})
+        profiles.update(openvino_profiles(models, batch_size=8))
     return rows
+
+
+def openvino_profiles(models: dict, batch_size: int) -> dict[str, dict[str, float]]:
+    """Where OpenVINO spends a batch (ms per executed operation kind) for each of its rows: the
+    profile that says what limits each model."""
+    images = torch.randn(batch_size, 3, 224, 224)
+    found = {}
+    for name, m in models.items():
+        if hasattr(m, "profile_ms"):
+            found[name] = m.profile_ms(images)
+            top = ", ".join(f"{k} {v:.1f}" for k, v in list(found[name].items())[:5])
+            print(f"  profile b{batch_size} {name}: {sum(found[name].values()):.1f} ms; {top}", flush=True)
+    return found
+
+
+profiles: dict[str, dict[str, float]] = {}
 
 
 def main() -> None:
@@ -250,7 +267,8 @@ def main() -> None:
                               "cpu_flags": sorted(cpu_flags() & INTERESTING_FLAGS),
                               "data": {"images": str(args.images), "calibration": args.calib, "evaluation": args.eval,
                                        "split": "vitslim.calibration_split(seed=0)"},
-                              "baseline": "PyTorch FP32 eager", "rows": rows})
+                              "baseline": "PyTorch FP32 eager", "rows": rows,
+                              "openvino_profiles_b8_ms": profiles})
         print(f"wrote {args.out}")
 
 

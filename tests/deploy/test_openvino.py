@@ -206,3 +206,13 @@ def test_the_default_grid_gets_an_openvino_twin_of_each_onnx_runtime_recipe_at_t
                                        "ort-fp32@openvino-bf16"]
     assert twins[2].steps[:-1] == grid[1].steps[:-1] and twins[2].steps[-1] == OV_BF16
     assert in_every_runtime([twins[2]], default_runtimes(amx)) == [twins[2]]  # a twin gets no twin of its own
+
+
+def test_the_profile_says_where_openvino_spends_a_batch(tmp_path, example_images):
+    from vitslim.openvino_runtime import OpenVinoModel
+
+    model = make_tiny_vit(**TINY)
+    path = build_artifact(model, Recipe("r", (OV_F32,)), torch.empty(0), tmp_path / "m.onnx", tiny_vit_source(**TINY))
+    profile = OpenVinoModel(path, "f32").profile_ms(torch.randn(2, 3, 48, 48), runs=2)
+    assert any(k.startswith("FullyConnected") for k in profile) and all(v > 0 for v in profile.values())
+    assert list(profile.values()) == sorted(profile.values(), reverse=True)

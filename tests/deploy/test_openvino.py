@@ -202,9 +202,11 @@ def test_the_default_grid_gets_an_openvino_twin_of_each_onnx_runtime_recipe_at_t
     assert default_runtimes(amx) == (ExportConfig(), OV_BF16) and default_runtimes(avx2) == (ExportConfig(), OV_F32)
     grid = [load_recipe(n) for n in ("fp32", "int8-tome-13", "tome-13", "ort-fp32")]
     twins = in_every_runtime(grid, default_runtimes(amx))
-    assert [r.name for r in twins] == ["fp32", "int8-tome-13", "int8-tome-13@openvino-bf16", "tome-13", "ort-fp32",
-                                       "ort-fp32@openvino-bf16"]
+    assert [r.name for r in twins] == ["fp32", "int8-tome-13", "int8-tome-13@openvino-bf16", "tome-13",
+                                       "tome-13@openvino-bf16", "ort-fp32", "ort-fp32@openvino-bf16"]
     assert twins[2].steps[:-1] == grid[1].steps[:-1] and twins[2].steps[-1] == OV_BF16
+    assert twins[4].steps == (*grid[2].steps, OV_BF16)  # token merging alone: exported for OpenVINO
+    assert in_every_runtime([load_recipe("bf16-tome")], default_runtimes(amx)) == [load_recipe("bf16-tome")]
     assert in_every_runtime([twins[2]], default_runtimes(amx)) == [twins[2]]  # a twin gets no twin of its own
 
 

@@ -85,8 +85,9 @@ class Recipe:
         return any(isinstance(s, ExportConfig) for s in self.steps)
 
     def in_runtime(self, step: ExportConfig) -> Recipe:
-        """The same recipe exported for another runtime (``step``), named ``name@runtime``."""
-        steps = tuple(step if isinstance(s, ExportConfig) else s for s in self.steps)
+        """The same recipe exported for another runtime (``step``, added when it has no export
+        step), named ``name@runtime``."""
+        steps = (*(s for s in self.steps if not isinstance(s, ExportConfig)), step)
         return Recipe(f"{self.name}@{step.label}", steps, self.description)
 
     def unmet_needs(self, cpu: CpuFeatures) -> list[str]:

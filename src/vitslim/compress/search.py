@@ -36,8 +36,10 @@ from vitslim.models import vit_parts
 from vitslim.models.reference import cache_dir
 from vitslim.output import check_output_dir, replace_path, safe_filename, write_json
 from vitslim.progress import progress_bar
+from vitslim.prune import PruneConfig
 from vitslim.quant import QuantConfig
 from vitslim.quant.modules import quantizers, set_mode
+from vitslim.tokens import EViTConfig, ToMeConfig
 
 if TYPE_CHECKING:
     from vitslim.deploy.artifact import Artifact
@@ -79,12 +81,19 @@ def default_runtimes(cpu: CpuFeatures) -> tuple[ExportConfig, ...]:
 
 
 def in_every_runtime(grid: list[Recipe], runtimes: tuple[ExportConfig, ...]) -> list[Recipe]:
-    """Each recipe exported for ONNX Runtime followed by its twins for the other ``runtimes``
-    (``name@openvino-bf16``): the same model, built once, timed in each runtime."""
+    """Each recipe followed by its twins for the other ``runtimes`` (``name@openvino-bf16``): the
+    same model, built once, timed in each runtime. Twins are made of the recipes exported for ONNX
+    Runtime, and of the PyTorch ones that only merge or drop tokens or prune (a static graph
+    OpenVINO compiles, at its bf16 hint where the CPU has native bfloat16); not of the original,
+    nor of dtype or simulated-quantization recipes. ONNX Runtime twins of the PyTorch recipes are
+    left out to keep the grid short."""
     out = []
     for recipe in grid:
         out.append(recipe)
-        if recipe.exports and export_step(recipe.steps) == ExportConfig():
+        exported = recipe.exports and export_step(recipe.steps) == ExportConfig()
+        structural = bool(recipe.steps) and all(isinstance(s, (ToMeConfig, EViTConfig, PruneConfig))
+                                                for s in recipe.steps)
+        if exported or structural:
             out += [recipe.in_runtime(step) for step in runtimes if step != ExportConfig()]
     return out
 

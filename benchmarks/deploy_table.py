@@ -262,7 +262,9 @@ def main() -> None:
         "img_s_b8": "img/s b8", "size_mb": "size MB", "cosine": "cosine vs FP32", "sqnr_db": "SQNR dB",
         "make_s": "make s"}, caption=caption)
     if args.out:
-        write_json(args.out, {"command": "uv run python " + " ".join(shlex.quote(a) for a in sys.argv),
+        write_json(args.out, {"title": "Deployment: vitslim and the peers in ONNX Runtime, OpenVINO and PyTorch",
+                              "family": "deploy",
+                              "command": "uv run python " + " ".join(shlex.quote(a) for a in sys.argv),
                               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": m, "caption": caption,
                               "cpu_flags": sorted(cpu_flags() & INTERESTING_FLAGS),
                               "data": {"images": str(args.images), "calibration": args.calib, "evaluation": args.eval,

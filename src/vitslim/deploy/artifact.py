@@ -28,9 +28,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-if TYPE_CHECKING:
-    from vitslim.openvino_runtime import OpenVinoModel
-
 from vitslim import registry
 from vitslim.bench import OnnxModel, dedupe_shared_tensors
 from vitslim.compress.recipes import Recipe, recipe_from_dict
@@ -47,6 +44,9 @@ from vitslim.output import atomic_dir, publish, write_text_atomic
 from vitslim.quant.config import QuantConfig
 from vitslim.quant.io import restore_quantized
 from vitslim.quant.ptq import CONFIG_ATTR
+
+if TYPE_CHECKING:
+    from vitslim.openvino_runtime import OpenVinoModel
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "vitslim.json"
 FOLDER_STEPS = ("tokens", "dtype", "quantize")  # recipe steps a saved folder knows how to replay

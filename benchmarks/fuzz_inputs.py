@@ -207,7 +207,7 @@ class RecipeParser(DataFileParser):
 
     def __init__(self, work, rng):
         super().__init__(work, rng)
-        from vitslim.compress.recipes import BUILTIN_RECIPES
+        from vitslim.recipes import BUILTIN_RECIPES
 
         self.seeds = [r.to_dict() for r in BUILTIN_RECIPES.values()] + [
             {"name": "q", "steps": [{"tokens": {"method": "evit", "keep_rate": 0.7, "blocks": [3, 6]}},
@@ -248,32 +248,32 @@ class QuantConfigParser(DataFileParser):
 
 
 class QuantJsonParser(Parser):
-    name = "quant.json (+ model.safetensors)"
+    name = "saved model folder: vitslim.json (+ model.safetensors)"
 
     def __init__(self, work, rng):
         super().__init__(work, rng)
         import timm
         import torch
 
+        import vitslim
         from vitslim import quant
-        from vitslim.quant.io import save_quantized
+        from vitslim.artifact import ModelSource
 
         torch.manual_seed(0)
         self.kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=10)
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **self.kwargs).eval()
         self.folder = work / "q"
         with contextlib.redirect_stderr(io.StringIO()), _quiet_warnings():
-            save_quantized(
+            vitslim.save(
                 quant.quantize_(copy.deepcopy(model), quant.preset("minmax-w8a8"), torch.randn(2, 3, 32, 32)),
                 self.folder,
-                "vit_tiny_patch16_224",
-                self.kwargs,
+                ModelSource("vit_tiny_patch16_224", timm_kwargs=self.kwargs),
             )
-        self.good_text = (self.folder / "quant.json").read_text()
+        self.good_text = (self.folder / "vitslim.json").read_text()
         self.good = json.loads(self.good_text)
 
     def generate(self):
-        from vitslim.quant import io as qio
+        from vitslim.artifact.store import _checksum
         from vitslim.quant.config import PRESETS
 
         rechecksum = self.rng.random() < 0.6
@@ -281,30 +281,30 @@ class QuantJsonParser(Parser):
             return mutate_text(self.rng, self.good_text), False
         meta = self.good
         if self.rng.random() < 0.35:  # another valid config over these weights
-            meta = {**meta, "config": self.rng.choice(list(PRESETS.values())).to_dict()}
+            meta = {**meta, "state": {**meta["state"], "quantize": self.rng.choice(list(PRESETS.values())).to_dict()}}
         else:
             for _ in range(self.rng.randint(1, 3)):
                 meta = mutate_value(self.rng, meta)
         if rechecksum and isinstance(meta, dict):
             with contextlib.suppress(TypeError, ValueError):
-                meta["checksum"] = qio._meta_checksum(meta)
+                meta["checksum"] = _checksum({k: v for k, v in meta.items() if k != "checksum"})
         return json.dumps(meta, allow_nan=True), rechecksum
 
     def run(self, value):
         import torch
 
-        from vitslim.quant.io import load_quantized
+        import vitslim
 
         text, rechecksum = value
-        (self.folder / "quant.json").write_text(text, encoding="utf-8", errors="surrogatepass")
+        (self.folder / "vitslim.json").write_text(text, encoding="utf-8", errors="surrogatepass")
         try:
             with _quiet_warnings():
-                model = load_quantized(self.folder)
+                model = vitslim.load(self.folder).model
         finally:
-            (self.folder / "quant.json").write_text(self.good_text)
+            (self.folder / "vitslim.json").write_text(self.good_text)
         with contextlib.suppress(ValueError):
             if json.loads(text) != self.good and not rechecksum:
-                raise Wrong("an edited quant.json was loaded")
+                raise Wrong("an edited vitslim.json was loaded")
         with torch.no_grad():
             if not torch.isfinite(model(torch.randn(1, 3, 32, 32))).all():
                 raise Wrong("loaded model outputs NaN/Inf")
@@ -478,7 +478,7 @@ class ContractParser(Parser):
 
     def __init__(self, work, rng):
         super().__init__(work, rng)
-        from vitslim.deploy.contract import ModelSource, contract_for
+        from vitslim.artifact.contract import ModelSource, contract_for
 
         model = _tiny_vit()
         recipe = {"name": "q", "steps": [{"tokens": {"method": "tome", "r": 2}}, {"quantize": {"preset": "w8a8"}}]}
@@ -513,8 +513,8 @@ class ContractParser(Parser):
         import torch
         from PIL import Image
 
-        from vitslim.deploy.artifact import read_contract
-        from vitslim.deploy.contract import Contract, describe_preprocessing
+        from vitslim.artifact import read_contract
+        from vitslim.artifact.contract import Contract, describe_preprocessing
 
         kind, data = value
         if kind == "folder":

@@ -104,3 +104,20 @@ class FakeClock:
     def runner(self, name: str, seconds, settle_s: float = 0.0) -> Runner:
         """A runner taking ``seconds()`` of fake time per batch."""
         return Runner(name, lambda: self.sleep(seconds()), settle_s=settle_s)
+
+
+def rewrite_meta(folder: Path, meta: dict, recompute: bool = True, **prune_changes) -> None:
+    """Write ``meta`` (a saved folder's vitslim.json) back with ``state.prune`` fields changed
+    (None removes one), with its checksum recomputed as an adversary would (or left stale)."""
+    import json
+
+    from vitslim.artifact.store import _checksum
+
+    meta = json.loads(json.dumps(meta))
+    record = meta["state"]["prune"]
+    record.update(prune_changes)
+    for key in [k for k, v in record.items() if v is None]:  # None: the field is left out
+        del record[key]
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    (folder / "vitslim.json").write_text(json.dumps({**body, "checksum": _checksum(body) if recompute
+                                                     else meta["checksum"]}))

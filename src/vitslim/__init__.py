@@ -7,15 +7,16 @@ Three lines from a notebook::
     print(vitslim.evaluate(model, vitslim.make_loader(vitslim.load_image_folder("images/", model)), reference=model))
 
 Method families live in sub-packages: ``vitslim.quant``, ``vitslim.tokens``,
-``vitslim.export``; measurement in ``vitslim.evaluation`` and ``vitslim.bench``.
+``vitslim.export``; measurement in ``vitslim.evaluation`` and ``vitslim.bench``. Saving and
+loading any result: ``vitslim.save(model, "out/")`` and ``vitslim.load("out/")`` (``vitslim.artifact``).
 The API is imported on first use: ``import vitslim`` alone does not load PyTorch.
 """
 
 from vitslim.lazy import lazy_api
-
-__version__ = "0.1.0"
+from vitslim.version import __version__ as __version__
 
 API = {
+    "vitslim.artifact": ("load", "save"),
     "vitslim.bench": ("BenchResult", "benchmark", "compare", "count_gmacs"),
     "vitslim.data": ("calibration_split", "load_image_folder", "make_loader"),
     "vitslim.evaluation": ("EvalResult", "evaluate", "predict"),

@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -23,65 +22,12 @@ import numpy as np
 import onnxruntime as ort
 import timm
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitslim.errors import ConfigError, ModelLoadError
+from vitslim.artifact.tensors import saved_size_bytes
 from vitslim.models.loading import input_size
-
-
-class OnnxModel:
-    """An ONNX Runtime session used like a model: takes a float tensor, returns a tensor."""
-
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelLoadError(f"ONNX model {str(self.path)!r} does not exist or is not a file")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3  # shape-inference warnings of exported graphs are noise here
-        self.threads = opts.intra_op_num_threads
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        except Exception as err:  # ORT reports bad files as several exception types
-            raise ModelLoadError(f"ONNX Runtime cannot load {str(self.path)!r} ({type(err).__name__}: "
-                                 f"{' '.join(str(err).split())[:200]}); is it a complete .onnx file?") from None
-        if len(self.session.get_inputs()) != 1 or len(self.session.get_inputs()[0].shape) != 4:
-            raise ModelLoadError(f"ONNX model {str(self.path)!r} does not take one (batch, channels, height, "
-                                 "width) image input, as an exported vision model does")
-        graph_input = self.session.get_inputs()[0]
-        self.input_name = graph_input.name
-        dims = graph_input.shape[1:]
-        # (C, H, W) from the graph when static; 224x224 RGB when the export left it dynamic.
-        self.input_size = tuple(dims) if all(isinstance(d, int) for d in dims) else (3, 224, 224)
-        outputs = self.session.get_outputs()[0].shape
-        self.contract = self._contract()
-        # Without a vitslim contract, a 1000-wide output is taken as ImageNet logits.
-        imagenet_head = 1000 if outputs and outputs[-1] == 1000 else 0
-        self.num_classes = self.contract.num_classes if self.contract else imagenet_head
-
-    def _contract(self):
-        """The vitslim contract in the file's metadata (preprocessing, output meaning), if any."""
-        from vitslim.deploy.contract import Contract  # deferred: deploy imports bench (through export)
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        if "vitslim.preprocessing" not in metadata:
-            return None
-        try:
-            return Contract.from_metadata(metadata)
-        except ConfigError as err:
-            raise ModelLoadError(f"{str(self.path)!r}: unusable vitslim contract: {err}; re-create the file "
-                                 "with `vitslim apply`, `vitslim compress` or `vitslim export`") from None
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        try:
-            out = self.session.run(None, {self.input_name: images.float().numpy()})[0]
-        except Exception as err:  # e.g. images of another size than the graph takes
-            raise ModelLoadError(f"ONNX Runtime cannot run {str(self.path)!r} on images of shape "
-                                 f"{tuple(images.shape)} ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
-                                 "does it take this input size?") from None
-        return torch.from_numpy(out)
+from vitslim.runtime import OnnxModel
 
 
 def count_params(model: nn.Module) -> int:
@@ -89,25 +35,10 @@ def count_params(model: nn.Module) -> int:
 
 
 def size_on_disk_mb(model: nn.Module | OnnxModel) -> float:
-    """Size of the model file: the ONNX file, or the state dict saved as safetensors."""
+    """Size of the model file: the ONNX file, or the state dict as a saved artifact holds it."""
     if not isinstance(model, nn.Module):
         return model.path.stat().st_size / 1e6
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.safetensors"
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(dedupe_shared_tensors(state), str(path))
-        return path.stat().st_size / 1e6
-
-
-def dedupe_shared_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing memory (tied weights): keep one copy of each."""
-    seen, out = set(), {}
-    for k, v in state.items():
-        key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else (k,)
-        if key not in seen:
-            seen.add(key)
-            out[k] = v
-    return out
+    return saved_size_bytes(model) / 1e6
 
 
 def count_gmacs(model: nn.Module, input_size: tuple[int, ...]) -> float:

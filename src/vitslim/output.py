@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import html
 import json
@@ -96,14 +97,15 @@ def print_table(title: str, rows: Sequence[dict], columns: dict[str, str], capti
     console.print(table)
 
 
-def _json_safe(obj: Any) -> Any:
-    """JSON has no infinity: non-finite floats become the strings "inf"/"-inf"/"nan"."""
+def json_safe(obj: Any) -> Any:
+    """JSON has no infinity: non-finite floats become the strings "inf"/"-inf"/"nan" (readers
+    map them back where a figure may be infinite, e.g. the SQNR of an exact copy)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -136,9 +138,14 @@ def vitslim_command(*args: Any) -> str:
     return " ".join(shlex.quote(" ".join(str(arg).split())) for arg in (*program, *args))
 
 
+def json_text(data: Any) -> str:
+    """Strict JSON (every reader accepts it: no NaN or Infinity tokens, see ``json_safe``)."""
+    return json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: never a half-written file."""
-    write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
+    """Write strict JSON through a temporary file and a rename: never a half-written file."""
+    write_text_atomic(path, json_text(data))
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -161,19 +168,32 @@ def publish(tmp: str | Path, path: str | Path) -> None:
 
 def replace_path(src: Path, dst: Path) -> None:
     """Move ``src`` (file or folder) to ``dst``, replacing what is there; ``dst`` is never
-    half-written (a file is replaced in one rename; an old folder is moved aside first)."""
+    half-written (a file is replaced in one rename; an old folder is moved aside first). Runs
+    replacing paths in one folder at once take turns (a lock on the folder), so each ends with
+    a whole result in place, the last one's."""
     src, dst = Path(src), Path(dst)
-    if src.is_file() and (dst.is_file() or not dst.exists()):
+    with _folder_lock(dst.parent):
+        if src.is_file() and (dst.is_file() or not dst.exists()):
+            publish(src, dst)
+            return
+        aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if dst.exists():
+            os.replace(dst, aside)
         publish(src, dst)
-        return
-    aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, aside)
-    publish(src, dst)
     if aside.is_dir():
         shutil.rmtree(aside)
     else:
         aside.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -198,7 +218,18 @@ def _umask() -> int:
 
 # Errors of the file system the user chose (full, read-only, no permission), not vitslim bugs.
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG}
+                errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG, errno.EIO}
+
+
+def is_user_fault(err: BaseException) -> bool:
+    """Whether ``err`` is a fault of the file system the user chose (full, too large a file,
+    read-only, no permission, I/O error): the run fails with one line, nothing is recorded."""
+    return isinstance(err, OutputPathError) or (isinstance(err, OSError) and err.errno in _USER_ERRNOS)
+
+
+def os_error(number: int, path: str | Path) -> OutputPathError:
+    """The one-line error for OS error ``number`` while writing ``path``."""
+    return OutputPathError(f"cannot write {str(path)!r}: {os.strerror(number)}; free space or choose another path")
 
 
 @contextlib.contextmanager
@@ -220,7 +251,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         if err.errno in _USER_ERRNOS:
-            raise OutputPathError(f"cannot write {str(path)!r}: {err.strerror}; choose another path") from err
+            raise os_error(err.errno, path) from err
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -130,4 +130,8 @@ def _from_fields(method: Method, knobs: dict) -> Any:
     if unknown:
         valid = sorted([*names, "method"] if method.method else names)
         raise ConfigError(f"unknown knob(s) {brief(unknown)}; valid knobs are {valid}")
+    required = [f.name for f in dataclasses.fields(method.config_type) if f.name not in knobs
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ConfigError(f"missing knob(s) {required}; e.g. {{{required[0]}: ...}}")
     return method.config_type(**check_fields(method.config_type, knobs, ""))  # heads: 'no' is not True

@@ -17,8 +17,8 @@ import torch
 from timm.data import create_transform
 from torch import nn
 
+from vitslim.artifact import load, load_onnx
 from vitslim.bench import BenchResult, OnnxModel, compare, machine_info
-from vitslim.compress.recipes import recipe_from_dict
 from vitslim.data import load_image_folder, make_loader, model_transform
 from vitslim.dtype import DTYPES, torch_dtype
 from vitslim.errors import ConfigError
@@ -26,7 +26,7 @@ from vitslim.evaluation import EvalResult, evaluate
 from vitslim.export.config import export_step
 from vitslim.models import load_model
 from vitslim.models.reference import build_reference, load_reference_model, reference_onnx_path
-from vitslim.prune.io import is_pruned_folder, load_pruned
+from vitslim.recipes import recipe_from_dict
 
 EXAMPLE_IMAGES = Path(__file__).parent / "assets" / "example_images"
 
@@ -45,15 +45,16 @@ def load_any(spec: str, checkpoint: str | Path | None = None, dtype: str = "floa
         return _onnx_in_runtime(spec, spec_dtype or None, dtype)
     dtype = spec_dtype or dtype
 
-    if is_pruned_folder(spec):
-        return load_pruned(spec).to(torch_dtype(dtype))
+    if Path(spec).is_dir() and not spec.startswith("hf:"):  # a folder saved by vitslim
+        model = load(spec).model
+        return model.to(torch_dtype(dtype)) if dtype != "float32" else model
     return load_model(spec, checkpoint=checkpoint).to(torch_dtype(dtype))
 
 
 def _onnx_in_runtime(path: str, runtime: str | None, dtype: str):
     if dtype != "float32":
         raise ConfigError("--dtype applies to PyTorch models; an ONNX file runs as exported")
-    session = OnnxModel(path)
+    session = load_onnx(path)
     recorded = export_step(recipe_from_dict(session.contract.recipe).steps).label if session.contract else "onnxruntime"
     runtime = runtime or recorded
     if runtime == "onnxruntime":

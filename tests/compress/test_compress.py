@@ -142,9 +142,9 @@ def test_html_report_renders_in_headless_chromium(tmp_path, example_images):
 def test_cache_key_changes_when_a_preset_changes(monkeypatch):
     from dataclasses import replace
 
-    from vitslim.compress.recipes import recipe_from_dict
     from vitslim.compress.search import candidate_key
     from vitslim.quant import config
+    from vitslim.recipes import recipe_from_dict
 
     recipe = recipe_from_dict({"name": "q", "steps": [{"quantize": {"preset": "w8a8-ort"}}]})
     before = candidate_key("m", "d", recipe, {})

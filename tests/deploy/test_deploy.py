@@ -13,18 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
+import vitslim
 from conftest import make_tiny_vit, tiny_vit_source
 from vitslim import metrics
+from vitslim.artifact.contract import Contract
+from vitslim.artifact.store import _contract_checksum
 from vitslim.compress import Recipe, compress, write_report
-from vitslim.compress.steps import apply_recipe
 from vitslim.data import calibration_images, list_images, load_image_folder, model_transform
 from vitslim.deploy import apply, build_artifact, load_artifact, predict_folder, read_contract
-from vitslim.deploy.contract import Contract
 from vitslim.deploy.snippet import onnx_snippet
 from vitslim.dtype import DtypeConfig
 from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.export import ExportConfig
 from vitslim.quant import preset
+from vitslim.recipes import apply_recipe
 from vitslim.tokens import EViTConfig, ToMeConfig
 
 TINY = dict(img_size=48, patch_size=8)  # 36 patches + class token, 2 blocks: ToMe r=4 merges 8 of them
@@ -78,7 +80,7 @@ def test_int8_tome_onnx_carries_its_contract(tmp_path, example_images):
     assert pre["interpolation"] == "bicubic" and pre["crop_mode"] == "center"
     assert props["vitslim.output"]["kind"] == "logits" and props["vitslim.output"]["classes"] == 10
     assert props["vitslim.recipe"] == INT8_TOME.to_dict() and props["vitslim.vitslim_version"]
-    assert props["vitslim.calibration"] == {"data": str(example_images), "images": 8, "seed": 0}
+    assert props["vitslim.calibration"] == {"data": example_images.name, "images": 8, "seed": 0}  # no local path
     assert props["vitslim.fidelity"]["cosine"] == figures["cosine"] and 0.99 < figures["cosine"] < 1
     assert props["vitslim.fidelity"]["images"] == 8
     # The contract's preprocessing is the loader's: the same tensors on every bundled image.
@@ -148,7 +150,7 @@ def result_eval_files(folder, model, n_calib=8, n_eval=8, seed=0):
 def _recipe_file(artifact, path):
     """The exact recipe an artifact records, as the YAML file a user would pass to `apply`."""
     from vitslim.compress import save_recipe
-    from vitslim.compress.recipes import recipe_from_dict
+    from vitslim.recipes import recipe_from_dict
 
     save_recipe(recipe_from_dict(read_contract(artifact).recipe), path)
     return path
@@ -173,12 +175,14 @@ def test_report_snippet_runs_without_vitslim_and_matches_predict(tmp_path, examp
     saved = tmp_path / "output.npy"
     check = ("\nimport sys\nassert 'vitslim' not in sys.modules and 'torch' not in sys.modules\n"
              f"np.save({str(saved)!r}, output)\n")
-    proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120)
+    image = re.search(r"IMAGE = '(.*?)'", code).group(1)
+    assert re.search(r"MODEL = 'model.onnx'", code) and str(tmp_path) not in markdown  # names no local path
+    shutil.copy(example_images / image, out / image)
+    proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120, cwd=out)
     assert proc.returncode == 0, proc.stderr
     assert re.match(r"\d+ 0\.\d+", proc.stdout.splitlines()[0])  # "class probability" lines
-    image = re.search(r"IMAGE = '(.*)'", code).group(1)
     preds = predict_folder(result.artifact, example_images)
-    row = [str(f) for f in preds.files].index(image)
+    row = [f.name for f in preds.files].index(image)
     assert np.allclose(np.load(saved), preds.outputs[row].numpy(), atol=1e-5)
 
 
@@ -287,11 +291,10 @@ def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
 
     from vitslim import quant
     from vitslim.cli import app
-    from vitslim.quant.io import save_quantized
 
     model = make_tiny_vit(**TINY)
     qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w8a8-ort"), _images(example_images, model, limit=8))
-    save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", tiny_vit_source(**TINY).timm_kwargs)
+    vitslim.save(qmodel, tmp_path / "q", tiny_vit_source(**TINY))
     res = CliRunner().invoke(app, ["export", str(tmp_path / "q"), "--out", str(tmp_path / "q.onnx"), "--tome", "4",
                                    "--verify", str(example_images)])
     assert res.exit_code == 0, res.output
@@ -302,11 +305,10 @@ def test_vitslim_export_writes_the_contract_too(tmp_path, example_images):
     preds = predict_folder(tmp_path / "q.onnx", example_images, top_k=3)
     assert preds.outputs.shape == (16, 10) and all(len(t) == 3 for t in preds.top_k)
     # `vitslim eval q.onnx` feeds the file as its contract says (not timm's ImageNet defaults).
-    from vitslim.bench import OnnxModel
-    from vitslim.workflows import preprocessing_for
+    from vitslim.workflows import load_any, preprocessing_for
 
     image = Image.open(list_images(example_images)[0][0]).convert("RGB")
-    session = OnnxModel(tmp_path / "q.onnx")
+    session = load_any(str(tmp_path / "q.onnx"))
     assert session.num_classes == 10  # from the contract; the output width alone says nothing
     assert torch.equal(preprocessing_for(session, None)(image), contract.transform()(image))
     # --portable: standard ONNX ops only for the int8 linears (the default uses ORT's contrib op)
@@ -323,12 +325,11 @@ def test_export_of_a_simulated_preset_is_refused_unless_asked(tmp_path, example_
 
     from vitslim import quant
     from vitslim.cli import app
-    from vitslim.quant.io import save_quantized
 
     model = make_tiny_vit(**TINY)
     for name in ("w8a8", "w8a8-ort"):
         qmodel = quant.quantize_(copy.deepcopy(model), quant.preset(name), _images(example_images, model, limit=8))
-        save_quantized(qmodel, tmp_path / name, "vit_tiny_patch16_224", tiny_vit_source(**TINY).timm_kwargs)
+        vitslim.save(qmodel, tmp_path / name, tiny_vit_source(**TINY))
         res = CliRunner().invoke(app, ["export", str(tmp_path / name), "--out", str(tmp_path / f"{name}.onnx")])
         assert (res.exit_code == 0) == (name == "w8a8-ort"), res.output
         assert (tmp_path / f"{name}.onnx").is_file() == (name == "w8a8-ort")  # nothing written when refused
@@ -385,6 +386,7 @@ def test_malformed_contract_is_a_one_line_error(tmp_path, example_images, damage
             props[f"vitslim.{field}"] = json.dumps(contract[field])
         else:
             del props[f"vitslim.{field}"]
+    props["vitslim.checksum"] = json.dumps(_contract_checksum(props))  # as an adversary would: the fields are checked
     del graph.metadata_props[:]
     onnx.helper.set_model_props(graph, props)
     onnx.save(graph, str(onnx_path))

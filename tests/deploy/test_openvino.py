@@ -16,12 +16,12 @@ from conftest import make_tiny_vit, tiny_vit_source
 from vitslim import metrics
 from vitslim.bench import compare
 from vitslim.compress import Recipe
-from vitslim.compress.steps import apply_recipe
 from vitslim.data import calibration_images, load_image_folder
 from vitslim.deploy import build_artifact, load_artifact, predict_folder, read_contract
 from vitslim.errors import ConfigError
 from vitslim.export import ExportConfig
 from vitslim.quant import preset
+from vitslim.recipes import apply_recipe
 from vitslim.tokens import ToMeConfig
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed")
@@ -87,13 +87,13 @@ def test_openvino_model_times_beside_pytorch_in_one_interleaved_run(tmp_path, ex
 
 
 def test_vitslim_export_runtime_openvino(tmp_path, example_images):
+    import vitslim
     from vitslim.cli import app
     from vitslim.quant import quantize_
-    from vitslim.quant.io import save_quantized
 
     model = make_tiny_vit(**TINY)
     qmodel = quantize_(copy.deepcopy(model), preset("w8a8-ort"), _images(example_images, model, limit=8))
-    save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", tiny_vit_source(**TINY).timm_kwargs)
+    vitslim.save(qmodel, tmp_path / "q", tiny_vit_source(**TINY))
     out = tmp_path / "q.onnx"
     res = CliRunner().invoke(app, ["export", str(tmp_path / "q"), "--out", str(out), "--runtime", "openvino",
                                    "--precision", "f32", "--verify", str(example_images)])

@@ -74,8 +74,8 @@ def test_every_4bit_preset_saved_by_quantize_exports_from_its_folder(tmp_path, e
     transformers = pytest.importorskip("transformers", reason="the tiny CLI model is a Hugging Face folder")
     from typer.testing import CliRunner
 
+    import vitslim
     from vitslim.cli import app
-    from vitslim.quant.io import load_quantized
 
     torch.manual_seed(0)
     config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -89,7 +89,7 @@ def test_every_4bit_preset_saved_by_quantize_exports_from_its_folder(tmp_path, e
     res = runner.invoke(app, ["export", str(tmp_path / "q"), "--out", str(tmp_path / "q.onnx"), *simulated])
     assert res.exit_code == 0, res.output
     assert op_counts(tmp_path / "q.onnx").get("MatMulNBits") == 8
-    loaded, x = load_quantized(tmp_path / "q"), torch.randn(2, 3, 32, 32)
+    loaded, x = vitslim.load(tmp_path / "q").model, torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         simulated = loaded(x)
     got = OnnxModel(tmp_path / "q.onnx")(x)

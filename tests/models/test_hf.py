@@ -9,6 +9,8 @@ import pytest
 import timm
 import torch
 
+import vitslim
+
 transformers = pytest.importorskip("transformers", reason="Hugging Face support needs `transformers` (extra `hf`)")
 
 from hub_configs import HUB_FOLDERS, write_hub_folder  # noqa: E402
@@ -97,19 +99,17 @@ def test_quantization_and_token_merging_give_the_timm_path_results(tmp_path, pre
 
 
 def test_quantized_hugging_face_model_saves_and_reloads(tmp_path):
-    from vitslim.quant.io import load_quantized, save_quantized
 
     _, hf_model = _tiny_dinov2_pair(tmp_path)
     spec = f"hf:{tmp_path / 'hf-model'}"
     q = quant.quantize_(hf_model, quant.preset("minmax-w8a8"), torch.randn(8, 3, 56, 56))
-    save_quantized(q, tmp_path / "q", spec)
+    vitslim.save(q, tmp_path / "q", spec)
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
-        assert torch.equal(load_quantized(tmp_path / "q")(x), q(x))
+        assert torch.equal(vitslim.load(tmp_path / "q").model(x), q(x))
 
 
 def test_rotated_low_bit_presets_on_a_hugging_face_model_match_the_timm_path(tmp_path):
-    from vitslim.quant.io import load_quantized, save_quantized
     from vitslim.quant.rotate import rotate
 
     timm_model, hf_model = _tiny_dinov2_pair(tmp_path)
@@ -123,9 +123,9 @@ def test_rotated_low_bit_presets_on_a_hugging_face_model_match_the_timm_path(tmp
     assert (outs[0] - outs[1]).abs().max() < 1e-3 * outs[0].abs().max()
     assert (outs[1] - ref).abs().max() > 1e-3  # 4-bit did change the model
     q = quant.quantize_(copy.deepcopy(hf_model), quant.preset("w4a4"), calib)
-    save_quantized(q, tmp_path / "q", f"hf:{tmp_path / 'hf-model'}")
+    vitslim.save(q, tmp_path / "q", f"hf:{tmp_path / 'hf-model'}")
     with torch.no_grad():
-        assert torch.equal(load_quantized(tmp_path / "q")(x), q(x))
+        assert torch.equal(vitslim.load(tmp_path / "q").model(x), q(x))
 
 
 def test_pruning_a_hugging_face_model_matches_the_timm_path(tmp_path):
@@ -257,7 +257,6 @@ def test_beit_quantized_to_w8a8_exports_and_agrees_with_onnx_runtime(tmp_path):
 
 def test_pruning_a_beit_head_removes_its_relative_position_bias_column(tmp_path):
     from vitslim import prune
-    from vitslim.prune.io import load_pruned, save_pruned
     from vitslim.prune.surgery import prune_heads
 
     torch.manual_seed(0)
@@ -273,9 +272,9 @@ def test_pruning_a_beit_head_removes_its_relative_position_bias_column(tmp_path)
     prune.prune_(model, prune.PruneConfig(macs=0.7, importance="activation"), torch.randn(16, 3, 32, 32))
     heads = [bp.num_heads for bp in vit_parts(model).blocks]
     assert heads != [4, 4] and [bp.attn.position_bias.table.shape[1] for bp in vit_parts(model).blocks] == heads
-    save_pruned(model, tmp_path / "pruned", f"hf:{tmp_path / 'hf-model'}")  # reload replays the table slicing
+    vitslim.save(model, tmp_path / "pruned", f"hf:{tmp_path / 'hf-model'}")  # reload replays the table slicing
     with torch.no_grad():
-        assert torch.equal(load_pruned(tmp_path / "pruned")(x), model(x))
+        assert torch.equal(vitslim.load(tmp_path / "pruned").model(x), model(x))
 
 
 def test_beit_refusals_are_named(tmp_path):

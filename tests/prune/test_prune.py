@@ -4,8 +4,10 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_vit
+import vitslim
+from conftest import make_tiny_vit, rewrite_meta
 from vitslim import prune, quant, tokens
+from vitslim.artifact import ModelSource
 from vitslim.bench import count_gmacs
 from vitslim.errors import ConfigError
 from vitslim.models import UnsupportedModelError, vit_parts
@@ -108,24 +110,32 @@ def test_pruned_model_composes_with_tome_quantization_and_onnx(tmp_path):
 def test_save_load_round_trip_and_edited_shapes_are_refused(tmp_path):
     kwargs = dict(img_size=64, patch_size=8, depth=3, embed_dim=64, num_heads=4, num_classes=10, init_values=0.5)
     model = prune.prune_(_model(), prune.PruneConfig(macs=0.6, importance="activation", blocks=True), _images())
-    prune.save_pruned(model, tmp_path / "p", "vit_tiny_patch16_224", kwargs)
-    loaded = prune.load_pruned(tmp_path / "p")
+    vitslim.save(model, tmp_path / "p", ModelSource("vit_tiny_patch16_224", timm_kwargs=kwargs))
+    loaded = vitslim.load(tmp_path / "p").model
     x = torch.randn(2, *SIZE)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     for key in ("blocks", "head_index", "channel_index"):
         assert loaded.vitslim_prune[key] == model.vitslim_prune[key]
-    meta = json.loads((tmp_path / "p" / "prune.json").read_text())
-    edited = dict(meta, channel_index=[[i + 1 for i in kept] for kept in meta["channel_index"]])  # past the last
-    (tmp_path / "p" / "prune.json").write_text(json.dumps(edited))
-    with pytest.raises(ModelLoadError, match="'channel_index' must list"):
-        prune.load_pruned(tmp_path / "p")
-    meta["heads"][0] += 1 if meta["heads"][0] < 4 else -1
-    (tmp_path / "p" / "prune.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match="wrong shape"):
-        prune.load_pruned(tmp_path / "p")
-    with pytest.raises(FileNotFoundError, match="not a vitslim pruned model folder"):
-        prune.load_pruned(tmp_path)
+    meta = json.loads((tmp_path / "p" / "vitslim.json").read_text())
+    record = meta["state"]["prune"]
+    with pytest.raises(ModelLoadError, match="changed after it was saved"):  # an edit without the checksum
+        rewrite_meta(tmp_path / "p", meta, recompute=False, channel_index=[[i + 1 for i in kept] for kept in
+                                                                           record["channel_index"]])
+        vitslim.load(tmp_path / "p")
+    rewrite_meta(tmp_path / "p", meta, channel_index=[[i + 1 for i in kept] for kept in record["channel_index"]])
+    with pytest.raises(ModelLoadError, match="pruned shapes list blocks, heads or MLP channels the model does not"):
+        vitslim.load(tmp_path / "p")  # an index past the last channel, checksum recomputed as an adversary would
+    rewrite_meta(tmp_path / "p", meta, heads=[record["heads"][0] + (1 if record["heads"][0] < 4 else -1),
+                                               *record["heads"][1:]])
+    with pytest.raises(ModelLoadError, match="head_index must list, per kept block"):  # heads and index disagree
+        vitslim.load(tmp_path / "p")
+    rewrite_meta(tmp_path / "p", meta, heads=[record["heads"][0] + (1 if record["heads"][0] < 4 else -1),
+                                               *record["heads"][1:]], head_index=None)
+    with pytest.raises(ModelLoadError, match="does not fit the model"):  # the weights have other shapes
+        vitslim.load(tmp_path / "p")
+    with pytest.raises(ModelLoadError, match="not a vitslim artifact"):
+        vitslim.load(tmp_path)
 
 
 def test_kept_unit_indices_name_the_original_rows_also_after_pruning_twice():
@@ -274,8 +284,7 @@ def test_refits_with_mirror_images_generalise_better_from_few_images():
 
 
 def test_recipe_prune_step_runs_first_and_checks_its_knobs():
-    from vitslim.compress.recipes import recipe_from_dict
-    from vitslim.compress.steps import apply_recipe
+    from vitslim.recipes import apply_recipe, recipe_from_dict
 
     with pytest.raises(ConfigError, match="strictly between 0 and 1"):
         recipe_from_dict({"name": "r", "steps": [{"prune": {"macs": 1.2}}]})

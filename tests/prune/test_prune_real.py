@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import vitslim
 from vitslim import load_image_folder, prune
 from vitslim.cli import app
 
@@ -66,7 +67,7 @@ def test_cli_prunes_saves_and_reports(tmp_path, reference_model, example_images)
     assert res.exit_code == 0, res.output
     assert "train-free" in res.output and "recovery steps" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "prune.json"]  # no checkpoint left
-    loaded = prune.load_pruned(out)
+    loaded = vitslim.load(out).model
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in reference_model.parameters())
 
 

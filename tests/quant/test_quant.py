@@ -4,8 +4,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+import vitslim
 from conftest import make_tiny_vit
 from vitslim import quant, tokens
+from vitslim.artifact import ModelSource
 from vitslim.errors import ConfigError, ModelLoadError
 from vitslim.models import UnsupportedModelError
 from vitslim.quant.config import QuantConfig, SiteConfig
@@ -299,18 +301,16 @@ def test_quantization_composes_with_token_reduction(order):
 
 def test_saved_quantized_model_reloads_identically(tmp_path):
 
-    from vitslim.quant.io import load_quantized, save_quantized
-
     kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
     model = make_tiny_vit()
     qmodel = quant.quantize_(copy.deepcopy(model), quant.preset("w4a4"), torch.randn(8, 3, 32, 32))
-    save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", kwargs)
-    loaded = load_quantized(tmp_path / "q")
+    vitslim.save(qmodel, tmp_path / "q", ModelSource("vit_tiny_patch16_224", timm_kwargs=kwargs))
+    loaded = vitslim.load(tmp_path / "q").model
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
-    with pytest.raises(ModelLoadError, match="not a vitslim quantized model folder"):
-        load_quantized(tmp_path)
+    with pytest.raises(ModelLoadError, match="not a vitslim artifact"):
+        vitslim.load(tmp_path)
 
 
 def test_quantize_cli_writes_model_and_reports_fidelity(tmp_path, reference_model, example_images):
@@ -380,7 +380,6 @@ def test_float_outlier_channels_cut_post_gelu_error():
 
 def test_float_outlier_channels_export_to_int8_kernels_and_reload(tmp_path):
     from vitslim.export import export_onnx, integer_ops, validate_onnx
-    from vitslim.quant.io import load_quantized, save_quantized
 
     model, x = _outlier_vit(), torch.randn(12, 3, 32, 32)
     config = replace(quant.preset("w8a8-ort"), post_gelu=SiteConfig(8, float_channels=2))
@@ -389,14 +388,10 @@ def test_float_outlier_channels_export_to_int8_kernels_and_reload(tmp_path):
     assert check["cosine"] > 0.9999, check
     # fc2 still runs on an integer kernel: qkv, q·kᵀ, proj, fc1, fc2 in both blocks.
     assert sum(integer_ops(tmp_path / "m.onnx").values()) == 10
-    save_quantized(
-        qmodel,
-        tmp_path / "saved",
-        "vit_tiny_patch16_224",
-        dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10),
-    )
+    vitslim.save(qmodel, tmp_path / "saved", ModelSource("vit_tiny_patch16_224", timm_kwargs=dict(
+        img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)))
     with torch.no_grad():
-        assert torch.equal(load_quantized(tmp_path / "saved")(x[8:]), qmodel(x[8:]))
+        assert torch.equal(vitslim.load(tmp_path / "saved").model(x[8:]), qmodel(x[8:]))
 
 
 def test_float_channels_need_a_per_tensor_minmax_linear_input():
@@ -451,7 +446,6 @@ def test_per_token_clipping_ratio_search_beats_minmax_ranges():
 
 def test_per_token_config_validates_saves_and_reloads(tmp_path):
     from vitslim.quant.config import describe
-    from vitslim.quant.io import load_quantized, save_quantized
 
     for bad in (dict(site="v"), dict(site="softmax"), dict(symmetric=True), dict(per_channel=True),
                 dict(calibration="percentile")):
@@ -466,7 +460,7 @@ def test_per_token_config_validates_saves_and_reloads(tmp_path):
     assert QuantConfig.load(tmp_path / "c.yaml") == config
     kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=10)
     qmodel = quant.quantize_(make_tiny_vit(), replace(config, reconstruction_iters=2), torch.randn(8, 3, 32, 32))
-    save_quantized(qmodel, tmp_path / "q", "vit_tiny_patch16_224", kwargs)
+    vitslim.save(qmodel, tmp_path / "q", ModelSource("vit_tiny_patch16_224", timm_kwargs=kwargs))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(load_quantized(tmp_path / "q")(x), qmodel(x))
+        assert torch.equal(vitslim.load(tmp_path / "q").model(x), qmodel(x))

@@ -7,7 +7,9 @@ import pytest
 import timm
 import torch
 
+import vitslim
 from vitslim import quant
+from vitslim.artifact import ModelSource
 from vitslim.errors import ConfigError
 from vitslim.quant.config import describe, vit_config
 from vitslim.quant.rotate import HadamardRotation, rotate, rotation_matrix, sylvester_hadamard
@@ -88,13 +90,12 @@ def test_rotation_makes_w4a4_survive_planted_outlier_channels():
 
 
 def test_rotated_quantized_model_reloads_identically(tmp_path):
-    from vitslim.quant.io import load_quantized, save_quantized
 
     model, x = tiny_dino(), torch.randn(8, 3, 28, 28)
     config = replace(vit_config(4, 4, gelu="uniform", ln_reparam=False), rotation="hadamard-online", rotation_seed=7)
     qmodel = quant.quantize_(copy.deepcopy(model), config, x)
-    save_quantized(qmodel, tmp_path / "q", "vit_small_patch14_dinov2", DINO_KWARGS)
-    loaded = load_quantized(tmp_path / "q")
+    vitslim.save(qmodel, tmp_path / "q", ModelSource("vit_small_patch14_dinov2", timm_kwargs=DINO_KWARGS))
+    loaded = vitslim.load(tmp_path / "q").model
     assert torch.equal(features(loaded, x), features(qmodel, x))
     assert "hadamard-online rotation (seed 7)" in describe(config)
 

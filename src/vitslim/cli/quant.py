@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from vitslim.errors import ConfigError
-from vitslim.output import check_output_dir, check_output_file, console, print_table, write_json
+from vitslim.output import check_output_file, console, print_table, write_json
 from vitslim.quant.config import PRESETS, SITES, QuantConfig, deployment, describe, simulated_parts
 from vitslim.quant.config import preset as preset_config
 
@@ -70,7 +70,8 @@ def quantize_cmd(
         "averaging at most this, by measured sensitivity (MPTQ-ViT). Overrides the preset's bits.",
     ),
     bit_choices: str = typer.Option("4,5,6,8", "--bit-choices", help="Bit widths mixed precision chooses from."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for model.safetensors + quant.json."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to save the quantized model in (vitslim.load reads it)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out even if vitslim did not write what is there."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     calib_images: int = typer.Option(32, "--calib-images", min=1, help="Calibration images (seeded random draw)."),
     eval_images: int = typer.Option(
@@ -86,13 +87,14 @@ def quantize_cmd(
 
     Mixed precision: vitslim quantize MODEL --data images/ --preset w6a6 --average-bits 6 --out q-mixed/
     """
+    from vitslim.artifact import ModelSource, save
+    from vitslim.artifact.outputs import claim_artifact_path
     from vitslim.data import calibration_images, calibration_split, list_images, load_image_folder, make_loader
     from vitslim.evaluation import evaluate
     from vitslim.quant import mixed_precision_config, quantize_
-    from vitslim.quant.io import save_quantized
     from vitslim.workflows import load_any
 
-    check_output_dir(out, "--out")
+    claim_artifact_path(out, force, "--out")
     if json_out:
         check_output_file(json_out, "--json")
     qconfig = QuantConfig.load(config) if config else preset_config(preset)
@@ -111,7 +113,7 @@ def quantize_cmd(
         qconfig = mixed_precision_config(fp32, calib, qconfig, average_bits, choices)
         console.print(f"mixed precision, bits per block: {list(qconfig.block_bits)}")
     qmodel = quantize_(copy.deepcopy(fp32), qconfig, calib)
-    save_quantized(qmodel, out, model)
+    save(qmodel, out, ModelSource(model, str(checkpoint) if checkpoint else None), force=force)
     result = evaluate(qmodel, make_loader(eval_set, 32), reference=fp32) if eval_set.indices else None
     name = config.name if config else preset
     row = {

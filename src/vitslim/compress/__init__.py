@@ -5,9 +5,9 @@
 >>> write_report(result, "report/", "my model")
 """
 
-from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, load_recipe, recipe_from_dict, save_recipe
 from vitslim.compress.report import write_report
 from vitslim.compress.search import CandidateResult, SearchResult, Target, compress
+from vitslim.recipes import BUILTIN_RECIPES, Recipe, load_recipe, recipe_from_dict, save_recipe
 
 __all__ = [
            "BUILTIN_RECIPES",

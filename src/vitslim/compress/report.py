@@ -8,6 +8,7 @@ import math
 import re
 from pathlib import Path
 
+from vitslim.artifact import read_contract
 from vitslim.bench import Interval
 from vitslim.compress.charts import Point, frontier_chart, sensitivity_chart
 from vitslim.compress.search import (
@@ -18,6 +19,7 @@ from vitslim.compress.search import (
     SearchResult,
     pareto_front,
 )
+from vitslim.deploy.snippet import usage_markdown
 from vitslim.output import fmt, significant, vitslim_command, write_text_atomic
 from vitslim.output import markdown_text as _md
 
@@ -66,6 +68,8 @@ def frontier_svg(result: SearchResult) -> str:
     """Fidelity against speed of every candidate with finite figures: frontier joined, choice
     ringed, the target drawn."""
     ok = [c for c in result.candidates if _plottable(c)]
+    if not ok:  # every candidate failed: nothing to draw
+        return "<p>No candidate has figures to plot; see the errors below.</p>"
     front = {id(c) for c in pareto_front(ok)}
     chosen = result.chosen.name if result.chosen else None
     points = [Point(c.name, c.speedup, c.cosine, id(c) in front, c.name == chosen) for c in ok]
@@ -181,13 +185,11 @@ def usage_section(result: SearchResult, model_name: str) -> str:
     """ "How to use this model": the saved artifact, how to reproduce it, a tested snippet."""
     if not result.artifact:
         return ""
-    from vitslim.deploy import read_contract, usage_markdown  # deferred: deploy imports compress
-
     contract = read_contract(result.artifact)
     s, src = result.settings, contract.source
     checkpoint = ("--checkpoint", src["checkpoint"]) if src.get("checkpoint") else ()
-    rebuild = vitslim_command("apply", Path(result.artifact).parent / "recipe.yaml", model_name, *checkpoint, "--data",
-                              result.data, "--calib-images", s.get("n_calib"), "--seed", s.get("seed"), "--out",
+    rebuild = vitslim_command("apply", "recipe.yaml", model_name, *checkpoint, "--data", Path(result.data).name,
+                              "--calib-images", s.get("n_calib"), "--seed", s.get("seed"), "--out",
                               Path(result.artifact).name)
     return (usage_markdown(result.artifact, result.data, contract, result.data)
             + "\nThe same artifact again (same calibration images, same code path as the search):\n\n"

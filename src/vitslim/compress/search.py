@@ -8,6 +8,7 @@ temporary file and a rename, so an interrupted search leaves only whole results 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -19,31 +20,31 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
-import vitslim
 from vitslim import metrics, quant, registry
+from vitslim.artifact import Artifact, ModelSource, is_artifact, load, read_contract, source_of, write_contract
+from vitslim.artifact.outputs import claim_artifact_path, results_dir
 from vitslim.bench import CpuFeatures, Interval, compare, cpu_features, machine_info
-from vitslim.compress.recipes import BUILTIN_RECIPES, Recipe, recipe_from_dict
 from vitslim.data import make_loader
+from vitslim.deploy.artifact import artifact_name, build_artifact
+from vitslim.deploy.workflow import FIDELITY_VS, calibration_batch, fidelity, split_images
 from vitslim.errors import ConfigError, ModelLoadError, OutputPathError, UnsupportedModelError
 from vitslim.evaluation import Outputs, predict
 from vitslim.export.config import ExportConfig, export_step
 from vitslim.models import vit_parts
 from vitslim.models.reference import cache_dir
-from vitslim.output import check_output_dir, replace_path, safe_filename, write_json
+from vitslim.output import check_output_dir, is_user_fault, os_error, replace_path, safe_filename, write_json
 from vitslim.progress import progress_bar
 from vitslim.prune import PruneConfig
 from vitslim.quant import QuantConfig
 from vitslim.quant.modules import quantizers, set_mode
+from vitslim.recipes import BUILTIN_RECIPES, Recipe, apply_recipe, recipe_from_dict
 from vitslim.tokens import EViTConfig, ToMeConfig
-
-if TYPE_CHECKING:
-    from vitslim.deploy.artifact import Artifact
-    from vitslim.deploy.contract import ModelSource
+from vitslim.version import __version__
 
 TARGET_METRICS = {
     "speedup": "throughput ratio to the FP32 original, at least",
@@ -107,8 +108,6 @@ class LastBuild:
         self.model: nn.Module | None = None
 
     def get(self, model: nn.Module, recipe: Recipe, calib: torch.Tensor) -> nn.Module:
-        from vitslim.compress.steps import apply_recipe
-
         key = json.dumps(_resolved_steps(Recipe("steps", tuple(s for s in recipe.steps
                                                                  if not isinstance(s, ExportConfig)))))
         if key != self.key:
@@ -260,8 +259,8 @@ def _resolved_steps(recipe: Recipe) -> list[dict]:
 
 def candidate_key(model_fp: str, data_fp: str, recipe: Recipe, settings: dict) -> str:
     payload = json.dumps({"model": model_fp, "data": data_fp, "recipe": _resolved_steps(recipe),
-                          "settings": settings, "vitslim": vitslim.__version__,
-                          "results": 3},  # 3: speed intervals, cosine standard error
+                          "settings": settings, "vitslim": __version__,
+                          "results": 4},  # 4: faults of the file system are never results
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -368,21 +367,19 @@ def build_and_measure(model: nn.Module, recipe: Recipe, key: str, calib: torch.T
     recorded in the artifact). Returns the result so far and the loaded artifact, or the result
     with its ``error`` and None when the candidate failed. ``builds`` shares one compressed
     model between a recipe and its twins for other runtimes."""
-    # deploy imports compress (recipes): imported here, when a search runs, to break the cycle
-    from vitslim.deploy.artifact import artifact_name, build_artifact, load_artifact, write_contract
-    from vitslim.deploy.workflow import fidelity
-
     start = time.perf_counter()
     result = CandidateResult(recipe=recipe.to_dict(), key=key, calib_images=len(calib))
     try:
         applied = builds.get(model, recipe, calib) if builds else None
         path = build_artifact(model, recipe, calib, workdir / artifact_name(recipe), source, calibration, key, applied)
-        artifact = load_artifact(path)
+        artifact = load(path)
         built = time.perf_counter()
         result.phases["build"] = round(built - start, 2)
         figures = fidelity(predict(artifact.model, eval_loader, recipe.name), reference, calibration["data"])
         write_contract(path, artifact.contract.with_fidelity(figures))
     except Exception as err:  # a failing candidate is reported, not fatal to the search
+        if is_user_fault(err):  # the machine's fault, not the candidate's: stop, record nothing
+            raise err if isinstance(err, OutputPathError) else os_error(err.errno, workdir) from err
         result.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
         result.seconds = time.perf_counter() - start
         return result, None
@@ -544,10 +541,9 @@ def speedup_to_be_chosen(target: Target, done: list[CandidateResult], candidate:
 
 def recorded_fidelity(c: CandidateResult, data: str) -> dict:
     """A cached candidate's figures in the form artifacts record them."""
-    from vitslim.deploy.workflow import FIDELITY_VS
-
     return {"cosine": c.cosine, "cosine_se": c.cosine_se, "sqnr_db": c.sqnr_db, "top1_agreement": c.top1_agreement,
-            "top1": c.top1, "accuracy_drop": c.accuracy_drop, "images": c.eval_images, "data": data, "vs": FIDELITY_VS}
+            "top1": c.top1, "accuracy_drop": c.accuracy_drop, "images": c.eval_images, "data": Path(data).name,
+            "vs": FIDELITY_VS}
 
 
 class Choice(NamedTuple):
@@ -657,6 +653,7 @@ def compress(
     early_stop: bool = True,
     engine: Engine | None = None,
     runtimes: tuple[ExportConfig, ...] | None = None,
+    force: bool = False,
 ) -> SearchResult:
     """Find the best recipe for ``model`` that meets ``target`` on this machine.
 
@@ -672,6 +669,10 @@ def compress(
     ``out/candidates/``. An artifact already saved for the same candidate (same cache key) is
     kept as it is; a cached candidate whose artifact is missing is rebuilt (not re-measured).
     ``source`` (a ``vitslim.deploy.ModelSource``) says how to rebuild the architecture.
+    ``out`` is claimed first and held for the run (``vitslim.artifact.outputs.results_dir``): a
+    folder vitslim did not write is refused unless ``force``, and a second run into it stops
+    with an "in use" error. A fault of the file system (disk full, file too large, no
+    permission, I/O error) stops the search with one error and is never cached as a result.
 
     CPU-aware: a default-grid candidate with a step this CPU cannot run fast (``cpu``, default
     this machine's ``cpu_features()``; e.g. bf16 without native bfloat16) is left out before
@@ -686,9 +687,6 @@ def compress(
     ``default_runtimes(cpu)``: OpenVINO when installed), as a twin ``recipe@runtime`` built from
     the same compressed model; the report's runtime column says where each candidate ran.
     """
-    from vitslim.deploy.contract import source_of
-    from vitslim.deploy.workflow import calibration_batch, split_images
-
     target = Target.parse(target) if isinstance(target, str) else target
     names = recipes or default_grid(model)
     not_applicable = [] if recipes else [n for n in DEFAULT_GRID if n not in names]
@@ -713,13 +711,16 @@ def compress(
     calib = calibration_batch(calib_set)
     calibration = {"data": str(data), "images": len(calib_set), "seed": seed}
     eval_loader = make_loader(eval_set, batch_size=32)
-    staging = _staging_dir(out)
     engine = engine or InProcess()
     keys = [candidate_key(model_fp, data_fp, recipe, settings) for recipe in grid]
     stored = {key: store.get(key) for key in keys}
     pending = list({key: recipe for recipe, key in zip(grid, keys) if stored[key] is None}.items())
     results: list[CandidateResult] = []
-    try:
+    with contextlib.ExitStack() as held:
+        if out is not None:
+            held.enter_context(results_dir(out, force))
+        staging = _staging_dir(out)
+        held.callback(shutil.rmtree, staging, ignore_errors=True)
         if pending:
             inputs = SearchInputs(model, calib, eval_loader, predict(model, eval_loader, "FP32 reference"),
                                   batch_size, iters, staging, source, calibration)
@@ -744,9 +745,7 @@ def compress(
         saved = {}
         if out is not None:
             rebuild = lambda c, dest: _rebuild(model, c, calib, dest, source, calibration)  # noqa: E731
-            saved = save_artifacts(Path(out), chosen, results if save_all else [], staging, rebuild)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            saved = save_artifacts(Path(out), chosen, results if save_all else [], staging, rebuild, force)
     sensitivity = []
     if sensitivity_preset and len(calib) and has_vit_blocks(model):  # per-block sensitivity is ViT-only
         sens_key = candidate_key(model_fp, data_fp, Recipe("sensitivity"), settings | {"preset": sensitivity_preset})
@@ -776,15 +775,18 @@ def _check_target(target: Target, model: nn.Module, eval_labels: list[int]) -> N
                           "(ImageNet) or put them in one sub-folder per class")
 
 
+STAGING_PREFIX = ".vitslim-staging"
+
+
 def _staging_dir(out: str | Path | None) -> Path:
-    """Scratch space for candidates' artifacts: inside ``out`` (same file system, so the
-    chosen one is moved into place by a rename), or a temporary folder."""
+    """This run's scratch space for candidates' artifacts: a new folder inside ``out`` (same
+    file system, so the chosen one is moved into place by a rename; ``out`` is held by this
+    run, so staging folders left by interrupted runs are removed), or a temporary folder."""
     if out is None:
         return Path(tempfile.mkdtemp(prefix="vitslim-candidates-"))
-    staging = Path(out) / ".vitslim-staging"
-    shutil.rmtree(staging, ignore_errors=True)  # left over from an interrupted run
-    staging.mkdir(parents=True)
-    return staging
+    for left in Path(out).glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(left, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=out, prefix=f"{STAGING_PREFIX}-"))
 
 
 def _drop_staged(staging: Path, keep: str | None) -> None:
@@ -794,11 +796,11 @@ def _drop_staged(staging: Path, keep: str | None) -> None:
 
 
 def save_artifacts(out: Path, chosen: CandidateResult | None, others: list[CandidateResult], staging: Path,
-                   rebuild: Callable[[CandidateResult, Path], None]) -> dict[str, str]:
+                   rebuild: Callable[[CandidateResult, Path], None], force: bool = False) -> dict[str, str]:
     """Put the chosen candidate's artifact at ``out/model(.onnx)`` and the ``others`` under
     ``out/candidates/``: moved from ``staging`` when built in this run, kept when ``out``
-    already holds the same candidate's, rebuilt otherwise. Returns recipe name -> path."""
-    from vitslim.deploy.artifact import artifact_name, is_artifact
+    already holds the same candidate's, rebuilt otherwise (a path holding something vitslim
+    did not write is refused unless ``force``). Returns recipe name -> path."""
     saved: dict[str, str] = {}
     if chosen is None or chosen.error:
         return saved
@@ -806,6 +808,8 @@ def save_artifacts(out: Path, chosen: CandidateResult | None, others: list[Candi
     places = [(chosen, out / artifact_name(recipe))]
     places += [(c, out / "candidates" / artifact_name(recipe_from_dict(c.recipe), safe_filename(c.name)))
                for c in others if c is not chosen and not c.error]
+    for _, dest in places:
+        claim_artifact_path(dest, force)
     for c, dest in places:
         saved[c.name] = str(dest)
         if is_artifact(dest) and _recorded_key(dest) == c.key:
@@ -824,7 +828,6 @@ def save_artifacts(out: Path, chosen: CandidateResult | None, others: list[Candi
 def _recorded_key(artifact: Path) -> str | None:
     """The cache key recorded in a saved artifact; None when its contract is unreadable (it is
     then rebuilt)."""
-    from vitslim.deploy.artifact import read_contract
     try:
         return read_contract(artifact).key
     except ModelLoadError:
@@ -834,8 +837,6 @@ def _recorded_key(artifact: Path) -> str | None:
 def _rebuild(model: nn.Module, c: CandidateResult, calib: torch.Tensor, dest: Path, source: ModelSource,
              calibration: dict) -> None:
     """A cached candidate's artifact, built again the same way, with its cached figures."""
-    from vitslim.deploy.artifact import build_artifact, read_contract, write_contract
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     path = build_artifact(model, recipe_from_dict(c.recipe), calib, dest, source, calibration, c.key)
     write_contract(path, read_contract(path).with_fidelity(recorded_fidelity(c, calibration["data"])))

@@ -7,8 +7,9 @@
 ``vitslim compress`` saves its chosen candidate through the same ``build_artifact``.
 """
 
-from vitslim.deploy.artifact import Artifact, build_artifact, load_artifact, read_contract, write_contract
-from vitslim.deploy.contract import Contract, ModelSource, contract_for, source_of
+from vitslim.artifact import Artifact, Contract, ModelSource, contract_for, read_contract, source_of, write_contract
+from vitslim.artifact import load as load_artifact
+from vitslim.deploy.artifact import build_artifact
 from vitslim.deploy.predict import Predictions, predict_folder
 from vitslim.deploy.snippet import usage_markdown
 from vitslim.deploy.workflow import apply, split_images

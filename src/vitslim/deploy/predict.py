@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
+from vitslim.artifact import Artifact, Contract, load
 from vitslim.data import align_labels, imagenet_names, load_image_folder, make_loader
-from vitslim.deploy.artifact import Artifact, load_artifact
-from vitslim.deploy.contract import Contract
 from vitslim.progress import progress_bar
 
 
@@ -59,7 +58,7 @@ def class_names(contract: Contract) -> list[str] | None:
 def predict_folder(artifact: Artifact | str | Path, data: str | Path, top_k: int = 5, batch_size: int = 32,
                    limit: int | None = None) -> Predictions:
     """Run ``artifact`` (path or loaded) on the images in ``data`` with its contract's preprocessing."""
-    artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+    artifact = artifact if isinstance(artifact, Artifact) else load(artifact)
     dataset = load_image_folder(data, transform=artifact.contract.transform(), limit=limit)
     names = class_names(artifact.contract)
     own_names = names if isinstance(artifact.contract.output.get("class_names"), list) else None

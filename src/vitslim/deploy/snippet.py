@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vitslim.deploy.contract import Contract, describe_preprocessing
+from vitslim.artifact.contract import Contract, describe_preprocessing
 from vitslim.output import markdown_code, markdown_text, vitslim_command
 
 PIL_FILTERS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "lanczos": "LANCZOS"}
@@ -63,8 +63,8 @@ def onnx_snippet(model_path: str | Path, image: str | Path, contract: Contract) 
 {runtime_import}
 from PIL import Image
 
-MODEL = {str(Path(model_path).resolve())!r}
-IMAGE = {str(Path(image).resolve())!r}
+MODEL = {Path(model_path).name!r}  # the artifact, beside this report
+IMAGE = {Path(image).name!r}  # an image of yours
 MEAN = np.array({as_list(p["mean"])}, dtype=np.float32)
 STD = np.array({as_list(p["std"])}, dtype=np.float32)
 
@@ -87,12 +87,12 @@ def preprocess(path):
 def folder_snippet(model_path: str | Path, image: str | Path, contract: Contract) -> str:
     return f'''from PIL import Image
 import numpy as np
-from vitslim.deploy import load_artifact
+import vitslim
 
-MODEL = {str(Path(model_path).resolve())!r}
-IMAGE = {str(Path(image).resolve())!r}
+MODEL = {Path(model_path).name!r}  # the artifact, beside this report
+IMAGE = {Path(image).name!r}  # an image of yours
 
-artifact = load_artifact(MODEL)  # the PyTorch model, rebuilt from the saved folder
+artifact = vitslim.load(MODEL)  # the PyTorch model, rebuilt from the saved folder
 x = artifact.contract.transform()(Image.open(IMAGE).convert("RGB"))[None]
 output = artifact(x)[0].numpy()
 ''' + _print_lines(contract)
@@ -107,9 +107,10 @@ def usage_markdown(model_path: str | Path, image: str | Path, contract: Contract
     names = f"{names[0]!r}, {names[1]!r}, ... (output.class_names)" if isinstance(names, list) else names
     meaning = (f"{out['classes']} class logits ({names})" if contract.num_classes
                else f"a {out.get('dim')}-d feature vector per image")
-    command = vitslim_command("predict", path, "--data", data)
+    command = vitslim_command("predict", path.name, "--data", Path(data).name)
     lines = ["## How to use this model", "",
-             f"The artifact: {markdown_code(path)} ({_runtime_name(contract) if onnx else 'PyTorch model folder'}). "
+             f"The artifact: {markdown_code(path.name)} "
+             f"({_runtime_name(contract) if onnx else 'PyTorch model folder'}). "
              f"Input: {markdown_text(describe_preprocessing(contract.preprocessing))}. "
              f"Output: {markdown_text(meaning)}. "
              "All of this, the recipe and the measured fidelity are stored in the file "

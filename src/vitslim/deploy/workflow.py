@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from vitslim.compress.recipes import Recipe, load_recipe
+from vitslim.artifact import Artifact, ModelSource, load, source_of, write_contract
 from vitslim.data import ImageFolder, calibration_images, calibration_split, load_image_folder, make_loader
-from vitslim.deploy.artifact import Artifact, build_artifact, load_artifact, write_contract
-from vitslim.deploy.contract import ModelSource, source_of
+from vitslim.deploy.artifact import build_artifact
 from vitslim.evaluation import Outputs, compare_outputs, predict
+from vitslim.recipes import Recipe, load_recipe
 
 FIDELITY_VS = "the FP32 original in PyTorch, on images not used for calibration"
 
@@ -42,7 +42,7 @@ def fidelity(test: Outputs, reference: Outputs, data: str | Path, label_note: st
     drop = (top1_fp32 - r.top1) * 100 if r.top1 is not None and top1_fp32 is not None else None
     figures = {"cosine": r.cosine, "cosine_se": r.cosine_se, "sqnr_db": r.sqnr_db,
                "top1_agreement": r.top1_agreement, "top1": r.top1, "top1_fp32": top1_fp32, "accuracy_drop": drop,
-               "images": r.images, "labelled_images": r.labelled_images, "data": str(data), "vs": FIDELITY_VS}
+               "images": r.images, "labelled_images": r.labelled_images, "data": Path(data).name, "vs": FIDELITY_VS}
     if drop is None and test.logits is not None:
         figures["top1_not_scored"] = label_note or "no labelled images"
     return figures
@@ -57,6 +57,7 @@ def apply(
     n_calib: int = 32,
     n_eval: int = 64,
     seed: int = 0,
+    force: bool = False,
 ) -> tuple[Artifact, dict | None]:
     """Apply ``recipe`` (a Recipe, a built-in name or a YAML/JSON file) to ``model``,
     calibrating on a seeded draw of ``n_calib`` images of ``data``, and save the artifact at
@@ -64,13 +65,15 @@ def apply(
     to ``model`` on up to ``n_eval`` other images and record it in the artifact.
 
     With the same data, ``n_calib`` and ``seed`` as a ``vitslim compress`` run, this builds
-    the same artifact as the search did (the same function builds both).
+    the same artifact as the search did (the same function builds both). What is at ``out``
+    is replaced only when vitslim wrote it, or with ``force``.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     dataset, calib_set, eval_set = split_images(model, data, n_calib, n_eval, seed)
     calibration = {"data": str(data), "images": len(calib_set), "seed": seed}
-    path = build_artifact(model, recipe, calibration_batch(calib_set), out, source or source_of(model), calibration)
-    artifact = load_artifact(path)
+    path = build_artifact(model, recipe, calibration_batch(calib_set), out, source or source_of(model), calibration,
+                          force=force)
+    artifact = load(path)
     if not len(eval_set):
         return artifact, None
     loader = make_loader(eval_set, batch_size=32)

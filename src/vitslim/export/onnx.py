@@ -28,7 +28,6 @@ from onnx import numpy_helper
 from torch import nn
 
 from vitslim import metrics
-from vitslim.bench import OnnxModel
 from vitslim.errors import ConfigError, ExportError
 from vitslim.export.graph import GraphIndex, drop_unused
 from vitslim.export.int8_gates import integer_hardswish_gates
@@ -36,6 +35,7 @@ from vitslim.export.int8_linear import fuse_int8_linears
 from vitslim.models.loading import input_size
 from vitslim.output import atomic_path
 from vitslim.quant.quantizers import lowered_for_onnx
+from vitslim.runtime import OnnxModel
 from vitslim.tokens import token_state
 
 

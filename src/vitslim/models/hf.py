@@ -21,6 +21,7 @@ position bias (per layer, shared, or both) becomes each block's ``RelativePositi
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import warnings
@@ -370,12 +371,19 @@ def _check_type(config: Any) -> None:
 
 def _architecture(config: Any) -> type[nn.Module]:
     """The class the folder's config names (``architectures``), else the base model for its type."""
-    import transformers
-
+    transformers = _transformers()
     for name in config.architectures or []:
         if hasattr(transformers, name):
             return getattr(transformers, name)
     return transformers.AutoModel
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as err:
+        raise ModelLoadError("Hugging Face models need `transformers`: pip install 'vitslim[hf]'") from err
+    return transformers
 
 
 def load_hf_model(source: str, pretrained: bool = True) -> HFVisionTransformer | HFImageModel:
@@ -385,36 +393,77 @@ def load_hf_model(source: str, pretrained: bool = True) -> HFVisionTransformer |
     head, DeiT's distilled classifier with both heads); without one, the base model. ViT, DeiT,
     DINOv2 and BEiT become ``HFVisionTransformer`` (every vitslim method applies); Swin becomes
     ``HFImageModel`` (methods for any model: hybrid W8A8, bf16, ONNX export). Weights are read by
-    ``transformers`` (safetensors, or ``torch.load`` with ``weights_only=True``);
-    ``pretrained=False`` builds the architecture from its config alone (weights to be loaded by
-    the caller). ``transformers``' progress bars stay hidden; its warnings become vitslim's.
+    ``transformers`` (safetensors, or ``torch.load`` with ``weights_only=True``), and must hold
+    every tensor of the model; ``pretrained=False`` builds the architecture from its config alone
+    (weights to be loaded by the caller). ``transformers``' progress bars stay hidden; its
+    warnings become vitslim's.
     """
-    try:
-        from transformers import AutoConfig
-    except ImportError as err:
-        raise ModelLoadError("Hugging Face models need `transformers`: pip install 'vitslim[hf]'") from err
+    transformers = _transformers()
     source = source.removeprefix(HF_PREFIX)
     if not source.strip():
         raise ModelLoadError("hf: needs a Hugging Face model id or a folder written by save_pretrained, "
                              "e.g. hf:facebook/dinov2-small or hf:path/to/folder")
+    if Path(source).is_file():
+        raise ModelLoadError(f"hf:{source} is a file; give the folder that holds config.json "
+                             f"(hf:{Path(source).parent})")
     with _quiet_transformers():
         try:
-            config = AutoConfig.from_pretrained(source)
+            config = transformers.AutoConfig.from_pretrained(source)
             _check_type(config)
             architecture = _architecture(config)
-            from_config = getattr(architecture, "from_config", None) or architecture._from_config  # Auto* / model class
-            hf_model = (architecture.from_pretrained(source, attn_implementation="sdpa") if pretrained
-                        else from_config(config, attn_implementation="sdpa"))
+            if pretrained:
+                hf_model, info = architecture.from_pretrained(source, attn_implementation="sdpa",
+                                                              output_loading_info=True)
+            else:
+                hf_model, info = _from_config(architecture, config), {}
             processor, backend = _read_processor(source)
-        except (OSError, ValueError) as err:
+        except UnsupportedModelError:
+            raise
+        except Exception as err:  # transformers and safetensors report bad folders as many exception types
             where = "folder" if Path(source).exists() else "model id"
             raise ModelLoadError(
                 f"could not load Hugging Face {where} {source!r} ({type(err).__name__}: "
-                f"{' '.join(str(err).split())[:200]}); give a folder written by save_pretrained when the hub is "
-                "unreachable") from None
-    data_config = {**processor_config(processor, config, backend), "hf_source": source}
-    wrapper = HFImageModel if config.model_type in WHOLE_MODEL_TYPES else HFVisionTransformer
+                f"{' '.join(str(err).split())[:200]}); give a complete folder written by save_pretrained when the "
+                "hub is unreachable") from None
+    missing = info.get("missing_keys") or []
+    if missing:  # transformers would fill them with random values
+        raise ModelLoadError(f"Hugging Face {source!r}: its weights lack {len(missing)} of the model's tensors (e.g. "
+                             f"{sorted(missing)[0]!r}); the folder holds another model's weights, or is damaged")
+    return _wrap(hf_model, {**processor_config(processor, config, backend), "hf_source": source})
+
+
+def _from_config(architecture: type[nn.Module], config: Any) -> nn.Module:
+    from_config = getattr(architecture, "from_config", None) or architecture._from_config  # Auto* / model class
+    return from_config(config, attn_implementation="sdpa")
+
+
+def _wrap(hf_model: nn.Module, data_config: dict[str, Any]) -> HFVisionTransformer | HFImageModel:
+    wrapper = HFImageModel if hf_model.config.model_type in WHOLE_MODEL_TYPES else HFVisionTransformer
     return wrapper(hf_model.eval(), data_config).eval()
+
+
+def hf_record(model: nn.Module) -> dict[str, Any] | None:
+    """What rebuilds a wrapped Hugging Face model's architecture anywhere (no folder, no hub):
+    its config and preprocessing as plain data, naming no local path; None for other models."""
+    if not isinstance(model, (HFVisionTransformer, HFImageModel)):
+        return None
+    preprocessing = {k: v for k, v in model.pretrained_cfg.items() if k != "hf_source"}
+    return {"config": json.loads(model.hf_config.to_json_string(use_diff=False)),
+            "preprocessing": json.loads(json.dumps(preprocessing))}
+
+
+def hf_architecture(config: dict[str, Any], preprocessing: dict[str, Any]) -> HFVisionTransformer | HFImageModel:
+    """The architecture ``hf_record`` describes, without weights."""
+    transformers = _transformers()
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type not in SUPPORTED_TYPES + WHOLE_MODEL_TYPES:
+        raise UnsupportedModelError(f"Hugging Face model type {model_type!r} is not one of "
+                                    f"{SUPPORTED_TYPES + WHOLE_MODEL_TYPES}")
+    with _quiet_transformers():
+        hf_config = transformers.AutoConfig.for_model(model_type, **config)
+        hf_model = _from_config(_architecture(hf_config), hf_config)
+    return _wrap(hf_model, {k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()})
 
 
 def reference_state_dict_hf(timm_model: nn.Module) -> dict[str, torch.Tensor]:

@@ -208,7 +208,8 @@ def _convert(onnx_path: Path) -> dict[str, torch.Tensor]:
     return tensors | {f"decoder.{k}": v.contiguous() for k, v in convert_decoder(onnx_path).items()}
 
 
-def _create_backbone() -> nn.Module:
+def create_reference_architecture() -> nn.Module:
+    """The reference's timm architecture and preprocessing, without weights."""
     model = timm.create_model(TIMM_ARCH, pretrained=False, img_size=IMG_SIZE, num_classes=0)
     # Standard ImageNet evaluation preprocessing at 224: resize 256, centre crop 224.
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, IMG_SIZE, IMG_SIZE),
@@ -233,7 +234,7 @@ def load_reference_model(with_decoder: bool = False) -> nn.Module:
         warnings.warn(f"ignoring corrupt cached reference weights {str(path)!r} ({type(err).__name__}); "
                       "rebuilding them", stacklevel=2)
         tensors = load_file(str(build_reference(force=True)))
-    backbone = _create_backbone()
+    backbone = create_reference_architecture()
     load_state_dict_strict(backbone, _split(tensors, "backbone."), source=str(path))
     if not with_decoder:
         return backbone.eval()

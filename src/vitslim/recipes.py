@@ -19,12 +19,15 @@ cannot work. Knobs are checked on load.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
+from torch import nn
 
 from vitslim import registry
 from vitslim.datafile import brief, check_mapping, check_type, read_data_file
@@ -171,6 +174,16 @@ def load_recipe(source: str | Path) -> Recipe:
         return recipe_from_dict(data)
     except ConfigError as err:
         raise ConfigError(f"recipe file {str(path)!r}: {err}") from None
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor) -> nn.Module:
+    """A compressed PyTorch copy of ``model`` after the recipe's model-changing steps (the
+    original is untouched). The export step is the artifact's format: ``vitslim.save`` writes
+    what this returns."""
+    out: nn.Module = copy.deepcopy(model).eval()
+    for config in recipe.steps:
+        out = registry.apply_(out, config, calib)
+    return out
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

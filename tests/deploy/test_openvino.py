@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import subprocess
 import sys
 
@@ -142,11 +143,13 @@ def test_report_snippet_runs_the_artifact_in_openvino_without_vitslim(tmp_path, 
     code = markdown.split("```python\n")[1].split("```")[0]
     check = ("\nimport sys\nassert 'vitslim' not in sys.modules and 'torch' not in sys.modules\n"
              f"np.save({str(tmp_path / 'out.npy')!r}, output)\n")
-    proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120)
+    image = code.split("IMAGE = '")[1].split("'")[0]  # names beside the report, no local path
+    shutil.copy(example_images / image, tmp_path / image)
+    proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    image = code.split("IMAGE = '")[1].split("'")[0]
     preds = predict_folder(path, example_images)
-    row = [str(f) for f in preds.files].index(image)
+    row = [f.name for f in preds.files].index(image)
     assert np.allclose(np.load(tmp_path / "out.npy"), preds.outputs[row].numpy(), atol=1e-4)
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from vitslim.errors import ConfigError
-from vitslim.output import console
+from vitslim.output import check_output_file, console
 from vitslim.quant.config import QuantConfig, deployable_presets, deployment, simulated_parts
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ def export_cmd(
     if fmt != "onnx":
         raise ConfigError(f"--format {fmt!r} is not supported; use onnx")
     step = _export_step(runtime, precision)
+    check_output_file(out, "--out")
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {str(out)!r}: give a file name ending in .onnx")
     claim_artifact_path(out, force, "--out")

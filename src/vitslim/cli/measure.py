@@ -80,6 +80,10 @@ def eval_cmd(
         False, "--skip-bad", help="Skip unreadable images (and count them) instead of stopping."
     ),
     json_out: Optional[Path] = JsonOpt,
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", help="Evaluate on Ray (needs vitslim[ray]), images read in shards by Ray Data: auto, "
+        "ray://HOST:PORT, HOST:PORT or local:N. Same figures as without it."
+    ),
 ) -> None:
     """Accuracy (where labels exist) and fidelity to a reference model.
 
@@ -89,9 +93,16 @@ def eval_cmd(
 
     if json_out:
         check_output_file(json_out, "--json")
-    result = workflows.evaluate_on_folder(model, data, checkpoint=checkpoint, reference=reference,
-                                          reference_checkpoint=reference_checkpoint, dtype=dtype, limit=limit,
-                                          batch_size=batch_size, skip_bad=skip_bad)
+    args = {"model": model, "data": data, "checkpoint": checkpoint, "reference": reference,
+            "reference_checkpoint": reference_checkpoint, "dtype": dtype, "limit": limit, "batch_size": batch_size,
+            "skip_bad": skip_bad}
+    if cluster:
+        from vitslim.cluster import evaluate_on_cluster, ray_session
+
+        with ray_session(cluster):
+            result = evaluate_on_cluster(**args)
+    else:
+        result = workflows.evaluate_on_folder(**args)
     row = {"name": f"{model} ({dtype})", **result.to_dict()}
     ref_note = f"fidelity vs {reference}" if reference else "no reference given: accuracy only"
     print_table("vitslim eval", [row], EVAL_COLUMNS, caption=f"{result.images} images from {data}; {ref_note}")

@@ -83,7 +83,7 @@ def _shown(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[str, 
     return [(k, h) for k, h in columns if any(r.get(k) is not None for r in rows)]
 
 
-def _html_table(rows: list[dict], columns: list[tuple[str, str]], highlight: str | None) -> str:
+def html_table(rows: list[dict], columns: list[tuple[str, str]], highlight: str | None) -> str:
     columns = _shown(rows, columns)
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in columns)
     body = []
@@ -129,6 +129,8 @@ def _summary_lines(result: SearchResult, model_name: str) -> list[str]:
     lines.append(f"Machine: {m.get('cpu')}{features}, {m.get('cores')} cores, {m.get('torch_threads')} threads; "
                  f"Python {m.get('python')}, torch {m.get('torch')}, timm {m.get('timm')}, "
                  f"onnxruntime {m.get('onnxruntime')}.")
+    if m.get("engine"):
+        lines.append(f"Built and measured on {m['engine']}; timed on {m['timed_on']} (the machine above).")
     return lines
 
 
@@ -162,7 +164,7 @@ tr.chosen {{ background: #fde8e4; font-weight: bold; }}
 <h2>Fidelity vs speed</h2>
 <div id="frontier">{frontier_svg(result)}</div>
 <h2>Every candidate</h2>
-{_html_table(rows, COLUMNS, chosen)}
+{html_table(rows, COLUMNS, chosen)}
 {'<h3>Failed candidates</h3><ul>' + errors + '</ul>' if failed else ''}
 {sens}
 </body></html>

@@ -391,11 +391,13 @@ def build_and_measure(model: nn.Module, recipe: Recipe, key: str, calib: torch.T
     return result, artifact
 
 
-def time_candidate(model: nn.Module, recipe: Recipe, artifact: Artifact, result: CandidateResult, batch_size: int,
-                   iters: int, speedup_needed: Callable[[CandidateResult], float | None] = lambda c: None,
+def time_candidate(model: nn.Module, recipe: Recipe, artifact: Artifact | None, result: CandidateResult,
+                   batch_size: int, iters: int,
+                   speedup_needed: Callable[[CandidateResult], float | None] = lambda c: None,
                    speedup_enough: float | None = None) -> CandidateResult:
     """Time ``artifact`` side by side with the FP32 ``model`` on this CPU and fill in
-    ``result``'s speed and its interval. ``speedup_needed(result)`` (given the measured
+    ``result``'s speed and its interval (the original, a recipe without steps, is timed alone:
+    ``artifact`` may then be None). ``speedup_needed(result)`` (given the measured
     fidelity) is the speedup this candidate must be able to reach to be chosen,
     ``speedup_enough`` a speed target; ``timing_decided`` says when to stop timing. A timing
     disturbed by other processes is done once more; if that one is disturbed too, the result
@@ -469,7 +471,11 @@ Evaluate = Callable[[Recipe, str, Callable[[CandidateResult], float | None], flo
 
 class Engine(Protocol):
     """Runs a search's candidates: ``start`` returns the function that evaluates each of them
-    (called in grid order); ``timing_machine`` describes the CPU they are timed on."""
+    (called in grid order); ``timing_machine`` describes the CPU they are timed on. Results
+    whose keys are in ``not_to_cache`` failed for a reason of this run (e.g. a lost cluster
+    worker), not of the candidate, and are not cached."""
+
+    not_to_cache: set[str]
 
     def start(self, inputs: SearchInputs, pending: list[tuple[Recipe, str]]) -> Evaluate: ...
 
@@ -479,6 +485,8 @@ class Engine(Protocol):
 class InProcess:
     """The default engine: each candidate is built, measured and timed here, one after the
     other, when the search reaches it."""
+
+    not_to_cache: set[str] = frozenset()
 
     def start(self, inputs: SearchInputs, pending: list[tuple[Recipe, str]]) -> Evaluate:
         """A function evaluating one of the ``pending`` (recipe, key) candidates."""
@@ -732,7 +740,8 @@ def compress(
                 needed = (lambda c: speedup_to_be_chosen(target, results, c)) if early_stop else (lambda c: None)
                 enough = target.value if early_stop and target.metric == "speedup" else None
                 cached = stored[key] = evaluate(recipe, key, needed, enough)
-                store.put(cached)
+                if key not in engine.not_to_cache:
+                    store.put(cached)
             if recipe.name in unmet:  # named explicitly: run, as asked, with the reason it may lose here
                 cached.note = f"run as requested, but {unmet[recipe.name]}"
             if on_result:

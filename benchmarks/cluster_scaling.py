@@ -2,7 +2,7 @@
 per-task overhead, and the wall time of one compress grid in process and on a local Ray with
 1 and 2 one-CPU workers. Writes docs/results/cluster_scaling.json.
 
-    flock /work/cpu.lock uv run python benchmarks/cluster_scaling.py [--images DIR] [--calib 8] [--eval 32]
+    uv run python benchmarks/cluster_scaling.py [--images DIR] [--calib 8] [--eval 32]   # alone on the machine
 
 The grid is the real DINOv2 ViT-S/14 reference model with recipes whose build is cheap or
 calibrated (token reduction, W8A8 on ONNX Runtime), so the per-candidate work is a real

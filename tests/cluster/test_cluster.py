@@ -58,7 +58,9 @@ def in_process(example_images, tmp_path_factory):
 
 
 def _search(images, cache, engine=None, **kw):
-    return compress(make_tiny_vit(), images, "fidelity=0.99", recipes=GRID, n_calib=4, n_eval=8, batch_size=2,
+    # A speed target every candidate meets: the choice (the most faithful) depends on fidelity
+    # alone, which must match; speed is timed on a busy machine, so it need not.
+    return compress(make_tiny_vit(), images, "speedup=0.01", recipes=GRID, n_calib=4, n_eval=8, batch_size=2,
                     iters=2, cache_dir=cache, source=tiny_vit_source(), sensitivity_preset=None, engine=engine, **kw)
 
 

@@ -37,7 +37,7 @@ def test_backbone_has_no_logits(example_images):
 def test_figures_reduced_from_shard_sums_equal_the_whole_sets():
     import functools
 
-    from vitslim.evaluate import Outputs, add_sums, compare_outputs, metric_sums, result_from_sums
+    from vitslim.evaluation import Outputs, add_sums, compare_outputs, metric_sums, result_from_sums
 
     g = torch.Generator().manual_seed(0)
     ref = Outputs(torch.randn(10, 6, generator=g), torch.randn(10, 7, generator=g),

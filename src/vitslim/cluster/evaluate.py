@@ -1,6 +1,6 @@
 """``vitslim eval --cluster``: Ray Data reads and preprocesses the images in shards, a pool of
 actors runs the model (and the reference) on them, and the figures are reduced from per-batch
-sums (``vitslim.evaluate.metric_sums``), so they are the single-process figures."""
+sums (``vitslim.evaluation.metric_sums``), so they are the single-process figures."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 from vitslim.bench import OnnxModel
 from vitslim.data import ImageFolder, load_image_folder
 from vitslim.errors import DataError
-from vitslim.evaluate import EvalResult, add_sums, metric_sums, predict, result_from_sums
+from vitslim.evaluation import EvalResult, add_sums, metric_sums, predict, result_from_sums
 from vitslim.workflows import load_any, preprocessing_for
 
 

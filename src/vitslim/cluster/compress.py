@@ -27,7 +27,6 @@ from torch import nn
 
 from vitslim.bench import machine_info
 from vitslim.cluster.connect import cluster_summary
-from vitslim.compress.recipes import Recipe
 from vitslim.compress.search import (
     CandidateResult,
     Evaluate,
@@ -36,9 +35,10 @@ from vitslim.compress.search import (
     time_candidate,
 )
 from vitslim.errors import ConfigError
+from vitslim.recipes import Recipe
 
 if TYPE_CHECKING:
-    from vitslim.deploy.artifact import Artifact
+    from vitslim.artifact import Artifact
 
 # A lost worker's candidate is run once more, then reported as failed with the reason.
 BUILD_RETRIES = 1
@@ -83,9 +83,10 @@ def time_task(model: nn.Module, recipe: Recipe, packed: bytes, result: Candidate
 def artifact_to_time(recipe: Recipe, folder: Path) -> Artifact | None:
     """The artifact built for ``recipe`` in ``folder``, loaded; None for the original (no
     steps), which is timed as the FP32 model itself."""
-    from vitslim.deploy.artifact import artifact_name, load_artifact
+    from vitslim.artifact import load
+    from vitslim.deploy.artifact import artifact_name
 
-    return load_artifact(folder / artifact_name(recipe)) if recipe.steps else None
+    return load(folder / artifact_name(recipe)) if recipe.steps else None
 
 
 @ray.remote(num_cpus=0)

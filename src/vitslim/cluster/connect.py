@@ -41,7 +41,7 @@ def ray_session(address: str) -> Iterator[None]:
     try:
         if kind == "local":
             _keep_on_loopback()
-            ray.init(num_cpus=value, include_dashboard=False, _node_ip_address="127.0.0.1",
+            ray.init(address="local", num_cpus=value, include_dashboard=False, _node_ip_address="127.0.0.1",
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False, configure_logging=False)
         else:
             ray.init(address=value, log_to_driver=False, configure_logging=False)

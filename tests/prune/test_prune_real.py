@@ -66,7 +66,7 @@ def test_cli_prunes_saves_and_reports(tmp_path, reference_model, example_images)
                               "--recover-steps", "1", "--recover-batch", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "train-free" in res.output and "recovery steps" in res.output
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "prune.json"]  # no checkpoint left
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "vitslim.json"]  # no checkpoint left
     loaded = vitslim.load(out).model
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in reference_model.parameters())
 

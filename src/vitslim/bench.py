@@ -299,10 +299,6 @@ class Timing:
     def latency_ms(self, name: str) -> Interval:
         return median_interval(self.times_ms[name])
 
-    def to_dict(self) -> dict:
-        return {"runners": self.runners, "times_ms": self.times_ms, "warmup_rounds": self.warmup_rounds,
-                "load": self.load.to_dict() if self.load else None}
-
 
 def time_interleaved(
     runners: Sequence[Runner],

@@ -18,9 +18,9 @@ def _run_as_printed(line: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(line, shell=True, capture_output=True, text=True, env=env, cwd=ROOT)
 
 
-def test_outside_uv_run_without_vitslim_on_path_the_script_is_named_by_its_path(monkeypatch):
+def test_outside_uv_run_without_vitslim_on_path_the_script_is_named_by_its_path(monkeypatch, tmp_path):
     monkeypatch.delenv("UV_RUN_RECURSION_DEPTH", raising=False)
-    monkeypatch.setenv("PATH", os.defpath)
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
     line = vitslim_command("--help")
     assert line.endswith("/vitslim --help") and Path(line.split()[0]).is_absolute()
     proc = _run_as_printed(line, dict(os.environ))

@@ -430,7 +430,7 @@ def test_hub_classifier_applies_exports_and_predicts_with_its_own_class_names(ex
                                    "--calib-images", "4", "--out", str(out)])
     assert res.exit_code == 0, res.output
     contract = read_contract(out)
-    assert contract.source["weights"].startswith("Hugging Face weights from") and contract.model == f"hf:{folder.name}"  # no local path in a shipped file
+    assert contract.source["weights"].startswith("Hugging Face weights from") and contract.model == f"hf:{folder.name}"
     assert contract.output["class_names"][:2] == ["tench", "goldfish"]
     assert contract.preprocessing["resampler"] == "tensor"
     assert contract.fidelity["top1"] is not None and "top1_not_scored" not in contract.fidelity

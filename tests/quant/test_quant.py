@@ -342,7 +342,7 @@ def test_quantize_cli_writes_model_and_reports_fidelity(tmp_path, reference_mode
     assert res.exit_code == 0, res.output
     row = json.loads((tmp_path / "r.json").read_text())
     assert row["images"] == 4 and 0.98 < row["cosine"] < 1.0
-    assert (tmp_path / "q" / "model.safetensors").is_file() and (tmp_path / "q" / "quant.json").is_file()
+    assert (tmp_path / "q" / "model.safetensors").is_file() and (tmp_path / "q" / "vitslim.json").is_file()
 
 
 def _only_post_gelu(site: SiteConfig) -> QuantConfig:

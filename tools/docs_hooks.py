@@ -24,6 +24,8 @@ RESULTS_MARKER = "<!-- generated: results -->"
 REQUIRED_FIELDS = ("title", "command", "date", "machine", "versions", "model", "data", "columns", "rows")
 REQUIRED_MACHINE = ("cpu", "isa")
 REQUIRED_DATA = ("name", "images")
+# A row's ``<column>_ci`` holds the 95% interval [low, high] of its ``<column>`` value.
+INTERVAL_SUFFIX = "_ci"
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
@@ -120,7 +122,7 @@ def check_result(result: dict, where: str = "result") -> list[str]:
                  for f in machine.get("isa", []) if f not in ISA_FLAGS]
     columns = result.get("columns", {})
     for i, row in enumerate(result.get("rows", [])):
-        unknown = set(row) - set(columns)
+        unknown = set(row) - set(columns) - {f"{key}{INTERVAL_SUFFIX}" for key in columns}
         if unknown:
             problems.append(f"{where}: row {i} has values for no column: {', '.join(sorted(unknown))}")
     return problems
@@ -231,7 +233,7 @@ def render_result(result: dict, source: str) -> str:
     columns: dict[str, str] = result["columns"]
     header = "| " + " | ".join(_cell(label) for label in columns.values()) + " |"
     rule = "| " + " | ".join("---" for _ in columns) + " |"
-    body = ["| " + " | ".join(_value(row.get(key)) for key in columns) + " |" for row in result["rows"]]
+    body = ["| " + " | ".join(_with_interval(row, key) for key in columns) + " |" for row in result["rows"]]
     machine, data = result["machine"], result["data"]
     cpu = machine["cpu"] + (f", {machine['threads']} threads" if "threads" in machine else "")
     isa = ", ".join(machine["isa"]) or "none of " + ", ".join(ISA_FLAGS)
@@ -251,6 +253,15 @@ def render_result(result: dict, source: str) -> str:
     if result.get("notes"):
         lines += [f"- **Notes:** {result['notes']}"]
     return "\n".join(lines)
+
+
+def _with_interval(row: dict, key: str) -> str:
+    """A cell: the value, followed by its 95% interval when the row has one (``2.3 (2.1–2.4)``)."""
+    interval = row.get(f"{key}{INTERVAL_SUFFIX}")
+    if not interval or row.get(key) is None:
+        return _value(row.get(key))
+    low, high = interval
+    return f"{row[key]:.3g} ({low:.3g}–{high:.3g})"
 
 
 def _value(value: Any) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from vitslim.errors import ConfigError, ModelLoadError
 
 PRECISIONS = ("bf16", "f32")
 RUNTIME = "openvino"
+MAX_SHAPES = 4  # input shapes compiled and kept per model
 
 
 def openvino_available() -> bool:
@@ -81,24 +83,43 @@ class OpenVinoModel:
         dims = [d.get_length() if d.is_static else None for d in shape[1:]]
         self.input_size = tuple(dims) if None not in dims else (3, 224, 224)
         self._core, self._model = core, model
-        self.compiled = self._compile()
-        self.request = self.compiled.create_infer_request()
+        self._requests: dict[tuple[int, ...], Any] = {}
+        self._compile(model)  # fails here, not at the first batch, when this CPU cannot compile it
         width = model.outputs[0].get_partial_shape()[-1]
         imagenet_head = 1000 if width.is_static and width.get_length() == 1000 else 0
         self.num_classes = imagenet_head if num_classes is None else num_classes
         self.contract = None  # the vitslim contract, set by whoever read it from the file
 
-    def _compile(self, profile: bool = False):
-        return self._core.compile_model(self._model, "CPU", {
+    def _compile(self, model, profile: bool = False):
+        return self._core.compile_model(model, "CPU", {
             "INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": self.threads, "PERF_COUNT": profile})
+
+    def _static(self, shape: tuple[int, ...]):
+        """The model with every shape fixed for inputs of ``shape``: OpenVINO then picks its
+        kernels for the real sizes (and a token-merged model's token counts become constants),
+        faster than with a free batch size."""
+        model = self._model.clone()
+        model.reshape({0: list(shape)})
+        return model
+
+    def _request(self, shape: tuple[int, ...], profile: bool = False):
+        """An inference request compiled for inputs of ``shape`` (one per shape, kept, at most
+        ``MAX_SHAPES``: a dataset's last, smaller batch adds one)."""
+        if profile:
+            return self._compile(self._static(shape), profile=True).create_infer_request()
+        if shape not in self._requests:
+            if len(self._requests) >= MAX_SHAPES:
+                self._requests.pop(next(iter(self._requests)))
+            self._requests[shape] = self._compile(self._static(shape)).create_infer_request()
+        return self._requests[shape]
 
     def profile_ms(self, images: torch.Tensor, runs: int = 3) -> dict[str, float]:
         """Milliseconds per batch of ``images`` spent in each kind of executed operation (OpenVINO's
         performance counters: ``FullyConnected`` for the linears, ``Subgraph`` for fused attention
         and element-wise chains, ...), averaged over ``runs`` after one warm-up, largest first."""
-        request = self._compile(profile=True).create_infer_request()
         feed = np.ascontiguousarray(images.float().numpy())
+        request = self._request(feed.shape, profile=True)
         request.infer({0: feed})
         totals: Counter = Counter()
         for _ in range(runs):
@@ -112,8 +133,9 @@ class OpenVinoModel:
         return f"{RUNTIME}-{self.precision}"
 
     def _infer(self, feed: np.ndarray) -> np.ndarray:
-        self.request.infer({0: feed})
-        return self.request.get_output_tensor(0).data
+        request = self._request(feed.shape)
+        request.infer({0: feed})
+        return request.get_output_tensor(0).data
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         try:
@@ -128,9 +150,11 @@ class OpenVinoModel:
         """A ``vitslim.bench`` Runner of one batch of ``images``. OpenVINO's worker threads
         spin after a run as ONNX Runtime's do, so it gets the same settle pause."""
         feed = np.ascontiguousarray(images.float().numpy())
-        return Runner(name, lambda: self._infer(feed), self.runtime, self.threads, SETTLE_SECONDS)
+        request = self._request(feed.shape)
+        return Runner(name, lambda: request.infer({0: feed}), self.runtime, self.threads, SETTLE_SECONDS)
 
     def executed_ops(self) -> Counter:
         """How many of each operation the compiled model runs (OpenVINO's execution graph):
         shows what was fused (``ScaledDotProductAttention``) and what runs in int8."""
-        return Counter(op.get_rt_info()["layerType"].astype(str) for op in self.compiled.get_runtime_model().get_ops())
+        compiled = self._compile(self._static((1, *self.input_size)))
+        return Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops())

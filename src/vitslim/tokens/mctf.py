@@ -50,7 +50,15 @@ from vitslim.models import BlockParts
 from vitslim.registry import register
 from vitslim.tokens.common import TokenState, attn_residual, mlp_residual, patch
 from vitslim.tokens.config import MCTFConfig
-from vitslim.tokens.tome import MergeStep, bipartite_merge, merge_wavg, prefix_counts, split_sets, tome_schedule
+from vitslim.tokens.tome import (
+    MergeStep,
+    bipartite_merge,
+    merge_wavg,
+    prefix_counts,
+    split_sets,
+    take_tokens,
+    tome_schedule,
+)
 
 
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, size: torch.Tensor | None) -> torch.Tensor:
@@ -96,8 +104,7 @@ def bidirectional_merge(scores: torch.Tensor, r: int, num_prefix: int):
     prefix_a, prefix_b = prefix_counts(num_prefix)
     scores = scores[..., prefix_a:, prefix_b:]
     a_to_b = MergeStep(scores, r // 2)
-    left = a_to_b.unmerged_idx.expand(-1, -1, scores.shape[-1])
-    b_to_a = MergeStep(scores.gather(-2, left).transpose(-1, -2), r - r // 2)
+    b_to_a = MergeStep(take_tokens(scores, a_to_b.unmerged_idx).transpose(-1, -2), r - r // 2)
 
     def merge(x: torch.Tensor) -> torch.Tensor:
         a, b, prefix = split_sets(x, prefix_a, prefix_b)

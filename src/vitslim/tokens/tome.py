@@ -27,8 +27,23 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int):
     alternate A/B split, best B match per A token, merge the ``r`` best-matched A tokens.
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    a, b = alternate(metric, 0), alternate(metric, 1)
     return bipartite_merge(a @ b.transpose(-1, -2), r, num_prefix)
+
+
+def alternate(x: torch.Tensor, start: int) -> torch.Tensor:
+    """Every other token of (B, N, C) ``x`` from ``start``: ``x[:, start::2]`` as one Gather of
+    whole rows (exported, a strided Slice runs element by element in OpenVINO)."""
+    return x.index_select(-2, torch.arange(start, x.shape[-2], 2, device=x.device))
+
+
+def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b, j]]`` for (B, N, C) ``x`` and (B, K) ``idx``: one Gather of whole rows of the
+    flattened batch (exported, ``gather`` needs its index broadcast to (B, K, C) and runs
+    element by element)."""
+    n, t, c = x.shape
+    rows = idx + torch.arange(n, device=idx.device)[:, None] * t
+    return x.reshape(n * t, c).index_select(0, rows.reshape(-1)).reshape(n, -1, c)
 
 
 def bipartite_merge(scores: torch.Tensor, r: int, num_prefix: int):
@@ -54,7 +69,7 @@ def prefix_counts(num_prefix: int) -> tuple[int, int]:
 def split_sets(x: torch.Tensor, prefix_a: int, prefix_b: int) -> tuple[torch.Tensor, torch.Tensor, list]:
     """The A and B tokens of (B, N, C) ``x`` without their prefix tokens, and the prefix tokens
     as the merged output starts with them (timm pools x[:, 0] or x[:, num_prefix:])."""
-    a, b = x[..., ::2, :], x[..., 1::2, :]
+    a, b = alternate(x, 0), alternate(x, 1)
     prefix = [t[..., :p, :] for t, p in ((a, prefix_a), (b, prefix_b)) if p]
     return a[..., prefix_a:, :], b[..., prefix_b:, :], prefix
 
@@ -69,15 +84,15 @@ class MergeStep:
         node_max, node_idx = scores.max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
         self.r = r
-        self.unmerged_idx = edge_idx[..., r:, :].sort(dim=1).values  # keep token order (prefix first)
+        self.unmerged_idx = edge_idx[..., r:, 0].sort(dim=1).values  # keep token order (prefix first)
         self.src_idx = edge_idx[..., :r, :]
         self.dst_idx = node_idx[..., None].gather(dim=-2, index=self.src_idx)
 
     def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, t, c = src.shape
+        n, _, c = src.shape
         r = self.r
-        unm = src.gather(dim=-2, index=self.unmerged_idx.expand(n, t - r, c))
-        src = src.gather(dim=-2, index=self.src_idx.expand(n, r, c))
+        unm = take_tokens(src, self.unmerged_idx)
+        src = take_tokens(src, self.src_idx[..., 0])
         # scatter_add, not scatter_reduce(sum): the TorchScript ONNX exporter wraps scatter_reduce
         # in an If whose branch outputs lose their types in a static-batch export (unloadable).
         return unm, dst.scatter_add(-2, self.dst_idx.expand(n, r, c), src)

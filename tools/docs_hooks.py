@@ -224,7 +224,7 @@ def _headline_rows(result: dict) -> list[str]:
     for i in result.get("headline", []):
         row = result["rows"][i]
         label = ", ".join(_value(row.get(key)) for key in summary.get("label", list(result["columns"])[:1]))
-        fidelity, speed = (_value(row.get(summary[k])) if k in summary else "—" for k in ("fidelity", "speed"))
+        fidelity, speed = (_with_interval(row, summary[k]) if k in summary else "—" for k in ("fidelity", "speed"))
         lines.append(f"| {label} | {fidelity} | {speed} | [`{script}`](docs/results.md) | {cpu} |")
     return lines
 

@@ -79,6 +79,25 @@ def test_the_precision_hint_changes_what_is_computed(tmp_path, example_images):
     assert err["f32"] < 1e-4 < err["bf16"]
 
 
+def test_each_input_shape_gets_its_own_fixed_shape_model_and_the_same_outputs(tmp_path):
+    from vitslim import openvino_runtime
+    from vitslim.openvino_runtime import OpenVinoModel
+
+    model = make_tiny_vit(**TINY)
+    path = build_artifact(model, Recipe("r", (OV_F32,)), torch.empty(0), tmp_path / "m.onnx", tiny_vit_source(**TINY))
+    ov_model = OpenVinoModel(path, "f32")
+    images = torch.randn(openvino_runtime.MAX_SHAPES + 1, 3, 48, 48)
+    one_by_one = torch.cat([ov_model(images[i : i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(ov_model(images[:3]), one_by_one[:3], atol=1e-5, rtol=1e-5)
+    compiled = {shape: request.get_compiled_model() for shape, request in ov_model._requests.items()}
+    assert set(compiled) == {(1, 3, 48, 48), (3, 3, 48, 48)}
+    assert all(c.inputs[0].get_partial_shape().is_static for c in compiled.values())
+    for n in range(2, len(images) + 1):  # more shapes than are kept: the oldest make room
+        ov_model(images[:n])
+    assert len(ov_model._requests) == openvino_runtime.MAX_SHAPES
+    assert (len(images), 3, 48, 48) in ov_model._requests and (1, 3, 48, 48) not in ov_model._requests
+
+
 def test_openvino_model_times_beside_pytorch_in_one_interleaved_run(tmp_path, example_images):
     model = make_tiny_vit(**TINY)
     path = build_artifact(model, Recipe("r", (OV_F32,)), torch.empty(0), tmp_path / "m.onnx", tiny_vit_source(**TINY))

@@ -127,3 +127,24 @@ def test_fixed_schedules_export_to_onnx(tmp_path, method, params):
         expected = model(x)
     torch.testing.assert_close(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), expected,
                                atol=1e-4, rtol=1e-4)
+
+
+def test_token_selection_is_plain_indexing_done_with_row_gathers():
+    """ToMe picks tokens with one Gather of whole rows (OpenVINO runs ``gather`` with a broadcast
+    index and strided slices element by element): the same tokens as plain indexing."""
+    from vitslim.tokens.tome import alternate, take_tokens
+
+    x = torch.randn(3, 9, 5)
+    idx = torch.stack([torch.randperm(9)[:4] for _ in range(3)])
+    assert torch.equal(take_tokens(x, idx), x.gather(1, idx[..., None].expand(-1, -1, 5)))
+    assert torch.equal(alternate(x, 0), x[:, ::2]) and torch.equal(alternate(x, 1), x[:, 1::2])
+
+
+def test_exported_tome_selects_rows_not_elements(tmp_path):
+    import onnx
+
+    from vitslim.export import export_onnx
+
+    path = export_onnx(tokens.reduce_tokens_(_model(), tokens.ToMeConfig(r=3)), tmp_path / "m.onnx")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Gather" in ops and "GatherElements" not in ops

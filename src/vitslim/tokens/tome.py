@@ -86,7 +86,7 @@ class MergeStep:
         self.r = r
         self.unmerged_idx = edge_idx[..., r:, 0].sort(dim=1).values  # keep token order (prefix first)
         self.src_idx = edge_idx[..., :r, :]
-        self.dst_idx = node_idx[..., None].gather(dim=-2, index=self.src_idx)
+        self.dst_idx = take_tokens(node_idx[..., None], self.src_idx[..., 0])
 
     def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, _, c = src.shape

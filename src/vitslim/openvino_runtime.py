@@ -84,7 +84,8 @@ class OpenVinoModel:
         self.input_size = tuple(dims) if None not in dims else (3, 224, 224)
         self._core, self._model = core, model
         self._requests: dict[tuple[int, ...], Any] = {}
-        self._compile(model)  # fails here, not at the first batch, when this CPU cannot compile it
+        # compiled for one image now (and kept): a model this CPU cannot compile fails at load, not later
+        self._request((1, *self.input_size))
         width = model.outputs[0].get_partial_shape()[-1]
         imagenet_head = 1000 if width.is_static and width.get_length() == 1000 else 0
         self.num_classes = imagenet_head if num_classes is None else num_classes

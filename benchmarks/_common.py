@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: where their images come from by default."""
+"""What the benchmark scripts share: default images, how a run is recorded, speeds only from undisturbed runs."""
 
 from pathlib import Path
 
@@ -46,3 +46,16 @@ def write_results(benchmark: str, results: list[dict], argv: list[str] | None = 
                               ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
+
+
+DISTURBED_NOTE = "speeds left out where other processes took the CPU during the timing"
+
+
+def undisturbed_speed(result, speed_key: str, latency_key: str) -> dict:
+    """A ``vitslim.compare`` result's speedup, its 95% interval (``<speed_key>_ci``, as the results
+    page renders it) and its median latency as row fields; none when another process took the CPU
+    during the timing (no figure)."""
+    if result.disturbed:
+        return {}
+    return {speed_key: result.speedup, f"{speed_key}_ci": [result.speedup_low, result.speedup_high],
+            latency_key: result.latency_ms_median}

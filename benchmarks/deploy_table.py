@@ -35,7 +35,7 @@ from pathlib import Path
 import timm
 import torch
 
-from _common import DEFAULT_IMAGES, write_results
+from _common import DEFAULT_IMAGES, DISTURBED_NOTE, undisturbed_speed, write_results
 from vitslim import calibration_split, compare, evaluate, load_image_folder, make_loader, predict, quant, tokens
 from vitslim.bench import OnnxModel, machine_info
 from vitslim.data import calibration_images
@@ -178,7 +178,8 @@ def candidates(model: torch.nn.Module, calib: torch.Tensor, tmp: Path, tome_r: l
     return {"models": made, "seconds": seconds}
 
 
-def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args) -> list[dict]:
+def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args) -> tuple[list[dict], dict]:
+    """Every candidate's row, and OpenVINO's profile of each of its rows at batch 8."""
     print(f"{name}:", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         made = candidates(model, calib, Path(tmp), args.tome_r, not args.skip_static, not args.skip_nbits)
@@ -194,13 +195,9 @@ def measure(name: str, model: torch.nn.Module, calib: torch.Tensor, loader, args
             row = {"name": cname, "runtime": b8.runtime, "size_mb": b8.size_mb,
                    "cosine": fid.cosine if fid else None, "sqnr_db": fid.sqnr_db if fid else None,
                    "make_s": made["seconds"].get(cname)}
-            for batch, r in ((1, b1), (8, b8)):
-                if not r.disturbed:  # another process took the CPU during this timing: no figure
-                    row |= {f"x_b{batch}": r.speedup, f"x_b{batch}_ci": [r.speedup_low, r.speedup_high],
-                            f"ms_b{batch}": r.latency_ms_median}
-            rows.append(row)
-        profiles.update(openvino_profiles(models, batch_size=8))
-    return rows
+            rows.append(row | undisturbed_speed(b1, "x_b1", "ms_b1") | undisturbed_speed(b8, "x_b8", "ms_b8"))
+        profiles = openvino_profiles(models, batch_size=8)
+    return rows, profiles
 
 
 def openvino_profiles(models: dict, batch_size: int) -> dict[str, dict[str, float]]:
@@ -214,9 +211,6 @@ def openvino_profiles(models: dict, batch_size: int) -> dict[str, dict[str, floa
             top = ", ".join(f"{k} {v:.1f}" for k, v in list(found[name].items())[:5])
             print(f"  profile b{batch_size} {name}: {sum(found[name].values()):.1f} ms; {top}", flush=True)
     return found
-
-
-profiles: dict[str, dict[str, float]] = {}
 
 
 def main() -> None:
@@ -247,9 +241,9 @@ def main() -> None:
         calib_set, eval_set = calibration_split(load_image_folder(args.images, model), args.calib, seed=0)
         eval_set.indices = eval_set.indices[: args.eval]
         loader = make_loader(eval_set, 32) if key == "dinov2" else None
-        rows = measure(name, model, calibration_images(calib_set), loader, args)
+        rows, profiles = measure(name, model, calibration_images(calib_set), loader, args)
         print_table(f"{name}: ratio to PyTorch FP32 eager, same run", rows, COLUMNS, caption=caption(args))
-        results.append(result(name, rows, args, fidelity=loader is not None))
+        results.append(result(name, rows, profiles, args, fidelity=loader is not None))
     print(f"wrote {write_results('deploy_table', results)}")
 
 
@@ -269,11 +263,10 @@ def caption(args) -> str:
             f"calibration {args.calib} images, fidelity on {args.eval} others of {args.images}")
 
 
-def result(model: str, rows: list[dict], args, fidelity: bool) -> dict:
+def result(model: str, rows: list[dict], profiles: dict, args, fidelity: bool) -> dict:
     """One model's rows with what they were measured on, in the results layout (docs/results.md)."""
     disturbed = [row["name"] for row in rows if "x_b1" not in row or "x_b8" not in row]
-    notes = [f"speeds left out where other processes took the CPU during the timing: {', '.join(disturbed)}"
-             ] if disturbed else []
+    notes = [f"{DISTURBED_NOTE}: {', '.join(disturbed)}"] if disturbed else []
     if not fidelity:
         notes.append("random weights (no model hub here): speed only")
     return {"title": f"Deployment of {model}: vitslim and the peers in ONNX Runtime, OpenVINO and PyTorch",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _common import DEFAULT_IMAGES, write_results
+from _common import DEFAULT_IMAGES, DISTURBED_NOTE, undisturbed_speed, write_results
 from ptq_table import ort_dynamic
 from vitslim import compare, evaluate, load_image_folder, make_loader, predict, quant
 from vitslim.bench import OnnxModel, machine_info
@@ -76,9 +76,7 @@ def speed(files: dict[str, Path], rounds: int) -> dict[str, dict]:
     for batch in (1, 8):
         for r in compare({name: OnnxModel(path) for name, path in files.items()}, batch_size=batch, iters=rounds):
             print(f"batch {batch} {r.name}: {r.latency_ms_median:.1f} ms, {r.speedup_text()}", flush=True)
-            if not r.disturbed:  # another process took the CPU: no figure
-                out[r.name] |= {f"b{batch}": r.speedup, f"b{batch}_ci": [r.speedup_low, r.speedup_high],
-                                f"ms_b{batch}": r.latency_ms_median}
+            out[r.name] |= undisturbed_speed(r, f"b{batch}", f"ms_b{batch}")
     return out
 
 
@@ -120,7 +118,7 @@ def main() -> None:
                  "note": f"two folds: {args.calib} calibration images of one half, {args.eval} evaluation images "
                          "of the other, then swapped; speed on random inputs at batch 1 and 8"},
         "columns": columns, "rows": rows,
-        **({"notes": "speeds left out where other processes took the CPU during the timing"}
+        **({"notes": DISTURBED_NOTE}
            if any("b1" not in row or "b8" not in row for row in rows) else {})}])
 
 

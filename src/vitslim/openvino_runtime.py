@@ -157,5 +157,5 @@ class OpenVinoModel:
     def executed_ops(self) -> Counter:
         """How many of each operation the compiled model runs (OpenVINO's execution graph):
         shows what was fused (``ScaledDotProductAttention``) and what runs in int8."""
-        compiled = self._compile(self._static((1, *self.input_size)))
+        compiled = self._request((1, *self.input_size)).get_compiled_model()
         return Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops())
